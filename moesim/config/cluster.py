@@ -1,0 +1,120 @@
+"""The cluster: accelerators, how they are wired inside a node, the fabric between nodes, hosts.
+
+Two shapes cover the catalog: ``kind: nodes`` (GPU servers with a scale-up domain such as
+NVSwitch, and a scale-out fabric such as a fat-tree or rail-optimized InfiniBand) and
+``kind: torus`` (TPU slices: chips on a 2-D/3-D torus of ICI links). Link and switch
+names refer to the catalog (``moesim presets links``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from moesim.config.base import Frozen
+from moesim.config.hardware import AcceleratorSpec
+
+
+class HostSpec(Frozen):
+    """The CPU host the accelerators hang off: memory and storage tiers below HBM."""
+
+    dram_gib: float = Field(gt=0)
+    """Host DRAM capacity per host, GiB."""
+    dram_bandwidth_gbps: float = Field(gt=0)
+    """Host DRAM bandwidth per host, GB/s."""
+    nvme_tib: float = Field(ge=0)
+    """NVMe capacity per host, TiB (0 = none)."""
+    nvme_read_gbps: float = Field(ge=0)
+    """Aggregate NVMe sequential read bandwidth per host, GB/s."""
+    nvme_write_gbps: float = Field(ge=0)
+    """Aggregate NVMe sequential write bandwidth per host, GB/s."""
+    source: str = Field(min_length=1)
+    """Where these figures come from."""
+
+
+class ScaleUp(Frozen):
+    """How the accelerators of one node are connected to each other."""
+
+    kind: Literal["nvswitch", "mesh", "pcie"]
+    """nvswitch: every GPU's scale-up ports go to a non-blocking switch;
+    mesh: every pair of GPUs is joined directly (the GPU's ports split evenly over peers);
+    pcie: GPUs talk through the host's PCIe switch (no NVLink)."""
+    switch: str | None = None
+    """Switch preset for ``nvswitch`` and ``pcie`` (e.g. nvswitch-gen3)."""
+
+
+class Fabric(Frozen):
+    """The scale-out network between nodes."""
+
+    kind: Literal["none", "fat_tree", "rail_optimized"] = "none"
+    """none: a single node; fat_tree: NICs to leaf switches, leaves to spines;
+    rail_optimized: NIC i of every node goes to rail switch i, rails joined by spines."""
+    nic: str | None = None
+    """Link preset of each NIC (e.g. ib-ndr)."""
+    nics_per_node: int = Field(default=0, ge=0)
+    """NICs per node (one per GPU on DGX-class servers)."""
+    switch: str | None = None
+    """Switch preset for leaves and spines (e.g. ib-quantum2-ndr)."""
+    oversubscription: float = Field(default=1.0, ge=1.0)
+    """Leaf downlink:uplink bandwidth ratio (1 = non-blocking)."""
+
+
+class NodesCluster(Frozen):
+    """A cluster of GPU servers (one or more nodes)."""
+
+    kind: Literal["nodes"] = "nodes"
+    name: str = "custom"
+    """Preset name or a label."""
+    source: str = Field(default="user-defined", min_length=1)
+    """Where this system's description comes from."""
+    accelerator: AcceleratorSpec
+    """The accelerator of every node (a preset name, or a preset with overrides)."""
+    nodes: int = Field(default=1, ge=1)
+    """Number of servers."""
+    accelerators_per_node: int = Field(ge=1)
+    """Accelerators per server."""
+    scale_up: ScaleUp
+    """The intra-node interconnect."""
+    fabric: Fabric = Fabric()
+    """The inter-node network."""
+    host: HostSpec
+    """Each server's CPU host."""
+    profile: str | None = None
+    """Path of a measured device profile (from ``moesim calibrate``), relative to the scenario."""
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.accelerators_per_node
+
+
+class TorusCluster(Frozen):
+    """A TPU slice: chips on a 2-D or 3-D torus of ICI links, hosts with a few chips each."""
+
+    kind: Literal["torus"]
+    name: str = "custom"
+    source: str = Field(default="user-defined", min_length=1)
+    accelerator: AcceleratorSpec
+    """The chip (a preset name, or a preset with overrides)."""
+    dims: tuple[int, ...] = Field(min_length=1, max_length=3)
+    """Chips along each torus dimension, e.g. [4, 4] or [8, 8, 16]."""
+    link: str
+    """ICI link preset between neighbouring chips."""
+    links_per_neighbor: int = Field(default=1, ge=1)
+    """Parallel ICI links between two neighbouring chips."""
+    wraparound: bool = True
+    """Whether each dimension closes into a ring (a torus) or stays open (a mesh)."""
+    chips_per_host: int = Field(default=4, ge=1)
+    """Chips attached to each CPU host."""
+    host: HostSpec
+    profile: str | None = None
+
+    @property
+    def devices(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+
+ClusterConfig = Annotated[NodesCluster | TorusCluster, Field(discriminator="kind")]

@@ -1,0 +1,186 @@
+"""Turn scenario files into one plain mapping: includes, presets, and ``--set`` overrides.
+
+Everything here works on plain data plus a position map; nothing is validated yet. The
+order is fixed: included files first (in order), then the scenario itself, then command-line
+overrides; presets are expanded last, so an override may change a single field of a preset.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from pathlib import Path as FsPath
+from typing import Any
+
+from moesim import catalog
+from moesim.errors import Issue, Location, ScenarioError, dotted
+from moesim.loader.yamlpos import Path, Positions, load_located, parse_value
+
+#: Paths whose value may be a preset name or ``{preset: NAME, ...overrides}``, in the order
+#: they are expanded (a cluster preset names its accelerator).
+PRESET_PATHS: tuple[tuple[Path, catalog.Kind], ...] = (
+    (("cluster",), "clusters"),
+    (("cluster", "accelerator"), "accelerators"),
+    (("model",), "models"),
+)
+
+
+def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str, Any], Positions]:
+    """Read a scenario file and the files it includes, merged, with positions."""
+    file = str(path)
+    try:
+        text = FsPath(path).read_text("utf-8")
+    except OSError as exc:
+        raise ScenarioError([Issue(Location(file), "", f"cannot read file: {exc.strerror}")]) from None
+    data, positions = load_located(text, file)
+    if not isinstance(data, dict):
+        raise ScenarioError([Issue(positions[()], "", "a scenario must be a YAML mapping")])
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ScenarioError(
+            [Issue(positions[("include",)], "include", "expected a file path or a list of them")]
+        )
+    merged: dict[str, Any] = {}
+    merged_pos: Positions = {}
+    for i, inc in enumerate(includes):
+        target = (FsPath(file).parent / inc).resolve()
+        if str(target) in stack:
+            loc = positions.get(("include", i), positions[("include",)])
+            raise ScenarioError([Issue(loc, "include", f"include cycle through {inc}")])
+        sub, sub_pos = read_file(target, (*stack, str(FsPath(file).resolve())))
+        _merge(merged, merged_pos, sub, sub_pos, ())
+    _merge(merged, merged_pos, data, positions, ())
+    return merged, merged_pos
+
+
+def _merge(
+    base: dict[str, Any], base_pos: Positions, over: dict[str, Any], over_pos: Positions, at: Path
+) -> None:
+    """Deep-merge ``over`` into ``base`` (mappings merge, everything else replaces)."""
+    for key, value in over.items():
+        here = (*at, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and "preset" not in value:
+            _merge(base[key], base_pos, value, over_pos, here)
+            if here in over_pos:
+                base_pos[here] = over_pos[here]
+            continue
+        base[key] = copy.deepcopy(value)
+        for p in [p for p in base_pos if p[: len(here)] == here]:
+            del base_pos[p]
+        for p, loc in over_pos.items():
+            if p[: len(here)] == here:
+                base_pos[p] = loc
+
+
+def apply_overrides(
+    data: dict[str, Any], positions: Positions, overrides: list[str] | tuple[str, ...]
+) -> None:
+    """Apply ``--set a.b.c=value`` overrides in place; values parse as YAML scalars."""
+    issues: list[Issue] = []
+    for text in overrides:
+        loc = Location(f"--set {text}")
+        if "=" not in text:
+            issues.append(Issue(loc, "", "expected FIELD.PATH=VALUE"))
+            continue
+        key, _, raw = text.partition("=")
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+        if not key.strip() or any(p == "" for p in parts):
+            issues.append(Issue(loc, key, "expected a dotted field path such as model.top_k"))
+            continue
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            here = tuple(parts[: depth + 1])
+            child = node[part] if _has(node, part) else None
+            if isinstance(child, str) and any(here == p for p, _ in PRESET_PATHS):
+                child = {"preset": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict | list):
+                issues.append(Issue(loc, dotted(here), f"is {child!r}, not a mapping"))
+                break
+            _put(node, part, child)
+            node = child
+        else:
+            _put(node, parts[-1], parse_value(raw))
+            for p in [p for p in positions if p[: len(parts)] == tuple(parts)]:
+                del positions[p]
+            positions[tuple(parts)] = loc
+    if issues:
+        raise ScenarioError(issues)
+
+
+def _has(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and part < len(node)
+
+
+def _put(node: Any, part: str | int, value: Any) -> None:
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        node[part] = value
+    elif isinstance(node, dict):
+        node[part] = value
+
+
+@cache
+def _catalog_positions(kind: catalog.Kind) -> Positions:
+    path = catalog.data_path(kind)
+    _, positions = load_located(FsPath(path).read_text("utf-8"), _short_catalog_path(kind))
+    return positions
+
+
+def _short_catalog_path(kind: catalog.Kind) -> str:
+    return f"moesim/catalog/data/{kind}.yaml"
+
+
+def expand_presets(data: dict[str, Any], positions: Positions) -> None:
+    """Replace preset names (and ``{preset: NAME, ...}``) by the preset's fields, merged."""
+    issues: list[Issue] = []
+    for path, kind in PRESET_PATHS:
+        parent: Any = data
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or path[-1] not in parent:
+            continue
+        value = parent[path[-1]]
+        if isinstance(value, str):
+            name, overrides = value, {}
+        elif isinstance(value, dict) and "preset" in value:
+            name = value["preset"]
+            overrides = {k: v for k, v in value.items() if k != "preset"}
+        else:
+            continue
+        loc = positions.get((*path, "preset"), positions.get(path, Location("")))
+        if not isinstance(name, str) or name not in catalog.names(kind):
+            issues.append(Issue(loc, dotted(path), _unknown_preset(kind, name)))
+            continue
+        preset = catalog.raw_preset(kind, name)
+        cat_pos = _catalog_positions(kind)
+        expanded: dict[str, Any] = {}
+        expanded_pos: Positions = {}
+        rel_cat = {p[1:]: l for p, l in cat_pos.items() if p and p[0] == name}
+        rel_cat[("name",)] = cat_pos.get((name,), Location(_short_catalog_path(kind)))
+        _merge(expanded, expanded_pos, preset, rel_cat, ())
+        over_pos = {p[len(path):]: l for p, l in positions.items() if p[: len(path)] == path}
+        _merge(expanded, expanded_pos, overrides, over_pos, ())
+        parent[path[-1]] = expanded
+        for p in [p for p in positions if p[: len(path)] == path and len(p) > len(path)]:
+            del positions[p]
+        for p, l in expanded_pos.items():
+            positions[(*path, *p)] = l
+    if issues:
+        raise ScenarioError(issues)
+
+
+def _unknown_preset(kind: catalog.Kind, name: object) -> str:
+    import difflib
+
+    choices = catalog.names(kind)
+    hint = ""
+    if isinstance(name, str):
+        close = difflib.get_close_matches(name, choices, n=1)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+    return f"unknown {kind[:-1]} preset {name!r}{hint}; expected one of: {', '.join(choices)}"

@@ -1,0 +1,68 @@
+"""Expert popularity from a routing distribution, and token choices sampled from it.
+
+Token choices are drawn with the Gumbel-top-k trick: adding Gumbel noise to log-popularity
+and sorting gives, per token, a sample without replacement from the popularity (the
+Plackett-Luce model), i.e. its first, second, ... choice, and a full ranking to reroute
+along. The noisy keys' softmax stands in for router probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.config.routing import (
+    DirichletRouting,
+    HotRouting,
+    RoutingConfig,
+    UniformRouting,
+    ZipfRouting,
+)
+
+
+def popularity(cfg: RoutingConfig, experts: int, rng: np.random.Generator) -> np.ndarray:
+    """Probability of each expert being chosen (sums to 1)."""
+    if isinstance(cfg, UniformRouting):
+        p = np.full(experts, 1.0 / experts)
+    elif isinstance(cfg, ZipfRouting):
+        p = np.arange(1, experts + 1, dtype=float) ** -cfg.s
+    elif isinstance(cfg, DirichletRouting):
+        p = rng.dirichlet(np.full(experts, cfg.alpha))
+    elif isinstance(cfg, HotRouting):
+        n_hot = int(min(experts - 1, max(1, round(cfg.hot_fraction * experts))))
+        if experts == 1:
+            p = np.ones(1)
+        else:
+            p = np.empty(experts)
+            p[:n_hot] = cfg.hot_share / n_hot
+            p[n_hot:] = (1.0 - cfg.hot_share) / (experts - n_hot)
+    else:  # pragma: no cover - the config union is closed
+        raise TypeError(f"unknown routing {cfg!r}")
+    p = p / p.sum()
+    if cfg.permute:
+        p = p[rng.permutation(experts)]
+    return p
+
+
+def sample_choices(
+    rng: np.random.Generator, p: np.ndarray, tokens: int, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's ``depth`` best experts in order, and their router probabilities.
+
+    Returns ``ranking`` (int32, tokens x depth) and ``scores`` (float32, tokens x depth).
+    """
+    experts = p.shape[0]
+    depth = min(depth, experts)
+    with np.errstate(divide="ignore"):
+        logp = np.log(p).astype(np.float32)
+    keys = logp[None, :] + rng.gumbel(size=(tokens, experts)).astype(np.float32)
+    if depth < experts:
+        top = np.argpartition(-keys, depth - 1, axis=1)[:, :depth]
+        order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable")
+        ranking = np.take_along_axis(top, order, axis=1)
+    else:
+        ranking = np.argsort(-keys, axis=1, kind="stable")
+    keys -= keys.max(axis=1, keepdims=True)
+    np.exp(keys, out=keys)
+    keys /= keys.sum(axis=1, keepdims=True)
+    scores = np.take_along_axis(keys, ranking, axis=1)
+    return ranking.astype(np.int32), scores.astype(np.float32)
