@@ -1,0 +1,205 @@
+"""The ``moesim`` command line: run, check, schema, presets, show.
+
+Heavy libraries (simpy, scipy, networkx, matplotlib) are imported only by the commands that
+need them, so ``--help``, ``check`` and ``schema`` answer quickly. Scenario errors print as
+``file:line:col: field.path: message`` on stderr and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from moesim import __version__
+from moesim.errors import ScenarioError
+
+EXIT_SCENARIO_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moesim",
+        description="A discrete-event simulator of Mixture-of-Experts systems.",
+    )
+    p.add_argument("--version", action="version", version=f"moesim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def scenario_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("scenario", help="scenario YAML file")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override a field, e.g. --set model.top_k=1 (repeatable; YAML values)",
+        )
+        sp.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+
+    r = sub.add_parser("run", help="simulate a scenario and write a run folder")
+    scenario_args(r)
+    r.add_argument("--out", default=None, metavar="DIR", help="parent of run folders "
+                   "(default: the scenario's output.dir, 'reports')")
+    r.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
+    r.add_argument("--no-write", action="store_true", help="do not write a run folder")
+
+    c = sub.add_parser("check", help="validate a scenario without running it")
+    scenario_args(c)
+
+    sub.add_parser("schema", help="print the JSON Schema of the scenario language")
+
+    pr = sub.add_parser("presets", help="list the built-in presets")
+    pr.add_argument(
+        "kind", nargs="?", choices=["accelerators", "links", "switches", "clusters", "models"]
+    )
+
+    sh = sub.add_parser("show", help="show one preset with its derived figures")
+    sh.add_argument("kind", choices=["accelerator", "link", "switch", "cluster", "model"])
+    sh.add_argument("name")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = {
+            "run": _run,
+            "check": _check,
+            "schema": _schema,
+            "presets": _presets,
+            "show": _show,
+        }[args.command]
+        return handler(args)
+    except ScenarioError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    except BrokenPipeError:  # e.g. `moesim schema | head`
+        return 0
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from moesim.loader import load_scenario
+
+    return load_scenario(args.scenario, args.overrides, args.seed)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moesim.api import run
+    from moesim.report.table import layer_table
+
+    scenario = _load(args)
+    result = run(scenario)
+    run_dir = None if args.no_write else result.write(args.out)
+    if args.json:
+        print(json.dumps(result.summary, indent=2, sort_keys=True))
+    else:
+        print(layer_table(result.summary))
+        if run_dir is not None:
+            print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    s = _load(args)
+    print(f"{args.scenario}: ok ({s.model.name} on {s.cluster.name}, workload {s.workload.kind})")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from moesim.config.scenario import Scenario
+
+    schema = Scenario.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "moesim scenario"
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from moesim import catalog
+
+    kinds = [args.kind] if args.kind else list(catalog.KINDS)
+    for kind in kinds:
+        print(f"{kind}:")
+        for name in catalog.names(kind):
+            src = str(catalog.raw_preset(kind, name).get("source", ""))
+            print(f"  {name:<22} {src[:90]}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from moesim import catalog
+
+    kind = {"accelerator": "accelerators", "link": "links", "switch": "switches",
+            "cluster": "clusters", "model": "models"}[args.kind]
+    if args.name not in catalog.names(kind):  # type: ignore[arg-type]
+        import difflib
+
+        close = difflib.get_close_matches(args.name, catalog.names(kind), n=1)  # type: ignore[arg-type]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"moesim: unknown {args.kind} {args.name!r}{hint}; see `moesim presets {kind}`",
+              file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    raw = catalog.raw_preset(kind, args.name)  # type: ignore[arg-type]
+    if args.kind == "model":
+        _show_model(raw)
+    elif args.kind == "cluster":
+        _show_cluster(args.name)
+    else:
+        print(json.dumps(raw, indent=2))
+    return 0
+
+
+def _show_model(raw: dict[str, Any]) -> None:
+    from moesim.config.model import ModelConfig
+    from moesim.derived.model_figures import figures
+
+    m = ModelConfig.model_validate(raw)
+    f = figures(m)
+    gib = 1024**3
+    rows = [
+        ("model", m.name),
+        ("source", m.source),
+        ("layers", f"{m.layers} ({f.moe_layers} MoE, {f.dense_layers} dense)"),
+        ("d_model / expert d_ff", f"{m.d_model} / {m.expert_d_ff}"),
+        ("experts / top_k / shared", f"{m.experts} / {m.top_k} / {m.shared_experts}"),
+        ("attention", f"{m.attention}, {m.heads} heads"),
+        ("total params", f"{f.total_params / 1e9:.2f} B"),
+        ("active params", f"{f.active_params / 1e9:.2f} B"),
+        ("FLOPs / token (fwd)", f"{f.flops_per_token_forward / 1e9:.2f} GFLOP "
+                                f"(+{f.head_flops_per_token / 1e9:.2f} output head)"),
+        ("weight bytes", f"{f.weight_bytes / gib:.2f} GiB ({m.dtype})"),
+        ("one expert", f"{f.expert_params / 1e6:.2f} M params, {f.expert_bytes / 2**20:.1f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+def _show_cluster(name: str) -> None:
+    from moesim.loader.resolve import expand_presets
+    from moesim.loader.validate import _fields_at  # noqa: F401  (keeps import cost honest)
+    from moesim.config.cluster import NodesCluster, TorusCluster
+    from pydantic import TypeAdapter
+
+    from moesim.config.cluster import ClusterConfig
+
+    data: dict[str, Any] = {"cluster": name}
+    expand_presets(data, {})
+    c = TypeAdapter(ClusterConfig).validate_python(data["cluster"])
+    rows = [("cluster", c.name), ("source", c.source), ("devices", str(c.devices)),
+            ("accelerator", c.accelerator.name)]
+    if isinstance(c, NodesCluster):
+        rows += [("nodes", f"{c.nodes} x {c.accelerators_per_node}"),
+                 ("scale-up", f"{c.scale_up.kind} {c.scale_up.switch or ''}"),
+                 ("fabric", f"{c.fabric.kind} {c.fabric.nic or ''} x{c.fabric.nics_per_node}")]
+    elif isinstance(c, TorusCluster):
+        rows += [("torus", " x ".join(map(str, c.dims))), ("link", c.link)]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

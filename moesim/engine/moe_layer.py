@@ -1,0 +1,227 @@
+"""One MoE layer on the devices of one pipeline stage: route, dispatch, experts, combine.
+
+This is the per-layer cost path. The ``layer`` workload runs it once; training and serving
+run it for every MoE layer of every (micro)batch, so a change to how an MoE layer is costed
+shows up in all of them. Routing is vectorized numpy per rank; the timeline is SimPy:
+each rank computes its gate, sends its tokens to the experts' devices (flows on the shared
+network), each expert device runs its grouped GEMMs once all its tokens have arrived, and
+sends results back; the layer ends when every rank has combined its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from moesim.config.model import ModelConfig
+from moesim.config.policies import PoliciesConfig
+from moesim.cost.compute import Roofline
+from moesim.engine.network import FlowNetwork
+from moesim.layout import Layout
+from moesim.routing.assignment import assign, capacity_for
+from moesim.routing.distributions import sample_choices
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """The outcome of routing one layer's tokens, per source rank."""
+
+    tokens_per_rank: np.ndarray
+    """Tokens held by each stage-local rank."""
+    counts: np.ndarray
+    """Slots kept per (source rank, expert), int64 (ranks x experts)."""
+    dropped: int
+    """Slots (token, choice) dropped to the residual by capacity."""
+    rerouted: int
+    """Slots processed by an expert other than their original choice."""
+    fully_dropped: int
+    """Tokens that lost every one of their top_k slots (pass through on the residual only)."""
+    capacity: int | None
+    """Per-expert capacity of the largest routing group (None = unlimited)."""
+
+
+def route_layer(
+    rng: np.random.Generator,
+    popularity: np.ndarray,
+    layout: Layout,
+    tokens: int,
+    model: ModelConfig,
+    policies: PoliciesConfig,
+) -> LayerRouting:
+    """Sample every token's choices and apply capacity per rank (each rank is a group)."""
+    per_rank = layout.tokens_per_rank(tokens)
+    experts, k = model.experts, model.top_k
+    depth = experts if policies.overflow == "reroute" else k
+    ranking, scores = sample_choices(rng, popularity, tokens, depth)
+    counts = np.zeros((len(per_rank), experts), dtype=np.int64)
+    dropped = rerouted = fully = 0
+    cap_max: int | None = None
+    start = 0
+    for r, n in enumerate(per_rank):
+        rk, sc = ranking[start : start + n], scores[start : start + n]
+        start += n
+        cap = capacity_for(int(n), k, experts, policies.capacity_factor)
+        if policies.overflow == "dropless":
+            cap = None
+        a = assign(rk, k, experts, cap, policies.overflow, policies.priority, sc)
+        counts[r] = a.counts
+        dropped += a.dropped
+        rerouted += a.rerouted(rk)
+        fully += int((a.expert < 0).all(axis=1).sum())
+        if cap is not None:
+            cap_max = max(cap_max or 0, cap)
+    return LayerRouting(per_rank, counts, dropped, rerouted, fully, cap_max)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A span of simulated time on one device, for timelines and breakdowns."""
+
+    device: int
+    lane: str
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class LayerTimeline:
+    """What happened on each device during one simulated layer."""
+
+    devices: int
+    intervals: list[Interval] = field(default_factory=list)
+    ready_s: dict[int, float] = field(default_factory=dict)
+    """When each expert device had received all of its tokens."""
+    expert_start_s: dict[int, float] = field(default_factory=dict)
+    expert_end_s: dict[int, float] = field(default_factory=dict)
+    rank_done_s: dict[int, float] = field(default_factory=dict)
+    """When each source rank had its combined output."""
+    gate_end_s: dict[int, float] = field(default_factory=dict)
+    last_combine_from: dict[int, int] = field(default_factory=dict)
+    """For each source rank, the expert device whose result arrived last."""
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-device cost inputs of a layer: the device roofline and the model shape."""
+
+    roofline: Roofline
+    model: ModelConfig
+    dispatch_bytes_per_token: int
+    combine_bytes_per_token: int
+
+
+def traffic(
+    routing: LayerRouting, layout: Layout, stage: int
+) -> tuple[dict[int, list[tuple[int, int]]], dict[int, np.ndarray]]:
+    """Dispatch destinations per source device and expert loads per expert device.
+
+    Returns ``sends[src] = [(dst, tokens), ...]`` and ``loads[dst] = tokens per local
+    expert`` (every etp shard of an expert receives all of that expert's tokens).
+    """
+    sends: dict[int, list[tuple[int, int]]] = {}
+    loads: dict[int, np.ndarray] = {}
+    for local in range(layout.stage_ranks):
+        src = layout.device(stage, local)
+        group = layout.edp_group(local)
+        row = routing.counts[local]
+        out = []
+        for ep_rank in range(layout.ep):
+            mine = layout.local_experts(ep_rank)
+            n = int(row[mine].sum())
+            for dst in layout.expert_devices(stage, group, ep_rank):
+                loads.setdefault(dst, np.zeros(len(mine), dtype=np.int64))
+                loads[dst] += row[mine]
+                if n:
+                    out.append((dst, n))
+        sends[src] = out
+    return sends, loads
+
+
+def run_layer(
+    env: simpy.Environment,
+    net: FlowNetwork,
+    compute: list[simpy.Resource],
+    costs: LayerCosts,
+    routing: LayerRouting,
+    layout: Layout,
+    stage: int,
+    timeline: LayerTimeline,
+):  # type: ignore[no-untyped-def]
+    """SimPy process: one MoE layer forward pass on one stage, from now until combined."""
+    m = costs.model
+    rf = costs.roofline
+    sends, loads = traffic(routing, layout, stage)
+    d_ff_shard = m.expert_d_ff // layout.etp
+    senders: dict[int, list[tuple[int, int]]] = {d: [] for d in loads}
+    for src, out in sends.items():
+        for dst, n in out:
+            senders[dst].append((src, n))
+    dispatched = {(s, d): env.event() for s, out in sends.items() for d, _ in out}
+    combined = {(s, d): env.event() for s, out in sends.items() for d, _ in out}
+    arrived_s: dict[tuple[int, int], float] = {}
+
+    def relay(ev: simpy.Event, target: simpy.Event, key: tuple[int, int] | None) -> None:
+        def fire(_: simpy.Event) -> None:
+            if key is not None:
+                arrived_s[key] = env.now
+            target.succeed()
+
+        ev.callbacks.append(fire)
+
+    def source(local: int):  # type: ignore[no-untyped-def]
+        src = layout.device(stage, local)
+        n_tok = int(routing.tokens_per_rank[local])
+        slots = sum(n for _, n in sends[src])
+        move = 2 * slots * m.d_model * rf.bytes_per_element  # read + write every slot's row
+        with compute[src].request() as req:
+            yield req
+            t0 = env.now
+            gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
+            yield env.timeout(gate + (float(rf.memory_s(move)) if slots else 0.0))
+            timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
+        timeline.gate_end_s[src] = env.now
+        flows = [(src, dst, n * costs.dispatch_bytes_per_token) for dst, n in sends[src]]
+        for (dst, _), ev in zip(sends[src], net.transfer_many(flows)):
+            relay(ev, dispatched[(src, dst)], None)
+        if m.shared_experts and n_tok:
+            with compute[src].request() as req:
+                yield req
+                t0 = env.now
+                width = m.shared_d_ff * m.shared_experts
+                yield env.timeout(rf.dense_ffn_s(n_tok, m.d_model, width, m.is_gated))
+                timeline.intervals.append(Interval(src, "compute", "shared experts", t0, env.now))
+        yield env.all_of([combined[(src, dst)] for dst, _ in sends[src]])
+        if sends[src]:
+            last = max(sends[src], key=lambda dn: arrived_s[(src, dn[0])])[0]
+            timeline.last_combine_from[src] = last
+        if slots:
+            with compute[src].request() as req:
+                yield req
+                t0 = env.now
+                yield env.timeout(float(rf.memory_s(move)))
+                timeline.intervals.append(Interval(src, "compute", "combine", t0, env.now))
+        timeline.rank_done_s[src] = env.now
+
+    def expert(dst: int):  # type: ignore[no-untyped-def]
+        yield env.all_of([dispatched[(src, dst)] for src, _ in senders[dst]])
+        timeline.ready_s[dst] = env.now
+        with compute[dst].request() as req:
+            yield req
+            timeline.expert_start_s[dst] = env.now
+            yield env.timeout(rf.grouped_ffn_s(loads[dst], m.d_model, d_ff_shard, m.is_gated))
+            timeline.expert_end_s[dst] = env.now
+            timeline.intervals.append(
+                Interval(dst, "compute", "experts", timeline.expert_start_s[dst], env.now)
+            )
+        back = [(dst, src, n * costs.combine_bytes_per_token) for src, n in senders[dst]]
+        for (src, _), ev in zip(senders[dst], net.transfer_many(back)):
+            relay(ev, combined[(src, dst)], (src, dst))
+
+    procs = [env.process(source(local)) for local in range(layout.stage_ranks)]
+    for d in loads:
+        if senders[d]:
+            env.process(expert(d))
+    yield env.all_of(procs)

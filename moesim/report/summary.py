@@ -1,0 +1,136 @@
+"""The summary of a run: a plain JSON-able dict computed from the engine's records.
+
+Pure functions only: no I/O, no wall-clock values (so the same scenario and seed give a
+byte-identical summary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moesim.engine.layer_workload import LayerRecords
+from moesim.system import System
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 6)
+
+
+def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
+    """The ``layer`` workload's summary (see README: Outputs)."""
+    s = system.scenario
+    m = s.model
+    r = rec.routing
+    tl = rec.timeline
+    n_dev = len(system.topology.devices)
+    busy = np.zeros(n_dev)
+    for iv in tl.intervals:
+        busy[iv.device] += iv.end_s - iv.start_s
+    finish = np.zeros(n_dev)
+    for d, t in tl.rank_done_s.items():
+        finish[d] = t
+    for d, t in tl.expert_end_s.items():
+        finish[d] = max(finish[d], t)
+    slots = s.workload.tokens * m.top_k
+    expert_load = r.counts.sum(axis=0)
+    dev_load = np.array(
+        [int(rec_load.sum()) for rec_load in _expert_device_loads(system, rec).values()]
+    )
+    a2a = _a2a_bytes(system, rec)
+    link_util = _busiest_link(system, rec)
+    return {
+        "scenario": s.name,
+        "workload": "layer",
+        "seed": s.seed,
+        "model": m.name,
+        "cluster": s.cluster.name,
+        "devices": n_dev,
+        "time_ms": _ms(rec.time_s),
+        "tokens": s.workload.tokens,
+        "top_k": m.top_k,
+        "slots": slots,
+        "processed_slots": int(expert_load.sum()),
+        "dropped_tokens": r.dropped,
+        "dropped_fraction": round(r.dropped / slots, 9) if slots else 0.0,
+        "fully_dropped_tokens": r.fully_dropped,
+        "rerouted_slots": r.rerouted,
+        "capacity_per_expert": r.capacity,
+        "expert_load": [int(x) for x in expert_load],
+        "load_imbalance": round(float(dev_load.max() / dev_load.mean()), 6)
+        if dev_load.size and dev_load.mean() > 0
+        else 1.0,
+        "device_time_ms": [_ms(float(b)) for b in busy],
+        "device_finish_ms": [_ms(float(f)) for f in finish],
+        "a2a_bytes": a2a["dispatch"] + a2a["combine"],
+        "a2a_bytes_by_phase": a2a,
+        "breakdown_ms": _breakdown(rec),
+        "busiest_link": link_util,
+        "events": {"simulation": rec.sim_events, "network_rate_updates": rec.network_events},
+    }
+
+
+def _expert_device_loads(system: System, rec: LayerRecords) -> dict[int, np.ndarray]:
+    from moesim.engine.moe_layer import traffic
+
+    _, loads = traffic(rec.routing, system.layout, 0)
+    return loads
+
+
+def _a2a_bytes(system: System, rec: LayerRecords) -> dict[str, int]:
+    """Bytes sent between distinct devices (tokens that stay on their device move nothing)."""
+    from moesim.engine.moe_layer import traffic
+
+    sends, _ = traffic(rec.routing, system.layout, 0)
+    remote = sum(n for src, out in sends.items() for dst, n in out if dst != src)
+    c = system.layer_costs
+    return {
+        "dispatch": int(remote * c.dispatch_bytes_per_token),
+        "combine": int(remote * c.combine_bytes_per_token),
+    }
+
+
+def _busiest_link(system: System, rec: LayerRecords) -> dict[str, Any] | None:
+    if not rec.link_bytes.any() or rec.time_s <= 0:
+        return None
+    i = int(np.argmax(rec.link_bytes))
+    u, v = system.paths.edges[i]
+    bw = float(system.paths.bandwidth_gbps[i])
+    return {
+        "link": f"{u}->{v}",
+        "bytes": int(rec.link_bytes[i]),
+        "bandwidth_gbps": bw,
+        "utilization": round(float(rec.link_bytes[i]) / (bw * 1e9 * rec.time_s), 6),
+    }
+
+
+def _breakdown(rec: LayerRecords) -> dict[str, float]:
+    """The critical path of the layer, split into phases that sum to ``time_ms``.
+
+    It follows the rank that finished last back to the expert device whose results it
+    waited for last: gate (+permute) on the senders, dispatch until that device had all its
+    tokens, queueing behind other work on it, its expert GEMMs, and the combine back.
+    """
+    tl = rec.timeline
+    keys = ("gate", "dispatch", "queue", "compute", "combine")
+    if not tl.rank_done_s:
+        return dict.fromkeys(keys, 0.0)
+    rank = max(tl.rank_done_s, key=lambda d: (tl.rank_done_s[d], -d))
+    done = tl.rank_done_s[rank]
+    x = tl.last_combine_from.get(rank)
+    if x is None:
+        gate = tl.gate_end_s.get(rank, 0.0)
+        return {"gate": _ms(gate), "dispatch": 0.0, "queue": 0.0, "compute": 0.0,
+                "combine": _ms(done - gate)}
+    gate = max(tl.gate_end_s.values())
+    ready = max(tl.ready_s[x], gate)
+    gate = min(gate, ready)
+    start, end = tl.expert_start_s[x], tl.expert_end_s[x]
+    return {
+        "gate": _ms(gate),
+        "dispatch": _ms(ready - gate),
+        "queue": _ms(start - ready),
+        "compute": _ms(end - start),
+        "combine": _ms(done - end),
+    }

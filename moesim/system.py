@@ -1,0 +1,46 @@
+"""Runtime objects built from a validated scenario: topology, paths, costs, layout.
+
+Everything downstream of the config (engine, reports) takes a ``System``; nothing here
+reads files or mutates the scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moesim.config.scenario import Scenario
+from moesim.cost.compute import Roofline
+from moesim.engine.moe_layer import LayerCosts
+from moesim.layout import Layout
+from moesim.topology.graph import Topology, build
+from moesim.topology.paths import PathTable
+
+#: bytes per activation element sent between devices, by model dtype: fp8 models dispatch
+#: in fp8 and combine in bf16 (DeepSeek-V3 report, Sec. 3.3); others use their own dtype.
+_DISPATCH_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
+_COMBINE_BYTES = {"fp8": 2, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class System:
+    """The simulated machine and model, ready for the engine."""
+
+    scenario: Scenario
+    topology: Topology
+    paths: PathTable
+    layout: Layout
+    layer_costs: LayerCosts
+
+
+def build_system(s: Scenario) -> System:
+    """Build the runtime objects of a scenario."""
+    topo = build(s.cluster)
+    m = s.model
+    roofline = Roofline.of(s.cluster.accelerator, m.dtype, m.bytes_per_param)
+    costs = LayerCosts(
+        roofline=roofline,
+        model=m,
+        dispatch_bytes_per_token=m.d_model * _DISPATCH_BYTES[m.dtype],
+        combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
+    )
+    return System(s, topo, PathTable(topo), Layout.of(s.parallelism, m.experts), costs)
