@@ -21,6 +21,7 @@ unless ``norm_bias`` is set, and FFN biases (none of the presets has them).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -135,85 +136,88 @@ class ModelConfig(Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        n = self.name
+        """Every internal inconsistency at once, one ``field: message`` line each."""
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("\n".join(f"{field}: {msg}" for field, msg in problems))
+        return self
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
         if self.top_k > self.experts:
-            raise ValueError(f"{n}: top_k={self.top_k} exceeds experts={self.experts}")
+            yield "top_k", f"must be <= model.experts ({self.experts}), got {self.top_k}"
         if (self.expert_groups is None) != (self.topk_groups is None):
-            raise ValueError(f"{n}: expert_groups and topk_groups must be set together")
+            yield "topk_groups", "expert_groups and topk_groups must be set together"
         if self.expert_groups is not None and self.topk_groups is not None:
             if self.experts % self.expert_groups:
-                raise ValueError(
-                    f"{n}: expert_groups={self.expert_groups} does not divide "
-                    f"experts={self.experts}"
+                yield (
+                    "expert_groups",
+                    f"must divide model.experts ({self.experts}), got {self.expert_groups}",
                 )
             if self.topk_groups > self.expert_groups:
-                raise ValueError(
-                    f"{n}: topk_groups={self.topk_groups} exceeds "
-                    f"expert_groups={self.expert_groups}"
+                yield (
+                    "topk_groups",
+                    f"must be <= model.expert_groups ({self.expert_groups}), "
+                    f"got {self.topk_groups}",
                 )
             reachable = self.topk_groups * (self.experts // self.expert_groups)
             if self.top_k > reachable:
-                raise ValueError(
-                    f"{n}: top_k={self.top_k} exceeds the {reachable} experts in "
-                    f"topk_groups={self.topk_groups} groups"
+                yield (
+                    "top_k",
+                    f"must be <= the {reachable} experts of topk_groups={self.topk_groups} "
+                    f"groups, got {self.top_k}",
                 )
         if self.architecture == "decoder" and self.encoder_layers:
-            raise ValueError(f"{n}: a decoder-only model has encoder_layers=0")
+            yield "encoder_layers", f"must be 0 for a decoder-only model, got {self.encoder_layers}"
         if self.architecture == "encoder_decoder" and not 0 < self.encoder_layers < self.layers:
-            raise ValueError(
-                f"{n}: encoder_decoder needs 0 < encoder_layers < layers "
-                f"(got {self.encoder_layers} of {self.layers})"
+            yield (
+                "encoder_layers",
+                f"encoder_decoder needs 0 < encoder_layers < layers ({self.layers}), "
+                f"got {self.encoder_layers}",
             )
         for size in self._stack_sizes():
             if self.first_dense_layers > size:
-                raise ValueError(
-                    f"{n}: first_dense_layers={self.first_dense_layers} exceeds a stack "
-                    f"of {size} blocks"
+                yield (
+                    "first_dense_layers",
+                    f"must be <= the stack's {size} blocks, got {self.first_dense_layers}",
                 )
+                break
+        mla_fields = (
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        )
         if self.attention == "mla":
-            missing = [
-                f
-                for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-                if getattr(self, f) is None
-            ]
-            if missing:
-                raise ValueError(f"{n}: attention='mla' needs {', '.join(missing)}")
+            for f in mla_fields[1:]:
+                if getattr(self, f) is None:
+                    yield f, "required when attention is 'mla'"
             if self.kv_heads not in (None, self.heads):
-                raise ValueError(f"{n}: MLA has no separate kv_heads (leave it unset)")
+                yield "kv_heads", "MLA has no separate kv_heads (leave it unset)"
         else:
-            mla_set = [
-                f
-                for f in (
-                    "q_lora_rank",
-                    "kv_lora_rank",
-                    "qk_nope_head_dim",
-                    "qk_rope_head_dim",
-                    "v_head_dim",
-                )
-                if getattr(self, f) is not None
-            ]
-            if mla_set:
-                raise ValueError(
-                    f"{n}: {', '.join(mla_set)} apply only to attention='mla' "
-                    f"(attention is {self.attention!r})"
-                )
+            for f in mla_fields:
+                if getattr(self, f) is not None:
+                    yield f, f"applies only to attention 'mla' (attention is {self.attention!r})"
             kv = self.kv_heads_resolved
             if self.heads % kv:
-                raise ValueError(f"{n}: kv_heads={kv} does not divide heads={self.heads}")
-            if self.attention == "mha" and kv != self.heads:
-                raise ValueError(f"{n}: attention='mha' needs kv_heads == heads (or unset)")
+                yield "kv_heads", f"must divide model.heads ({self.heads}), got {kv}"
+            elif self.attention == "mha" and kv != self.heads:
+                yield (
+                    "kv_heads",
+                    f"attention 'mha' needs kv_heads == heads ({self.heads}), got {kv}",
+                )
             if self.head_dim is None and self.d_model % self.heads:
-                raise ValueError(
-                    f"{n}: d_model={self.d_model} is not a multiple of heads={self.heads}; "
-                    "set head_dim"
+                yield (
+                    "head_dim",
+                    f"required: d_model ({self.d_model}) is not a multiple of heads ({self.heads})",
                 )
         if self.dense_layer_indices and self.dense_d_ff is None:
-            raise ValueError(
-                f"{n}: blocks {list(self.dense_layer_indices)[:4]}... are dense; set dense_d_ff"
+            yield (
+                "dense_d_ff",
+                f"required: blocks {list(self.dense_layer_indices)[:4]} are dense FFN blocks",
             )
         if self.shared_expert_gate and self.shared_experts == 0:
-            raise ValueError(f"{n}: shared_expert_gate needs shared_experts >= 1")
-        return self
+            yield "shared_expert_gate", "needs shared_experts >= 1"
 
     # --- convenience -----------------------------------------------------------------------
     def _stack_sizes(self) -> tuple[int, ...]:

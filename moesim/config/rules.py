@@ -17,13 +17,17 @@ Rule = Iterator[tuple[str, str]]
 
 def check(s: Scenario) -> list[tuple[str, str]]:
     """All cross-field problems of a scenario (empty when it is consistent)."""
-    return [*_model(s), *_layout(s), *_policies(s), *_catalog_refs(s)]
+    return [*_layout(s), *_policies(s), *_catalog_refs(s), *_hardware(s)]
 
 
-def _model(s: Scenario) -> Rule:
-    m = s.model
-    if m.top_k > m.experts:
-        yield "model.top_k", f"must be <= model.experts ({m.experts}), got {m.top_k}"
+def _hardware(s: Scenario) -> Rule:
+    acc = s.cluster.accelerator
+    if getattr(acc.peak_tflops, s.model.dtype) is None:
+        yield (
+            "model.dtype",
+            f"{s.cluster.accelerator.name} has no {s.model.dtype} peak in the catalog; "
+            "pick a dtype it supports",
+        )
 
 
 def _layout(s: Scenario) -> Rule:
@@ -86,7 +90,10 @@ def _catalog_refs(s: Scenario) -> Rule:
         if c.link not in links:
             yield "cluster.link", _unknown("link", c.link, links)
         return
-    assert isinstance(c, NodesCluster)
+    yield from _nodes_refs(c, links, switches)
+
+
+def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
     su = c.scale_up
     if su.kind in ("nvswitch", "pcie"):
         if su.switch is None:

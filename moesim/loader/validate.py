@@ -26,7 +26,7 @@ def validate(data: dict[str, Any], positions: Positions, file: str) -> Scenario:
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        issues = [_issue(err, data, positions, file) for err in exc.errors()]
+        issues = [i for err in exc.errors() for i in _issues(err, data, positions, file)]
         raise ScenarioError(_dedupe(issues)) from None
     problems = rules.check(scenario)
     if problems:
@@ -84,6 +84,23 @@ def _data_path(loc: tuple[int | str, ...], data: Any) -> Path:
     return tuple(out)
 
 
+def _issues(err: Any, data: dict[str, Any], positions: Positions, file: str) -> list[Issue]:
+    """One pydantic error as Issues; a model validator's ``field: message`` lines each
+    become an issue at that field."""
+    if err["type"] == "value_error":
+        path = _data_path(tuple(err["loc"]), data)
+        text = str((err.get("ctx") or {}).get("error", err["msg"]))
+        out = []
+        for line in text.splitlines() or [text]:
+            field, sep, rest = line.partition(": ")
+            here = path
+            if sep and field.isidentifier() and isinstance(_value_at(data, path), dict):
+                here, line = (*path, field), rest
+            out.append(Issue(_locate(here, positions, file), dotted(here), line))
+        return out
+    return [_issue(err, data, positions, file)]
+
+
 def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> Issue:
     path = _data_path(tuple(err["loc"]), data)
     where = _locate(path, positions, file)
@@ -94,9 +111,10 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
     if kind == "extra_forbidden":
         allowed = _fields_at(Scenario, path[:-1], data)
         hint = difflib.get_close_matches(str(path[-1]), allowed, n=1)
-        msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        if allowed:
-            msg += f"; allowed here: {', '.join(allowed)}"
+        if hint:
+            msg = f"unknown key (did you mean {hint[0]!r}?)"
+        else:
+            msg = "unknown key" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
     elif kind == "missing":
         msg = "required field is missing"
     elif kind == "union_tag_invalid" and path == ("workload",) and ctx.get("tag") in PLANNED_WORKLOADS:
@@ -119,12 +137,6 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
         msg = f"must be {op} {bound}, got {value!r}"
     elif kind == "literal_error":
         msg = f"expected one of {ctx.get('expected')}, got {value!r}"
-    elif kind == "value_error":
-        msg = str(ctx.get("error", err["msg"]))
-        field, sep, rest = msg.partition(": ")
-        if sep and field.isidentifier() and isinstance(_value_at(data, path), dict):
-            path, msg = (*path, field), rest
-            where = _locate(path, positions, file)
     else:
         expected = err["msg"][0].lower() + err["msg"][1:]
         msg = f"{expected}, got {_short(value)}"
