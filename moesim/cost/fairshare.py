@@ -9,40 +9,40 @@ network simulators.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 
-def incidence(paths: list[np.ndarray], n_links: int) -> sp.csr_matrix:
-    """A (links x flows) 0/1 matrix: entry (l, f) is 1 when flow f crosses link l."""
-    cols = np.repeat(np.arange(len(paths)), [len(p) for p in paths])
-    rows = np.concatenate(paths) if paths else np.zeros(0, dtype=np.int64)
-    data = np.ones(len(rows))
-    return sp.csr_matrix((data, (rows, cols)), shape=(n_links, len(paths)))
+def incidence(paths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The links the flows use and a dense (used links x flows) 0/1 matrix over them.
+
+    Only links crossed by some flow get a row, so the matrix stays small even on a large
+    topology: entry (i, f) is 1 when flow f crosses link ``links[i]``.
+    """
+    lengths = np.fromiter((len(p) for p in paths), dtype=np.int64, count=len(paths))
+    flat = np.concatenate(paths) if paths else np.zeros(0, dtype=np.int64)
+    links, rows = np.unique(flat, return_inverse=True)
+    a = np.zeros((len(links), len(paths)), dtype=np.float64)
+    a[rows, np.repeat(np.arange(len(paths)), lengths)] = 1.0
+    return links, a
 
 
-def max_min_rates(a: sp.csr_matrix, capacity: np.ndarray) -> np.ndarray:
-    """Max-min fair rates of the flows (columns of ``a``) under link ``capacity``.
+def max_min_rates(a: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Max-min fair rates of the flows (columns of ``a``) under the rows' ``capacity``.
 
     Flows that cross no link get an infinite rate (they are local copies).
     """
     n_flows = a.shape[1]
     rates = np.full(n_flows, np.inf)
-    if n_flows == 0:
-        return rates
-    a = a.tocsc()
-    crosses = np.diff(a.indptr) > 0
-    active = crosses.copy()
+    active = a.any(axis=0)
     remaining = capacity.astype(float).copy()
-    at = a.T.tocsr()  # flows x links
     while active.any():
-        users = a @ active.astype(float)  # active flows per link
+        users = a @ active  # active flows per link
         used = users > 0
-        share = np.full_like(remaining, np.inf)
+        share = np.full(len(remaining), np.inf)
         share[used] = np.maximum(remaining[used], 0.0) / users[used]
         level = share.min()
         bottleneck = used & (share <= level * (1 + 1e-12))
         # every active flow crossing a bottleneck link is frozen at this level
-        frozen = active & ((at @ bottleneck.astype(float)) > 0)
+        frozen = active & (bottleneck @ a > 0)
         rates[frozen] = level
         remaining -= a @ np.where(frozen, level, 0.0)
         active &= ~frozen

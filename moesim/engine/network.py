@@ -74,8 +74,8 @@ class FlowNetwork:
         if not self.active:
             return
         self.events += 1
-        a = incidence([f.path for f in self.active], len(self.capacity))
-        self._rates = max_min_rates(a, self.capacity)
+        links, a = incidence([f.path for f in self.active])
+        self._rates = max_min_rates(a, self.capacity[links])
         left = np.array([f.remaining for f in self.active])
         wait = float(np.min(np.maximum(left, 0.0) / self._rates))
         self.env.process(self._wake(self._version, wait))
@@ -86,8 +86,9 @@ class FlowNetwork:
             return  # a newer flow changed the rates; a newer wake-up is pending
         self._advance()
         still = []
-        for f in self.active:
-            if f.remaining <= 1e-9 * f.size + 1e-6:
+        for f, r in zip(self.active, self._rates):
+            # flows due within a hair of now finish together (equal sizes, same rate)
+            if f.remaining <= 1e-9 * f.size + 1e-6 or f.remaining / r <= 1e-12:
                 self.env.process(self._deliver(f))
             else:
                 still.append(f)

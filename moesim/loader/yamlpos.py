@@ -14,6 +14,7 @@ import yaml
 from moesim.errors import Issue, Location, ScenarioError, dotted
 
 Path = tuple[str | int, ...]
+_PLAIN_COLLECTIONS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 Positions = dict[Path, Location]
 
 
@@ -52,6 +53,10 @@ def _build(
     issues: list[Issue],
 ) -> Any:
     positions[path] = _loc(file, node.start_mark)
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_COLLECTIONS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"unsupported tag {node.tag!r} (only plain YAML data)", node.start_mark
+        )
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[str, Any] = {}

@@ -94,7 +94,8 @@ def _a2a_bytes(system: System, rec: LayerRecords) -> dict[str, int]:
 def _busiest_link(system: System, rec: LayerRecords) -> dict[str, Any] | None:
     if not rec.link_bytes.any() or rec.time_s <= 0:
         return None
-    i = int(np.argmax(rec.link_bytes))
+    # the most utilized link (bytes / what it could carry over the layer), not the most bytes
+    i = int(np.argmax(rec.link_bytes / system.paths.bandwidth_gbps))
     u, v = system.paths.edges[i]
     bw = float(system.paths.bandwidth_gbps[i])
     return {

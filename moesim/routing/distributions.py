@@ -48,21 +48,32 @@ def sample_choices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each token's ``depth`` best experts in order, and their router probabilities.
 
+    Gumbel-top-k in multiplicative form: with E ~ Exp(1) i.i.d., ranking experts by
+    p / E is ranking by log p + Gumbel noise, i.e. sampling without replacement in
+    proportion to p. Router probabilities are softmax(log p + Gumbel) = (p/E) / sum(p/E).
     Returns ``ranking`` (int32, tokens x depth) and ``scores`` (float32, tokens x depth).
     """
     experts = p.shape[0]
     depth = min(depth, experts)
-    with np.errstate(divide="ignore"):
-        logp = np.log(p).astype(np.float32)
-    keys = logp[None, :] + rng.gumbel(size=(tokens, experts)).astype(np.float32)
-    if depth < experts:
-        top = np.argpartition(-keys, depth - 1, axis=1)[:, :depth]
-        order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable")
-        ranking = np.take_along_axis(top, order, axis=1)
+    e = rng.standard_exponential((tokens, experts), dtype=np.float32)
+    np.maximum(e, np.finfo(np.float32).tiny, out=e)
+    w = p.astype(np.float32)[None, :] / e
+    w /= w.sum(axis=1, keepdims=True)
+    if depth == experts:
+        ranking = np.argsort(-w, axis=1, kind="stable")
+        scores = np.take_along_axis(w, ranking, axis=1)
+    elif depth <= 8:
+        ranking = np.empty((tokens, depth), dtype=np.int64)
+        scores = np.empty((tokens, depth), dtype=np.float32)
+        rows = np.arange(tokens)
+        work = w.copy()
+        for j in range(depth):  # repeated argmax beats a partition for small k
+            ranking[:, j] = work.argmax(axis=1)
+            scores[:, j] = work[rows, ranking[:, j]]
+            work[rows, ranking[:, j]] = -1.0
     else:
-        ranking = np.argsort(-keys, axis=1, kind="stable")
-    keys -= keys.max(axis=1, keepdims=True)
-    np.exp(keys, out=keys)
-    keys /= keys.sum(axis=1, keepdims=True)
-    scores = np.take_along_axis(keys, ranking, axis=1)
+        top = np.argpartition(-w, depth - 1, axis=1)[:, :depth]
+        order = np.argsort(-np.take_along_axis(w, top, axis=1), axis=1, kind="stable")
+        ranking = np.take_along_axis(top, order, axis=1)
+        scores = np.take_along_axis(w, ranking, axis=1)
     return ranking.astype(np.int32), scores.astype(np.float32)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a temporary scenario writer and the repository's paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "scenarios"
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a YAML file into a temporary folder and return its path."""
+
+    def _write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return _write
+
+
+PAIR = """\
+name: pair
+seed: 3
+cluster: h200x2
+model: mixtral-8x7b
+routing: {kind: uniform}
+parallelism: {dp: 2, ep: 2}
+policies: {capacity_factor: null, overflow: dropless}
+workload: {kind: layer, tokens: 4096}
+"""
+
+
+@pytest.fixture(scope="session")
+def write_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-GPU (h200x2) scenario file shared by property tests."""
+    path = tmp_path_factory.mktemp("pair") / "pair.yaml"
+    path.write_text(PAIR)
+    return path
