@@ -53,8 +53,12 @@ class Result:
         write_json_atomic(run_dir / "summary.json", self.summary)
         write_json_atomic(
             run_dir / "run.json",
-            {"moesim": __version__, "wall_s": round(self.wall_s, 4), "utc": stamp,
-             "scenario_sha256_8": digest},
+            {
+                "moesim": __version__,
+                "wall_s": round(self.wall_s, 4),
+                "utc": stamp,
+                "scenario_sha256_8": digest,
+            },
         )
         if self.scenario.output.trace:
             from moesim.report.trace import chrome_trace

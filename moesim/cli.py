@@ -41,8 +41,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="simulate a scenario and write a run folder")
     scenario_args(r)
-    r.add_argument("--out", default=None, metavar="DIR", help="parent of run folders "
-                   "(default: the scenario's output.dir, 'reports')")
+    r.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="parent of run folders (default: the scenario's output.dir, 'reports')",
+    )
     r.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     r.add_argument("--no-write", action="store_true", help="do not write a run folder")
 
@@ -133,15 +137,22 @@ def _presets(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from moesim import catalog
 
-    kind = {"accelerator": "accelerators", "link": "links", "switch": "switches",
-            "cluster": "clusters", "model": "models"}[args.kind]
+    kind = {
+        "accelerator": "accelerators",
+        "link": "links",
+        "switch": "switches",
+        "cluster": "clusters",
+        "model": "models",
+    }[args.kind]
     if args.name not in catalog.names(kind):  # type: ignore[arg-type]
         import difflib
 
         close = difflib.get_close_matches(args.name, catalog.names(kind), n=1)  # type: ignore[arg-type]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"moesim: unknown {args.kind} {args.name!r}{hint}; see `moesim presets {kind}`",
-              file=sys.stderr)
+        print(
+            f"moesim: unknown {args.kind} {args.name!r}{hint}; see `moesim presets {kind}`",
+            file=sys.stderr,
+        )
         return EXIT_SCENARIO_ERROR
     raw = catalog.raw_preset(kind, args.name)  # type: ignore[arg-type]
     if args.kind == "model":
@@ -169,8 +180,11 @@ def _show_model(raw: dict[str, Any]) -> None:
         ("attention", f"{m.attention}, {m.heads} heads"),
         ("total params", f"{f.total_params / 1e9:.2f} B"),
         ("active params", f"{f.active_params / 1e9:.2f} B"),
-        ("FLOPs / token (fwd)", f"{f.flops_per_token_forward / 1e9:.2f} GFLOP "
-                                f"(+{f.head_flops_per_token / 1e9:.2f} output head)"),
+        (
+            "FLOPs / token (fwd)",
+            f"{f.flops_per_token_forward / 1e9:.2f} GFLOP "
+            f"(+{f.head_flops_per_token / 1e9:.2f} output head)",
+        ),
         ("weight bytes", f"{f.weight_bytes / gib:.2f} GiB ({m.dtype})"),
         ("one expert", f"{f.expert_params / 1e6:.2f} M params, {f.expert_bytes / 2**20:.1f} MiB"),
     ]
@@ -179,22 +193,26 @@ def _show_model(raw: dict[str, Any]) -> None:
 
 
 def _show_cluster(name: str) -> None:
-    from moesim.loader.resolve import expand_presets
-    from moesim.loader.validate import _fields_at  # noqa: F401  (keeps import cost honest)
-    from moesim.config.cluster import NodesCluster, TorusCluster
     from pydantic import TypeAdapter
 
-    from moesim.config.cluster import ClusterConfig
+    from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
+    from moesim.loader.resolve import expand_presets
 
     data: dict[str, Any] = {"cluster": name}
     expand_presets(data, {})
     c = TypeAdapter(ClusterConfig).validate_python(data["cluster"])
-    rows = [("cluster", c.name), ("source", c.source), ("devices", str(c.devices)),
-            ("accelerator", c.accelerator.name)]
+    rows = [
+        ("cluster", c.name),
+        ("source", c.source),
+        ("devices", str(c.devices)),
+        ("accelerator", c.accelerator.name),
+    ]
     if isinstance(c, NodesCluster):
-        rows += [("nodes", f"{c.nodes} x {c.accelerators_per_node}"),
-                 ("scale-up", f"{c.scale_up.kind} {c.scale_up.switch or ''}"),
-                 ("fabric", f"{c.fabric.kind} {c.fabric.nic or ''} x{c.fabric.nics_per_node}")]
+        rows += [
+            ("nodes", f"{c.nodes} x {c.accelerators_per_node}"),
+            ("scale-up", f"{c.scale_up.kind} {c.scale_up.switch or ''}"),
+            ("fabric", f"{c.fabric.kind} {c.fabric.nic or ''} x{c.fabric.nics_per_node}"),
+        ]
     elif isinstance(c, TorusCluster):
         rows += [("torus", " x ".join(map(str, c.dims))), ("link", c.link)]
     width = max(len(k) for k, _ in rows)

@@ -72,5 +72,7 @@ class Layout:
         per_dp = np.array([len(a) for a in np.array_split(np.arange(tokens), self.dp)])
         out = np.zeros(self.stage_ranks, dtype=np.int64)
         for d, n in enumerate(per_dp):
-            out[d * self.tp : (d + 1) * self.tp] = [len(a) for a in np.array_split(np.arange(n), self.tp)]
+            out[d * self.tp : (d + 1) * self.tp] = [
+                len(a) for a in np.array_split(np.arange(n), self.tp)
+            ]
         return out

@@ -41,22 +41,28 @@ def test_capacity_for_hand_values() -> None:
     assert capacity_for(10, 2, 8, None) is None
 
 
+def test_capacity_for_decimal_factor_is_exact() -> None:
+    """A decimal capacity factor is taken as written: ceil(1.1 x 100 x 4 / 8) = ceil(55) = 55."""
+    assert capacity_for(100, 4, 8, 1.1) == 55
+    assert capacity_for(100, 2, 8, 2.2) == 55
+    assert capacity_for(100, 4, 8, 1.11) == 56  # 55.5 -> 56
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     tokens=st.integers(0, 5000),
     top_k=st.integers(1, 8),
     experts=st.integers(1, 256),
-    cf_num=st.integers(1, 64),
-    cf_den=st.sampled_from([1, 2, 4, 8]),
+    cf_hundredths=st.integers(1, 800),
 )
 def test_capacity_for_matches_exact_ceiling(
-    tokens: int, top_k: int, experts: int, cf_num: int, cf_den: int
+    tokens: int, top_k: int, experts: int, cf_hundredths: int
 ) -> None:
-    """capacity_for equals the exact rational ceil(cf*T*k/E) for dyadic capacity factors."""
-    cf = Fraction(cf_num, cf_den)
+    """capacity_for equals the exact rational ceil(cf*T*k/E) for a decimal factor such as 1.25."""
+    cf = Fraction(cf_hundredths, 100)
     exact = cf * tokens * top_k / experts
     expected = -((-exact.numerator) // exact.denominator)
-    assert capacity_for(tokens, top_k, experts, float(cf)) == expected
+    assert capacity_for(tokens, top_k, experts, cf_hundredths / 100) == expected
 
 
 # --------------------------------------------------------------------- hand cases

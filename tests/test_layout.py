@@ -124,5 +124,7 @@ def test_every_expert_has_one_owner_and_ranks_are_balanced(lay: Layout) -> None:
 def test_owner_formula(placement: str) -> None:
     """contiguous: expert e on rank e // (E/ep); round_robin: on rank e % ep (E=12, ep=3)."""
     lay = Layout.of(ParallelismConfig(dp=3, ep=3, placement=placement), 12)  # type: ignore[arg-type]
-    expected = [e // 4 for e in range(12)] if placement == "contiguous" else [e % 3 for e in range(12)]
+    expected = (
+        [e // 4 for e in range(12)] if placement == "contiguous" else [e % 3 for e in range(12)]
+    )
     assert lay.owner.tolist() == expected

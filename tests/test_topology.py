@@ -194,10 +194,7 @@ def test_torus_v4_neighbours_and_diameter() -> None:
     assert pt.latency_s(origin, index[(4, 4, 4)]) == pytest.approx(12 * ici.latency_us * 1e-6)
     for src in (origin, index[(3, 6, 1)]):
         a = topo.graph.nodes[topo.devices[src]]["coords"]
-        hops = {
-            d: len(pt.edge_ids(src, i))
-            for d, i in index.items()
-        }
+        hops = {d: len(pt.edge_ids(src, i)) for d, i in index.items()}
         expected = {d: _torus_hops(a, d, c.dims, True) for d in index}
         assert hops == expected
         assert max(hops.values()) == 12

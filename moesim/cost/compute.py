@@ -36,9 +36,10 @@ class Roofline:
 
     def kernel_s(self, flops: np.ndarray | float, nbytes: np.ndarray | float) -> np.ndarray:
         """One kernel: the slower of its compute and its memory traffic, plus launch cost."""
-        return np.maximum(
-            np.asarray(flops) / self.flops_per_s, np.asarray(nbytes) / self.bytes_per_s
-        ) + self.overhead_s
+        return (
+            np.maximum(np.asarray(flops) / self.flops_per_s, np.asarray(nbytes) / self.bytes_per_s)
+            + self.overhead_s
+        )
 
     def gemm_s(self, m: np.ndarray | int, k: int, n: int) -> np.ndarray:
         """``[m, k] @ [k, n]``: 2mkn FLOPs, reading both operands and writing the output."""

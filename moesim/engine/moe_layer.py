@@ -10,7 +10,9 @@ sends results back; the layer ends when every rank has combined its tokens.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import simpy
@@ -149,7 +151,7 @@ def run_layer(
     layout: Layout,
     stage: int,
     timeline: LayerTimeline,
-):  # type: ignore[no-untyped-def]
+) -> Generator[simpy.Event, Any, None]:
     """SimPy process: one MoE layer forward pass on one stage, from now until combined."""
     m = costs.model
     rf = costs.roofline
@@ -171,7 +173,7 @@ def run_layer(
 
         ev.callbacks.append(fire)
 
-    def source(local: int):  # type: ignore[no-untyped-def]
+    def source(local: int) -> Generator[simpy.Event, Any, None]:
         src = layout.device(stage, local)
         n_tok = int(routing.tokens_per_rank[local])
         slots = sum(n for _, n in sends[src])
@@ -205,7 +207,7 @@ def run_layer(
                 timeline.intervals.append(Interval(src, "compute", "combine", t0, env.now))
         timeline.rank_done_s[src] = env.now
 
-    def expert(dst: int):  # type: ignore[no-untyped-def]
+    def expert(dst: int) -> Generator[simpy.Event, Any, None]:
         yield env.all_of([dispatched[(src, dst)] for src, _ in senders[dst]])
         timeline.ready_s[dst] = env.now
         with compute[dst].request() as req:

@@ -8,7 +8,9 @@ left plus the path's latency. One event per flow start/end, never per byte or to
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import simpy
@@ -45,7 +47,7 @@ class FlowNetwork:
         self._last = 0.0
         self._version = 0
 
-    def transfer_many(self, flows: list[tuple[int, int, float]]) -> list[simpy.Event]:
+    def transfer_many(self, flows: Sequence[tuple[int, int, float]]) -> list[simpy.Event]:
         """Start flows ``(src device, dst device, bytes)`` now; one delivery event each."""
         self._advance()
         out = []
@@ -57,8 +59,9 @@ class FlowNetwork:
                 continue
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
-            self.active.append(_Flow(path, float(nbytes), self.paths.latency_s(src, dst), ev,
-                                     float(nbytes)))
+            self.active.append(
+                _Flow(path, float(nbytes), self.paths.latency_s(src, dst), ev, float(nbytes))
+            )
         self._reschedule()
         return out
 
@@ -80,7 +83,7 @@ class FlowNetwork:
         wait = float(np.min(np.maximum(left, 0.0) / self._rates))
         self.env.process(self._wake(self._version, wait))
 
-    def _wake(self, version: int, wait: float):  # type: ignore[no-untyped-def]
+    def _wake(self, version: int, wait: float) -> Generator[simpy.Event, Any, None]:
         yield self.env.timeout(wait)
         if version != self._version:
             return  # a newer flow changed the rates; a newer wake-up is pending
@@ -95,7 +98,7 @@ class FlowNetwork:
         self.active = still
         self._reschedule()
 
-    def _deliver(self, f: _Flow):  # type: ignore[no-untyped-def]
+    def _deliver(self, f: _Flow) -> Generator[simpy.Event, Any, None]:
         if f.latency_s > 0:
             yield self.env.timeout(f.latency_s)
         f.done.succeed()

@@ -31,7 +31,9 @@ def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str
     try:
         text = FsPath(path).read_text("utf-8")
     except OSError as exc:
-        raise ScenarioError([Issue(Location(file), "", f"cannot read file: {exc.strerror}")]) from None
+        raise ScenarioError(
+            [Issue(Location(file), "", f"cannot read file: {exc.strerror}")]
+        ) from None
     data, positions = load_located(text, file)
     if not isinstance(data, dict):
         raise ScenarioError([Issue(positions[()], "", "a scenario must be a YAML mapping")])
@@ -118,9 +120,9 @@ def _has(node: Any, part: str | int) -> bool:
 
 
 def _put(node: Any, part: str | int, value: Any) -> None:
-    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+    if isinstance(node, dict):
         node[part] = value
-    elif isinstance(node, dict):
+    elif isinstance(node, list) and isinstance(part, int) and part < len(node):
         node[part] = value
 
 
@@ -160,16 +162,16 @@ def expand_presets(data: dict[str, Any], positions: Positions) -> None:
         cat_pos = _catalog_positions(kind)
         expanded: dict[str, Any] = {}
         expanded_pos: Positions = {}
-        rel_cat = {p[1:]: l for p, l in cat_pos.items() if p and p[0] == name}
+        rel_cat = {p[1:]: loc for p, loc in cat_pos.items() if p and p[0] == name}
         rel_cat[("name",)] = cat_pos.get((name,), Location(_short_catalog_path(kind)))
         _merge(expanded, expanded_pos, preset, rel_cat, ())
-        over_pos = {p[len(path):]: l for p, l in positions.items() if p[: len(path)] == path}
+        over_pos = {p[len(path) :]: loc for p, loc in positions.items() if p[: len(path)] == path}
         _merge(expanded, expanded_pos, overrides, over_pos, ())
         parent[path[-1]] = expanded
         for p in [p for p in positions if p[: len(path)] == path and len(p) > len(path)]:
             del positions[p]
-        for p, l in expanded_pos.items():
-            positions[(*path, *p)] = l
+        for p, loc in expanded_pos.items():
+            positions[(*path, *p)] = loc
     if issues:
         raise ScenarioError(issues)
 

@@ -117,7 +117,11 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
             msg = "unknown key" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
     elif kind == "missing":
         msg = "required field is missing"
-    elif kind == "union_tag_invalid" and path == ("workload",) and ctx.get("tag") in PLANNED_WORKLOADS:
+    elif (
+        kind == "union_tag_invalid"
+        and path == ("workload",)
+        and ctx.get("tag") in PLANNED_WORKLOADS
+    ):
         msg = (
             f"kind {ctx['tag']!r} is not yet available in this version of moesim "
             "(planned); available kinds: layer"
@@ -131,8 +135,12 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
     elif kind == "union_tag_not_found":
         msg = f"a 'kind' is required, one of {ctx.get('expected_tags')}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}[kind]
+        op = {
+            "greater_than": ">",
+            "greater_than_equal": ">=",
+            "less_than": "<",
+            "less_than_equal": "<=",
+        }[kind]
         bound = next(iter(ctx.values()))
         msg = f"must be {op} {bound}, got {value!r}"
     elif kind == "literal_error":
@@ -163,7 +171,12 @@ def _fields_at(model: type[BaseModel], path: Path, data: Any) -> list[str]:
     ann: Any = model
     node = data
     for part in path:
-        node = node[part] if isinstance(node, dict | list) else None
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
         ann = _step(ann, part, node)
         if ann is None:
             return []

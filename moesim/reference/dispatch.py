@@ -44,7 +44,7 @@ class DispatchPlan:
 
 def build_plan(expert: np.ndarray, weight: np.ndarray, experts: int) -> DispatchPlan:
     """The plan of a routing table ``expert`` (T x w, -1 = dropped) with slot weights (T x w)."""
-    tokens, width = expert.shape
+    width = expert.shape[1]
     flat = expert.ravel().astype(np.int64)
     keep = np.flatnonzero(flat >= 0)
     order = keep[np.argsort(flat[keep], kind="stable")]

@@ -86,9 +86,7 @@ def init_experts(
     """``n`` experts with N(0, 1/fan_in) weights drawn from ``rng`` (up, gate, down order)."""
     w_up = rng.standard_normal((n, d_model, d_ff)) / np.sqrt(d_model)
     w_gate = (
-        rng.standard_normal((n, d_model, d_ff)) / np.sqrt(d_model)
-        if activation in GATED
-        else None
+        rng.standard_normal((n, d_model, d_ff)) / np.sqrt(d_model) if activation in GATED else None
     )
     w_down = rng.standard_normal((n, d_ff, d_model)) / np.sqrt(d_ff)
     return ExpertWeights(

@@ -122,8 +122,13 @@ def _breakdown(rec: LayerRecords) -> dict[str, float]:
     x = tl.last_combine_from.get(rank)
     if x is None:
         gate = tl.gate_end_s.get(rank, 0.0)
-        return {"gate": _ms(gate), "dispatch": 0.0, "queue": 0.0, "compute": 0.0,
-                "combine": _ms(done - gate)}
+        return {
+            "gate": _ms(gate),
+            "dispatch": 0.0,
+            "queue": 0.0,
+            "compute": 0.0,
+            "combine": _ms(done - gate),
+        }
     gate = max(tl.gate_end_s.values())
     ready = max(tl.ready_s[x], gate)
     gate = min(gate, ready)

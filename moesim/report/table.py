@@ -39,8 +39,11 @@ def layer_table(summary: dict[str, Any]) -> str:
     if s.get("busiest_link"):
         bl = s["busiest_link"]
         rows.append(
-            ("busiest link", f"{bl['link']}  {_fmt_bytes(bl['bytes'])}  "
-                             f"{100 * bl['utilization']:.1f}% of {bl['bandwidth_gbps']:.0f} GB/s")
+            (
+                "busiest link",
+                f"{bl['link']}  {_fmt_bytes(bl['bytes'])}  "
+                f"{100 * bl['utilization']:.1f}% of {bl['bandwidth_gbps']:.0f} GB/s",
+            )
         )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

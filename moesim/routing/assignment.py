@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -50,11 +51,16 @@ class Assignment:
         return int((kept & (self.expert != ranking[:, :k])).sum())
 
 
-def capacity_for(tokens: int, top_k: int, experts: int, capacity_factor: float | None) -> int | None:
+def capacity_for(
+    tokens: int, top_k: int, experts: int, capacity_factor: float | None
+) -> int | None:
     """Per-expert capacity of a routing group of ``tokens`` tokens."""
     if capacity_factor is None:
         return None
-    return math.ceil(capacity_factor * tokens * top_k / experts)
+    # exact arithmetic on the decimal as written: in floats, 1.1 x 100 x 4 / 8 is
+    # 55.00000000000001 and would round up to 56
+    cf = Fraction(str(float(capacity_factor)))
+    return math.ceil(cf * tokens * top_k / experts)
 
 
 def rank_within(groups: np.ndarray, n_groups: int) -> np.ndarray:

@@ -74,9 +74,12 @@ def _nodes(c: NodesCluster) -> Topology:
             pcie = f"n{n}.pcie"
             g.add_node(pcie, kind="switch", node=n, latency_us=0.0)
             for gpu in gpus:
-                _connect(g, gpu, pcie, host_link.bandwidth_gbps, host_link.latency_us, host_link.name)
-            _connect(g, pcie, host, host_link.bandwidth_gbps * per, host_link.latency_us,
-                     host_link.name)
+                _connect(
+                    g, gpu, pcie, host_link.bandwidth_gbps, host_link.latency_us, host_link.name
+                )
+            _connect(
+                g, pcie, host, host_link.bandwidth_gbps * per, host_link.latency_us, host_link.name
+            )
     if c.fabric.kind != "none":
         _fabric(g, c, devices)
     return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)
@@ -161,10 +164,11 @@ def _torus(c: TorusCluster) -> Topology:
                     continue  # an open mesh edge, or the size-2 ring's second link (below)
                 nxt[dim] = 0
             links = c.links_per_neighbor * (2 if size == 2 and c.wraparound else 1)
-            _connect(g, name[xyz], name[tuple(nxt)], links * ln.bandwidth_gbps, ln.latency_us,
-                     ln.name)
-    hosts = []
-    host_of = []
+            _connect(
+                g, name[xyz], name[tuple(nxt)], links * ln.bandwidth_gbps, ln.latency_us, ln.name
+            )
+    hosts: list[str] = []
+    host_of: list[int] = []
     acc = c.accelerator
     host_link = hardware.link(acc.host_link) if acc.host_link else None
     for idx, dev in enumerate(devices):
@@ -174,6 +178,7 @@ def _torus(c: TorusCluster) -> Topology:
             g.add_node(hosts[-1], kind="host")
         host_of.append(h)
         if host_link is not None:
-            _connect(g, dev, hosts[h], host_link.bandwidth_gbps, host_link.latency_us,
-                     host_link.name)
+            _connect(
+                g, dev, hosts[h], host_link.bandwidth_gbps, host_link.latency_us, host_link.name
+            )
     return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)

@@ -8,6 +8,7 @@ a detour. Paths are computed per source on demand and cached.
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 
 import networkx as nx
@@ -53,11 +54,11 @@ class PathTable:
     def edge_ids(self, src: int, dst: int) -> np.ndarray:
         """Directed-edge ids along the route (empty for ``src == dst``)."""
         hops = self.nodes(src, dst)
-        return np.array([self.edge_id[(a, b)] for a, b in zip(hops, hops[1:])], dtype=np.int64)
+        return np.array([self.edge_id[(a, b)] for a, b in itertools.pairwise(hops)], dtype=np.int64)
 
     def latency_s(self, src: int, dst: int) -> float:
         """One-way latency: the links' latencies plus the switches passed through."""
         hops = self.nodes(src, dst)
-        links = sum(self.latency_us[self.edge_id[(a, b)]] for a, b in zip(hops, hops[1:]))
+        links = sum(self.latency_us[self.edge_id[(a, b)]] for a, b in itertools.pairwise(hops))
         switches = sum(self.node_latency_us[n] for n in hops[1:-1])
         return float(links + switches) * 1e-6
