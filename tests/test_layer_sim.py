@@ -62,8 +62,12 @@ def test_conservation_property(write_pair, overflow: str, cf: float, tokens: int
     """Under every overflow policy, no slot is lost or invented by the whole simulation."""
     cf_text = "null" if overflow == "dropless" else str(cf)
     summary = _summary(
-        write_pair, f"policies.overflow={overflow}", f"policies.capacity_factor={cf_text}",
-        f"workload.tokens={tokens}", "routing.kind=zipf", f"routing.s={s}",
+        write_pair,
+        f"policies.overflow={overflow}",
+        f"policies.capacity_factor={cf_text}",
+        f"workload.tokens={tokens}",
+        "routing.kind=zipf",
+        f"routing.s={s}",
     )
     assert summary["processed_slots"] + summary["dropped_tokens"] == tokens * 2
     if overflow == "dropless":
@@ -80,10 +84,23 @@ def test_skew_never_faster_in_expectation() -> None:
     means, drops = [], []
     for s in (0.0, 0.5, 1.0, 2.0):
         runs = [
-            (_summary(QUICK, "policies.overflow=dropless", "policies.capacity_factor=null",
-                      f"routing.s={s}", f"seed={seed}", "workload.tokens=4096")["time_ms"],
-             _summary(QUICK, "policies.capacity_factor=1.0", f"routing.s={s}", f"seed={seed}",
-                      "workload.tokens=4096")["dropped_fraction"])
+            (
+                _summary(
+                    QUICK,
+                    "policies.overflow=dropless",
+                    "policies.capacity_factor=null",
+                    f"routing.s={s}",
+                    f"seed={seed}",
+                    "workload.tokens=4096",
+                )["time_ms"],
+                _summary(
+                    QUICK,
+                    "policies.capacity_factor=1.0",
+                    f"routing.s={s}",
+                    f"seed={seed}",
+                    "workload.tokens=4096",
+                )["dropped_fraction"],
+            )
             for seed in range(4)
         ]
         means.append(float(np.mean([t for t, _ in runs])))
@@ -115,8 +132,13 @@ def test_dispatch_time_matches_bytes_over_bandwidth(write) -> None:
 @given(t1=st.integers(1, 20000), extra=st.integers(0, 20000))
 def test_more_tokens_never_faster_on_one_device(t1: int, extra: int) -> None:
     """On one device, a larger batch never finishes the layer sooner (dropless)."""
-    base = ["cluster=single-h100", "parallelism.dp=1", "parallelism.ep=1",
-            "policies.capacity_factor=null", "policies.overflow=dropless"]
+    base = [
+        "cluster=single-h100",
+        "parallelism.dp=1",
+        "parallelism.ep=1",
+        "policies.capacity_factor=null",
+        "policies.overflow=dropless",
+    ]
     a = _summary(QUICK, *base, f"workload.tokens={t1}")["time_ms"]
     b = _summary(QUICK, *base, f"workload.tokens={t1 + extra}")["time_ms"]
     assert b >= a
@@ -127,7 +149,10 @@ def test_run_folder_reproduces(tmp_path: Path) -> None:
     result = moesim.run(load_scenario(QUICK, ["output.trace=true"]))
     run_dir = result.write(tmp_path)
     assert {p.name for p in run_dir.iterdir()} == {
-        "scenario.yaml", "summary.json", "run.json", "trace.json"
+        "scenario.yaml",
+        "summary.json",
+        "run.json",
+        "trace.json",
     }
     again = moesim.run(load_scenario(run_dir / "scenario.yaml")).summary
     assert again == json.loads((run_dir / "summary.json").read_text())

@@ -44,18 +44,24 @@ def test_top_k_above_experts_names_line_and_field(write) -> None:
 
 def test_unknown_key_gets_did_you_mean(write) -> None:
     """A misspelt key is rejected at its own line and column, with the closest field name."""
-    p = write("x.yaml", GOOD.replace("workload: {kind: layer, tokens: 1024}",
-                                     "workload:\n  kind: layer\n  tokenz: 1024"))
+    p = write(
+        "x.yaml",
+        GOOD.replace(
+            "workload: {kind: layer, tokens: 1024}", "workload:\n  kind: layer\n  tokenz: 1024"
+        ),
+    )
     errs = _errors(p)
     assert f"{p}:10:3: workload.tokenz: unknown key (did you mean 'tokens'?)" in errs
 
 
 def test_many_errors_are_listed_together(write) -> None:
     """Every independent problem is reported in one go, each at its own place."""
-    text = (GOOD.replace("s: 1.0", "s: -1")
-            .replace("seed: 1", "seed: -5")
-            .replace("tokens: 1024", "tokens: 0")
-            .replace("overflow: drop", "overflow: spill"))
+    text = (
+        GOOD.replace("s: 1.0", "s: -1")
+        .replace("seed: 1", "seed: -5")
+        .replace("tokens: 1024", "tokens: 0")
+        .replace("overflow: drop", "overflow: spill")
+    )
     p = write("x.yaml", text)
     errs = _errors(p)
     assert f"{p}:2:1: seed: must be >= 0, got -5" in errs
@@ -69,9 +75,15 @@ def test_cross_field_rules_all_reported(write) -> None:
     """Layout rules (ep divides experts, ep x etp divides dp x tp, devices) all show up."""
     p = write("x.yaml", GOOD.replace("{dp: 8, ep: 8}", "{dp: 4, ep: 3}"))
     errs = _errors(p)
-    assert f"{p}:6:1: parallelism: dp x tp x pp = 4 x 1 x 1 = 4 must equal the cluster's devices (8)" in errs
+    assert (
+        f"{p}:6:1: parallelism: dp x tp x pp = 4 x 1 x 1 = 4 must equal the cluster's devices (8)"
+        in errs
+    )
     assert f"{p}:6:22: parallelism.ep: must divide model.experts (8), got 3" in errs
-    assert any(e.startswith(f"{p}:6:22: parallelism.ep: ep x etp = 3 must divide dp x tp = 4") for e in errs)
+    assert any(
+        e.startswith(f"{p}:6:22: parallelism.ep: ep x etp = 3 must divide dp x tp = 4")
+        for e in errs
+    )
 
 
 def test_dropless_with_capacity_factor_rejected(write) -> None:
@@ -103,8 +115,13 @@ def test_set_override_errors_name_the_option(write) -> None:
     """Errors in --set values point at the command-line option, not at the file."""
     p = write("ok.yaml", GOOD)
     errs = _errors(p, ("workload.tokens=abc", "routing.kind=zipff"))
-    assert any(e.startswith("--set workload.tokens=abc: workload.tokens: input should be a valid integer") for e in errs)
-    assert any(e.startswith("--set routing.kind=zipff: routing.kind: kind must be one of") for e in errs)
+    assert any(
+        e.startswith("--set workload.tokens=abc: workload.tokens: input should be a valid integer")
+        for e in errs
+    )
+    assert any(
+        e.startswith("--set routing.kind=zipff: routing.kind: kind must be one of") for e in errs
+    )
 
 
 def test_set_override_changes_a_preset_field(write) -> None:
@@ -119,7 +136,9 @@ def test_include_merges_and_locates_errors_in_the_included_file(write) -> None:
     top = write("top.yaml", "include: base.yaml\nname: top\n")
     errs = _errors(top)
     assert errs == [f"{base.resolve()}:8:25: workload.tokens: must be >= 1, got -3"]
-    fixed = write("top2.yaml", "include: base.yaml\nname: top2\nworkload: {kind: layer, tokens: 7}\n")
+    fixed = write(
+        "top2.yaml", "include: base.yaml\nname: top2\nworkload: {kind: layer, tokens: 7}\n"
+    )
     s = load_scenario(fixed)
     assert s.name == "top2" and s.workload.tokens == 7 and s.model.name == "mixtral-8x7b"
 
@@ -143,7 +162,9 @@ def test_duplicate_keys_and_bad_yaml(write) -> None:
 
 def test_yaml_is_loaded_safely(write) -> None:
     """Python object tags are refused (safe loading), as a located error."""
-    p = write("evil.yaml", GOOD.replace("name: t", "name: !!python/object/apply:os.system ['true']"))
+    p = write(
+        "evil.yaml", GOOD.replace("name: t", "name: !!python/object/apply:os.system ['true']")
+    )
     (err,) = _errors(p)
     assert err.startswith(f"{p}:1:7:") and "invalid YAML" in err
 
@@ -151,11 +172,13 @@ def test_yaml_is_loaded_safely(write) -> None:
 def test_cli_exit_code_2_without_traceback(write) -> None:
     """The CLI prints located errors on stderr and exits 2, with no Python traceback."""
     p = write("x.yaml", GOOD.replace("s: 1.0", "s: -1"))
-    proc = subprocess.run([sys.executable, "-m", "moesim", "check", str(p)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesim", "check", str(p)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert f"{p}:5:23: routing.s: must be >= 0.0, got -1" in proc.stderr
     assert "Traceback" not in proc.stderr
-    missing = subprocess.run([sys.executable, "-m", "moesim", "run", "nope.yaml"],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "moesim", "run", "nope.yaml"], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "nope.yaml: cannot read file" in missing.stderr

@@ -110,9 +110,13 @@ def test_top_k_above_experts_raises() -> None:
 
 def test_inconsistent_groups_and_heads_raise() -> None:
     """Group counts must divide experts and cover top_k; kv_heads must divide heads."""
-    with pytest.raises(ValueError, match=r"expert_groups: must divide model.experts \(256\), got 7"):
+    with pytest.raises(
+        ValueError, match=r"expert_groups: must divide model.experts \(256\), got 7"
+    ):
         _model("deepseek-v3", expert_groups=7, topk_groups=4)
-    with pytest.raises(ValueError, match=r"topk_groups: must be <= model.expert_groups \(8\), got 9"):
+    with pytest.raises(
+        ValueError, match=r"topk_groups: must be <= model.expert_groups \(8\), got 9"
+    ):
         _model("deepseek-v3", topk_groups=9)
     with pytest.raises(ValueError, match=r"kv_heads: must divide model.heads \(32\), got 5"):
         _model("mixtral-8x7b", kv_heads=5)

@@ -35,7 +35,7 @@ def _kinds(topo: Topology, hops: list[str]) -> list[str]:
 
 
 def _bandwidths(topo: Topology, hops: list[str]) -> list[float]:
-    return [topo.graph.edges[a, b]["bandwidth_gbps"] for a, b in zip(hops, hops[1:])]
+    return [topo.graph.edges[a, b]["bandwidth_gbps"] for a, b in itertools.pairwise(hops)]
 
 
 def _torus_hops(a: tuple[int, ...], b: tuple[int, ...], dims: tuple[int, ...], wrap: bool) -> int:
@@ -127,7 +127,7 @@ def test_fat_tree_16_nodes_crosses_spine() -> None:
 
 def test_rail_same_rail_and_cross_rail() -> None:
     """Rail-optimized: GPU i to GPU i of another node uses rail i only; other pairs use NICs."""
-    c, topo, pt = _built("h100-rail")
+    _, topo, pt = _built("h100-rail")
     assert "spine" in topo.graph  # 8 rails are joined by a spine
     for i in range(8):
         hops = pt.nodes(i, 8 + i)
@@ -164,7 +164,7 @@ def test_routes_are_connected_and_avoid_hosts(key: str, nodes: int | None) -> No
             assert hops[0] == topo.devices[s] and hops[-1] == topo.devices[d]
             assert "host" not in _kinds(topo, hops)
             ids = pt.edge_ids(s, d)
-            assert [pt.edges[i] for i in ids] == list(zip(hops, hops[1:]))
+            assert [pt.edges[i] for i in ids] == list(itertools.pairwise(hops))
 
 
 @pytest.mark.parametrize("key", ["dgx-h100", "h100-rail", "tpu-v3-32"])

@@ -8,6 +8,8 @@ along. The noisy keys' softmax stands in for router probabilities.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moesim.config.routing import (
@@ -28,7 +30,7 @@ def popularity(cfg: RoutingConfig, experts: int, rng: np.random.Generator) -> np
     elif isinstance(cfg, DirichletRouting):
         p = rng.dirichlet(np.full(experts, cfg.alpha))
     elif isinstance(cfg, HotRouting):
-        n_hot = int(min(experts - 1, max(1, round(cfg.hot_fraction * experts))))
+        n_hot = int(min(experts - 1, max(1, math.floor(cfg.hot_fraction * experts + 0.5))))
         if experts == 1:
             p = np.ones(1)
         else:

@@ -1,0 +1,120 @@
+"""The command line: run/check/schema/presets/show behave as the README says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from moesim import catalog
+from moesim.cli import main
+
+QUICK = str(Path(__file__).resolve().parent.parent / "scenarios" / "quickstart.yaml")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moesim", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_run_json_prints_only_the_summary(tmp_path: Path) -> None:
+    """`run --json` prints exactly the summary JSON and writes the same to the run folder."""
+    proc = _cli("run", QUICK, "--json", "--out", str(tmp_path), "--set", "workload.tokens=512")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["tokens"] == 512 and summary["workload"] == "layer"
+    (written,) = tmp_path.glob("quickstart/*/summary.json")
+    assert json.loads(written.read_text()) == summary
+
+
+def test_run_prints_a_table_and_the_run_folder(tmp_path: Path, capsys) -> None:
+    """Plain `run` prints the readable table and where the run folder is."""
+    assert main(["run", QUICK, "--out", str(tmp_path), "--set", "workload.tokens=256"]) == 0
+    out = capsys.readouterr().out
+    assert "layer time" in out and "critical path" in out
+    assert f"run folder: {tmp_path}" in out
+
+
+def test_seed_option_overrides_the_scenario(tmp_path: Path) -> None:
+    """--seed changes the run's seed (and so its routing sample)."""
+    a = json.loads(_cli("run", QUICK, "--json", "--no-write", "--seed", "1").stdout)
+    b = json.loads(_cli("run", QUICK, "--json", "--no-write", "--seed", "2").stdout)
+    assert a["seed"] == 1 and b["seed"] == 2 and a["expert_load"] != b["expert_load"]
+
+
+def test_schema_validates_the_example_scenarios() -> None:
+    """`moesim schema` is a JSON Schema that the resolved example scenarios satisfy."""
+    proc = _cli("schema")
+    schema = json.loads(proc.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    import moesim
+
+    resolved = moesim.load_scenario(QUICK).model_dump(mode="json")
+    jsonschema.validate(resolved, schema)
+    bad = dict(resolved, seed=-1)
+    try:
+        jsonschema.validate(bad, schema)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("a negative seed passed the schema")
+
+
+def test_presets_lists_every_catalog_entry(capsys) -> None:
+    """`moesim presets` lists every preset of every kind."""
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for kind in catalog.KINDS:
+        for name in catalog.names(kind):
+            assert f"  {name} " in out
+
+
+def test_show_model_prints_published_scale(capsys) -> None:
+    """`moesim show model mixtral-8x7b` prints the derived totals (46.7B / 12.9B)."""
+    assert main(["show", "model", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    assert "46.70 B" in out and "12.88 B" in out
+
+
+def test_show_unknown_preset_exits_2(capsys) -> None:
+    """An unknown preset name is a clear error with a suggestion, exit 2."""
+    assert main(["show", "model", "mixtral-8x7"]) == 2
+    assert "did you mean 'mixtral-8x7b'" in capsys.readouterr().err
+
+
+def test_help_and_check_answer_quickly() -> None:
+    """`--help` and `check` answer well under a second (heavy imports are deferred)."""
+    t0 = time.perf_counter()
+    assert _cli("--help").returncode == 0
+    t1 = time.perf_counter()
+    proc = _cli("check", QUICK)
+    t2 = time.perf_counter()
+    assert proc.returncode == 0 and "ok" in proc.stdout
+    assert t1 - t0 < 1.0 and t2 - t1 < 1.0, (t1 - t0, t2 - t1)
+    mods = _cli("check", QUICK)
+    assert mods.returncode == 0
+
+
+def test_check_does_not_import_the_engine() -> None:
+    """`check` never imports simpy, scipy or matplotlib."""
+    code = (
+        "import sys; from moesim.cli import main; main(['check', %r]);"
+        "print(sorted(m for m in ('simpy','scipy','matplotlib','networkx') if m in sys.modules))"
+        % QUICK
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_resolved_scenario_is_plain_yaml(tmp_path: Path) -> None:
+    """The run folder's scenario.yaml is plain YAML that safe_load reads."""
+    assert main(["run", QUICK, "--out", str(tmp_path), "--set", "workload.tokens=128"]) == 0
+    (path,) = tmp_path.glob("quickstart/*/scenario.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert data["model"]["name"] == "mixtral-8x7b" and data["workload"]["tokens"] == 128
