@@ -104,9 +104,8 @@ def test_help_and_check_answer_quickly() -> None:
 def test_check_does_not_import_the_engine() -> None:
     """`check` never imports simpy, scipy or matplotlib."""
     code = (
-        "import sys; from moesim.cli import main; main(['check', %r]);"
+        f"import sys; from moesim.cli import main; main(['check', {QUICK!r}]);"
         "print(sorted(m for m in ('simpy','scipy','matplotlib','networkx') if m in sys.modules))"
-        % QUICK
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]"
