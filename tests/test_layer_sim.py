@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -105,9 +106,9 @@ def test_skew_never_faster_in_expectation() -> None:
         ]
         means.append(float(np.mean([t for t, _ in runs])))
         drops.append(float(np.mean([d for _, d in runs])))
-    assert all(b >= a for a, b in zip(means, means[1:])), means
+    assert all(b >= a for a, b in itertools.pairwise(means)), means
     assert means[-1] > 1.5 * means[0]
-    assert all(b >= a for a, b in zip(drops, drops[1:])), drops
+    assert all(b >= a for a, b in itertools.pairwise(drops)), drops
     assert drops[-1] > drops[0]
 
 
