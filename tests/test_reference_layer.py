@@ -286,7 +286,7 @@ def test_simulator_routing_path_agrees(
     probs = out.route.probs
     depth = experts if overflow == "reroute" else 2
     rk = np.argsort(-probs, axis=1, kind="stable")[:, :depth].astype(np.int32)
-    sc = np.take_along_axis(probs, rk.astype(np.int64), axis=1).astype(np.float32)
+    sc = np.take_along_axis(probs, rk.astype(np.int64), axis=1)
     cap = capacity_for(tokens, 2, experts, cf)
     if overflow == "dropless":
         cap = None

@@ -160,6 +160,6 @@ def combine_weights(
     w = np.take_along_axis(probs, np.where(kept, expert, 0).astype(np.int64), axis=1)
     if renormalize:
         denom = np.take_along_axis(probs, ranking[:, :top_k].astype(np.int64), axis=1)
-        w = w / np.where(kept, w, 0).sum(axis=1, keepdims=True)
+        w = w / denom.sum(axis=1, keepdims=True)
     out: np.ndarray = np.where(kept, w * scale, 0).astype(probs.dtype)
     return out

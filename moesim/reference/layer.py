@@ -238,7 +238,8 @@ class ReferenceLayer:
 
         Experts, top-k, activation, scoring, selection bias, groups and shared experts come
         from ``model``; ``d_model`` / ``d_ff`` / ``shared_d_ff`` override the published
-        widths (real widths are too large for tests).
+        widths (real widths are too large for tests); when ``d_ff`` is overridden and
+        ``shared_d_ff`` is not, shared experts take ``d_ff`` too.
         """
         return cls.random(
             rng,
