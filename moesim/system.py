@@ -36,11 +36,12 @@ def build_system(s: Scenario) -> System:
     """Build the runtime objects of a scenario."""
     topo = build(s.cluster)
     m = s.model
-    roofline = Roofline.of(s.cluster.accelerator, m.dtype, m.bytes_per_param)
+    roofline = Roofline.of(s.cluster.accelerator, m.dtype, m.bytes_per_param, s.cluster.profile)
     costs = LayerCosts(
         roofline=roofline,
         model=m,
         dispatch_bytes_per_token=m.d_model * _DISPATCH_BYTES[m.dtype],
         combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
+        expert_kernel=s.cluster.expert_kernel,
     )
     return System(s, topo, PathTable(topo), Layout.of(s.parallelism, m.experts), costs)

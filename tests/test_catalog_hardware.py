@@ -121,7 +121,7 @@ def test_port_and_host_links_name_existing_link_presets() -> None:
     links = set(names("links"))
     for name in names("accelerators"):
         spec = accelerator(name)
-        assert spec.ports, f"{name} has no scale-up ports"
+        assert spec.ports or spec.kind == "cpu", f"{name} has no scale-up ports"
         for port in spec.ports:
             assert port.link in links, (name, port.link)
         assert spec.host_link is None or spec.host_link in links, (name, spec.host_link)

@@ -36,8 +36,8 @@ def test_roofline_rates_from_catalog(roof: Roofline) -> None:
 
 def test_kernel_is_max_of_compute_and_memory(roof: Roofline) -> None:
     """A kernel takes the slower of its FLOPs and its bytes, plus one launch overhead."""
-    assert roof.kernel_s(PEAK * 1e-3, BW * 1e-4) == pytest.approx(1e-3 + OVERHEAD)
-    assert roof.kernel_s(PEAK * 1e-4, BW * 1e-3) == pytest.approx(1e-3 + OVERHEAD)
+    assert roof.product_s(PEAK * 1e-3, BW * 1e-4) == pytest.approx(1e-3 + OVERHEAD)
+    assert roof.product_s(PEAK * 1e-4, BW * 1e-3) == pytest.approx(1e-3 + OVERHEAD)
     assert roof.memory_s(BW * 2e-3) == pytest.approx(2e-3 + OVERHEAD)
 
 
@@ -54,7 +54,7 @@ def test_gemm_cost(roof: Roofline) -> None:
 @pytest.mark.parametrize("gated", [True, False])
 def test_one_token_is_memory_bound(roof: Roofline, gated: bool) -> None:
     """One token through one expert costs ~ its weight bytes / achievable bandwidth + 3 launches."""
-    t = roof.grouped_ffn_s(np.array([1]), D_MODEL, D_FF, gated)
+    t = roof.grouped_ffn_s(np.array([1]), D_MODEL, D_FF, "swiglu" if gated else "gelu")
     expected = _weight_bytes(D_MODEL, D_FF, gated) / BW + 3 * OVERHEAD
     assert t == pytest.approx(expected, rel=1e-3)
     # and far above the compute-bound estimate
@@ -65,15 +65,15 @@ def test_one_token_is_memory_bound(roof: Roofline, gated: bool) -> None:
 def test_one_token_on_each_of_n_experts_streams_n_weights(roof: Roofline) -> None:
     """n experts with a token each stream n experts' weights (launches stay 3, grouped)."""
     n = 8
-    t = roof.grouped_ffn_s(np.ones(n), D_MODEL, D_FF, True)
-    expected = n * _weight_bytes(D_MODEL, D_FF, True) / BW + 3 * OVERHEAD
+    t = roof.grouped_ffn_s(np.ones(n), D_MODEL, D_FF, "swiglu")
+    expected = n * _weight_bytes(D_MODEL, D_FF, "swiglu") / BW + 3 * OVERHEAD
     assert t == pytest.approx(expected, rel=1e-3)
 
 
 def test_many_tokens_are_compute_bound(roof: Roofline) -> None:
     """A huge batch costs ~ FLOPs / achievable FLOP/s (the activation pass adds a few %)."""
     tokens = 1_000_000
-    t = roof.grouped_ffn_s(np.array([tokens]), D_MODEL, D_FF, True)
+    t = roof.grouped_ffn_s(np.array([tokens]), D_MODEL, D_FF, "swiglu")
     gemm_flops = 2 * tokens * D_MODEL * (2 * D_FF) + 2 * tokens * D_FF * D_MODEL
     compute = gemm_flops / PEAK
     act_bytes = B * tokens * (2 * D_FF + D_FF)  # read gate+up, write the product
@@ -86,19 +86,19 @@ def test_many_tokens_are_compute_bound(roof: Roofline) -> None:
 
 def test_zero_token_experts_cost_nothing(roof: Roofline) -> None:
     """Experts without tokens add no time: their weights are not read; all-empty costs 0."""
-    one = roof.grouped_ffn_s(np.array([5]), D_MODEL, D_FF, True)
-    padded = roof.grouped_ffn_s(np.array([0, 5, 0, 0, 0, 0, 0]), D_MODEL, D_FF, True)
+    one = roof.grouped_ffn_s(np.array([5]), D_MODEL, D_FF, "swiglu")
+    padded = roof.grouped_ffn_s(np.array([0, 5, 0, 0, 0, 0, 0]), D_MODEL, D_FF, "swiglu")
     assert padded == pytest.approx(one, rel=1e-12)
-    assert roof.grouped_ffn_s(np.zeros(16), D_MODEL, D_FF, True) == 0.0
-    assert roof.grouped_ffn_s(np.array([], dtype=int), D_MODEL, D_FF, True) == 0.0
-    assert roof.dense_ffn_s(0, D_MODEL, D_FF, True) == 0.0
-    assert roof.dense_ffn_s(10, D_MODEL, 0, True) == 0.0
+    assert roof.grouped_ffn_s(np.zeros(16), D_MODEL, D_FF, "swiglu") == 0.0
+    assert roof.grouped_ffn_s(np.array([], dtype=int), D_MODEL, D_FF, "swiglu") == 0.0
+    assert roof.dense_ffn_s(0, D_MODEL, D_FF, "swiglu") == 0.0
+    assert roof.dense_ffn_s(10, D_MODEL, 0, "swiglu") == 0.0
 
 
 def test_dense_ffn_is_one_expert(roof: Roofline) -> None:
     """A dense FFN of n tokens costs the same as one expert holding n tokens."""
-    assert roof.dense_ffn_s(64, D_MODEL, D_FF, False) == pytest.approx(
-        roof.grouped_ffn_s(np.array([64]), D_MODEL, D_FF, False)
+    assert roof.dense_ffn_s(64, D_MODEL, D_FF, "gelu") == pytest.approx(
+        roof.grouped_ffn_s(np.array([64]), D_MODEL, D_FF, "gelu")
     )
 
 
@@ -116,8 +116,8 @@ def test_time_non_decreasing_in_tokens(
     base = np.array(counts)
     more = base.copy()
     more[where % len(base)] += extra
-    t0 = roof.grouped_ffn_s(base, 1024, 2816, gated)
-    t1 = roof.grouped_ffn_s(more, 1024, 2816, gated)
+    t0 = roof.grouped_ffn_s(base, 1024, 2816, "swiglu" if gated else "gelu")
+    t1 = roof.grouped_ffn_s(more, 1024, 2816, "swiglu" if gated else "gelu")
     assert t1 >= t0
     assert t0 >= 0
     if base.any():

@@ -43,3 +43,14 @@ def raw_preset(kind: Kind, name: str) -> dict[str, Any]:
     if name not in table:
         raise KeyError(name)
     return {"name": name, **table[name]}
+
+
+def profile_names() -> list[str]:
+    """Names of the measured device profiles shipped with the catalog."""
+    folder = resources.files("moesim.catalog") / "profiles"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def profile_path(name: str) -> str:
+    """The on-disk path of a shipped profile."""
+    return str(resources.files("moesim.catalog") / "profiles" / f"{name}.yaml")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from functools import cache
 
-from moesim.catalog import Kind, data_path, names, raw_preset
+import yaml
+
+from moesim.catalog import Kind, data_path, names, profile_names, profile_path, raw_preset
 from moesim.config.hardware import AcceleratorSpec, LinkSpec, SwitchSpec
+from moesim.config.profile import DeviceProfile
 
 
 def _lookup(kind: Kind, name: str) -> dict[str, object]:
@@ -24,8 +27,23 @@ def _lookup(kind: Kind, name: str) -> dict[str, object]:
 
 @cache
 def accelerator(name: str) -> AcceleratorSpec:
-    """The accelerator preset ``name``; KeyError listing valid names if there is none."""
-    return AcceleratorSpec.model_validate(_lookup("accelerators", name))
+    """The accelerator preset ``name``; KeyError listing valid names if there is none.
+
+    A preset's ``profile`` names a shipped measured profile; it is read and embedded.
+    """
+    raw = dict(_lookup("accelerators", name))
+    if isinstance(raw.get("profile"), str):
+        raw["profile"] = profile(str(raw["profile"]))
+    return AcceleratorSpec.model_validate(raw)
+
+
+@cache
+def profile(name: str) -> DeviceProfile:
+    """The shipped measured profile ``name`` (``moesim/catalog/profiles/NAME.yaml``)."""
+    if name not in profile_names():
+        raise KeyError(f"no shipped profile {name!r}; shipped: {', '.join(profile_names())}")
+    with open(profile_path(name), encoding="utf-8") as f:
+        return DeviceProfile.model_validate(yaml.safe_load(f))
 
 
 @cache

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from moesim.config.base import Frozen
 from moesim.config.hardware import AcceleratorSpec
+from moesim.config.profile import DeviceProfile
 
 
 class HostSpec(Frozen):
@@ -80,8 +81,12 @@ class NodesCluster(Frozen):
     """The inter-node network."""
     host: HostSpec
     """Each server's CPU host."""
-    profile: str | None = None
-    """Path of a measured device profile (from ``moesim calibrate``), relative to the scenario."""
+    profile: DeviceProfile | None = None
+    """A measured device profile (``moesim calibrate``): a path relative to the scenario
+    (read at load time and embedded) or inline; default: the accelerator preset's own."""
+    expert_kernel: Literal["grouped", "loop"] = "grouped"
+    """How the software runs a device's experts: one grouped GEMM per projection, or a loop
+    of per-expert products (as simple implementations do)."""
 
     @property
     def devices(self) -> int:
@@ -107,7 +112,8 @@ class TorusCluster(Frozen):
     chips_per_host: int = Field(default=4, ge=1)
     """Chips attached to each CPU host."""
     host: HostSpec
-    profile: str | None = None
+    profile: DeviceProfile | None = None
+    expert_kernel: Literal["grouped", "loop"] = "grouped"
 
     @property
     def devices(self) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moesim.config.base import Frozen
+from moesim.config.profile import DeviceProfile
 
 DType = Literal["bf16", "fp16", "fp32", "tf32", "fp8", "int8"]
 
@@ -97,7 +98,7 @@ class AcceleratorSpec(Frozen):
     """Preset name, filled from the catalog key."""
     vendor: str = Field(min_length=1)
     """Manufacturer, e.g. NVIDIA, AMD, Google."""
-    kind: Literal["gpu", "tpu"]
+    kind: Literal["gpu", "tpu", "cpu"]
     """Accelerator family."""
     source: str = Field(min_length=1)
     """Main citation: datasheet title and URL or document number."""
@@ -123,6 +124,9 @@ class AcceleratorSpec(Frozen):
     """Achievable fractions of peak compute and memory bandwidth."""
     kernel_overhead_us: float = Field(ge=0)
     """Fixed per-kernel launch overhead, microseconds."""
+    profile: DeviceProfile | None = None
+    """Measured cost-model profile of this device (a catalog profile name in presets);
+    when present it replaces peak x efficiency in the cost model."""
 
     @field_validator("sources")
     @classmethod

@@ -100,7 +100,7 @@ def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
             yield "cluster.scale_up.switch", f"required when scale_up.kind is {su.kind!r}"
         elif su.switch not in switches:
             yield "cluster.scale_up.switch", _unknown("switch", su.switch, switches)
-    if su.kind in ("nvswitch", "mesh") and not c.accelerator.ports:
+    if su.kind in ("nvswitch", "mesh") and not c.accelerator.ports and c.accelerators_per_node > 1:
         yield "cluster.scale_up.kind", f"{su.kind!r} needs accelerator ports (scale-up links)"
     if su.kind == "pcie" and c.accelerator.host_link is None:
         yield "cluster.scale_up.kind", "'pcie' needs cluster.accelerator.host_link"

@@ -1,82 +1,211 @@
-"""Compute and memory costs of the work inside a layer, on one device: a roofline.
+"""Compute and memory costs of the work inside a layer, on one device.
 
-A kernel takes max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth) plus a fixed
-launch overhead. Achievable rates are the datasheet peaks times the device's measured (or
-stated) efficiencies from the catalog, so the few-token regime, where every touched expert
-must still stream its whole weights from HBM, is memory-bound, and large batches are
-compute-bound. All functions take numpy arrays of token counts and return seconds.
+A kernel takes ``overhead + blend(t_compute, t_memory)``: FLOPs over achievable FLOP/s and
+bytes over achievable bandwidth, blended by a p-norm (a hard max, the classic roofline, when
+no measurement says otherwise). Achievable rates come either from a measured
+:class:`~moesim.config.profile.DeviceProfile` (``moesim calibrate``) or, for devices
+without one, from datasheet peaks times the catalog's stated efficiencies. In the
+few-token regime every touched expert still streams its whole weights, so the experts are
+memory-bound; large batches are compute-bound. Functions take numpy arrays of token counts
+and return seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from moesim.config.hardware import AcceleratorSpec
+from moesim.config.profile import DeviceProfile
+
+ExpertKernel = Literal["grouped", "loop"]
+
+#: the elementwise function behind each activation kind (applied to the gate branch if gated)
+ACTIVATION_FUNCTION = {"swiglu": "silu", "geglu": "gelu", "gelu": "gelu", "relu": "relu"}
 
 
 @dataclass(frozen=True)
 class Roofline:
-    """Achievable rates of one device for one datatype."""
+    """Achievable rates of one device for one datatype, and how its kernels behave."""
 
     flops_per_s: float
+    """Matrix-product FLOP/s."""
     bytes_per_s: float
+    """Bandwidth at which products stream their operands."""
     overhead_s: float
+    """Fixed time of one kernel."""
     bytes_per_element: int
+    memory_bytes_per_s: float
+    """Bandwidth of elementwise and copy kernels (bytes read + written)."""
+    smoothness: float = float("inf")
+    """p-norm blend of compute and memory time (inf = hard max)."""
+    gemm_overhead_s: float | None = None
+    """Fixed time of one product (defaults to ``overhead_s``)."""
+    m_tile: int = 1
+    """Rows of a product are rounded up to a multiple of this (compute blocks)."""
+    grouped_m_tile: int = 1
+    """Rows per expert rounded up to a multiple of this in grouped kernels."""
+    grouped_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
+    """Fixed routing glue per MoE layer (measured profiles only)."""
+    routing_s_per_element: float = 0.0
+    """Routing work per token x expert (measured profiles only)."""
+    activation_s_per_element: tuple[tuple[str, float], ...] = ()
+    """Per-element compute time of activation functions (measured profiles only)."""
+    gather_s_per_element: float = 0.0
+    scatter_s_per_element: float = 0.0
+    source: str = "datasheet"
 
     @classmethod
-    def of(cls, acc: AcceleratorSpec, dtype: str, bytes_per_element: int) -> Roofline:
+    def of(
+        cls,
+        acc: AcceleratorSpec,
+        dtype: str,
+        bytes_per_element: int,
+        profile: DeviceProfile | None = None,
+    ) -> Roofline:
+        """The device's cost model: its measured profile if any, else datasheet x efficiency."""
+        profile = profile or acc.profile
+        if profile is not None:
+            g = profile.gemm
+            return cls(
+                flops_per_s=g.flops_per_s,
+                bytes_per_s=g.bytes_per_s,
+                overhead_s=profile.kernel_overhead_us * 1e-6,
+                bytes_per_element=bytes_per_element,
+                memory_bytes_per_s=profile.memory_bytes_per_s,
+                smoothness=g.smoothness,
+                gemm_overhead_s=g.overhead_us * 1e-6,
+                m_tile=g.m_tile,
+                grouped_m_tile=g.grouped_m_tile,
+                grouped_overhead_s=g.grouped_overhead_us * 1e-6,
+                layer_overhead_s=profile.layer_overhead_us * 1e-6,
+                routing_s_per_element=profile.routing_ns_per_element * 1e-9,
+                activation_s_per_element=tuple(
+                    (k, v * 1e-9) for k, v in sorted(profile.activation_ns_per_element.items())
+                ),
+                gather_s_per_element=profile.gather_ns_per_element * 1e-9,
+                scatter_s_per_element=profile.scatter_ns_per_element * 1e-9,
+                source=f"profile: {profile.source}",
+            )
+        bw = acc.memory_bandwidth_gbps * 1e9 * acc.efficiency.memory
         return cls(
             flops_per_s=acc.peak_tflops.for_dtype(dtype) * 1e12 * acc.efficiency.compute,
-            bytes_per_s=acc.memory_bandwidth_gbps * 1e9 * acc.efficiency.memory,
+            bytes_per_s=bw,
             overhead_s=acc.kernel_overhead_us * 1e-6,
             bytes_per_element=bytes_per_element,
+            memory_bytes_per_s=bw,
+            source=f"datasheet x efficiency: {acc.efficiency.source}",
         )
 
-    def kernel_s(self, flops: np.ndarray | float, nbytes: np.ndarray | float) -> np.ndarray:
-        """One kernel: the slower of its compute and its memory traffic, plus launch cost."""
-        return (
-            np.maximum(np.asarray(flops) / self.flops_per_s, np.asarray(nbytes) / self.bytes_per_s)
-            + self.overhead_s
-        )
+    def _blend(self, t_compute: np.ndarray, t_memory: np.ndarray) -> np.ndarray:
+        if np.isinf(self.smoothness):
+            return np.maximum(t_compute, t_memory)
+        p = self.smoothness
+        hi = np.maximum(np.maximum(t_compute, t_memory), 1e-30)
+        return np.asarray(hi * ((t_compute / hi) ** p + (t_memory / hi) ** p) ** (1.0 / p))
+
+    def product_s(self, flops: np.ndarray | float, nbytes: np.ndarray | float) -> np.ndarray:
+        """One matrix-product kernel of ``flops`` FLOPs streaming ``nbytes`` operand bytes."""
+        overhead = self.overhead_s if self.gemm_overhead_s is None else self.gemm_overhead_s
+        t_c = np.asarray(flops, dtype=float) / self.flops_per_s
+        t_m = np.asarray(nbytes, dtype=float) / self.bytes_per_s
+        return self._blend(t_c, t_m) + overhead
 
     def gemm_s(self, m: np.ndarray | int, k: int, n: int) -> np.ndarray:
         """``[m, k] @ [k, n]``: 2mkn FLOPs, reading both operands and writing the output."""
         m = np.asarray(m, dtype=float)
         b = self.bytes_per_element
-        return self.kernel_s(2.0 * m * k * n, b * (m * k + k * n + m * n))
+        rows = np.ceil(m / self.m_tile) * self.m_tile
+        return self.product_s(2.0 * rows * k * n, b * (m * k + k * n + m * n))
 
     def memory_s(self, nbytes: np.ndarray | float) -> np.ndarray:
         """A memory-bound kernel moving ``nbytes`` (reads + writes)."""
-        return self.kernel_s(0.0, nbytes)
+        return np.asarray(nbytes, dtype=float) / self.memory_bytes_per_s + self.overhead_s
 
-    def grouped_ffn_s(
-        self, tokens_per_expert: np.ndarray, d_model: int, d_ff: int, gated: bool
-    ) -> float:
-        """The experts of one device as grouped GEMMs (one kernel per projection).
+    def routing_s(self, tokens: int, experts: int) -> float:
+        """Scoring and top-k selection over a ``tokens x experts`` table, plus layer glue."""
+        if tokens <= 0:
+            return 0.0
+        b = 4 * tokens * experts  # the score table is read and written in float32
+        return float(
+            self.memory_s(2 * b) + self.routing_s_per_element * tokens * experts
+            + self.layer_overhead_s
+        )
 
-        Experts that received no token are skipped, as grouped-GEMM kernels do; each
-        expert that did must stream its full weights. ``d_ff`` is this device's shard.
-        """
-        n = np.asarray(tokens_per_expert, dtype=float)
-        used = n > 0
-        if not used.any():
+    def grouped_product_s(self, n: np.ndarray, k: int, out: int) -> float:
+        """One grouped product over the experts with tokens ``n`` (all > 0)."""
+        b = self.bytes_per_element
+        rows = np.ceil(n / self.grouped_m_tile) * self.grouped_m_tile
+        flops = 2.0 * rows.sum() * k * out
+        nbytes = b * (n.sum() * k + len(n) * k * out + n.sum() * out)
+        return float(self.product_s(flops, nbytes)) + self.grouped_overhead_s
+
+    def activation_s(self, tokens: np.ndarray | float, d_ff: int, activation: str) -> np.ndarray:
+        """The activation between the projections for ``tokens`` rows of width ``d_ff``:
+        its memory traffic plus its measured per-element compute."""
+        gated = activation in ("swiglu", "geglu")
+        b = self.bytes_per_element
+        n = np.asarray(tokens, dtype=float)
+        traffic = self.memory_s(b * n * d_ff * (3 if gated else 2))
+        per = dict(self.activation_s_per_element).get(ACTIVATION_FUNCTION[activation], 0.0)
+        return np.asarray(traffic + per * n * d_ff)
+
+    def gather_s(self, rows: int, width: int) -> float:
+        """Gather ``rows`` rows of ``width`` into an expert-sorted buffer (dispatch permute)."""
+        if rows <= 0:
             return 0.0
         b = self.bytes_per_element
-        t = n[used].sum()
-        up_n = (2 if gated else 1) * d_ff
-        up = self.kernel_s(
-            2.0 * t * d_model * up_n, b * (t * d_model + used.sum() * d_model * up_n + t * up_n)
-        )
-        act = self.memory_s(b * t * (up_n + d_ff))
-        down = self.kernel_s(
-            2.0 * t * d_ff * d_model, b * (t * d_ff + used.sum() * d_ff * d_model + t * d_model)
-        )
-        return float(up + act + down)
+        return float(self.memory_s(2 * b * rows * width)) + self.gather_s_per_element * rows * width
 
-    def dense_ffn_s(self, tokens: int, d_model: int, d_ff: int, gated: bool) -> float:
-        """A dense FFN (e.g. a shared expert) over ``tokens`` tokens."""
+    def scatter_s(self, rows: int, width: int) -> float:
+        """Weighted scatter-add of ``rows`` expert outputs back to their tokens (combine)."""
+        if rows <= 0:
+            return 0.0
+        b = self.bytes_per_element
+        return float(self.memory_s(3 * b * rows * width)) + (
+            self.scatter_s_per_element * rows * width
+        )
+
+    def grouped_ffn_s(
+        self,
+        tokens_per_expert: np.ndarray,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        kernel: ExpertKernel = "grouped",
+    ) -> float:
+        """The experts of one device: up (and gate) projection, activation, down projection.
+
+        Experts that received no token are skipped, as grouped-GEMM kernels and per-expert
+        loops both do; each expert that did must stream its full weights. ``d_ff`` is this
+        device's shard. ``kernel`` says whether each projection is one grouped kernel over
+        all experts or a loop of per-expert products.
+        """
+        n = np.asarray(tokens_per_expert, dtype=float)
+        n = n[n > 0]
+        if not n.size:
+            return 0.0
+        up_n = (2 if activation in ("swiglu", "geglu") else 1) * d_ff
+        if kernel == "loop":
+            up = float(self.gemm_s(n, d_model, up_n).sum())
+            down = float(self.gemm_s(n, d_ff, d_model).sum())
+            act = float(self.activation_s(n, d_ff, activation).sum())
+            return up + act + down
+        act = float(self.activation_s(n.sum(), d_ff, activation))
+        return self.grouped_product_s(n, d_model, up_n) + act + self.grouped_product_s(
+            n, d_ff, d_model
+        )
+
+    def dense_ffn_s(self, tokens: int, d_model: int, d_ff: int, activation: str) -> float:
+        """A dense FFN (e.g. shared experts) over ``tokens`` tokens."""
         if tokens <= 0 or d_ff <= 0:
             return 0.0
-        return self.grouped_ffn_s(np.array([tokens]), d_model, d_ff, gated)
+        up_n = (2 if activation in ("swiglu", "geglu") else 1) * d_ff
+        return float(
+            self.gemm_s(tokens, d_model, up_n)
+            + self.activation_s(tokens, d_ff, activation)
+            + self.gemm_s(tokens, d_ff, d_model)
+        )

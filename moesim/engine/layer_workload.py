@@ -30,11 +30,18 @@ class LayerRecords:
 def simulate_layer(system: System) -> LayerRecords:
     """Route T tokens and simulate the layer on stage 0's devices."""
     s = system.scenario
-    wl = s.workload
     pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
     routing = route_layer(
-        rng.stream(s.seed, "routing", 0), pop, system.layout, wl.tokens, s.model, s.policies
+        rng.stream(s.seed, "routing", 0), pop, system.layout, s.workload.tokens, s.model,
+        s.policies,
     )
+    return simulate_routed_layer(system, routing, pop)
+
+
+def simulate_routed_layer(
+    system: System, routing: LayerRouting, pop: np.ndarray | None = None
+) -> LayerRecords:
+    """Simulate one layer whose routing outcome is given (sampled, or measured elsewhere)."""
     env = simpy.Environment()
     net = FlowNetwork(env, system.paths)
     compute = [simpy.Resource(env, capacity=1) for _ in system.topology.devices]
@@ -48,12 +55,13 @@ def simulate_layer(system: System) -> LayerRecords:
         steps += 1
     if not done.triggered:  # pragma: no cover - would be an engine bug
         raise RuntimeError("layer simulation ended before every rank combined its tokens")
+    experts = system.scenario.model.experts
     return LayerRecords(
         time_s=max(timeline.rank_done_s.values(), default=0.0),
         routing=routing,
         timeline=timeline,
         link_bytes=net.link_bytes.copy(),
-        popularity=pop,
+        popularity=pop if pop is not None else np.full(experts, 1.0 / experts),
         network_events=net.events,
         sim_events=steps,
     )

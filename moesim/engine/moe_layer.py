@@ -19,7 +19,7 @@ import simpy
 
 from moesim.config.model import ModelConfig
 from moesim.config.policies import PoliciesConfig
-from moesim.cost.compute import Roofline
+from moesim.cost.compute import ExpertKernel, Roofline
 from moesim.engine.network import FlowNetwork
 from moesim.layout import Layout
 from moesim.routing.assignment import assign, capacity_for
@@ -113,6 +113,7 @@ class LayerCosts:
     model: ModelConfig
     dispatch_bytes_per_token: int
     combine_bytes_per_token: int
+    expert_kernel: ExpertKernel = "grouped"
 
 
 def traffic(
@@ -177,12 +178,12 @@ def run_layer(
         src = layout.device(stage, local)
         n_tok = int(routing.tokens_per_rank[local])
         slots = sum(n for _, n in sends[src])
-        move = 2 * slots * m.d_model * rf.bytes_per_element  # read + write every slot's row
         with compute[src].request() as req:
             yield req
             t0 = env.now
             gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
-            yield env.timeout(gate + (float(rf.memory_s(move)) if slots else 0.0))
+            gate += rf.routing_s(n_tok, m.experts)
+            yield env.timeout(gate + rf.gather_s(slots, m.d_model))
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
         flows = [(src, dst, n * costs.dispatch_bytes_per_token) for dst, n in sends[src]]
@@ -193,7 +194,7 @@ def run_layer(
                 yield req
                 t0 = env.now
                 width = m.shared_d_ff * m.shared_experts
-                yield env.timeout(rf.dense_ffn_s(n_tok, m.d_model, width, m.is_gated))
+                yield env.timeout(rf.dense_ffn_s(n_tok, m.d_model, width, m.activation))
                 timeline.intervals.append(Interval(src, "compute", "shared experts", t0, env.now))
         yield env.all_of([combined[(src, dst)] for dst, _ in sends[src]])
         if sends[src]:
@@ -203,7 +204,7 @@ def run_layer(
             with compute[src].request() as req:
                 yield req
                 t0 = env.now
-                yield env.timeout(float(rf.memory_s(move)))
+                yield env.timeout(rf.scatter_s(slots, m.d_model))
                 timeline.intervals.append(Interval(src, "compute", "combine", t0, env.now))
         timeline.rank_done_s[src] = env.now
 
@@ -213,7 +214,11 @@ def run_layer(
         with compute[dst].request() as req:
             yield req
             timeline.expert_start_s[dst] = env.now
-            yield env.timeout(rf.grouped_ffn_s(loads[dst], m.d_model, d_ff_shard, m.is_gated))
+            yield env.timeout(
+                rf.grouped_ffn_s(
+                    loads[dst], m.d_model, d_ff_shard, m.activation, costs.expert_kernel
+                )
+            )
             timeline.expert_end_s[dst] = env.now
             timeline.intervals.append(
                 Interval(dst, "compute", "experts", timeline.expert_start_s[dst], env.now)

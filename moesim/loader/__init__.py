@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 from moesim.config.scenario import Scenario
-from moesim.loader.resolve import apply_overrides, expand_presets, read_file
+from moesim.loader.resolve import apply_overrides, expand_presets, expand_profiles, read_file
 from moesim.loader.validate import validate
 
 
@@ -19,7 +21,18 @@ def load_scenario(
         overrides.append(f"seed={seed}")
     apply_overrides(data, positions, overrides)
     expand_presets(data, positions)
+    expand_profiles(data, positions, str(path))
     return validate(data, positions, str(path))
 
 
-__all__ = ["load_scenario"]
+def scenario_from_dict(data: dict[str, Any], label: str = "<scenario>") -> Scenario:
+    """Validate a scenario given as plain data (presets and profile paths are expanded;
+    relative profile paths are taken from the current directory)."""
+    data = copy.deepcopy(data)
+    positions: dict[Any, Any] = {}
+    expand_presets(data, positions)
+    expand_profiles(data, positions, str(Path.cwd() / label))
+    return validate(data, positions, label)
+
+
+__all__ = ["load_scenario", "scenario_from_dict"]

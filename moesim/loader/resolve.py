@@ -186,3 +186,40 @@ def _unknown_preset(kind: catalog.Kind, name: object) -> str:
         if close:
             hint = f" (did you mean {close[0]!r}?)"
     return f"unknown {kind[:-1]} preset {name!r}{hint}; expected one of: {', '.join(choices)}"
+
+
+def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+    """Read device profiles named by path (``cluster.profile``, relative to the scenario) or
+    by catalog name (``cluster.accelerator.profile``) and embed their data, so the resolved
+    scenario is self-contained."""
+    cluster = data.get("cluster")
+    if not isinstance(cluster, dict):
+        return
+    issues: list[Issue] = []
+    slots: list[tuple[dict[str, Any], Path, str | None]] = [(cluster, ("cluster",), None)]
+    acc = cluster.get("accelerator")
+    if isinstance(acc, dict):
+        slots.append((acc, ("cluster", "accelerator"), "catalog"))
+    for owner, at, where in slots:
+        value = owner.get("profile")
+        if not isinstance(value, str):
+            continue
+        loc = positions.get((*at, "profile"), Location(scenario_file))
+        if where == "catalog":
+            if value not in catalog.profile_names():
+                names = ", ".join(catalog.profile_names()) or "none"
+                issues.append(Issue(loc, dotted((*at, "profile")),
+                                    f"unknown catalog profile {value!r}; shipped: {names}"))
+                continue
+            file = FsPath(catalog.profile_path(value))
+        else:
+            file = FsPath(scenario_file).parent / value
+        try:
+            loaded, _ = load_located(file.read_text("utf-8"), str(file))
+        except OSError as exc:
+            issues.append(Issue(loc, dotted((*at, "profile")),
+                                f"cannot read profile {str(file)!r}: {exc.strerror}"))
+            continue
+        owner["profile"] = loaded
+    if issues:
+        raise ScenarioError(issues)

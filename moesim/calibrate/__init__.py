@@ -1,0 +1,1 @@
+"""Measurement harnesses that calibrate moesim against real hardware."""

@@ -1,0 +1,117 @@
+"""The fidelity report: the simulator's predictions of measured MoE layers, side by side.
+
+Each measured layer (numpy reference on this host, or PyTorch on a GPU) is predicted by
+moesim's own ``layer`` workload for the same model shape, token count and routing
+distribution, with routing sampled by the simulator. Layers of the calibration set's
+models are excluded, so every row is held out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.calibrate.predict import predict_sampled_s, scenario_for
+from moesim.calibrate.records import Record, of_kind
+from moesim.config.profile import DeviceProfile
+
+
+@dataclass(frozen=True)
+class Row:
+    """One held-out layer: what was measured and what moesim predicted."""
+
+    model: str
+    impl: str
+    routing: str
+    tokens: int
+    measured_ms: float
+    predicted_ms: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction (predicted / measured - 1)."""
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+def compare(
+    records: Sequence[Record],
+    profile: DeviceProfile,
+    *,
+    backend: str,
+    cluster: str,
+    exclude_models: Sequence[str] = (),
+    seed: int = 0,
+) -> list[Row]:
+    """Predict every measured layer not of an excluded (calibration) model."""
+    rows = []
+    for rec in of_kind(records, "moe_layer"):
+        if rec["model"] in exclude_models:
+            continue
+        scenario = scenario_for(rec, profile, cluster, backend, seed=seed)
+        rows.append(Row(rec["model"], rec.get("impl", "loop"), rec["routing"],
+                        int(rec["tokens"]), float(rec["ms"]),
+                        predict_sampled_s(scenario) * 1e3))
+    return rows
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    median_abs: float
+    worst_abs: float
+
+
+def stats(rows: Sequence[Row]) -> Stats:
+    if not rows:
+        return Stats(0, float("nan"), float("nan"))
+    err = np.abs([r.error for r in rows])
+    return Stats(len(rows), float(np.median(err)), float(err.max()))
+
+
+def markdown(rows: Sequence[Row], title: str, target: tuple[float, float | None]) -> str:
+    """A Markdown section: summary against the target, then every row."""
+    s = stats(rows)
+    median_target, worst_target = target
+    ok = s.n > 0 and s.median_abs <= median_target and (
+        worst_target is None or s.worst_abs <= worst_target
+    )
+    want = f"median <= {100 * median_target:.0f}%" + (
+        f", worst <= {100 * worst_target:.0f}%" if worst_target is not None else ""
+    )
+    lines = [
+        f"### {title}",
+        "",
+        f"{s.n} held-out layers; median |error| **{100 * s.median_abs:.1f}%**, worst "
+        f"**{100 * s.worst_abs:.1f}%** (target: {want}: **{'met' if ok else 'MISSED'}**).",
+        "",
+    ]
+    by_regime = [("T <= 64", [r for r in rows if r.tokens <= 64]),
+                 ("64 < T <= 1024", [r for r in rows if 64 < r.tokens <= 1024]),
+                 ("T > 1024", [r for r in rows if r.tokens > 1024])]
+    lines += ["| regime | layers | median abs error | worst abs error |", "|---|---|---|---|"]
+    for name, rs in by_regime:
+        st = stats(rs)
+        if st.n:
+            lines.append(f"| {name} | {st.n} | {100 * st.median_abs:.1f}% | "
+                         f"{100 * st.worst_abs:.1f}% |")
+    lines += ["", "| model | impl | routing | tokens | measured ms | predicted ms | error |",
+              "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.model, r.impl, r.routing, r.tokens)):
+        lines.append(f"| {r.model} | {r.impl} | {r.routing} | {r.tokens} | "
+                     f"{r.measured_ms:.4g} | {r.predicted_ms:.4g} | {100 * r.error:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(rows: Sequence[Row]) -> str:
+    """The rows for a terminal, worst first, with the summary last."""
+    out = [f"{'model':<20} {'impl':<10} {'routing':<8} {'tokens':>6} {'measured':>10} "
+           f"{'predicted':>10} {'error':>7}"]
+    for r in sorted(rows, key=lambda r: -abs(r.error)):
+        out.append(f"{r.model:<20} {r.impl:<10} {r.routing:<8} {r.tokens:>6} "
+                   f"{r.measured_ms:>9.3f}ms {r.predicted_ms:>9.3f}ms {100 * r.error:>+6.1f}%")
+    s = stats(rows)
+    out.append(f"\n{s.n} held-out layers: median |error| {100 * s.median_abs:.1f}%, "
+               f"worst {100 * s.worst_abs:.1f}%")
+    return "\n".join(out)

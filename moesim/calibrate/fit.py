@@ -1,0 +1,195 @@
+"""Fit a DeviceProfile to measurements: the GEMM model by least squares on log time, the
+memory bandwidth and call overhead directly, grouped-kernel tiling by a small grid search,
+and the per-layer routing glue by non-negative least squares on measured layers of the
+calibration set (whose shapes are then excluded from the fidelity report)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from moesim.calibrate.records import Record, of_kind
+from moesim.config.profile import CollectiveFit, DeviceProfile, FitQuality, GemmFit
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+TILES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def quality(pred: np.ndarray, meas: np.ndarray) -> FitQuality:
+    err = np.abs(np.asarray(pred) / np.asarray(meas) - 1.0)
+    return FitQuality(samples=int(err.size), median_abs_error=round(float(np.median(err)), 4),
+                      worst_abs_error=round(float(err.max()), 4))
+
+
+def _gemm_pred(theta: np.ndarray, m: np.ndarray, k: np.ndarray, n: np.ndarray,
+               b: int, tile: int) -> np.ndarray:
+    f, bw, c, p = np.exp(theta[0]), np.exp(theta[1]), np.exp(theta[2]), 1.0 + np.exp(theta[3])
+    tc = 2.0 * (np.ceil(m / tile) * tile) * k * n / f
+    tm = b * (m * k + k * n + m * n) / bw
+    hi = np.maximum(tc, tm)
+    return np.asarray(c + hi * ((tc / hi) ** p + (tm / hi) ** p) ** (1.0 / p))
+
+
+def fit_gemm(records: Sequence[Record]) -> tuple[GemmFit, FitQuality]:
+    """Least squares on log time of ``overhead + p-norm(compute, memory)``."""
+    from scipy.optimize import least_squares
+
+    g = of_kind(records, "gemm")
+    if len(g) < 4:
+        raise ValueError("need at least 4 gemm measurements to fit")
+    m, k, n = (np.array([r[x] for r in g], dtype=float) for x in ("M", "K", "N"))
+    t = np.array([r["ms"] for r in g]) * 1e-3
+    b = BYTES[g[0]["dtype"]]
+    x0 = np.log([
+        (2 * m * k * n / t).max(), (b * (m * k + k * n + m * n) / t).max(), t.min() / 4, 1.0
+    ])
+    best = None
+    for tile in TILES:  # rows are computed in blocks: small M pays for a whole block
+        res = least_squares(
+            lambda th, tile=tile: np.log(_gemm_pred(th, m, k, n, b, tile)) - np.log(t), x0,
+            method="trf",
+        )
+        if best is None or res.cost < best[0].cost:
+            best = (res, tile)
+    assert best is not None
+    th, tile = best[0].x, best[1]
+    fit = GemmFit(flops_per_s=float(np.exp(th[0])), bytes_per_s=float(np.exp(th[1])),
+                  overhead_us=float(np.exp(th[2]) * 1e6), smoothness=float(1 + np.exp(th[3])),
+                  m_tile=tile, grouped_m_tile=tile)
+    return fit, quality(_gemm_pred(th, m, k, n, b, tile), t)
+
+
+def fit_grouped(records: Sequence[Record], gemm: GemmFit) -> GemmFit:
+    """Row tile and extra launch cost of grouped GEMM kernels (grid search on log error)."""
+    from moesim.cost.compute import Roofline
+
+    recs = [r for r in of_kind(records, "grouped_gemm") if r.get("impl") == "grouped_mm"]
+    if not recs:
+        return gemm
+    best: tuple[float, int, float] | None = None
+    for tile in (1, 8, 16, 32, 64, 128, 256):
+        rf = Roofline(flops_per_s=gemm.flops_per_s, bytes_per_s=gemm.bytes_per_s,
+                      overhead_s=gemm.overhead_us * 1e-6, bytes_per_element=2,
+                      memory_bytes_per_s=gemm.bytes_per_s, smoothness=gemm.smoothness,
+                      gemm_overhead_s=gemm.overhead_us * 1e-6, m_tile=gemm.m_tile,
+                      grouped_m_tile=tile)
+        pred = np.array([
+            rf.grouped_product_s(np.array([c for c in r["counts"] if c > 0], dtype=float),
+                                  r["K"], r["N"]) if any(r["counts"]) else rf.overhead_s
+            for r in recs
+        ])
+        meas = np.array([r["ms"] for r in recs]) * 1e-3
+        extra = max(0.0, float(np.median(meas - pred)))
+        err = float(np.median(np.abs(np.log((pred + extra) / meas))))
+        if best is None or err < best[0]:
+            best = (err, tile, extra)
+    assert best is not None
+    return gemm.model_copy(
+        update={"grouped_m_tile": best[1], "grouped_overhead_us": best[2] * 1e6}
+    )
+
+
+def memory_bytes_per_s(records: Sequence[Record]) -> float:
+    """Streaming bandwidth (read + written) of the largest copies measured."""
+    copies = of_kind(records, "copy") + of_kind(records, "d2d")
+    if not copies:
+        raise ValueError("no copy measurements")
+    largest = max(r["bytes"] for r in copies)
+    return float(np.median([r["gbps_rw"] for r in copies if r["bytes"] >= largest / 4]) * 1e9)
+
+
+def elementwise(records: Sequence[Record], bytes_per_s: float, b: int) -> dict[str, Any]:
+    """Per-element compute of activations, gather and scatter beyond their memory traffic."""
+    out: dict[str, Any] = {"activation_ns_per_element": {}}
+    for r in of_kind(records, "activation"):
+        traffic = 2 * b * r["elements"] / bytes_per_s
+        per = max(0.0, r["ms"] * 1e-3 - traffic) / r["elements"] * 1e9
+        out["activation_ns_per_element"][r["function"]] = per
+    for kind, moved in (("gather", 2), ("scatter", 3)):
+        for r in of_kind(records, kind):
+            elems = r["rows"] * r["width"]
+            traffic = moved * b * elems / bytes_per_s
+            out[f"{kind}_ns_per_element"] = max(0.0, r["ms"] * 1e-3 - traffic) / elems * 1e9
+    return out
+
+
+def overhead_us(records: Sequence[Record]) -> float:
+    launches = of_kind(records, "launch")
+    if not launches:
+        raise ValueError("no launch-overhead measurement")
+    return float(np.median([r["us_per_kernel"] for r in launches]))
+
+
+def collectives(records: Sequence[Record]) -> tuple[CollectiveFit, ...]:
+    """alpha-beta fits of measured collectives (least squares on time)."""
+    out = []
+    for op in ("all_to_all", "all_reduce", "all_gather"):
+        recs = of_kind(records, op)
+        for world in sorted({r.get("world", 2) for r in recs}):
+            rs = [r for r in recs if r.get("world", 2) == world]
+            if len(rs) < 3:
+                continue
+            size = np.array([r.get("bytes_per_rank", r.get("bytes")) for r in rs], dtype=float)
+            t = np.array([r["ms"] for r in rs]) * 1e-3
+            a = np.vstack([np.ones_like(size), size]).T
+            (alpha, inv_bw), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+            out.append(CollectiveFit(op=op, world=int(world), alpha_us=max(0.0, alpha) * 1e6,
+                                     bandwidth_gbps=1.0 / max(inv_bw, 1e-15) / 1e9))
+    return tuple(out)
+
+
+def fit_profile(
+    records: Sequence[Record],
+    *,
+    backend: str,
+    device: str,
+    source: str,
+    fit_models: Sequence[str],
+    replay: Callable[[Record, DeviceProfile], float],
+    extra_records: Sequence[Record] = (),
+) -> DeviceProfile:
+    """The whole profile: primitives first, then the layer glue on the fit models' layers.
+
+    ``replay(record, profile)`` predicts a measured layer with the given profile from its
+    measured counts; the glue (a fixed time per layer plus a cost per token x expert) is
+    the non-negative least-squares fit of what the primitives leave unexplained.
+    """
+    from scipy.optimize import nnls
+
+    gemm, gq = fit_gemm(records)
+    gemm = fit_grouped(records, gemm)
+    dtype = of_kind(records, "gemm")[0]["dtype"]
+    mem = memory_bytes_per_s(records)
+    base = DeviceProfile(
+        device=device, backend=backend,  # type: ignore[arg-type]
+        dtype=dtype, source=source, gemm=gemm,
+        memory_bytes_per_s=mem, kernel_overhead_us=overhead_us(records),
+        collectives=collectives([*records, *extra_records]), gemm_fit=gq,
+        **elementwise(records, mem, BYTES[dtype]),
+    )
+    layers = [r for r in of_kind(records, "moe_layer") if r["model"] in fit_models]
+    if not layers:
+        return base
+    meas = np.array([r["ms"] for r in layers]) * 1e-3
+    bare = np.array([replay(r, base) for r in layers])
+    elems = np.array([r["tokens"] * r["experts"] for r in layers], dtype=float)
+    # weight by 1/measured so the fit minimizes relative, not absolute, error
+    a = np.vstack([np.ones_like(elems), elems]).T / meas[:, None]
+    coef, _ = nnls(a, (meas - bare) / meas)
+    fitted = base.model_copy(update={
+        "layer_overhead_us": float(coef[0] * 1e6),
+        "routing_ns_per_element": float(coef[1] * 1e9),
+    })
+    pred = np.array([replay(r, fitted) for r in layers])
+    return fitted.model_copy(update={"layer_fit": quality(pred, meas)})
+
+
+def profile_yaml(profile: DeviceProfile, header: str) -> str:
+    """The profile as a commented YAML document."""
+    import yaml
+
+    data: dict[str, Any] = profile.model_dump(mode="json")
+    body = yaml.safe_dump(data, sort_keys=False)
+    return "".join(f"# {line}\n" for line in header.splitlines()) + body

@@ -1,0 +1,96 @@
+"""A measured device profile: the cost model's parameters fitted on real execution.
+
+Written by ``moesim calibrate`` (numpy on a host CPU, torch on a CUDA GPU) and named by a
+scenario (``cluster: {preset: ..., profile: path}``) or by an accelerator preset. When a
+profile is present it replaces the datasheet-peak x efficiency roofline of that device.
+
+The GEMM model: ``t = overhead + (t_compute**p + t_memory**p) ** (1/p)`` with
+``t_compute = 2 M K N / flops_per_s`` (M rounded up to a multiple of ``m_tile``; per
+expert, to ``grouped_m_tile``, in grouped kernels) and
+``t_memory = operand bytes / bytes_per_s``: a roofline whose corner is smoothed by ``p``
+(a hard max when p is large), fitted by least squares on log time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moesim.config.base import Frozen
+
+
+class GemmFit(Frozen):
+    """Fitted parameters of matrix products on the device."""
+
+    flops_per_s: float = Field(gt=0)
+    """Achievable FLOP/s of large, well-shaped products."""
+    bytes_per_s: float = Field(gt=0)
+    """Effective bandwidth at which a product streams its operands."""
+    overhead_us: float = Field(ge=0)
+    """Fixed time per product (launch and setup)."""
+    smoothness: float = Field(ge=1)
+    """p of the p-norm that blends the compute and memory times."""
+    m_tile: int = Field(default=1, ge=1)
+    """Rows are computed in blocks of this many: a product of M rows costs ceil(M/m_tile)
+    blocks of compute."""
+    grouped_m_tile: int = Field(default=1, ge=1)
+    """The same for each expert's rows inside a grouped kernel."""
+    grouped_overhead_us: float = Field(default=0.0, ge=0)
+    """Extra fixed time per grouped-GEMM launch (over one plain product)."""
+
+
+class CollectiveFit(Frozen):
+    """alpha-beta fit of one collective at one world size: t = alpha + bytes / bandwidth."""
+
+    op: Literal["all_to_all", "all_reduce", "all_gather"]
+    world: int = Field(ge=2)
+    alpha_us: float = Field(ge=0)
+    """Fixed cost of one call."""
+    bandwidth_gbps: float = Field(gt=0)
+    """Bytes per rank (the buffer each rank holds) per second, GB/s."""
+
+
+class FitQuality(Frozen):
+    """How well the fitted model reproduces the measurements it was fitted on."""
+
+    samples: int = Field(ge=0)
+    median_abs_error: float = Field(ge=0)
+    """Median of |predicted / measured - 1|."""
+    worst_abs_error: float = Field(ge=0)
+
+
+class DeviceProfile(Frozen):
+    """Cost-model parameters of one device and software stack, measured."""
+
+    device: str = Field(min_length=1)
+    """What was measured (e.g. 'NVIDIA H100 80GB HBM3' or the host CPU model)."""
+    backend: Literal["numpy", "torch"]
+    """The software that ran the measurements."""
+    dtype: str = Field(min_length=1)
+    """Datatype of the products measured (bf16 on GPUs, float32 on numpy)."""
+    source: str = Field(min_length=1)
+    """The measurement: file, date and setup, and the command that produced this profile."""
+    gemm: GemmFit
+    memory_bytes_per_s: float = Field(gt=0)
+    """Streaming bandwidth of elementwise / copy kernels (bytes read + written per second)."""
+    kernel_overhead_us: float = Field(ge=0)
+    """Fixed time of one small kernel (launch or call overhead)."""
+    layer_overhead_us: float = Field(default=0.0, ge=0)
+    """Fixed time per MoE layer for routing glue (top-k, sort, index building), fitted on
+    measured layers of the calibration set."""
+    routing_ns_per_element: float = Field(default=0.0, ge=0)
+    """Routing work per token x expert element (softmax, top-k), fitted likewise."""
+    activation_ns_per_element: dict[str, float] = Field(default_factory=dict)
+    """Measured time per element of each activation function (silu, gelu, relu) beyond its
+    memory traffic: transcendental functions are compute-bound on CPUs."""
+    gather_ns_per_element: float = Field(default=0.0, ge=0)
+    """Dispatch gather (rows into the expert-sorted buffer), per element beyond memory time."""
+    scatter_ns_per_element: float = Field(default=0.0, ge=0)
+    """Combine scatter-add (weighted rows back to tokens), per element beyond memory time."""
+    collectives: tuple[CollectiveFit, ...] = ()
+    """Measured collectives, when several devices were present."""
+    gemm_fit: FitQuality | None = None
+    """Fit quality of the GEMM model on the GEMM measurements."""
+    layer_fit: FitQuality | None = None
+    """Fit quality of the whole cost path on the calibration-set layers."""
