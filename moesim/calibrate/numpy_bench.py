@@ -14,8 +14,8 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,11 @@ def timed(fn: Callable[[], object], min_time_s: float, max_reps: int = 50) -> fl
         times.append(dt)
         total += dt
     return float(np.min(times))
+
+
+def _product(x: np.ndarray, weights: list[np.ndarray], i: int) -> np.ndarray:
+    """``x`` times the i-th weight copy (cycling)."""
+    return x @ weights[i % len(weights)]
 
 
 def _rotating(fn: Callable[[int], object]) -> Callable[[], object]:
@@ -136,7 +141,7 @@ def measure_gemms(w: Writer, size: Size, rng: np.random.Generator) -> None:
             if 2.0 * m * k * n / 1e9 > size.max_gflop:
                 continue
             x = rng.standard_normal((m, k), dtype=DTYPE)
-            t = timed(_rotating(lambda i, x=x: x @ weights[i % copies]), size.min_time_s)
+            t = timed(_rotating(partial(_product, x, weights)), size.min_time_s)
             w.add({"kind": "gemm", "M": m, "K": k, "N": n, "dtype": "fp32", "ms": t * 1e3,
                    "tflops": 2.0 * m * k * n / t / 1e12})
 
@@ -216,8 +221,10 @@ def layer_record(
     x[:, 0] = 1.0
     spec = RoutingSpec(kind="topk", overflow="dropless")
     out = forward(layers[0], x, spec)
-    t = timed(_rotating(lambda i: forward(layers[i % copies], x, spec)), min_time_s,
-              max_reps=20)
+    def run(i: int) -> object:
+        return forward(layers[i % copies], x, spec)
+
+    t = timed(_rotating(run), min_time_s, max_reps=20)
     return {
         "kind": "moe_layer", "backend": "numpy", "model": name, "impl": "loop",
         "tokens": tokens, "routing": routing, "seed": seed, "scale": None,
