@@ -163,7 +163,7 @@ def fit_profile(
     dtype = of_kind(records, "gemm")[0]["dtype"]
     mem = memory_bytes_per_s(records)
     base = DeviceProfile(
-        device=device, backend=backend,  # type: ignore[arg-type]
+        device=device, backend=backend,
         dtype=dtype, source=source, gemm=gemm,
         memory_bytes_per_s=mem, kernel_overhead_us=overhead_us(records),
         collectives=collectives([*records, *extra_records]), gemm_fit=gq,
