@@ -24,7 +24,10 @@ per-repetition CUDA-event timings, taken after warm-up (see ``Clock``):
   combine, shared experts), fields model, impl, tokens, routing, seed, experts, top_k,
   d_model, expert_d_ff, activation, shared_experts, shared_expert_d_ff, dtype, counts (slots
   routed to each expert), ms, ms_parts {router, permute, experts, combine, shared} (each stage
-  timed alone, medians; shared is null without shared experts), reps.
+  timed alone, medians; shared is null without shared experts), ms_graph (grouped_mm only: the
+  same forward captured in a CUDA graph and replayed, i.e. GPU time without Python launch
+  overhead; null for loop, on CPU, or if capture failed), reps. Eager ``ms`` at small T is
+  launch-bound (~6-8 us of host time per kernel, ~25 kernels) and jitters with the host.
 * ``check``: one per model: grouped_mm and loop outputs against a dense float32 reference
   (every expert on every token, masked and weighted by the routing): rel_err_grouped_mm,
   rel_err_loop, rel_err_grouped_vs_loop (||a - b|| / ||b||), tol, ok.
@@ -51,11 +54,11 @@ for the 2-D x 2-D weight-gradient case), but ``probe_grouped_mm`` checks unalign
 the device first; if they fail and 16-row alignment works, the layer pads every expert's rows
 to a multiple of 16 (device-side index arithmetic, no sync) and grouped_mm_align says 16.
 
-Estimated time of a full (non-quick) run on one H100: env/launch/memory ~10 s, gemm ~40 s
-(~570 shapes, ~100 TFLOP per pass), grouped ~20 s (108 configurations), layers ~2-3 min (8
-models that fit, 2 routings, 8 + 7 token counts, each timed whole and per stage; launch-bound
-at small T, the loop implementation over 256 experts ~10 ms per forward), so ~4 min; the
-default ``--budget-s 420`` stops any section gracefully past 7 min of wall time.
+Run time: a full (non-quick) run took 136 s of wall time on one H100 80GB HBM3 (torch
+2.11.0+cu130, 2026-11-22): launch/memory ~1 s, gemm ~13 s (525 shapes), grouped ~5 s (108
+configurations), layers ~115 s (8 models fit, 3 skipped; 2 routings x (8 + 7) token counts, each
+timed whole, per stage and as a CUDA graph); --quick took 21 s. The default ``--budget-s 420``
+stops any section gracefully (a ``stopped`` record) past 7 min of wall time.
 """
 
 from __future__ import annotations
