@@ -62,30 +62,56 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     ca = sub.add_parser("calibrate", help="measure a device and fit a cost-model profile")
-    ca.add_argument("--backend", choices=["numpy", "torch"], help="measure this host (numpy) "
-                    "or a CUDA GPU (torch)")
-    ca.add_argument("--from", dest="from_file", metavar="FILE.jsonl",
-                    help="fit from measurements taken elsewhere (e.g. on a GPU machine)")
-    ca.add_argument("--size", choices=["ci", "full"], default="full",
-                    help="numpy: how much to measure (ci: under a minute)")
+    ca.add_argument(
+        "--backend",
+        choices=["numpy", "torch"],
+        help="measure this host (numpy) or a CUDA GPU (torch)",
+    )
+    ca.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.jsonl",
+        help="fit from measurements taken elsewhere (e.g. on a GPU machine)",
+    )
+    ca.add_argument(
+        "--size",
+        choices=["ci", "full"],
+        default="full",
+        help="numpy: how much to measure (ci: under a minute)",
+    )
     ca.add_argument("--out", metavar="PROFILE.yaml", help="where to write the profile")
     ca.add_argument("--measurements", metavar="FILE.jsonl", help="also keep the raw records")
-    ca.add_argument("--fit-models", default=",".join(_FIT_MODELS),
-                    help="models whose measured layers fit the routing glue (held out of "
-                         "the fidelity report)")
-    ca.add_argument("--collectives", action="append", default=[], metavar="FILE.jsonl",
-                    help="measured collectives to fit as well (repeatable)")
+    ca.add_argument(
+        "--fit-models",
+        default=",".join(_FIT_MODELS),
+        help="models whose measured layers fit the routing glue (held out of the fidelity report)",
+    )
+    ca.add_argument(
+        "--collectives",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="measured collectives to fit as well (repeatable)",
+    )
     ca.add_argument("--seed", type=int, default=0)
 
     fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
     fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")
-    fi.add_argument("--from", dest="from_file", metavar="FILE.jsonl",
-                    help="use layers measured elsewhere (moesim.calibrate.torch_bench)")
+    fi.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.jsonl",
+        help="use layers measured elsewhere (moesim.calibrate.torch_bench)",
+    )
     fi.add_argument("--size", choices=["ci", "full"], default="full")
-    fi.add_argument("--profile", metavar="PROFILE.yaml",
-                    help="the profile to predict with (default: the device's shipped one)")
-    fi.add_argument("--exclude", default=",".join(_FIT_MODELS),
-                    help="models to leave out (the calibration set)")
+    fi.add_argument(
+        "--profile",
+        metavar="PROFILE.yaml",
+        help="the profile to predict with (default: the device's shipped one)",
+    )
+    fi.add_argument(
+        "--exclude", default=",".join(_FIT_MODELS), help="models to leave out (the calibration set)"
+    )
     fi.add_argument("--markdown", metavar="FILE.md", help="write the table as Markdown")
     fi.add_argument("--measurements", metavar="FILE.jsonl", help="keep the raw records")
     fi.add_argument("--title", help="title of the Markdown section")
@@ -174,16 +200,32 @@ def _split(text: str) -> list[str]:
 def _calibrate(args: argparse.Namespace) -> int:
     from moesim.calibrate.commands import calibrate
 
-    return calibrate(args.backend, args.size, args.out, args.measurements, args.from_file,
-                     _split(args.fit_models), args.collectives, args.seed)
+    return calibrate(
+        args.backend,
+        args.size,
+        args.out,
+        args.measurements,
+        args.from_file,
+        _split(args.fit_models),
+        args.collectives,
+        args.seed,
+    )
 
 
 def _fidelity(args: argparse.Namespace) -> int:
     from moesim.calibrate.commands import fidelity
 
-    return fidelity(args.backend, args.size, args.profile, args.from_file,
-                    _split(args.exclude), args.markdown, args.measurements, args.seed,
-                    args.title)
+    return fidelity(
+        args.backend,
+        args.size,
+        args.profile,
+        args.from_file,
+        _split(args.exclude),
+        args.markdown,
+        args.measurements,
+        args.seed,
+        args.title,
+    )
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -21,6 +21,18 @@ _DISPATCH_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 _COMBINE_BYTES = {"fp8": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def _a2a_alpha_s(s: Scenario) -> float:
+    """The measured all-to-all alpha of the cluster's profile, at the nearest world size."""
+    profile = s.cluster.profile or s.cluster.accelerator.profile
+    if profile is None:
+        return 0.0
+    fits = [c for c in profile.collectives if c.op == "all_to_all"]
+    if not fits:
+        return 0.0
+    ep = s.parallelism.ep * s.parallelism.etp
+    return min(fits, key=lambda c: abs(c.world - ep)).alpha_us * 1e-6
+
+
 @dataclass(frozen=True)
 class System:
     """The simulated machine and model, ready for the engine."""
@@ -36,12 +48,15 @@ def build_system(s: Scenario) -> System:
     """Build the runtime objects of a scenario."""
     topo = build(s.cluster)
     m = s.model
-    roofline = Roofline.of(s.cluster.accelerator, m.dtype, m.bytes_per_param, s.cluster.profile)
+    roofline = Roofline.of(
+        s.cluster.accelerator, m.dtype, m.bytes_per_param, s.cluster.profile, s.cluster.launch
+    )
     costs = LayerCosts(
         roofline=roofline,
         model=m,
         dispatch_bytes_per_token=m.d_model * _DISPATCH_BYTES[m.dtype],
         combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
         expert_kernel=s.cluster.expert_kernel,
+        a2a_overhead_s=_a2a_alpha_s(s),
     )
     return System(s, topo, PathTable(topo), Layout.of(s.parallelism, m.experts), costs)

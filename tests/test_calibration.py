@@ -113,7 +113,7 @@ def test_numpy_loop_predicts_held_out_layers(loop_result) -> None:
     The bound (median |error| <= 35%) is looser than the issue's 15% target for full runs:
     this tiny CI size on a shared 2-vCPU machine has timing noise of that order.
     """
-    profile, rows = loop_result
+    _profile, rows = loop_result
     assert len(rows) == 2 * len(TINY.tokens) * len(TINY.heldout_models)
     assert {r.model for r in rows} == set(TINY.heldout_models)  # the fit model is held out
     s = fidelity.stats(rows)
@@ -175,7 +175,7 @@ def test_markdown_reports_target_status() -> None:
         for t, e in ((1, 0.05), (64, -0.1), (4096, 0.3))
     ]
     md = fidelity.markdown(rows, "x", (0.15, None))
-    assert "median |error| **10.0%**" in md and "**met**" in md
+    assert "| all | 3 | 10.0% | 30.0% | met |" in md
     md2 = fidelity.markdown(rows, "x", (0.05, None))
-    assert "**MISSED**" in md2
+    assert "| all | 3 | 10.0% | 30.0% | MISSED |" in md2
     assert np.isclose(fidelity.stats(rows).worst_abs, 0.3)

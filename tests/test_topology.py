@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 from moesim.catalog.hardware import link, switch
 from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
 from moesim.loader.resolve import expand_presets
-from moesim.topology.graph import Topology, build
+from moesim.topology.graph import Topology, build, rate
 from moesim.topology.paths import PathTable
 
 
@@ -58,7 +58,7 @@ def test_dgx_gpu_to_gpu_through_nvswitch() -> None:
     for s, d in itertools.permutations(range(8), 2):
         hops = pt.nodes(s, d)
         assert hops == [topo.devices[s], "n0.nvswitch", topo.devices[d]]
-        assert _bandwidths(topo, hops) == pytest.approx([18 * nv.bandwidth_gbps] * 2)
+        assert _bandwidths(topo, hops) == pytest.approx([18 * rate(nv)] * 2)
         assert len(pt.edge_ids(s, d)) == 2
 
 
@@ -84,7 +84,7 @@ def test_h200x2_direct_nvlink() -> None:
     for s, d in ((0, 1), (1, 0)):
         hops = pt.nodes(s, d)
         assert hops == [topo.devices[s], topo.devices[d]]
-        assert _bandwidths(topo, hops) == pytest.approx([port.count * nv.bandwidth_gbps])
+        assert _bandwidths(topo, hops) == pytest.approx([port.count * rate(nv)])
     assert pt.latency_s(0, 1) == pytest.approx(nv.latency_us * 1e-6)
 
 
@@ -100,7 +100,7 @@ def test_fat_tree_4_nodes_single_leaf() -> None:
         hops = pt.nodes(s, d)
         assert _kinds(topo, hops) == ["device", "nic", "switch", "nic", "device"]
         assert hops[2].startswith("leaf")
-        assert min(_bandwidths(topo, hops)) == pytest.approx(nic.bandwidth_gbps)
+        assert min(_bandwidths(topo, hops)) == pytest.approx(rate(nic))
         # one NIC cable each side of the leaf, plus the leaf's latency
         expected_us = 2 * nic.latency_us + switch(c.fabric.switch).latency_us
         assert pt.latency_s(s, d) == pytest.approx(expected_us * 1e-6)
@@ -120,7 +120,7 @@ def test_fat_tree_16_nodes_crosses_spine() -> None:
     expected_us = 4 * nic.latency_us + 3 * sw.latency_us
     assert pt.latency_s(0, 127) == pytest.approx(expected_us * 1e-6)
     # a non-blocking fabric: the spine uplinks never narrow the NIC bandwidth
-    assert min(_bandwidths(topo, hops)) == pytest.approx(nic.bandwidth_gbps)
+    assert min(_bandwidths(topo, hops)) == pytest.approx(rate(nic))
     # nodes 0 and 1 share a leaf: no spine
     assert "spine" not in pt.nodes(0, 8)
 
@@ -222,7 +222,7 @@ def test_torus_link_bandwidth() -> None:
     c, topo, pt = _built("tpu-v4-1024")
     ici = link(c.link)
     hops = pt.nodes(0, 1)
-    assert _bandwidths(topo, hops) == pytest.approx([c.links_per_neighbor * ici.bandwidth_gbps])
+    assert _bandwidths(topo, hops) == pytest.approx([c.links_per_neighbor * rate(ici)])
 
 
 def test_unreachable_device_raises() -> None:

@@ -39,7 +39,9 @@ def _device(records: Sequence[Record]) -> str:
 
 
 def fit_from_records(
-    records: Sequence[Record], source: str, fit_models: Sequence[str],
+    records: Sequence[Record],
+    source: str,
+    fit_models: Sequence[str],
     extra: Sequence[Record] = (),
 ) -> DeviceProfile:
     """Fit a profile from measurement records (any backend)."""
@@ -49,21 +51,44 @@ def fit_from_records(
     def replay(r: Record, profile: DeviceProfile) -> float:
         return predict_replayed_s(scenario_for(r, profile, cluster, backend), r["counts"])
 
-    return fit_profile(records, backend=backend, device=_device(records), source=source,
-                       fit_models=fit_models, replay=replay, extra_records=extra)
+    return fit_profile(
+        records,
+        backend=backend,
+        device=_device(records),
+        source=source,
+        fit_models=fit_models,
+        replay=replay,
+        extra_records=extra,
+    )
 
 
 def calibrate(
-    backend: str | None, size: str, out: str | None, measurements: str | None,
-    from_file: str | None, fit_models: Sequence[str], extra_files: Sequence[str], seed: int,
+    backend: str | None,
+    size: str,
+    out: str | None,
+    measurements: str | None,
+    from_file: str | None,
+    fit_models: Sequence[str],
+    extra_files: Sequence[str],
+    seed: int,
 ) -> int:
     today = datetime.now(UTC).date().isoformat()
     extra = [r for f in extra_files for r in rec_io.read(f)]
     if from_file:
         records = rec_io.read(from_file)
-        source = (f"{from_file} (measured {_env(records).get('date', 'date unknown')} on "
-                  f"{_device(records)}); fitted by `moesim calibrate --from {from_file}` on "
-                  f"{today}; calibration-set layers: {', '.join(fit_models)}")
+        env = _env(records)
+        setup = ", ".join(f"{k} {env[k]}" for k in ("smi", "torch", "cuda", "numpy") if env.get(k))
+        harness = (
+            f"`python3 -m moesim.calibrate.torch_bench {' '.join(env['argv'])}`"
+            if env.get("argv")
+            else "moesim's numpy bench"
+        )
+        source = (
+            f"{from_file}: measured {env.get('date', 'date unknown')} on "
+            f"{_device(records)} ({setup}) by {harness}; fitted by "
+            f"`moesim calibrate --from {from_file}` on {today}; calibration-set "
+            f"layers: {', '.join(fit_models)}"
+        )
     elif backend == "numpy":
         from moesim.calibrate.numpy_bench import SIZES, measure_host
 
@@ -71,24 +96,30 @@ def calibrate(
         measure_host(w, SIZES[size], seed, _progress)
         w.close()
         records = w.records
-        source = (f"numpy measurements of {_device(records)} on {today}, "
-                  f"`moesim calibrate --backend numpy --size {size}`"
-                  + (f" (records: {measurements})" if measurements else "")
-                  + f"; calibration-set layers: {', '.join(fit_models)}")
+        source = (
+            f"numpy measurements of {_device(records)} on {today}, "
+            f"`moesim calibrate --backend numpy --size {size}`"
+            + (f" (records: {measurements})" if measurements else "")
+            + f"; calibration-set layers: {', '.join(fit_models)}"
+        )
     elif backend == "torch":
         from moesim.calibrate import torch_bench
 
         path = measurements or "torch_measurements.jsonl"
         torch_bench.main(["--out", path])
         records = rec_io.read(path)
-        source = (f"{path}: torch measurements of {_device(records)} on {today}, "
-                  f"`moesim calibrate --backend torch`; calibration-set layers: "
-                  f"{', '.join(fit_models)}")
+        source = (
+            f"{path}: torch measurements of {_device(records)} on {today}, "
+            f"`moesim calibrate --backend torch`; calibration-set layers: "
+            f"{', '.join(fit_models)}"
+        )
     else:
         raise SystemExit("moesim calibrate: give --backend numpy|torch or --from FILE.jsonl")
     profile = fit_from_records(records, source, fit_models, extra)
-    header = (f"moesim device profile: {profile.device} ({profile.backend})\n"
-              f"produced by moesim calibrate on {today}; see docs/fidelity.md")
+    header = (
+        f"moesim device profile: {profile.device} ({profile.backend})\n"
+        f"produced by moesim calibrate on {today}; see docs/fidelity.md"
+    )
     text = profile_yaml(profile, header)
     if out:
         write_text_atomic(Path(out), text)
@@ -100,14 +131,22 @@ def calibrate(
         _progress(f"GEMM fit: median |error| {100 * g.median_abs_error:.1f}% over {g.samples}")
     if profile.layer_fit is not None:
         lf = profile.layer_fit
-        _progress(f"layer fit: median |error| {100 * lf.median_abs_error:.1f}% over "
-                  f"{lf.samples} calibration layers")
+        _progress(
+            f"layer fit: median |error| {100 * lf.median_abs_error:.1f}% over "
+            f"{lf.samples} calibration layers"
+        )
     return 0
 
 
 def fidelity(
-    backend: str | None, size: str, profile_path: str | None, from_file: str | None,
-    exclude: Sequence[str], markdown_out: str | None, measurements: str | None, seed: int,
+    backend: str | None,
+    size: str,
+    profile_path: str | None,
+    from_file: str | None,
+    exclude: Sequence[str],
+    markdown_out: str | None,
+    measurements: str | None,
+    seed: int,
     title: str | None,
 ) -> int:
     from moesim.catalog import hardware
@@ -131,14 +170,16 @@ def fidelity(
 
         profile = DeviceProfile.model_validate(yaml.safe_load(Path(profile_path).read_text()))
     else:
-        acc = {"single-host-cpu": "cpu-host", "single-h100": "h100-sxm",
-               "single-h200": "h200-sxm"}[cluster]
+        acc = {"single-host-cpu": "cpu-host", "single-h100": "h100-sxm", "single-h200": "h200-sxm"}[
+            cluster
+        ]
         shipped = hardware.accelerator(acc).profile
         if shipped is None:
             raise SystemExit(f"moesim fidelity: {acc} has no shipped profile; give --profile")
         profile = shipped
-    rows = compare(records, profile, backend=backend, cluster=cluster, exclude_models=exclude,
-                   seed=seed)
+    rows = compare(
+        records, profile, backend=backend, cluster=cluster, exclude_models=exclude, seed=seed
+    )
     print(text_table(rows))
     if markdown_out:
         head = title or f"{_device(records)} ({backend})"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.calibrate.records import Record, of_kind
+from moesim.calibrate.records import Record, measured_s, of_kind
 from moesim.config.profile import CollectiveFit, DeviceProfile, FitQuality, GemmFit
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -19,12 +19,16 @@ TILES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def quality(pred: np.ndarray, meas: np.ndarray) -> FitQuality:
     err = np.abs(np.asarray(pred) / np.asarray(meas) - 1.0)
-    return FitQuality(samples=int(err.size), median_abs_error=round(float(np.median(err)), 4),
-                      worst_abs_error=round(float(err.max()), 4))
+    return FitQuality(
+        samples=int(err.size),
+        median_abs_error=round(float(np.median(err)), 4),
+        worst_abs_error=round(float(err.max()), 4),
+    )
 
 
-def _gemm_pred(theta: np.ndarray, m: np.ndarray, k: np.ndarray, n: np.ndarray,
-               b: int, tile: int) -> np.ndarray:
+def _gemm_pred(
+    theta: np.ndarray, m: np.ndarray, k: np.ndarray, n: np.ndarray, b: int, tile: int
+) -> np.ndarray:
     f, bw, c, p = np.exp(theta[0]), np.exp(theta[1]), np.exp(theta[2]), 1.0 + np.exp(theta[3])
     tc = 2.0 * (np.ceil(m / tile) * tile) * k * n / f
     tm = b * (m * k + k * n + m * n) / bw
@@ -32,8 +36,14 @@ def _gemm_pred(theta: np.ndarray, m: np.ndarray, k: np.ndarray, n: np.ndarray,
     return np.asarray(c + hi * ((tc / hi) ** p + (tm / hi) ** p) ** (1.0 / p))
 
 
-def fit_gemm(records: Sequence[Record]) -> tuple[GemmFit, FitQuality]:
-    """Least squares on log time of ``overhead + p-norm(compute, memory)``."""
+def fit_gemm(
+    records: Sequence[Record], bandwidth_ceiling: float | None = None
+) -> tuple[GemmFit, FitQuality]:
+    """Least squares on log time of ``overhead + p-norm(compute, memory)``.
+
+    ``bandwidth_ceiling`` (the measured copy bandwidth) bounds the streaming rate: small
+    operands that stay in cache must not teach the model a bandwidth memory cannot give.
+    """
     from scipy.optimize import least_squares
 
     g = of_kind(records, "gemm")
@@ -42,53 +52,136 @@ def fit_gemm(records: Sequence[Record]) -> tuple[GemmFit, FitQuality]:
     m, k, n = (np.array([r[x] for r in g], dtype=float) for x in ("M", "K", "N"))
     t = np.array([r["ms"] for r in g]) * 1e-3
     b = BYTES[g[0]["dtype"]]
-    x0 = np.log([
-        (2 * m * k * n / t).max(), (b * (m * k + k * n + m * n) / t).max(), t.min() / 4, 1.0
-    ])
+    bw0 = (b * (m * k + k * n + m * n) / t).max()
+    hi = np.full(4, np.inf)
+    if bandwidth_ceiling is not None:
+        bw0 = min(bw0, 0.9 * bandwidth_ceiling)
+        hi[1] = np.log(bandwidth_ceiling)
+    x0 = np.log([(2 * m * k * n / t).max(), bw0, t.min() / 4, 1.0])
     best = None
     for tile in TILES:  # rows are computed in blocks: small M pays for a whole block
         res = least_squares(
-            lambda th, tile=tile: np.log(_gemm_pred(th, m, k, n, b, tile)) - np.log(t), x0,
+            lambda th, tile=tile: np.log(_gemm_pred(th, m, k, n, b, tile)) - np.log(t),
+            x0,
             method="trf",
+            bounds=(np.full(4, -np.inf), hi),
         )
         if best is None or res.cost < best[0].cost:
             best = (res, tile)
     assert best is not None
     th, tile = best[0].x, best[1]
-    fit = GemmFit(flops_per_s=float(np.exp(th[0])), bytes_per_s=float(np.exp(th[1])),
-                  overhead_us=float(np.exp(th[2]) * 1e6), smoothness=float(1 + np.exp(th[3])),
-                  m_tile=tile, grouped_m_tile=tile)
+    fit = GemmFit(
+        flops_per_s=float(np.exp(th[0])),
+        bytes_per_s=float(np.exp(th[1])),
+        overhead_us=float(np.exp(th[2]) * 1e6),
+        smoothness=float(1 + np.exp(th[3])),
+        m_tile=tile,
+        grouped_m_tile=tile,
+    )
     return fit, quality(_gemm_pred(th, m, k, n, b, tile), t)
 
 
-def fit_grouped(records: Sequence[Record], gemm: GemmFit) -> GemmFit:
-    """Row tile and extra launch cost of grouped GEMM kernels (grid search on log error)."""
+def fit_grouped(records: Sequence[Record], gemm: GemmFit, b: int) -> GemmFit:
+    """Row tile and compute / memory efficiency of grouped GEMM kernels, relative to plain
+    products: least squares on log time for each candidate tile; the best tile wins."""
+    from scipy.optimize import least_squares
+
     from moesim.cost.compute import Roofline
 
-    recs = [r for r in of_kind(records, "grouped_gemm") if r.get("impl") == "grouped_mm"]
-    if not recs:
+    recs = [
+        r
+        for r in of_kind(records, "grouped_gemm")
+        if r.get("impl") == "grouped_mm" and any(r["counts"])
+    ]
+    if len(recs) < 3:
         return gemm
-    best: tuple[float, int, float] | None = None
-    for tile in (1, 8, 16, 32, 64, 128, 256):
-        rf = Roofline(flops_per_s=gemm.flops_per_s, bytes_per_s=gemm.bytes_per_s,
-                      overhead_s=gemm.overhead_us * 1e-6, bytes_per_element=2,
-                      memory_bytes_per_s=gemm.bytes_per_s, smoothness=gemm.smoothness,
-                      gemm_overhead_s=gemm.overhead_us * 1e-6, m_tile=gemm.m_tile,
-                      grouped_m_tile=tile)
-        pred = np.array([
-            rf.grouped_product_s(np.array([c for c in r["counts"] if c > 0], dtype=float),
-                                  r["K"], r["N"]) if any(r["counts"]) else rf.overhead_s
-            for r in recs
-        ])
-        meas = np.array([r["ms"] for r in recs]) * 1e-3
-        extra = max(0.0, float(np.median(meas - pred)))
-        err = float(np.median(np.abs(np.log((pred + extra) / meas))))
-        if best is None or err < best[0]:
-            best = (err, tile, extra)
+    meas = np.array([r["ms"] for r in recs]) * 1e-3
+    best: tuple[float, int, np.ndarray] | None = None
+    for tile in TILES:
+
+        def resid(th: np.ndarray, tile: int = tile) -> np.ndarray:
+            rf = Roofline(
+                flops_per_s=gemm.flops_per_s,
+                bytes_per_s=gemm.bytes_per_s,
+                overhead_s=gemm.overhead_us * 1e-6,
+                bytes_per_element=b,
+                memory_bytes_per_s=gemm.bytes_per_s,
+                smoothness=gemm.smoothness,
+                gemm_overhead_s=gemm.overhead_us * 1e-6,
+                m_tile=gemm.m_tile,
+                grouped_m_tile=tile,
+                grouped_compute_factor=float(np.exp(th[0])),
+                grouped_memory_factor=float(np.exp(th[1])),
+                grouped_overhead_s=float(th[2]) * 1e-6,
+                grouped_smoothness=1.0 + float(np.exp(th[3])),
+            )
+            pred = np.array(
+                [
+                    rf.grouped_product_s(
+                        np.array([c for c in r["counts"] if c > 0], dtype=float), r["K"], r["N"]
+                    )
+                    for r in recs
+                ]
+            )
+            return np.asarray(np.log(pred / meas))
+
+        res = least_squares(
+            resid,
+            np.array([0.0, 0.0, 1.0, 0.0]),
+            bounds=([-3.0, -3.0, 0.0, -5.0], [0.5, 0.5, 1e4, 5.0]),
+        )
+        err = float(np.median(np.abs(resid(res.x))))
+        if best is None or err < best[0] - 1e-9:
+            best = (err, tile, res.x)
     assert best is not None
     return gemm.model_copy(
-        update={"grouped_m_tile": best[1], "grouped_overhead_us": best[2] * 1e6}
+        update={
+            "grouped_m_tile": best[1],
+            "grouped_compute_factor": float(np.exp(best[2][0])),
+            "grouped_memory_factor": float(np.exp(best[2][1])),
+            "grouped_overhead_us": float(best[2][2]),
+            "grouped_smoothness": 1.0 + float(np.exp(best[2][3])),
+        }
     )
+
+
+def fit_routing(records: Sequence[Record]) -> dict[str, float]:
+    """Per token x expert and per token x slot routing work, from routing measurements."""
+    from scipy.optimize import nnls
+
+    recs = of_kind(records, "routing")
+    if len(recs) < 3:
+        return {}
+    t = np.array([r["ms"] for r in recs]) * 1e-3
+    a = np.array([[1.0, r["tokens"] * r["experts"], r["tokens"] * r["top_k"]] for r in recs])
+    coef, _ = nnls(a / t[:, None], np.ones_like(t))
+    return {
+        "routing_ns_per_element": float(coef[1] * 1e9),
+        "routing_ns_per_slot": float(coef[2] * 1e9),
+    }
+
+
+def fit_parts(records: Sequence[Record], fit_models: Sequence[str]) -> dict[str, float]:
+    """Gather and scatter cost per element from the calibration layers' measured stages
+    (permute and combine), where the harness timed them: a line through their sizes."""
+    from scipy.optimize import nnls
+
+    layers = [
+        r for r in of_kind(records, "moe_layer") if r["model"] in fit_models and r.get("ms_parts")
+    ]
+    out: dict[str, float] = {}
+    for part, key in (("permute", "gather_ns_per_element"), ("combine", "scatter_ns_per_element")):
+        rows = [
+            (r["tokens"] * r["top_k"] * r["d_model"], r["ms_parts"][part] * 1e-3)
+            for r in layers
+            if r["ms_parts"].get(part)
+        ]
+        if len(rows) < 3:
+            continue
+        x, t = np.array(rows).T
+        coef, _ = nnls(np.vstack([np.ones_like(x), x]).T / t[:, None], np.ones_like(t))
+        out[key] = float(coef[1] * 1e9)
+    return out
 
 
 def memory_bytes_per_s(records: Sequence[Record]) -> float:
@@ -135,8 +228,14 @@ def collectives(records: Sequence[Record]) -> tuple[CollectiveFit, ...]:
             t = np.array([r["ms"] for r in rs]) * 1e-3
             a = np.vstack([np.ones_like(size), size]).T
             (alpha, inv_bw), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
-            out.append(CollectiveFit(op=op, world=int(world), alpha_us=max(0.0, alpha) * 1e6,
-                                     bandwidth_gbps=1.0 / max(inv_bw, 1e-15) / 1e9))
+            out.append(
+                CollectiveFit(
+                    op=op,
+                    world=int(world),
+                    alpha_us=max(0.0, alpha) * 1e6,
+                    bandwidth_gbps=1.0 / max(inv_bw, 1e-15) / 1e9,
+                )
+            )
     return tuple(out)
 
 
@@ -156,34 +255,50 @@ def fit_profile(
     measured counts; the glue (a fixed time per layer plus a cost per token x expert) is
     the non-negative least-squares fit of what the primitives leave unexplained.
     """
-    from scipy.optimize import nnls
 
-    gemm, gq = fit_gemm(records)
-    gemm = fit_grouped(records, gemm)
     dtype = of_kind(records, "gemm")[0]["dtype"]
     mem = memory_bytes_per_s(records)
+    gemm, gq = fit_gemm(records, bandwidth_ceiling=mem)
+    gemm = fit_grouped(records, gemm, BYTES[dtype])
+    per_element = elementwise(records, mem, BYTES[dtype])
+    per_element.update(fit_parts(records, fit_models))
     base = DeviceProfile(
-        device=device, backend=backend,
-        dtype=dtype, source=source, gemm=gemm,
-        memory_bytes_per_s=mem, kernel_overhead_us=overhead_us(records),
-        collectives=collectives([*records, *extra_records]), gemm_fit=gq,
-        **elementwise(records, mem, BYTES[dtype]),
+        device=device,
+        backend=backend,
+        dtype=dtype,
+        source=source,
+        gemm=gemm,
+        memory_bytes_per_s=mem,
+        kernel_overhead_us=overhead_us(records),
+        collectives=collectives([*records, *extra_records]),
+        gemm_fit=gq,
+        **per_element,
+        **fit_routing(records),
     )
     layers = [r for r in of_kind(records, "moe_layer") if r["model"] in fit_models]
-    if not layers:
-        return base
-    meas = np.array([r["ms"] for r in layers]) * 1e-3
-    bare = np.array([replay(r, base) for r in layers])
-    elems = np.array([r["tokens"] * r["experts"] for r in layers], dtype=float)
-    # weight by 1/measured so the fit minimizes relative, not absolute, error
-    a = np.vstack([np.ones_like(elems), elems]).T / meas[:, None]
-    coef, _ = nnls(a, (meas - bare) / meas)
-    fitted = base.model_copy(update={
-        "layer_overhead_us": float(coef[0] * 1e6),
-        "routing_ns_per_element": float(coef[1] * 1e9),
-    })
-    pred = np.array([replay(r, fitted) for r in layers])
-    return fitted.model_copy(update={"layer_fit": quality(pred, meas)})
+    fitted = base
+    for mode, key, quality_key in (
+        ("eager", "layer_overhead_us", "layer_fit"),
+        ("graph", "graph_layer_overhead_us", "graph_layer_fit"),
+    ):
+        recs = [
+            dict(r, ms_graph=None) if mode == "eager" else r
+            for r in layers
+            if mode == "eager" or r.get("ms_graph")
+        ]
+        if not recs:
+            continue
+        meas = np.array([measured_s(r) for r in recs])
+        probe = fitted.model_copy(update={key: 0.0})
+        bare = np.array([replay(r, probe) for r in recs])
+        # the glue is a fixed cost per layer: what the primitives leave unexplained where
+        # the fixed cost dominates, at the fewest tokens measured
+        fewest = np.array([r["tokens"] for r in recs]) <= min(r["tokens"] for r in recs) * 4
+        glue = max(0.0, float(np.median((meas - bare)[fewest])))
+        fitted = fitted.model_copy(update={key: glue * 1e6})
+        pred = np.array([replay(r, fitted) for r in recs])
+        fitted = fitted.model_copy(update={quality_key: quality(pred, meas)})
+    return fitted
 
 
 def profile_yaml(profile: DeviceProfile, header: str) -> str:

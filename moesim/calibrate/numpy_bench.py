@@ -47,12 +47,32 @@ class Size:
 
 
 SIZES = {
-    "ci": Size(16, (1, 8, 64, 512, 2048), (1, 16, 128, 1024), 1.0, ("olmoe-1b-7b",),
-               ("mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite"), 0.05),
-    "full": Size(4, (1, 4, 16, 64, 256, 1024, 4096), (1, 4, 16, 64, 256, 1024, 4096), 30.0,
-                 ("olmoe-1b-7b",),
-                 ("mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite",
-                  "deepseek-v3", "dbrx", "switch-base-128"), 0.2),
+    "ci": Size(
+        16,
+        (1, 8, 64, 512, 2048),
+        (1, 16, 128, 1024),
+        1.0,
+        ("olmoe-1b-7b",),
+        ("mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite"),
+        0.05,
+    ),
+    "full": Size(
+        4,
+        (1, 4, 16, 64, 256, 1024, 4096),
+        (1, 4, 16, 64, 256, 1024, 4096),
+        30.0,
+        ("olmoe-1b-7b",),
+        (
+            "mixtral-8x7b",
+            "mixtral-8x22b",
+            "qwen1.5-moe-a2.7b",
+            "deepseek-v2-lite",
+            "deepseek-v3",
+            "dbrx",
+            "switch-base-128",
+        ),
+        0.2,
+    ),
 }
 
 
@@ -116,9 +136,16 @@ def gemm_shapes(scale: int) -> list[tuple[int, int]]:
 
 
 def measure_env(w: Writer) -> None:
-    w.add({"kind": "env", "backend": "numpy", "numpy": np.__version__,
-           "machine": platform.machine(), "processor": _cpu_name(),
-           "date": datetime.now(UTC).date().isoformat()})
+    w.add(
+        {
+            "kind": "env",
+            "backend": "numpy",
+            "numpy": np.__version__,
+            "machine": platform.machine(),
+            "processor": _cpu_name(),
+            "date": datetime.now(UTC).date().isoformat(),
+        }
+    )
 
 
 def _cpu_name() -> str:
@@ -142,8 +169,17 @@ def measure_gemms(w: Writer, size: Size, rng: np.random.Generator) -> None:
                 continue
             x = rng.standard_normal((m, k), dtype=DTYPE)
             t = timed(_rotating(partial(_product, x, weights)), size.min_time_s)
-            w.add({"kind": "gemm", "M": m, "K": k, "N": n, "dtype": "fp32", "ms": t * 1e3,
-                   "tflops": 2.0 * m * k * n / t / 1e12})
+            w.add(
+                {
+                    "kind": "gemm",
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "dtype": "fp32",
+                    "ms": t * 1e3,
+                    "tflops": 2.0 * m * k * n / t / 1e12,
+                }
+            )
 
 
 def measure_memory(w: Writer, size: Size, rng: np.random.Generator) -> None:
@@ -195,15 +231,21 @@ def layer_record(
     rng = stream(seed, "calibrate-layer")
     # As in a model of many layers, a layer's weights are not still in cache when it runs
     # again: rotate over enough independent copies to overflow the caches.
-    weight_bytes = model.experts * (3 if model.is_gated else 2) * model.d_model * \
-        model.expert_d_ff * 4
+    weight_bytes = (
+        model.experts * (3 if model.is_gated else 2) * model.d_model * model.expert_d_ff * 4
+    )
     copies = int(min(8, max(1, -(-ROTATE_BYTES // weight_bytes))))
     layers = [
         ReferenceLayer.random(
-            rng, d_model=model.d_model, d_ff=model.expert_d_ff, experts=model.experts,
-            top_k=model.top_k, activation=model.activation,
+            rng,
+            d_model=model.d_model,
+            d_ff=model.expert_d_ff,
+            experts=model.experts,
+            top_k=model.top_k,
+            activation=model.activation,
             shared_experts=model.shared_experts,
-            shared_d_ff=model.shared_d_ff if model.shared_experts else None, dtype=DTYPE,
+            shared_d_ff=model.shared_d_ff if model.shared_experts else None,
+            dtype=DTYPE,
         )
         for _ in range(copies)
     ]
@@ -221,17 +263,29 @@ def layer_record(
     x[:, 0] = 1.0
     spec = RoutingSpec(kind="topk", overflow="dropless")
     out = forward(layers[0], x, spec)
+
     def run(i: int) -> object:
         return forward(layers[i % copies], x, spec)
 
     t = timed(_rotating(run), min_time_s, max_reps=20)
     return {
-        "kind": "moe_layer", "backend": "numpy", "model": name, "impl": "loop",
-        "tokens": tokens, "routing": routing, "seed": seed, "scale": None,
-        "experts": model.experts, "top_k": model.top_k, "d_model": model.d_model,
-        "expert_d_ff": model.expert_d_ff, "activation": model.activation,
-        "shared_experts": model.shared_experts, "shared_expert_d_ff": model.shared_d_ff,
-        "counts": [int(c) for c in out.route.counts], "ms": t * 1e3,
+        "kind": "moe_layer",
+        "backend": "numpy",
+        "model": name,
+        "impl": "loop",
+        "tokens": tokens,
+        "routing": routing,
+        "seed": seed,
+        "scale": None,
+        "experts": model.experts,
+        "top_k": model.top_k,
+        "d_model": model.d_model,
+        "expert_d_ff": model.expert_d_ff,
+        "activation": model.activation,
+        "shared_experts": model.shared_experts,
+        "shared_expert_d_ff": model.shared_d_ff,
+        "counts": [int(c) for c in out.route.counts],
+        "ms": t * 1e3,
     }
 
 
@@ -240,14 +294,26 @@ def measure_layers(
 ) -> None:
     for name in models:
         model = scaled_model(name, size.scale)
-        weight_gib = model.experts * (3 if model.is_gated else 2) * model.d_model * \
-            model.expert_d_ff * 4 / 2**30
+        weight_gib = (
+            model.experts
+            * (3 if model.is_gated else 2)
+            * model.d_model
+            * model.expert_d_ff
+            * 4
+            / 2**30
+        )
         if weight_gib > 4:
             w.add({"kind": "skipped", "model": name, "reason": f"{weight_gib:.1f} GiB of experts"})
             continue
         for tokens in size.tokens:
-            flops = 2.0 * tokens * model.top_k * (3 if model.is_gated else 2) * \
-                model.d_model * model.expert_d_ff
+            flops = (
+                2.0
+                * tokens
+                * model.top_k
+                * (3 if model.is_gated else 2)
+                * model.d_model
+                * model.expert_d_ff
+            )
             if flops / 1e9 > size.max_gflop:
                 continue
             for routing in ("uniform", "zipf1"):

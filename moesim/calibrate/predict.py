@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.calibrate.records import Record
+from moesim.calibrate.records import Record, timing
 from moesim.config.profile import DeviceProfile
 from moesim.config.scenario import Scenario
 
@@ -54,6 +54,7 @@ def scenario_for(
             "preset": cluster,
             "profile": profile.model_dump(mode="json"),
             "expert_kernel": "loop" if rec.get("impl") == "loop" else "grouped",
+            "launch": timing(rec),
         },
         "model": model,
         "routing": routing,

@@ -46,3 +46,15 @@ class Writer:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def measured_s(record: Record) -> float:
+    """A measured layer's time in seconds: its CUDA-graph replay time where the harness took
+    one (device time, as graph-captured inference runs it), else its eager time."""
+    graph = record.get("ms_graph")
+    return float(graph if graph else record["ms"]) * 1e-3
+
+
+def timing(record: Record) -> str:
+    """'graph' or 'eager': which measurement :func:`measured_s` returns."""
+    return "graph" if record.get("ms_graph") else "eager"

@@ -87,6 +87,9 @@ class NodesCluster(Frozen):
     expert_kernel: Literal["grouped", "loop"] = "grouped"
     """How the software runs a device's experts: one grouped GEMM per projection, or a loop
     of per-expert products (as simple implementations do)."""
+    launch: Literal["eager", "graph"] = "eager"
+    """How kernels are launched: one by one from the host (eager, as in training), or
+    replayed from a captured CUDA graph (as inference servers run decode steps)."""
 
     @property
     def devices(self) -> int:
@@ -114,6 +117,7 @@ class TorusCluster(Frozen):
     host: HostSpec
     profile: DeviceProfile | None = None
     expert_kernel: Literal["grouped", "loop"] = "grouped"
+    launch: Literal["eager", "graph"] = "eager"
 
     @property
     def devices(self) -> int:

@@ -36,8 +36,15 @@ class GemmFit(Frozen):
     blocks of compute."""
     grouped_m_tile: int = Field(default=1, ge=1)
     """The same for each expert's rows inside a grouped kernel."""
+    grouped_compute_factor: float = Field(default=1.0, gt=0)
+    """Grouped-GEMM kernels reach this fraction of ``flops_per_s`` (ragged groups keep them
+    from a plain product's efficiency); fitted on grouped-GEMM measurements."""
+    grouped_memory_factor: float = Field(default=1.0, gt=0)
+    """... and this fraction of ``bytes_per_s`` when streaming many experts' weights."""
     grouped_overhead_us: float = Field(default=0.0, ge=0)
-    """Extra fixed time per grouped-GEMM launch (over one plain product)."""
+    """Extra fixed time of a grouped launch over a plain product's (group setup)."""
+    grouped_smoothness: float | None = Field(default=None, ge=1)
+    """p-norm blend for grouped kernels (None = the plain products' ``smoothness``)."""
 
 
 class CollectiveFit(Frozen):
@@ -78,9 +85,14 @@ class DeviceProfile(Frozen):
     """Fixed time of one small kernel (launch or call overhead)."""
     layer_overhead_us: float = Field(default=0.0, ge=0)
     """Fixed time per MoE layer for routing glue (top-k, sort, index building), fitted on
-    measured layers of the calibration set."""
+    measured layers of the calibration set, run eagerly (one launch per kernel)."""
+    graph_layer_overhead_us: float | None = Field(default=None, ge=0)
+    """The same for layers replayed as CUDA graphs, where kernels carry no launch cost of
+    their own: the whole fixed cost of the layer's kernels (None = not measured)."""
     routing_ns_per_element: float = Field(default=0.0, ge=0)
-    """Routing work per token x expert element (softmax, top-k), fitted likewise."""
+    """Routing work per token x expert element (scoring, top-k), from routing measurements."""
+    routing_ns_per_slot: float = Field(default=0.0, ge=0)
+    """Routing work per token x top_k slot (sorting and indexing the choices)."""
     activation_ns_per_element: dict[str, float] = Field(default_factory=dict)
     """Measured time per element of each activation function (silu, gelu, relu) beyond its
     memory traffic: transcendental functions are compute-bound on CPUs."""
@@ -93,4 +105,6 @@ class DeviceProfile(Frozen):
     gemm_fit: FitQuality | None = None
     """Fit quality of the GEMM model on the GEMM measurements."""
     layer_fit: FitQuality | None = None
-    """Fit quality of the whole cost path on the calibration-set layers."""
+    """Fit quality of the whole cost path on the calibration-set layers (eager)."""
+    graph_layer_fit: FitQuality | None = None
+    """The same for CUDA-graph replays."""

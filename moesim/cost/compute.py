@@ -47,11 +47,20 @@ class Roofline:
     """Rows of a product are rounded up to a multiple of this (compute blocks)."""
     grouped_m_tile: int = 1
     """Rows per expert rounded up to a multiple of this in grouped kernels."""
+    grouped_compute_factor: float = 1.0
+    """Fraction of ``flops_per_s`` grouped kernels reach."""
+    grouped_memory_factor: float = 1.0
+    """Fraction of ``bytes_per_s`` grouped kernels reach."""
     grouped_overhead_s: float = 0.0
+    """Extra fixed time of a grouped launch."""
+    grouped_smoothness: float | None = None
+    """p-norm blend of grouped kernels (None = ``smoothness``)."""
     layer_overhead_s: float = 0.0
     """Fixed routing glue per MoE layer (measured profiles only)."""
     routing_s_per_element: float = 0.0
     """Routing work per token x expert (measured profiles only)."""
+    routing_s_per_slot: float = 0.0
+    """Routing work per token x top_k slot (measured profiles only)."""
     activation_s_per_element: tuple[tuple[str, float], ...] = ()
     """Per-element compute time of activation functions (measured profiles only)."""
     gather_s_per_element: float = 0.0
@@ -65,24 +74,40 @@ class Roofline:
         dtype: str,
         bytes_per_element: int,
         profile: DeviceProfile | None = None,
+        launch: str = "eager",
     ) -> Roofline:
-        """The device's cost model: its measured profile if any, else datasheet x efficiency."""
+        """The device's cost model: its measured profile if any, else datasheet x efficiency.
+
+        With ``launch="graph"`` and a profile that measured graph replays, kernels carry no
+        launch cost of their own and the layer's fixed cost is the graph-fitted one.
+        """
         profile = profile or acc.profile
         if profile is not None:
             g = profile.gemm
+            graph = launch == "graph" and profile.graph_layer_overhead_us is not None
+            kernel_s = 0.0 if graph else profile.kernel_overhead_us * 1e-6
+            layer_us = (
+                profile.graph_layer_overhead_us
+                if graph and profile.graph_layer_overhead_us is not None
+                else profile.layer_overhead_us
+            )
             return cls(
                 flops_per_s=g.flops_per_s,
                 bytes_per_s=g.bytes_per_s,
-                overhead_s=profile.kernel_overhead_us * 1e-6,
+                overhead_s=kernel_s,
                 bytes_per_element=bytes_per_element,
                 memory_bytes_per_s=profile.memory_bytes_per_s,
                 smoothness=g.smoothness,
-                gemm_overhead_s=g.overhead_us * 1e-6,
+                gemm_overhead_s=0.0 if graph else g.overhead_us * 1e-6,
                 m_tile=g.m_tile,
                 grouped_m_tile=g.grouped_m_tile,
-                grouped_overhead_s=g.grouped_overhead_us * 1e-6,
-                layer_overhead_s=profile.layer_overhead_us * 1e-6,
+                grouped_compute_factor=g.grouped_compute_factor,
+                grouped_memory_factor=g.grouped_memory_factor,
+                grouped_overhead_s=0.0 if graph else g.grouped_overhead_us * 1e-6,
+                grouped_smoothness=g.grouped_smoothness,
+                layer_overhead_s=layer_us * 1e-6,
                 routing_s_per_element=profile.routing_ns_per_element * 1e-9,
+                routing_s_per_slot=profile.routing_ns_per_slot * 1e-9,
                 activation_s_per_element=tuple(
                     (k, v * 1e-9) for k, v in sorted(profile.activation_ns_per_element.items())
                 ),
@@ -100,10 +125,12 @@ class Roofline:
             source=f"datasheet x efficiency: {acc.efficiency.source}",
         )
 
-    def _blend(self, t_compute: np.ndarray, t_memory: np.ndarray) -> np.ndarray:
-        if np.isinf(self.smoothness):
+    def _blend(
+        self, t_compute: np.ndarray, t_memory: np.ndarray, p: float | None = None
+    ) -> np.ndarray:
+        p = self.smoothness if p is None else p
+        if np.isinf(p) or p > 1e6:
             return np.maximum(t_compute, t_memory)
-        p = self.smoothness
         hi = np.maximum(np.maximum(t_compute, t_memory), 1e-30)
         return np.asarray(hi * ((t_compute / hi) ** p + (t_memory / hi) ** p) ** (1.0 / p))
 
@@ -125,13 +152,15 @@ class Roofline:
         """A memory-bound kernel moving ``nbytes`` (reads + writes)."""
         return np.asarray(nbytes, dtype=float) / self.memory_bytes_per_s + self.overhead_s
 
-    def routing_s(self, tokens: int, experts: int) -> float:
+    def routing_s(self, tokens: int, experts: int, top_k: int) -> float:
         """Scoring and top-k selection over a ``tokens x experts`` table, plus layer glue."""
         if tokens <= 0:
             return 0.0
         b = 4 * tokens * experts  # the score table is read and written in float32
         return float(
-            self.memory_s(2 * b) + self.routing_s_per_element * tokens * experts
+            self.memory_s(2 * b)
+            + self.routing_s_per_element * tokens * experts
+            + self.routing_s_per_slot * tokens * top_k
             + self.layer_overhead_s
         )
 
@@ -139,9 +168,12 @@ class Roofline:
         """One grouped product over the experts with tokens ``n`` (all > 0)."""
         b = self.bytes_per_element
         rows = np.ceil(n / self.grouped_m_tile) * self.grouped_m_tile
-        flops = 2.0 * rows.sum() * k * out
+        t_c = 2.0 * rows.sum() * k * out / (self.flops_per_s * self.grouped_compute_factor)
         nbytes = b * (n.sum() * k + len(n) * k * out + n.sum() * out)
-        return float(self.product_s(flops, nbytes)) + self.grouped_overhead_s
+        t_m = nbytes / (self.bytes_per_s * self.grouped_memory_factor)
+        overhead = self.overhead_s if self.gemm_overhead_s is None else self.gemm_overhead_s
+        blend = self._blend(np.asarray(t_c), np.asarray(t_m), self.grouped_smoothness)
+        return float(blend) + overhead + (self.grouped_overhead_s)
 
     def activation_s(self, tokens: np.ndarray | float, d_ff: int, activation: str) -> np.ndarray:
         """The activation between the projections for ``tokens`` rows of width ``d_ff``:
@@ -195,8 +227,10 @@ class Roofline:
             act = float(self.activation_s(n, d_ff, activation).sum())
             return up + act + down
         act = float(self.activation_s(n.sum(), d_ff, activation))
-        return self.grouped_product_s(n, d_model, up_n) + act + self.grouped_product_s(
-            n, d_ff, d_model
+        return (
+            self.grouped_product_s(n, d_model, up_n)
+            + act
+            + self.grouped_product_s(n, d_ff, d_model)
         )
 
     def dense_ffn_s(self, tokens: int, d_model: int, d_ff: int, activation: str) -> float:

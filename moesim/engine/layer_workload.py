@@ -32,7 +32,11 @@ def simulate_layer(system: System) -> LayerRecords:
     s = system.scenario
     pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
     routing = route_layer(
-        rng.stream(s.seed, "routing", 0), pop, system.layout, s.workload.tokens, s.model,
+        rng.stream(s.seed, "routing", 0),
+        pop,
+        system.layout,
+        s.workload.tokens,
+        s.model,
         s.policies,
     )
     return simulate_routed_layer(system, routing, pop)

@@ -114,6 +114,9 @@ class LayerCosts:
     dispatch_bytes_per_token: int
     combine_bytes_per_token: int
     expert_kernel: ExpertKernel = "grouped"
+    a2a_overhead_s: float = 0.0
+    """Fixed cost of one all-to-all phase (a measured collective's alpha), on top of the
+    links' own latencies."""
 
 
 def traffic(
@@ -182,12 +185,14 @@ def run_layer(
             yield req
             t0 = env.now
             gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
-            gate += rf.routing_s(n_tok, m.experts)
+            gate += rf.routing_s(n_tok, m.experts, m.top_k)
             yield env.timeout(gate + rf.gather_s(slots, m.d_model))
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
         flows = [(src, dst, n * costs.dispatch_bytes_per_token) for dst, n in sends[src]]
-        for (dst, _), ev in zip(sends[src], net.transfer_many(flows)):
+        remote = [f for f in flows if f[0] != f[1]]
+        extra = costs.a2a_overhead_s if remote else 0.0
+        for (dst, _), ev in zip(sends[src], net.transfer_many(flows, extra)):
             relay(ev, dispatched[(src, dst)], None)
         if m.shared_experts and n_tok:
             with compute[src].request() as req:
@@ -224,7 +229,8 @@ def run_layer(
                 Interval(dst, "compute", "experts", timeline.expert_start_s[dst], env.now)
             )
         back = [(dst, src, n * costs.combine_bytes_per_token) for src, n in senders[dst]]
-        for (src, _), ev in zip(senders[dst], net.transfer_many(back)):
+        extra = costs.a2a_overhead_s if any(b[0] != b[1] for b in back) else 0.0
+        for (src, _), ev in zip(senders[dst], net.transfer_many(back, extra)):
             relay(ev, combined[(src, dst)], (src, dst))
 
     procs = [env.process(source(local)) for local in range(layout.stage_ranks)]

@@ -47,8 +47,13 @@ class FlowNetwork:
         self._last = 0.0
         self._version = 0
 
-    def transfer_many(self, flows: Sequence[tuple[int, int, float]]) -> list[simpy.Event]:
-        """Start flows ``(src device, dst device, bytes)`` now; one delivery event each."""
+    def transfer_many(
+        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
+    ) -> list[simpy.Event]:
+        """Start flows ``(src device, dst device, bytes)`` now; one delivery event each.
+
+        ``extra_latency_s`` is a fixed cost added to every flow's delivery (a collective's
+        launch and synchronisation, as measured)."""
         self._advance()
         out = []
         for src, dst, nbytes in flows:
@@ -60,7 +65,13 @@ class FlowNetwork:
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
             self.active.append(
-                _Flow(path, float(nbytes), self.paths.latency_s(src, dst), ev, float(nbytes))
+                _Flow(
+                    path,
+                    float(nbytes),
+                    self.paths.latency_s(src, dst) + extra_latency_s,
+                    ev,
+                    float(nbytes),
+                )
             )
         self._reschedule()
         return out

@@ -172,6 +172,7 @@ def expand_presets(data: dict[str, Any], positions: Positions) -> None:
             del positions[p]
         for p, loc in expanded_pos.items():
             positions[(*path, *p)] = loc
+    _expand_catalog_profile(data, positions, issues)
     if issues:
         raise ScenarioError(issues)
 
@@ -188,38 +189,55 @@ def _unknown_preset(kind: catalog.Kind, name: object) -> str:
     return f"unknown {kind[:-1]} preset {name!r}{hint}; expected one of: {', '.join(choices)}"
 
 
-def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
-    """Read device profiles named by path (``cluster.profile``, relative to the scenario) or
-    by catalog name (``cluster.accelerator.profile``) and embed their data, so the resolved
-    scenario is self-contained."""
+def _read_profile(file: FsPath, loc: Location, at: Path, issues: list[Issue]) -> Any:
+    try:
+        loaded, _ = load_located(file.read_text("utf-8"), str(file))
+    except OSError as exc:
+        issues.append(
+            Issue(
+                loc, dotted((*at, "profile")), f"cannot read profile {str(file)!r}: {exc.strerror}"
+            )
+        )
+        return None
+    return loaded
+
+
+def _expand_catalog_profile(
+    data: dict[str, Any], positions: Positions, issues: list[Issue]
+) -> None:
+    """An accelerator's ``profile: NAME`` names a shipped profile: embed its data."""
     cluster = data.get("cluster")
-    if not isinstance(cluster, dict):
+    acc = cluster.get("accelerator") if isinstance(cluster, dict) else None
+    if not isinstance(acc, dict) or not isinstance(acc.get("profile"), str):
+        return
+    at: Path = ("cluster", "accelerator")
+    name = acc["profile"]
+    loc = positions.get((*at, "profile"), Location(""))
+    if name not in catalog.profile_names():
+        shipped = ", ".join(catalog.profile_names()) or "none"
+        issues.append(
+            Issue(
+                loc,
+                dotted((*at, "profile")),
+                f"unknown catalog profile {name!r}; shipped: {shipped}",
+            )
+        )
+        return
+    loaded = _read_profile(FsPath(catalog.profile_path(name)), loc, at, issues)
+    if loaded is not None:
+        acc["profile"] = loaded
+
+
+def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+    """Read a device profile named by path (``cluster.profile``, relative to the scenario
+    file) and embed its data, so the resolved scenario is self-contained."""
+    cluster = data.get("cluster")
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("profile"), str):
         return
     issues: list[Issue] = []
-    slots: list[tuple[dict[str, Any], Path, str | None]] = [(cluster, ("cluster",), None)]
-    acc = cluster.get("accelerator")
-    if isinstance(acc, dict):
-        slots.append((acc, ("cluster", "accelerator"), "catalog"))
-    for owner, at, where in slots:
-        value = owner.get("profile")
-        if not isinstance(value, str):
-            continue
-        loc = positions.get((*at, "profile"), Location(scenario_file))
-        if where == "catalog":
-            if value not in catalog.profile_names():
-                names = ", ".join(catalog.profile_names()) or "none"
-                issues.append(Issue(loc, dotted((*at, "profile")),
-                                    f"unknown catalog profile {value!r}; shipped: {names}"))
-                continue
-            file = FsPath(catalog.profile_path(value))
-        else:
-            file = FsPath(scenario_file).parent / value
-        try:
-            loaded, _ = load_located(file.read_text("utf-8"), str(file))
-        except OSError as exc:
-            issues.append(Issue(loc, dotted((*at, "profile")),
-                                f"cannot read profile {str(file)!r}: {exc.strerror}"))
-            continue
-        owner["profile"] = loaded
+    loc = positions.get(("cluster", "profile"), Location(scenario_file))
+    file = FsPath(scenario_file).parent / cluster["profile"]
+    loaded = _read_profile(file, loc, ("cluster",), issues)
     if issues:
         raise ScenarioError(issues)
+    cluster["profile"] = loaded

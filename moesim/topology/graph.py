@@ -1,7 +1,9 @@
 """The cluster as a directed networkx graph of devices, switches, NICs and hosts.
 
 Every physical connection becomes two directed edges (one per direction) carrying the
-link's per-direction ``bandwidth_gbps`` (GB/s) and ``latency_us``. Switch tiers whose
+link's per-direction bandwidth (GB/s) and ``latency_us``. The bandwidth is the link's
+measured achievable rate (``effective_bandwidth_gbps``) where the catalog has one, else
+its datasheet rate: a prediction should use what the hardware delivers. Switch tiers whose
 members are interchangeable for traffic (the NVSwitch chips of a node, the spine switches
 of a fabric, reached by ECMP) are folded into one logical switch whose edges carry the sum
 of the member links' bandwidth: the usual "big switch" abstraction, exact for
@@ -18,6 +20,7 @@ import networkx as nx
 
 from moesim.catalog import hardware
 from moesim.config.cluster import ClusterConfig, HostSpec, NodesCluster, TorusCluster
+from moesim.config.hardware import LinkSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ def build(cluster: ClusterConfig) -> Topology:
     if isinstance(cluster, TorusCluster):
         return _torus(cluster)
     return _nodes(cluster)
+
+
+def rate(link: LinkSpec) -> float:
+    """GB/s per direction a link delivers: measured where known, else its datasheet rate."""
+    return link.effective_bandwidth_gbps or link.bandwidth_gbps
 
 
 def _connect(
@@ -74,12 +82,8 @@ def _nodes(c: NodesCluster) -> Topology:
             pcie = f"n{n}.pcie"
             g.add_node(pcie, kind="switch", node=n, latency_us=0.0)
             for gpu in gpus:
-                _connect(
-                    g, gpu, pcie, host_link.bandwidth_gbps, host_link.latency_us, host_link.name
-                )
-            _connect(
-                g, pcie, host, host_link.bandwidth_gbps * per, host_link.latency_us, host_link.name
-            )
+                _connect(g, gpu, pcie, rate(host_link), host_link.latency_us, host_link.name)
+            _connect(g, pcie, host, rate(host_link) * per, host_link.latency_us, host_link.name)
     if c.fabric.kind != "none":
         _fabric(g, c, devices)
     return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)
@@ -94,14 +98,14 @@ def _scale_up(g: nx.DiGraph, c: NodesCluster, n: int, gpus: list[str]) -> None:
         for gpu in gpus:
             for port in acc.ports:
                 ln = hardware.link(port.link)
-                _connect(g, gpu, node, port.count * ln.bandwidth_gbps, ln.latency_us, ln.name)
+                _connect(g, gpu, node, port.count * rate(ln), ln.latency_us, ln.name)
     elif c.scale_up.kind == "mesh" and len(gpus) > 1:
         peers = len(gpus) - 1
         for a, b in itertools.combinations(gpus, 2):
             for port in acc.ports:
                 ln = hardware.link(port.link)
                 links = port.count / peers
-                _connect(g, a, b, links * ln.bandwidth_gbps, ln.latency_us, ln.name)
+                _connect(g, a, b, links * rate(ln), ln.latency_us, ln.name)
     # 'pcie': GPUs reach each other through the node's PCIe switch, added with the host link
 
 
@@ -132,10 +136,10 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
         for j in range(fab.nics_per_node):
             name = f"n{n}.nic{j}"
             g.add_node(name, kind="nic", node=n)
-            _connect(g, name, leaf_of[(n, j)], nic.bandwidth_gbps, nic.latency_us, nic.name)
+            _connect(g, name, leaf_of[(n, j)], rate(nic), nic.latency_us, nic.name)
         for i in range(per):
             j = i * fab.nics_per_node // per
-            _connect(g, devices[n * per + i], f"n{n}.nic{j}", nic.bandwidth_gbps, 0.0, "gpudirect")
+            _connect(g, devices[n * per + i], f"n{n}.nic{j}", rate(nic), 0.0, "gpudirect")
     if len(leaves) > 1:
         g.add_node("spine", kind="switch", latency_us=sw.latency_us)
         ports_per_leaf = {leaf: sum(1 for v in leaf_of.values() if v == leaf) for leaf in leaves}
@@ -164,9 +168,7 @@ def _torus(c: TorusCluster) -> Topology:
                     continue  # an open mesh edge, or the size-2 ring's second link (below)
                 nxt[dim] = 0
             links = c.links_per_neighbor * (2 if size == 2 and c.wraparound else 1)
-            _connect(
-                g, name[xyz], name[tuple(nxt)], links * ln.bandwidth_gbps, ln.latency_us, ln.name
-            )
+            _connect(g, name[xyz], name[tuple(nxt)], links * rate(ln), ln.latency_us, ln.name)
     hosts: list[str] = []
     host_of: list[int] = []
     acc = c.accelerator
@@ -178,7 +180,5 @@ def _torus(c: TorusCluster) -> Topology:
             g.add_node(hosts[-1], kind="host")
         host_of.append(h)
         if host_link is not None:
-            _connect(
-                g, dev, hosts[h], host_link.bandwidth_gbps, host_link.latency_us, host_link.name
-            )
+            _connect(g, dev, hosts[h], rate(host_link), host_link.latency_us, host_link.name)
     return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)
