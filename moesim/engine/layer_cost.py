@@ -1,0 +1,97 @@
+"""The expected cost of one MoE layer for a batch of N tokens, memoized for workloads that
+run many layers (serving iterations, training micro-batches).
+
+It runs the same per-layer path as the ``layer`` workload (route -> dispatch -> experts ->
+combine on the cluster, :func:`moesim.engine.layer_workload.simulate_routed_layer`) for a
+few routing samples and averages them, so a change to how an MoE layer is costed reaches
+every workload. Batch sizes are bucketed (exact up to 64 tokens, then geometric steps of
+1/8) and interpolated linearly between buckets, so a long run evaluates each bucket once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim import rng
+from moesim.engine.layer_workload import simulate_routed_layer
+from moesim.engine.moe_layer import route_layer
+from moesim.routing.distributions import popularity
+from moesim.system import System
+
+EXACT_UP_TO = 64
+STEP = 1.125
+
+
+@dataclass(frozen=True)
+class LayerSample:
+    """Averages over the routing samples of one bucket."""
+
+    time_s: float
+    dropped_fraction: float
+
+
+def bucket_points(tokens: int) -> tuple[int, int]:
+    """The two bucket sizes around ``tokens`` (equal when it is a bucket itself)."""
+    if tokens <= EXACT_UP_TO:
+        return tokens, tokens
+    k = math.log(tokens / EXACT_UP_TO, STEP)
+    lo = int(round(EXACT_UP_TO * STEP ** math.floor(k)))
+    hi = int(round(EXACT_UP_TO * STEP ** math.ceil(k)))
+    return min(lo, tokens), max(hi, tokens) if lo != hi else tokens
+
+
+@dataclass
+class MoELayerCost:
+    """Memoized expected time and drop rate of one MoE layer by batch size."""
+
+    system: System
+    samples: int = 3
+    _cache: dict[int, LayerSample] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.system.scenario
+        self._popularity = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct bucket sizes simulated so far."""
+        return len(self._cache)
+
+    def _at(self, tokens: int) -> LayerSample:
+        if tokens not in self._cache:
+            s = self.system.scenario
+            times, drops = [], []
+            for i in range(self.samples):
+                routing = route_layer(
+                    rng.stream(s.seed, "layer-cost", tokens, i),
+                    self._popularity,
+                    self.system.layout,
+                    tokens,
+                    s.model,
+                    s.policies,
+                )
+                times.append(simulate_routed_layer(self.system, routing).time_s)
+                drops.append(routing.dropped / max(1, tokens * s.model.top_k))
+            self._cache[tokens] = LayerSample(float(np.mean(times)), float(np.mean(drops)))
+        return self._cache[tokens]
+
+    def sample(self, tokens: int) -> LayerSample:
+        """Expected time and dropped fraction of one MoE layer over ``tokens`` tokens."""
+        if tokens <= 0:
+            return LayerSample(0.0, 0.0)
+        lo, hi = bucket_points(tokens)
+        a = self._at(lo)
+        if hi == lo:
+            return a
+        b = self._at(hi)
+        w = (tokens - lo) / (hi - lo)
+        return LayerSample(
+            a.time_s + w * (b.time_s - a.time_s),
+            a.dropped_fraction + w * (b.dropped_fraction - a.dropped_fraction),
+        )
+
+    def time_s(self, tokens: int) -> float:
+        return self.sample(tokens).time_s

@@ -1,0 +1,50 @@
+"""The memoized per-layer cost used by long workloads follows the layer engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim.engine.layer_cost import MoELayerCost, bucket_points
+from moesim.loader import scenario_from_dict
+from moesim.system import build_system
+
+SCENARIO = {
+    "name": "c",
+    "seed": 4,
+    "cluster": "dgx-h100",
+    "model": "mixtral-8x7b",
+    "routing": {"kind": "zipf", "s": 1.0},
+    "parallelism": {"dp": 8, "ep": 8},
+    "policies": {"capacity_factor": 1.0, "overflow": "drop"},
+    "workload": {"kind": "layer", "tokens": 8},
+}
+
+
+def test_bucket_points_bracket_the_size() -> None:
+    """Small sizes are exact; larger ones lie between two geometric buckets."""
+    assert bucket_points(17) == (17, 17)
+    for n in (65, 100, 1000, 12345):
+        lo, hi = bucket_points(n)
+        assert lo <= n <= hi and hi <= lo * 1.13 + 1
+
+
+def test_cost_is_memoized_and_grows_with_tokens() -> None:
+    """Repeated sizes reuse their simulation; more tokens never cost less (on average)."""
+    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    t1 = cost.time_s(512)
+    evaluated = cost.evaluations
+    assert cost.time_s(512) == t1 and cost.evaluations == evaluated
+    sizes = [1, 8, 64, 512, 4096, 16384]
+    times = [cost.time_s(n) for n in sizes]
+    assert all(b >= a for a, b in zip(times, times[1:])), times
+    assert cost.sample(16384).dropped_fraction > 0  # capacity 1.0 under Zipf skew drops
+
+
+def test_matches_the_layer_workload_at_a_bucket() -> None:
+    """At an exact bucket the cost is the layer engine's time, averaged over samples."""
+    import moesim
+
+    scenario = scenario_from_dict({**SCENARIO, "workload": {"kind": "layer", "tokens": 64}})
+    cost = MoELayerCost(build_system(scenario), samples=8)
+    single = moesim.run(scenario).summary["time_ms"] * 1e-3
+    assert cost.time_s(64) == pytest.approx(single, rel=0.2)
