@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from moesim.engine.layer_cost import MoELayerCost, bucket_points
@@ -36,7 +38,7 @@ def test_cost_is_memoized_and_grows_with_tokens() -> None:
     assert cost.time_s(512) == t1 and cost.evaluations == evaluated
     sizes = [1, 8, 64, 512, 4096, 16384]
     times = [cost.time_s(n) for n in sizes]
-    assert all(b >= a for a, b in zip(times, times[1:])), times
+    assert all(b >= a for a, b in itertools.pairwise(times)), times
     assert cost.sample(16384).dropped_fraction > 0  # capacity 1.0 under Zipf skew drops
 
 

@@ -38,8 +38,8 @@ def bucket_points(tokens: int) -> tuple[int, int]:
     if tokens <= EXACT_UP_TO:
         return tokens, tokens
     k = math.log(tokens / EXACT_UP_TO, STEP)
-    lo = int(round(EXACT_UP_TO * STEP ** math.floor(k)))
-    hi = int(round(EXACT_UP_TO * STEP ** math.ceil(k)))
+    lo = round(EXACT_UP_TO * STEP ** math.floor(k))
+    hi = round(EXACT_UP_TO * STEP ** math.ceil(k))
     return min(lo, tokens), max(hi, tokens) if lo != hi else tokens
 
 
