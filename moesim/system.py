@@ -58,5 +58,7 @@ def build_system(s: Scenario) -> System:
         combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
         expert_kernel=s.cluster.expert_kernel,
         a2a_overhead_s=_a2a_alpha_s(s),
+        a2a=s.parallelism.a2a,
+        topology=topo,
     )
     return System(s, topo, PathTable(topo), Layout.of(s.parallelism, m.experts), costs)

@@ -20,10 +20,12 @@ import simpy
 from moesim.config.model import ModelConfig
 from moesim.config.policies import PoliciesConfig
 from moesim.cost.compute import ExpertKernel, Roofline
+from moesim.engine.exchange import A2AAlgorithm, Exchange
 from moesim.engine.network import FlowNetwork
 from moesim.layout import Layout
 from moesim.routing.assignment import assign, capacity_for
 from moesim.routing.distributions import sample_choices
+from moesim.topology.graph import Topology
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class LayerCosts:
     a2a_overhead_s: float = 0.0
     """Fixed cost of one all-to-all phase (a measured collective's alpha), on top of the
     links' own latencies."""
+    a2a: A2AAlgorithm = "direct"
+    """All-to-all algorithm: direct or hierarchical (see moesim.engine.exchange)."""
+    topology: Topology | None = None
+    """The cluster (device -> node and local index) for hierarchical exchanges."""
 
 
 def traffic(
@@ -165,17 +171,31 @@ def run_layer(
     for src, out in sends.items():
         for dst, n in out:
             senders[dst].append((src, n))
-    dispatched = {(s, d): env.event() for s, out in sends.items() for d, _ in out}
-    combined = {(s, d): env.event() for s, out in sends.items() for d, _ in out}
-    arrived_s: dict[tuple[int, int], float] = {}
-
-    def relay(ev: simpy.Event, target: simpy.Event, key: tuple[int, int] | None) -> None:
-        def fire(_: simpy.Event) -> None:
-            if key is not None:
-                arrived_s[key] = env.now
-            target.succeed()
-
-        ev.callbacks.append(fire)
+    topo = costs.topology
+    algo: A2AAlgorithm = costs.a2a if topo is not None else "direct"
+    node_of = topo.node_of if topo is not None else ()
+    local_of = topo.local_of if topo is not None else ()
+    device_at = topo.device_at if topo is not None else {}
+    dispatch = Exchange(
+        env,
+        net,
+        [(s, d, n * costs.dispatch_bytes_per_token) for s, out in sends.items() for d, n in out],
+        algo,
+        node_of,
+        device_at,
+        local_of,
+        costs.a2a_overhead_s,
+    )
+    combine = Exchange(
+        env,
+        net,
+        [(d, s, n * costs.combine_bytes_per_token) for s, out in sends.items() for d, n in out],
+        algo,
+        node_of,
+        device_at,
+        local_of,
+        costs.a2a_overhead_s,
+    )
 
     def source(local: int) -> Generator[simpy.Event, Any, None]:
         src = layout.device(stage, local)
@@ -189,11 +209,7 @@ def run_layer(
             yield env.timeout(gate + rf.gather_s(slots, m.d_model))
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
-        flows = [(src, dst, n * costs.dispatch_bytes_per_token) for dst, n in sends[src]]
-        remote = [f for f in flows if f[0] != f[1]]
-        extra = costs.a2a_overhead_s if remote else 0.0
-        for (dst, _), ev in zip(sends[src], net.transfer_many(flows, extra)):
-            relay(ev, dispatched[(src, dst)], None)
+        dispatch.send(src)
         if m.shared_experts and n_tok:
             with compute[src].request() as req:
                 yield req
@@ -201,9 +217,9 @@ def run_layer(
                 width = m.shared_d_ff * m.shared_experts
                 yield env.timeout(rf.dense_ffn_s(n_tok, m.d_model, width, m.activation))
                 timeline.intervals.append(Interval(src, "compute", "shared experts", t0, env.now))
-        yield env.all_of([combined[(src, dst)] for dst, _ in sends[src]])
+        yield env.all_of([combine.delivered[(dst, src)] for dst, _ in sends[src]])
         if sends[src]:
-            last = max(sends[src], key=lambda dn: arrived_s[(src, dn[0])])[0]
+            last = max(sends[src], key=lambda dn: combine.arrived_s[(dn[0], src)])[0]
             timeline.last_combine_from[src] = last
         if slots:
             with compute[src].request() as req:
@@ -214,7 +230,7 @@ def run_layer(
         timeline.rank_done_s[src] = env.now
 
     def expert(dst: int) -> Generator[simpy.Event, Any, None]:
-        yield env.all_of([dispatched[(src, dst)] for src, _ in senders[dst]])
+        yield env.all_of([dispatch.delivered[(src, dst)] for src, _ in senders[dst]])
         timeline.ready_s[dst] = env.now
         with compute[dst].request() as req:
             yield req
@@ -228,10 +244,7 @@ def run_layer(
             timeline.intervals.append(
                 Interval(dst, "compute", "experts", timeline.expert_start_s[dst], env.now)
             )
-        back = [(dst, src, n * costs.combine_bytes_per_token) for src, n in senders[dst]]
-        extra = costs.a2a_overhead_s if any(b[0] != b[1] for b in back) else 0.0
-        for (src, _), ev in zip(senders[dst], net.transfer_many(back, extra)):
-            relay(ev, combined[(src, dst)], (src, dst))
+        combine.send(dst)
 
     procs = [env.process(source(local)) for local in range(layout.stage_ranks)]
     for d in loads:

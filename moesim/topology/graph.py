@@ -35,6 +35,15 @@ class Topology:
     host_of: tuple[int, ...]
     """Host index of each device."""
     host_spec: HostSpec
+    node_of: tuple[int, ...] = ()
+    """Scale-up domain (server) of each device; one domain for a torus."""
+    local_of: tuple[int, ...] = ()
+    """Index of each device inside its domain."""
+
+    @property
+    def device_at(self) -> dict[tuple[int, int], int]:
+        """Device id by (domain, local index)."""
+        return {(n, i): d for d, (n, i) in enumerate(zip(self.node_of, self.local_of))}
 
 
 def build(cluster: ClusterConfig) -> Topology:
@@ -86,7 +95,16 @@ def _nodes(c: NodesCluster) -> Topology:
             _connect(g, pcie, host, rate(host_link) * per, host_link.latency_us, host_link.name)
     if c.fabric.kind != "none":
         _fabric(g, c, devices)
-    return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)
+    count = len(devices)
+    return Topology(
+        g,
+        tuple(devices),
+        tuple(hosts),
+        tuple(host_of),
+        c.host,
+        tuple(d // per for d in range(count)),
+        tuple(d % per for d in range(count)),
+    )
 
 
 def _scale_up(g: nx.DiGraph, c: NodesCluster, n: int, gpus: list[str]) -> None:
@@ -181,4 +199,12 @@ def _torus(c: TorusCluster) -> Topology:
         host_of.append(h)
         if host_link is not None:
             _connect(g, dev, hosts[h], rate(host_link), host_link.latency_us, host_link.name)
-    return Topology(g, tuple(devices), tuple(hosts), tuple(host_of), c.host)
+    return Topology(
+        g,
+        tuple(devices),
+        tuple(hosts),
+        tuple(host_of),
+        c.host,
+        (0,) * len(devices),
+        tuple(range(len(devices))),
+    )
