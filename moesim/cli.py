@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     r.add_argument("--no-write", action="store_true", help="do not write a run folder")
 
+    cmp = sub.add_parser("compare", help="run two scenarios and show their summaries side by side")
+    cmp.add_argument("a", help="scenario A")
+    cmp.add_argument("b", help="scenario B")
+    cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="F=V",
+        help="override applied to both scenarios (repeatable)",
+    )
+    cmp.add_argument("--seed", type=int, default=None)
+    cmp.add_argument("--json", action="store_true", help="print both summaries as JSON")
+
     c = sub.add_parser("check", help="validate a scenario without running it")
     scenario_args(c)
 
@@ -133,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "presets": _presets,
             "show": _show,
             "calibrate": _calibrate,
+            "compare": _compare,
             "fidelity": _fidelity,
         }[args.command]
         return handler(args)
@@ -162,6 +177,21 @@ def _run(args: argparse.Namespace) -> int:
         print(layer_table(result.summary))
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from moesim.api import run
+    from moesim.loader import load_scenario
+    from moesim.report.compare import compare_table
+
+    a = load_scenario(args.a, args.overrides, args.seed)
+    b = load_scenario(args.b, args.overrides, args.seed)
+    sa, sb = run(a).summary, run(b).summary
+    if args.json:
+        print(json.dumps({"a": sa, "b": sb}, indent=2, sort_keys=True))
+    else:
+        print(compare_table(sa, sb, f"A: {args.a}", f"B: {args.b}"))
     return 0
 
 

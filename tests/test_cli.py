@@ -117,3 +117,15 @@ def test_resolved_scenario_is_plain_yaml(tmp_path: Path) -> None:
     (path,) = tmp_path.glob("quickstart/*/scenario.yaml")
     data = yaml.safe_load(path.read_text())
     assert data["model"]["name"] == "mixtral-8x7b" and data["workload"]["tokens"] == 128
+
+
+def test_compare_shows_both_summaries_and_differences(tmp_path: Path, capsys) -> None:
+    """`moesim compare` runs both scenarios and reports B - A for numeric fields."""
+    b = tmp_path / "b.yaml"
+    b.write_text(Path(QUICK).read_text().replace("s: 1.0", "s: 0.0"))
+    assert main(["compare", QUICK, str(b), "--set", "workload.tokens=1024"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("dropped_tokens "))
+    a_val, b_val = (int(v) for v in line.split()[1:3])
+    assert a_val > b_val  # Zipf(1) drops more than uniform at the same capacity
+    assert f"{b_val - a_val:+d}" in line
