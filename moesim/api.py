@@ -14,7 +14,9 @@ import yaml
 
 from moesim import __version__
 from moesim.config.scenario import Scenario
+from moesim.config.serving import ServingWorkload
 from moesim.engine.layer_workload import LayerRecords, simulate_layer
+from moesim.engine.serving import ServingRecords, simulate_serving
 from moesim.report.files import write_json_atomic, write_text_atomic
 from moesim.report.summary import layer_summary
 from moesim.system import System, build_system
@@ -27,7 +29,7 @@ class Result:
 
     scenario: Scenario
     summary: dict[str, Any]
-    records: LayerRecords
+    records: LayerRecords | ServingRecords
     system: System
     wall_s: float
 
@@ -60,7 +62,7 @@ class Result:
                 "scenario_sha256_8": digest,
             },
         )
-        if self.scenario.output.trace:
+        if self.scenario.output.trace and isinstance(self.records, LayerRecords):
             from moesim.report.trace import chrome_trace
 
             trace = chrome_trace(self.records.timeline.intervals, self.system.topology.devices)
@@ -72,6 +74,13 @@ def run(scenario: Scenario) -> Result:
     """Simulate a scenario (no files are written; see :meth:`Result.write`)."""
     t0 = time.perf_counter()
     system = build_system(scenario)
-    records = simulate_layer(system)
-    summary = layer_summary(system, records)
+    records: LayerRecords | ServingRecords
+    if isinstance(scenario.workload, ServingWorkload):
+        from moesim.report.serving import serving_summary
+
+        records = simulate_serving(system)
+        summary = serving_summary(system, records)
+    else:
+        records = simulate_layer(system)
+        summary = layer_summary(system, records)
     return Result(scenario, summary, records, system, time.perf_counter() - t0)

@@ -166,6 +166,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from moesim.api import run
+    from moesim.report.serving import serving_table
     from moesim.report.table import layer_table
 
     scenario = _load(args)
@@ -174,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))
     else:
-        print(layer_table(result.summary))
+        table = serving_table if result.summary["workload"] == "serving" else layer_table
+        print(table(result.summary))
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")
     return 0

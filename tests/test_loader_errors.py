@@ -96,10 +96,10 @@ def test_dropless_with_capacity_factor_rejected(write) -> None:
 
 
 def test_planned_workload_kind_is_named_not_ignored(write) -> None:
-    """training/serving are recognised as planned, with a clear message."""
-    p = write("x.yaml", GOOD.replace("kind: layer", "kind: serving"))
+    """training is recognised as planned, with a clear message."""
+    p = write("x.yaml", GOOD.replace("kind: layer", "kind: training"))
     errs = _errors(p)
-    assert len(errs) == 1 and "workload.kind: kind 'serving' is not yet available" in errs[0]
+    assert len(errs) == 1 and "workload.kind: kind 'training' is not yet available" in errs[0]
     assert errs[0].startswith(f"{p}:8:")
 
 

@@ -16,7 +16,29 @@ def test_there_are_examples() -> None:
     assert "quickstart.yaml" in {p.name for p in SCENARIOS}
 
 
-@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def _kind(path: Path) -> str:
+    return str(moesim.load_scenario(str(path)).workload.kind)
+
+
+LAYER = [p for p in SCENARIOS if _kind(p) == "layer"]
+SERVING = [p for p in SCENARIOS if _kind(p) == "serving"]
+
+
+def test_there_is_a_serving_example() -> None:
+    """The serving workload has an example scenario."""
+    assert SERVING
+
+
+@pytest.mark.parametrize("path", SERVING, ids=lambda p: p.stem)
+def test_serving_example_runs(path: Path) -> None:
+    """The serving example runs at a reduced duration and serves every measured request."""
+    s = moesim.load_scenario(str(path), ["workload.duration_s=2", "workload.warmup_s=0.5"])
+    summary = moesim.run(s).summary
+    assert summary["completed_requests"] == summary["measured_requests"] > 0
+    assert summary["throughput_tokens_per_s"] > 0 and summary["drained"]
+
+
+@pytest.mark.parametrize("path", LAYER, ids=lambda p: p.stem)
 def test_example_runs(path: Path) -> None:
     """The example loads, runs, and conserves its token-choice slots."""
     s = moesim.load_scenario(str(path), ["workload.tokens=2048"])

@@ -101,8 +101,9 @@ def test_fat_tree_4_nodes_single_leaf() -> None:
         assert _kinds(topo, hops) == ["device", "nic", "switch", "nic", "device"]
         assert hops[2].startswith("leaf")
         assert min(_bandwidths(topo, hops)) == pytest.approx(rate(nic))
-        # one NIC cable each side of the leaf, plus the leaf's latency
-        expected_us = 2 * nic.latency_us + switch(c.fabric.switch).latency_us
+        # GPU -> NIC over PCIe (GPUDirect), one NIC cable each side of the leaf, the leaf
+        pcie = link(c.accelerator.host_link)
+        expected_us = 2 * pcie.latency_us + 2 * nic.latency_us + switch(c.fabric.switch).latency_us
         assert pt.latency_s(s, d) == pytest.approx(expected_us * 1e-6)
 
 
@@ -117,7 +118,8 @@ def test_fat_tree_16_nodes_crosses_spine() -> None:
     assert hops[3] == "spine"
     assert hops[2] != hops[4]
     nic, sw = link(c.fabric.nic), switch(c.fabric.switch)
-    expected_us = 4 * nic.latency_us + 3 * sw.latency_us
+    pcie = link(c.accelerator.host_link)
+    expected_us = 2 * pcie.latency_us + 4 * nic.latency_us + 3 * sw.latency_us
     assert pt.latency_s(0, 127) == pytest.approx(expected_us * 1e-6)
     # a non-blocking fabric: the spine uplinks never narrow the NIC bandwidth
     assert min(_bandwidths(topo, hops)) == pytest.approx(rate(nic))

@@ -194,17 +194,25 @@ def memory_bytes_per_s(records: Sequence[Record]) -> float:
 
 
 def elementwise(records: Sequence[Record], bytes_per_s: float, b: int) -> dict[str, Any]:
-    """Per-element compute of activations, gather and scatter beyond their memory traffic."""
-    out: dict[str, Any] = {"activation_ns_per_element": {}}
+    """Per-element compute of activations, gather and scatter beyond their memory traffic
+    (the median over every record of each kind)."""
+    act: dict[str, list[float]] = {}
     for r in of_kind(records, "activation"):
         traffic = 2 * b * r["elements"] / bytes_per_s
-        per = max(0.0, r["ms"] * 1e-3 - traffic) / r["elements"] * 1e9
-        out["activation_ns_per_element"][r["function"]] = per
+        act.setdefault(r["function"], []).append(
+            max(0.0, r["ms"] * 1e-3 - traffic) / r["elements"] * 1e9
+        )
+    out: dict[str, Any] = {
+        "activation_ns_per_element": {k: float(np.median(v)) for k, v in act.items()}
+    }
     for kind, moved in (("gather", 2), ("scatter", 3)):
+        per = []
         for r in of_kind(records, kind):
             elems = r["rows"] * r["width"]
             traffic = moved * b * elems / bytes_per_s
-            out[f"{kind}_ns_per_element"] = max(0.0, r["ms"] * 1e-3 - traffic) / elems * 1e9
+            per.append(max(0.0, r["ms"] * 1e-3 - traffic) / elems * 1e9)
+        if per:
+            out[f"{kind}_ns_per_element"] = float(np.median(per))
     return out
 
 
@@ -228,6 +236,10 @@ def collectives(records: Sequence[Record]) -> tuple[CollectiveFit, ...]:
             t = np.array([r["ms"] for r in rs]) * 1e-3
             a = np.vstack([np.ones_like(size), size]).T
             (alpha, inv_bw), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+            if inv_bw <= 0:
+                raise ValueError(
+                    f"{op} (world {world}): time does not grow with size; cannot fit a bandwidth"
+                )
             out.append(
                 CollectiveFit(
                     op=op,
@@ -252,12 +264,16 @@ def fit_profile(
     """The whole profile: primitives first, then the layer glue on the fit models' layers.
 
     ``replay(record, profile)`` predicts a measured layer with the given profile from its
-    measured counts; the glue (a fixed time per layer plus a cost per token x expert) is
-    the non-negative least-squares fit of what the primitives leave unexplained.
+    measured counts; the glue is one fixed time per layer (separately for eager launches
+    and CUDA-graph replays): the median of what the primitives leave unexplained in the
+    calibration layers with the fewest tokens, where the fixed cost dominates.
     """
 
     dtype = of_kind(records, "gemm")[0]["dtype"]
     mem = memory_bytes_per_s(records)
+    dtypes = {r["dtype"] for r in of_kind(records, "gemm")}
+    if len(dtypes) > 1:
+        raise ValueError(f"gemm measurements mix datatypes {sorted(dtypes)}; fit one at a time")
     gemm, gq = fit_gemm(records, bandwidth_ceiling=mem)
     gemm = fit_grouped(records, gemm, BYTES[dtype])
     per_element = elementwise(records, mem, BYTES[dtype])

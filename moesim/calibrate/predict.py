@@ -67,20 +67,21 @@ def scenario_for(
 
 def predict_sampled_s(scenario: Scenario) -> float:
     """The simulator's own prediction: routing sampled from the scenario's distribution."""
-    import moesim
+    from moesim.engine.layer_workload import simulate_layer
+    from moesim.system import build_system
 
-    return float(moesim.run(scenario).records.time_s)
+    return float(simulate_layer(build_system(scenario)).time_s)
 
 
 def predict_replayed_s(scenario: Scenario, counts: list[int]) -> float:
     """The simulator's cost path on the measured per-expert counts (used for fitting)."""
-    from moesim.engine.layer_workload import simulate_routed_layer
+    from moesim.engine.layer_workload import layer_tokens, simulate_routed_layer
     from moesim.engine.moe_layer import LayerRouting
     from moesim.system import build_system
 
     system = build_system(scenario)
     routing = LayerRouting(
-        tokens_per_rank=np.array([scenario.workload.tokens]),
+        tokens_per_rank=np.array([layer_tokens(scenario)]),
         counts=np.array([counts], dtype=np.int64),
         dropped=0,
         rerouted=0,

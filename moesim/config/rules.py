@@ -11,13 +11,59 @@ from collections.abc import Iterator
 from moesim import catalog
 from moesim.config.cluster import NodesCluster, TorusCluster
 from moesim.config.scenario import Scenario
+from moesim.config.serving import ServingWorkload
 
 Rule = Iterator[tuple[str, str]]
 
 
 def check(s: Scenario) -> list[tuple[str, str]]:
     """All cross-field problems of a scenario (empty when it is consistent)."""
-    return [*_layout(s), *_policies(s), *_catalog_refs(s), *_hardware(s)]
+    return [*_layout(s), *_policies(s), *_catalog_refs(s), *_hardware(s), *_serving(s)]
+
+
+def _serving(s: Scenario) -> Rule:
+    """A served model must be decoder-only, on one pipeline stage, shardable over tp, and
+    its weights must fit each device with room for KV blocks."""
+    from moesim.derived.serving_memory import GIB, serving_memory
+
+    w, m, p = s.workload, s.model, s.parallelism
+    if not isinstance(w, ServingWorkload):
+        return
+    if m.architecture != "decoder":
+        yield "model.architecture", "serving simulates decoder-only models, got encoder_decoder"
+    if p.pp != 1:
+        yield "parallelism.pp", f"serving with pipeline parallelism is not modelled, got {p.pp}"
+    if m.heads % p.tp:
+        yield (
+            "parallelism.tp",
+            f"must divide model.heads ({m.heads}) to split attention, got {p.tp}",
+        )
+    kv = m.kv_heads_resolved
+    if m.attention != "mla" and kv % p.tp and p.tp % kv:
+        yield (
+            "parallelism.tp",
+            f"must divide model kv_heads ({kv}) or be a multiple of it, got {p.tp}",
+        )
+    if m.experts % p.ep or p.pp != 1:
+        return
+    mem = serving_memory(m, p, s.cluster.accelerator)
+    acc = s.cluster.accelerator
+    if mem.weight_bytes >= mem.device_bytes:
+        yield (
+            "parallelism",
+            f"the weights do not fit: each {acc.name} needs {mem.weight_bytes / GIB:.1f} GiB "
+            f"({mem.expert_weight_bytes / GIB:.1f} GiB of experts over ep={p.ep}"
+            f"{f' x etp={p.etp}' if p.etp > 1 else ''}, {mem.other_weight_bytes / GIB:.1f} "
+            f"GiB of the rest over tp={p.tp}) but has {mem.device_bytes / GIB:.1f} GiB; "
+            "raise ep or tp, or use a larger device",
+        )
+    elif mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens) < 1:
+        yield (
+            "workload.kv_cache_fraction",
+            f"leaves no KV block: {mem.kv_bytes(w.kv_cache_fraction) / GIB:.3f} GiB per "
+            f"{acc.name} for {mem.kv_bytes_per_token} bytes per token x "
+            f"{w.scheduler.block_tokens} tokens per block",
+        )
 
 
 def _hardware(s: Scenario) -> Rule:
@@ -114,6 +160,12 @@ def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
             yield "cluster.fabric.nic", _unknown("link", fab.nic, links)
         if fab.nics_per_node < 1:
             yield "cluster.fabric.nics_per_node", "must be >= 1 when the fabric is not 'none'"
+        elif fab.nics_per_node > c.accelerators_per_node:
+            yield (
+                "cluster.fabric.nics_per_node",
+                f"must be <= accelerators_per_node ({c.accelerators_per_node}), "
+                f"got {fab.nics_per_node}",
+            )
         if fab.switch is None:
             yield "cluster.fabric.switch", "required when the fabric is not 'none'"
         elif fab.switch not in switches:

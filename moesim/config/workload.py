@@ -1,4 +1,4 @@
-"""What is simulated: one MoE layer (now); training and serving are planned kinds."""
+"""What is simulated: one MoE layer, or online serving; training is a planned kind."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from moesim.config.base import Frozen
+from moesim.config.serving import ServingWorkload
 
-PLANNED_WORKLOADS = ("training", "serving")
+PLANNED_WORKLOADS = ("training",)
+AVAILABLE_WORKLOADS = ("layer", "serving")
 
 
 class LayerWorkload(Frozen):
@@ -19,4 +21,6 @@ class LayerWorkload(Frozen):
     """Tokens in the whole batch (T), over all data-parallel ranks."""
 
 
-WorkloadConfig = Annotated[LayerWorkload, Field(discriminator="kind")]
+WorkloadConfig = Annotated[LayerWorkload | ServingWorkload, Field(discriminator="kind")]
+
+__all__ = ["AVAILABLE_WORKLOADS", "PLANNED_WORKLOADS", "LayerWorkload", "ServingWorkload"]

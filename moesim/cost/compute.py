@@ -21,6 +21,7 @@ from moesim.config.hardware import AcceleratorSpec
 from moesim.config.profile import DeviceProfile
 
 ExpertKernel = Literal["grouped", "loop"]
+_PROFILE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 #: the elementwise function behind each activation kind (applied to the gate branch if gated)
 ACTIVATION_FUNCTION = {"swiglu": "silu", "geglu": "gelu", "gelu": "gelu", "relu": "relu"}
@@ -84,6 +85,12 @@ class Roofline:
         profile = profile or acc.profile
         if profile is not None:
             g = profile.gemm
+            # a profile measured in one datatype (bf16 on GPUs) prices products in another
+            # by the datasheet's peak ratio (e.g. fp8 / bf16 = 2 on Hopper): an assumption,
+            # stated in ``source``, until that datatype is measured
+            scale = acc.peak_tflops.for_dtype(dtype) / acc.peak_tflops.for_dtype(
+                _PROFILE_DTYPES.get(profile.dtype, profile.dtype)
+            )
             graph = launch == "graph" and profile.graph_layer_overhead_us is not None
             kernel_s = 0.0 if graph else profile.kernel_overhead_us * 1e-6
             layer_us = (
@@ -92,7 +99,7 @@ class Roofline:
                 else profile.layer_overhead_us
             )
             return cls(
-                flops_per_s=g.flops_per_s,
+                flops_per_s=g.flops_per_s * scale,
                 bytes_per_s=g.bytes_per_s,
                 overhead_s=kernel_s,
                 bytes_per_element=bytes_per_element,
@@ -113,7 +120,9 @@ class Roofline:
                 ),
                 gather_s_per_element=profile.gather_ns_per_element * 1e-9,
                 scatter_s_per_element=profile.scatter_ns_per_element * 1e-9,
-                source=f"profile: {profile.source}",
+                source=f"profile: {profile.source}"
+                + (f"; {dtype} = {profile.dtype} rate x datasheet peak ratio {scale:.2f}"
+                   if scale != 1.0 else ""),
             )
         bw = acc.memory_bandwidth_gbps * 1e9 * acc.efficiency.memory
         return cls(

@@ -17,7 +17,7 @@ import numpy as np
 
 from moesim import rng
 from moesim.engine.layer_workload import simulate_routed_layer
-from moesim.engine.moe_layer import route_layer
+from moesim.engine.moe_layer import critical_path, route_layer
 from moesim.routing.distributions import popularity
 from moesim.system import System
 
@@ -31,6 +31,8 @@ class LayerSample:
 
     time_s: float
     dropped_fraction: float
+    comm_s: float = 0.0
+    """The all-to-all part of the layer's critical path (dispatch + combine)."""
 
 
 def bucket_points(tokens: int) -> tuple[int, int]:
@@ -40,7 +42,7 @@ def bucket_points(tokens: int) -> tuple[int, int]:
     k = math.log(tokens / EXACT_UP_TO, STEP)
     lo = round(EXACT_UP_TO * STEP ** math.floor(k))
     hi = round(EXACT_UP_TO * STEP ** math.ceil(k))
-    return min(lo, tokens), max(hi, tokens) if lo != hi else tokens
+    return min(lo, tokens), (max(hi, tokens) if lo != hi else tokens)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class MoELayerCost:
     def _at(self, tokens: int) -> LayerSample:
         if tokens not in self._cache:
             s = self.system.scenario
-            times, drops = [], []
+            times, drops, comms = [], [], []
             for i in range(self.samples):
                 routing = route_layer(
                     rng.stream(s.seed, "layer-cost", tokens, i),
@@ -73,9 +75,14 @@ class MoELayerCost:
                     s.model,
                     s.policies,
                 )
-                times.append(simulate_routed_layer(self.system, routing).time_s)
+                rec = simulate_routed_layer(self.system, routing)
+                path = critical_path(rec.timeline)
+                times.append(rec.time_s)
+                comms.append(path["dispatch"] + path["combine"])
                 drops.append(routing.dropped / max(1, tokens * s.model.top_k))
-            self._cache[tokens] = LayerSample(float(np.mean(times)), float(np.mean(drops)))
+            self._cache[tokens] = LayerSample(
+                float(np.mean(times)), float(np.mean(drops)), float(np.mean(comms))
+            )
         return self._cache[tokens]
 
     def sample(self, tokens: int) -> LayerSample:

@@ -8,6 +8,8 @@ import numpy as np
 import simpy
 
 from moesim import rng
+from moesim.config.scenario import Scenario
+from moesim.config.workload import LayerWorkload
 from moesim.engine.moe_layer import LayerRouting, LayerTimeline, route_layer, run_layer
 from moesim.engine.network import FlowNetwork
 from moesim.routing.distributions import popularity
@@ -27,6 +29,14 @@ class LayerRecords:
     sim_events: int
 
 
+def layer_tokens(scenario: Scenario) -> int:
+    """The batch size T of a ``layer`` scenario (TypeError for another workload)."""
+    w = scenario.workload
+    if not isinstance(w, LayerWorkload):
+        raise TypeError(f"expected a 'layer' workload, got {w.kind!r}")
+    return w.tokens
+
+
 def simulate_layer(system: System) -> LayerRecords:
     """Route T tokens and simulate the layer on stage 0's devices."""
     s = system.scenario
@@ -35,7 +45,7 @@ def simulate_layer(system: System) -> LayerRecords:
         rng.stream(s.seed, "routing", 0),
         pop,
         system.layout,
-        s.workload.tokens,
+        layer_tokens(s),
         s.model,
         s.policies,
     )

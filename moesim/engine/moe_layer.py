@@ -251,3 +251,32 @@ def run_layer(
         if senders[d]:
             env.process(expert(d))
     yield env.all_of(procs)
+
+
+def critical_path(tl: LayerTimeline) -> dict[str, float]:
+    """The layer's critical path in seconds, split into phases that sum to its time.
+
+    It follows the rank that finished last back to the expert device whose results it
+    waited for last: gate (+permute) on the senders, dispatch until that device had all its
+    tokens, queueing behind other work on it, its expert GEMMs, and the combine back.
+    """
+    keys = ("gate", "dispatch", "queue", "compute", "combine")
+    if not tl.rank_done_s:
+        return dict.fromkeys(keys, 0.0)
+    rank = max(tl.rank_done_s, key=lambda d: (tl.rank_done_s[d], -d))
+    done = tl.rank_done_s[rank]
+    x = tl.last_combine_from.get(rank)
+    if x is None:
+        gate = tl.gate_end_s.get(rank, 0.0)
+        return {"gate": gate, "dispatch": 0.0, "queue": 0.0, "compute": 0.0, "combine": done - gate}
+    gate = max(tl.gate_end_s.values())
+    ready = max(tl.ready_s[x], gate)
+    gate = min(gate, ready)
+    start, end = tl.expert_start_s[x], tl.expert_end_s[x]
+    return {
+        "gate": gate,
+        "dispatch": ready - gate,
+        "queue": start - ready,
+        "compute": end - start,
+        "combine": done - end,
+    }

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from moesim.config.scenario import Scenario
-from moesim.loader.resolve import apply_overrides, expand_presets, expand_profiles, read_file
+from moesim.loader.resolve import (
+    apply_overrides,
+    expand_presets,
+    expand_profiles,
+    expand_traces,
+    read_file,
+)
 from moesim.loader.validate import validate
 
 
@@ -22,16 +28,18 @@ def load_scenario(
     apply_overrides(data, positions, overrides)
     expand_presets(data, positions)
     expand_profiles(data, positions, str(path))
+    expand_traces(data, positions, str(path))
     return validate(data, positions, str(path))
 
 
 def scenario_from_dict(data: dict[str, Any], label: str = "<scenario>") -> Scenario:
-    """Validate a scenario given as plain data (presets and profile paths are expanded;
-    relative profile paths are taken from the current directory)."""
+    """Validate a scenario given as plain data (presets, profile and trace paths are
+    expanded; relative paths are taken from the current directory)."""
     data = copy.deepcopy(data)
     positions: dict[Any, Any] = {}
     expand_presets(data, positions)
     expand_profiles(data, positions, str(Path.cwd() / label))
+    expand_traces(data, positions, str(Path.cwd() / label))
     return validate(data, positions, label)
 
 

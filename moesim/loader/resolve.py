@@ -241,3 +241,61 @@ def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: s
     if issues:
         raise ScenarioError(issues)
     cluster["profile"] = loaded
+
+
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+def expand_traces(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+    """Read a serving trace named by path (``workload.arrival.path``, relative to the
+    scenario file) and embed its rows as columns, so the resolved scenario is
+    self-contained; problems are located at the path, with the CSV row."""
+    workload = data.get("workload")
+    arrival = workload.get("arrival") if isinstance(workload, dict) else None
+    if not isinstance(arrival, dict) or arrival.get("kind") != "trace":
+        return
+    path = arrival.get("path")
+    if not isinstance(path, str):
+        return
+    at: Path = ("workload", "arrival", "path")
+    loc = positions.get(at, Location(scenario_file))
+    file = FsPath(scenario_file).parent / path
+    try:
+        columns = _read_trace(file)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ScenarioError([Issue(loc, dotted(at), f"trace {str(file)!r}: {why}")]) from None
+    del arrival["path"]
+    arrival["source"] = path
+    arrival.update(columns)
+
+
+def _read_trace(file: FsPath) -> dict[str, list[float] | list[int]]:
+    """The three columns of a trace CSV (header row first); ValueError names the row."""
+    import csv
+
+    with file.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in TRACE_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"missing column(s) {', '.join(missing)}; the header must name "
+                f"{', '.join(TRACE_COLUMNS)}, got {', '.join(header) or 'nothing'}"
+            )
+        reader.fieldnames = header
+        arrival: list[float] = []
+        prompt: list[int] = []
+        output: list[int] = []
+        for row in reader:
+            line = reader.line_num
+            try:
+                arrival.append(float(row["arrival_s"]))
+                prompt.append(int(row["prompt_tokens"]))
+                output.append(int(row["output_tokens"]))
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"line {line}: expected a number and two integers, got "
+                    f"{[row.get(c) for c in TRACE_COLUMNS]}"
+                ) from None
+    return {"arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output}

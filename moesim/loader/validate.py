@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from moesim.config import rules
 from moesim.config.scenario import Scenario
-from moesim.config.workload import PLANNED_WORKLOADS
+from moesim.config.workload import AVAILABLE_WORKLOADS, PLANNED_WORKLOADS
 from moesim.errors import Issue, Location, ScenarioError, dotted
 from moesim.loader.yamlpos import Path, Positions
 
@@ -94,8 +94,13 @@ def _issues(err: Any, data: dict[str, Any], positions: Positions, file: str) -> 
         for line in text.splitlines() or [text]:
             field, sep, rest = line.partition(": ")
             here = path
-            if sep and field.isidentifier() and isinstance(_value_at(data, path), dict):
-                here, line = (*path, field), rest
+            parts = field.split(".")
+            if (
+                sep
+                and all(part.isidentifier() for part in parts)
+                and isinstance(_value_at(data, path), dict)
+            ):
+                here, line = (*path, *parts), rest
             out.append(Issue(_locate(here, positions, file), dotted(here), line))
         return out
     return [_issue(err, data, positions, file)]
@@ -124,7 +129,7 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
     ):
         msg = (
             f"kind {ctx['tag']!r} is not yet available in this version of moesim "
-            "(planned); available kinds: layer"
+            f"(planned); available kinds: {', '.join(AVAILABLE_WORKLOADS)}"
         )
         path = ("workload", "kind")
         where = _locate(path, positions, file)

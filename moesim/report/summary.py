@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.engine.layer_workload import LayerRecords
+from moesim.engine.layer_workload import LayerRecords, layer_tokens
 from moesim.system import System
 
 
@@ -33,7 +33,8 @@ def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
         finish[d] = t
     for d, t in tl.expert_end_s.items():
         finish[d] = max(finish[d], t)
-    slots = s.workload.tokens * m.top_k
+    tokens = layer_tokens(s)
+    slots = tokens * m.top_k
     expert_load = r.counts.sum(axis=0)
     dev_load = np.array(
         [int(rec_load.sum()) for rec_load in _expert_device_loads(system, rec).values()]
@@ -48,7 +49,7 @@ def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
         "cluster": s.cluster.name,
         "devices": n_dev,
         "time_ms": _ms(rec.time_s),
-        "tokens": s.workload.tokens,
+        "tokens": tokens,
         "top_k": m.top_k,
         "slots": slots,
         "processed_slots": int(expert_load.sum()),

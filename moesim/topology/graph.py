@@ -133,7 +133,6 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
     nic = hardware.link(fab.nic)
     sw = hardware.switch(fab.switch)
     per = c.accelerators_per_node
-    total_nics = c.nodes * fab.nics_per_node
     down = max(1, math.floor(sw.ports * fab.oversubscription / (1 + fab.oversubscription)))
     up = sw.ports - down
     # NIC j of node n: fat-tree fills leaves node by node; rail-optimized puts NIC j on rail j
@@ -156,15 +155,17 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
             g.add_node(name, kind="nic", node=n)
             _connect(g, name, leaf_of[(n, j)], rate(nic), nic.latency_us, nic.name)
         for i in range(per):
+            # GPUDirect RDMA: the GPU reaches its NIC through the node's PCIe switch
             j = i * fab.nics_per_node // per
-            _connect(g, devices[n * per + i], f"n{n}.nic{j}", rate(nic), 0.0, "gpudirect")
+            pcie = hardware.link(c.accelerator.host_link) if c.accelerator.host_link else nic
+            _connect(g, devices[n * per + i], f"n{n}.nic{j}", rate(pcie), pcie.latency_us,
+                     pcie.name)
     if len(leaves) > 1:
         g.add_node("spine", kind="switch", latency_us=sw.latency_us)
         ports_per_leaf = {leaf: sum(1 for v in leaf_of.values() if v == leaf) for leaf in leaves}
         for leaf in leaves:
             uplinks = min(up, max(1, math.ceil(ports_per_leaf[leaf] / fab.oversubscription)))
             _connect(g, leaf, "spine", uplinks * sw.port_bandwidth_gbps, nic.latency_us, fab.switch)
-    del total_nics
 
 
 def _torus(c: TorusCluster) -> Topology:

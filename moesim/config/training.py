@@ -1,0 +1,46 @@
+"""The ``training`` workload: training steps of the whole model under a DP x TP x PP x EP
+layout (Megatron-Core conventions), with a pipeline schedule, recomputation and ZeRO."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moesim.config.base import Frozen
+
+
+class TrainingWorkload(Frozen):
+    """Training steps: micro-batches through the pipeline, then gradient sync and the
+    optimizer step. The global batch is ``dp x micro_batch_sequences x microbatches``
+    sequences of ``seq_len`` tokens."""
+
+    kind: Literal["training"]
+    seq_len: int = Field(ge=1)
+    """Tokens per sequence."""
+    micro_batch_sequences: int = Field(default=1, ge=1)
+    """Sequences per micro-batch on each data-parallel rank."""
+    microbatches: int = Field(ge=1)
+    """Micro-batches per step through the pipeline (gradient accumulation steps)."""
+    steps: int = Field(default=1, ge=1)
+    """Training steps simulated (each samples its own routing)."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Pipeline schedule: all forwards then all backwards (GPipe, Huang et al. 2019), or
+    one-forward-one-backward (PipeDream-Flush / Megatron 1F1B, Narayanan et al. 2021)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Korthikanti et al. 2022): none; selective (attention
+    scores recomputed); full (each layer's forward rerun in backward, only inputs kept)."""
+    flash_attention: bool = True
+    """Attention kernels that never store the score matrix (FlashAttention, Dao et al.
+    2022): its activations are not kept, only each block's inputs and outputs."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO (Rajbhandari et al. 2020): 1 shards optimizer states, 2 also gradients, 3 also
+    weights, over each parameter's data-parallel group."""
+    overlap_a2a: bool = False
+    """Overlap MoE all-to-all with expert computation by splitting each micro-batch in two
+    (one half's communication hides behind the other half's compute)."""
+    grad_all_reduce: Literal["ring", "halving_doubling", "tree"] = "ring"
+    """Algorithm of the gradient all-reduce (see moesim.cost.collectives)."""
+    optimizer_bytes_per_param: int = Field(default=12, ge=0)
+    """Optimizer state per parameter: Adam in mixed precision keeps an fp32 master copy,
+    momentum and variance = 12 bytes (ZeRO paper, Sec. 3.1)."""

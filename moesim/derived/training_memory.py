@@ -1,0 +1,136 @@
+"""Device memory of training: weights, gradients, optimizer states, activations and
+communication buffers per device, and whether they fit.
+
+Pure functions, no I/O. Parameters per device follow the serving layout
+(:func:`moesim.derived.serving_memory.serving_memory`: experts split over ep x etp, the rest
+over tp, blocks over pp). Mixed-precision training keeps bf16 weights and gradients
+(2 + 2 bytes per parameter) and ``optimizer_bytes_per_param`` of fp32 state (Adam: 12);
+ZeRO stage 1 shards the optimizer state, 2 also the gradients, 3 also the weights, over
+the parameter's data-parallel group: dp for dense parameters, the expert-data-parallel
+group (dp x tp / (ep x etp)) for experts (Rajbhandari et al., "ZeRO", SC 2020).
+
+Activations per transformer block and micro-batch (Korthikanti et al., "Reducing
+Activation Recomputation in Large Transformer Models", MLSys 2023, Sec. 4, bf16):
+attention ``s b h (11 + 5 a s / h)`` bytes, layer norms ``4 s b h``, all divided by tp
+with sequence parallelism; selective recomputation and FlashAttention (which never stores
+the score matrix) drop the ``5 a s / h`` term; full
+recomputation keeps only each block's input, ``2 s b h``. The FFN's ``19 s b h`` is
+replaced, for an MoE block, by what its expert slots keep per token: the routed input and
+probabilities, and per slot the expert input (2h), the up/gate outputs (2 x 2 d_ff if
+gated, else 2 d_ff) and the activation output (2 d_ff), plus the shared experts likewise;
+dense blocks keep the dense FFN's equivalent. A pipeline stage holds the activations of
+the micro-batches in flight: all of them under GPipe, ``pp - stage`` under 1F1B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from moesim.config.hardware import AcceleratorSpec
+from moesim.config.model import ModelConfig
+from moesim.config.parallelism import ParallelismConfig
+from moesim.config.training import TrainingWorkload
+from moesim.derived.serving_memory import GIB, serving_memory
+
+WEIGHT_BYTES = 2  # bf16 weights in mixed-precision training
+GRAD_BYTES = 2  # bf16 gradients
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes on the busiest device (pipeline stage 0) by component."""
+
+    device_bytes: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    comm_buffers: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights + self.gradients + self.optimizer + self.activations + (self.comm_buffers)
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_bytes
+
+    def as_gib(self) -> dict[str, float]:
+        parts = {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "comm_buffers": self.comm_buffers,
+            "total": self.total,
+            "capacity": self.device_bytes,
+        }
+        return {k: round(v / GIB, 3) for k, v in parts.items()}
+
+
+def _ffn_act_per_slot(d_model: int, d_ff: int, gated: bool) -> int:
+    return 2 * d_model + 2 * d_ff * (2 if gated else 1) + 2 * d_ff
+
+
+def block_activation_bytes(
+    m: ModelConfig, moe: bool, w: TrainingWorkload, p: ParallelismConfig
+) -> float:
+    """Activations one block keeps for backward, per micro-batch, on one device."""
+    s, b, h = w.seq_len, w.micro_batch_sequences, m.d_model
+    if w.recompute == "full":
+        return 2 * s * b * h / p.tp
+    heads = m.heads
+    keeps_scores = w.recompute == "none" and not w.flash_attention
+    attention = s * b * h * (11 + (5 * heads * s / h if keeps_scores else 0))
+    norms = 4 * s * b * h
+    if moe:
+        per_token = (
+            2 * h
+            + 4 * m.experts
+            + m.top_k * _ffn_act_per_slot(h, m.expert_d_ff // p.etp, m.is_gated)
+        )
+        if m.shared_experts:
+            per_token += _ffn_act_per_slot(h, m.shared_d_ff * m.shared_experts, m.is_gated)
+        ffn = per_token * s * b
+    else:
+        ffn = _ffn_act_per_slot(h, m.dense_d_ff or m.expert_d_ff, m.dense_is_gated) * s * b
+    return (attention + norms + ffn) / p.tp
+
+
+def training_memory(
+    m: ModelConfig, p: ParallelismConfig, acc: AcceleratorSpec, w: TrainingWorkload
+) -> TrainingMemory:
+    """Memory of pipeline stage 0's devices (they hold the most micro-batches)."""
+    sm = serving_memory(m, p, acc)
+    expert_params = sm.expert_weight_bytes // m.bytes_per_param
+    other_params = sm.other_weight_bytes // m.bytes_per_param
+    edp = max(1, p.dp * p.tp // (p.ep * p.etp))
+
+    def shard(params: int, group: int, stage: int) -> float:
+        return params / group if w.zero_stage >= stage else float(params)
+
+    weights = WEIGHT_BYTES * (shard(other_params, p.dp, 3) + shard(expert_params, edp, 3))
+    grads = GRAD_BYTES * (shard(other_params, p.dp, 2) + shard(expert_params, edp, 2))
+    optim = w.optimizer_bytes_per_param * (
+        shard(other_params, p.dp, 1) + shard(expert_params, edp, 1)
+    )
+    blocks = math.ceil(m.layers / p.pp)
+    moe_share = len(m.moe_layer_indices) / m.layers
+    per_block = moe_share * block_activation_bytes(m, True, w, p) + (1 - moe_share) * (
+        block_activation_bytes(m, False, w, p)
+    )
+    in_flight = w.microbatches if w.schedule == "gpipe" else min(p.pp, w.microbatches)
+    activations = blocks * per_block * in_flight
+    tokens_local = w.seq_len * w.micro_batch_sequences / p.tp
+    comm = 2 * 2 * tokens_local * m.top_k * m.d_model  # a2a send + receive buffers, bf16
+    return TrainingMemory(
+        device_bytes=sm.device_bytes,
+        weights=int(weights),
+        gradients=int(grads),
+        optimizer=int(optim),
+        activations=int(activations),
+        comm_buffers=int(comm),
+    )

@@ -1,0 +1,210 @@
+"""The time of one serving iteration (one forward pass over every DP rank's batch).
+
+A serving deployment here is vLLM's data-parallel attention with expert-parallel MoE
+(``--data-parallel-size dp --enable-expert-parallel``): each of the ``dp`` ranks is a
+tensor-parallel group of ``tp`` devices running attention, dense FFNs and the output head
+on its own batch; the MoE layers are shared: every rank's tokens go through the same
+all-to-all to the experts. The ranks therefore step in lock-step, layer by layer (vLLM
+runs dummy batches on idle ranks for this reason), and an iteration takes
+
+``layers x max_r attention_r + n_dense x max_r dense_r + n_moe x moe(sum_r tokens_r)
++ max_r head_r``
+
+- **Attention of one block on one device** (heads split over tp): the QKV and output
+  projections (``Roofline.gemm_s`` over the rank's batch tokens; MLA: its low-rank q and
+  kv projections), then one fused attention kernel over the mixed batch, as vLLM v1 runs
+  prefill chunks and decodes together: FLOPs ``2 x heads x (qk_dim + v_dim)`` per
+  (query, key) pair with a causal mask, i.e. a chunk of ``n`` new tokens after ``c``
+  cached ones attends ``n c + n (n + 1) / 2`` keys (FlashAttention skips masked
+  blocks; Dao et al. 2022); bytes: the KV of every key read once (``c + n`` tokens x KV
+  bytes per token, :mod:`moesim.derived.serving_memory`) plus queries and outputs; timed
+  by ``Roofline.product_s`` (decodes come out memory-bound, prefills compute-bound). MLA's
+  FLOPs are counted in the un-absorbed form (model_figures' convention). With tp > 1 the
+  output projection ends in an all-reduce of the rank's hidden states (ring, over the
+  topology: :func:`moesim.cost.collectives.all_reduce_s`).
+- **MoE blocks**: :class:`moesim.engine.layer_cost.MoELayerCost` at the iteration's total
+  tokens (routing, capacity, dispatch/combine over the topology, grouped expert GEMMs);
+  it spreads the tokens evenly over the DP ranks, so imbalance between ranks' batch sizes
+  is seen by attention but not by the MoE layer.
+- **Dense FFN blocks**: ``Roofline.dense_ffn_s`` on ``dense_d_ff / tp`` columns, plus the
+  all-reduce with tp > 1.
+- **Output head**: a GEMM for the sequences that sample a token this iteration (vLLM
+  computes logits only at those positions) over ``vocab / tp`` columns, plus a ring
+  all-gather of the logits with tp > 1.
+
+Not costed: embedding lookup, norms, rotary embedding, residual adds and sampling
+(elementwise work of a few percent of a block), and the CPU-side scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from moesim.cost.collectives import all_gather_s, all_reduce_s
+from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
+from moesim.engine.layer_cost import MoELayerCost
+from moesim.system import System
+
+
+@dataclass(frozen=True)
+class IterationTime:
+    """One iteration's time and where it went, seconds (the parts sum to ``total_s``)."""
+
+    total_s: float
+    attention_s: float
+    moe_s: float
+    dense_s: float
+    head_s: float
+    dropped_fraction: float
+    """Expected share of token-choice slots the MoE layers drop (capacity)."""
+
+
+def _affine(cost: Callable[..., float]) -> tuple[float, float]:
+    """Intercept and slope of a collective's cost, which is affine in its bytes
+    (alpha-beta: the step rates do not depend on the message size)."""
+    t1, t2 = cost(nbytes=1.0), cost(nbytes=2.0)
+    return t1 - (t2 - t1), t2 - t1
+
+
+class IterationCost:
+    """Iteration times of one system: projections and collectives are memoized by size."""
+
+    def __init__(self, system: System, moe_cost: MoELayerCost | None = None) -> None:
+        s = system.scenario
+        m, p = s.model, s.parallelism
+        self.rf = system.layer_costs.roofline
+        self.moe_cost = moe_cost if moe_cost is not None else MoELayerCost(system)
+        self.model = m
+        self.tp = p.tp
+        self.layers = m.layers
+        self.n_moe = len(m.moe_layer_indices)
+        self.n_dense = m.layers - self.n_moe
+        self.heads = m.heads // p.tp
+        if m.attention == "mla":
+            assert m.qk_nope_head_dim and m.qk_rope_head_dim and m.v_head_dim
+            self.qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+            self.v_dim = m.v_head_dim
+        else:
+            self.qk_dim = self.v_dim = m.head_dim_resolved
+        self.kv_layer_bytes = kv_bytes_per_token_per_layer(m, p.tp)
+        self.act_bytes = system.layer_costs.combine_bytes_per_token // m.d_model
+        self._proj: dict[int, float] = {}
+        self._dense: dict[int, float] = {}
+        self._head: dict[int, float] = {}
+        # the devices of each DP rank's TP group (tp fastest in the rank order)
+        groups = [[r * p.tp + t for t in range(p.tp)] for r in range(p.dp)]
+        profile = s.cluster.profile or s.cluster.accelerator.profile
+        fits = [c for c in profile.collectives if c.op == "all_reduce"] if profile else []
+        steps = 2 * (p.tp - 1)
+        alpha = (
+            min(fits, key=lambda c: abs(c.world - p.tp)).alpha_us * 1e-6 / steps
+            if fits and steps
+            else 0.0
+        )
+        paths = system.paths
+        self.ar = np.array(
+            [
+                _affine(partial(all_reduce_s, paths, g, algorithm="ring", alpha_s=alpha))
+                for g in groups
+            ]
+        )
+        self.ag = np.array(
+            [_affine(partial(all_gather_s, paths, g, alpha_s=alpha)) for g in groups]
+        )
+
+    # --- memoized per-size costs of one device ------------------------------------------
+    def projections_s(self, tokens: int) -> float:
+        """QKV (or MLA q/kv) and output projections of one block over ``tokens``."""
+        if tokens <= 0:
+            return 0.0
+        t = self._proj.get(tokens)
+        if t is None:
+            m, rf, h = self.model, self.rf, self.heads
+            if m.attention == "mla":
+                assert m.kv_lora_rank and m.qk_rope_head_dim and m.qk_nope_head_dim
+                q = (
+                    rf.gemm_s(tokens, m.d_model, m.q_lora_rank)
+                    + rf.gemm_s(tokens, m.q_lora_rank, h * self.qk_dim)
+                    if m.q_lora_rank
+                    else rf.gemm_s(tokens, m.d_model, h * self.qk_dim)
+                )
+                kv = rf.gemm_s(tokens, m.d_model, m.kv_lora_rank + m.qk_rope_head_dim)
+                kv += rf.gemm_s(tokens, m.kv_lora_rank, h * (m.qk_nope_head_dim + self.v_dim))
+                qkv = q + kv
+            else:
+                kv_heads = max(1, m.kv_heads_resolved // self.tp)
+                qkv = rf.gemm_s(tokens, m.d_model, (h + 2 * kv_heads) * self.qk_dim)
+            t = float(qkv + rf.gemm_s(tokens, h * self.v_dim, m.d_model))
+            self._proj[tokens] = t
+        return t
+
+    def dense_ffn_s(self, tokens: int) -> float:
+        """One dense FFN block's shard over ``tokens``."""
+        if tokens <= 0 or not self.n_dense:
+            return 0.0
+        t = self._dense.get(tokens)
+        if t is None:
+            m = self.model
+            d_ff = (m.dense_d_ff or 0) // self.tp
+            t = self.rf.dense_ffn_s(tokens, m.d_model, d_ff, m.dense_activation or m.activation)
+            self._dense[tokens] = t
+        return t
+
+    def head_s(self, seqs: int) -> float:
+        """The output head's shard for ``seqs`` sampled positions."""
+        if seqs <= 0:
+            return 0.0
+        t = self._head.get(seqs)
+        if t is None:
+            m = self.model
+            t = float(self.rf.gemm_s(seqs, m.d_model, m.vocab_size // self.tp))
+            self._head[seqs] = t
+        return t
+
+    # --- one iteration ------------------------------------------------------------------
+    def time(
+        self,
+        tokens: list[int],
+        keys: list[float],
+        kv_read_tokens: list[int],
+        sampled: list[int],
+    ) -> IterationTime:
+        """The iteration over every DP rank's batch.
+
+        Per rank: ``tokens`` processed, ``keys`` (query, key) pairs attended (causal),
+        ``kv_read_tokens`` tokens whose KV the attention kernel reads, ``sampled``
+        sequences that produce a token.
+        """
+        n = np.asarray(tokens, dtype=float)
+        busy = n > 0
+        w = self.heads * (self.qk_dim + self.v_dim)
+        core = self.rf.product_s(
+            2.0 * w * np.asarray(keys, dtype=float),
+            np.asarray(kv_read_tokens, dtype=float) * self.kv_layer_bytes
+            + n * w * self.rf.bytes_per_element,
+        )
+        hidden = n * self.model.d_model * self.act_bytes
+        reduce = np.where(busy & (self.tp > 1), self.ar[:, 0] + self.ar[:, 1] * hidden, 0.0)
+        proj = np.array([self.projections_s(t) for t in tokens])
+        attention = float(np.max(np.where(busy, core + proj + reduce, 0.0)))
+        dense = 0.0
+        if self.n_dense:
+            ffn = np.array([self.dense_ffn_s(t) for t in tokens])
+            dense = float(np.max(ffn + reduce))
+        head_each = np.array([self.head_s(k) for k in sampled])
+        if self.tp > 1:
+            logits = np.asarray(sampled, dtype=float) * self.model.vocab_size * self.act_bytes
+            head_each = head_each + np.where(logits > 0, self.ag[:, 0] + self.ag[:, 1] * logits, 0)
+        head = float(np.max(head_each))
+        moe = self.moe_cost.sample(int(n.sum()))
+        parts = (
+            self.layers * attention,
+            self.n_moe * moe.time_s,
+            self.n_dense * dense,
+            head,
+        )
+        return IterationTime(sum(parts), *parts, moe.dropped_fraction)

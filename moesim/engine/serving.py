@@ -1,0 +1,301 @@
+"""The ``serving`` workload: requests arrive, DP ranks batch them, iterations run in SimPy.
+
+Mapping onto the layout (see :mod:`moesim.engine.iteration_cost`): the server is ``dp``
+data-parallel attention ranks (each a TP group of ``tp`` devices with its own scheduler
+and KV cache) sharing expert-parallel MoE layers. Requests are spread round-robin over
+the DP ranks in arrival order (vLLM's DP front-end balances load; round-robin is its
+simplest form). All ranks step together, one iteration at a time, because every MoE
+layer's all-to-all couples them.
+
+SimPy holds two processes: arrivals (one event per request) and the server (one event
+per iteration, or a wake-up when it idles). Nothing is simulated per token.
+
+Randomness: arrival times from the stream ``"arrivals"``, prompt lengths from
+``("lengths", 0)`` and output lengths from ``("lengths", 1)``, so changing one
+distribution never shifts another's draws, and a higher Poisson rate with the same seed
+gives the same requests, arriving proportionally earlier.
+
+The run lasts until every arrived request has finished, or until ``10 x duration_s``
+(then the rest count as unfinished). A request whose prompt and output cannot fit the
+rank's whole KV cache is rejected on arrival, as vLLM rejects prompts longer than its
+cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import simpy
+
+from moesim import rng
+from moesim.config.serving import (
+    ConstantLength,
+    GammaArrival,
+    LengthConfig,
+    PoissonArrival,
+    ServingWorkload,
+    TraceArrival,
+    UniformLength,
+)
+from moesim.derived.serving_memory import serving_memory
+from moesim.engine.batching import RankScheduler, RequestState
+from moesim.engine.iteration_cost import IterationCost
+from moesim.engine.layer_cost import MoELayerCost
+from moesim.system import System
+
+DRAIN_CAP = 10.0
+"""The run stops at ``DRAIN_CAP x duration_s`` even if requests are still unfinished."""
+
+
+@dataclass(frozen=True)
+class RequestRecords:
+    """One row per request (arrays indexed by request id, in arrival order)."""
+
+    arrival_s: np.ndarray
+    rank: np.ndarray
+    """Data-parallel rank that served it."""
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    first_scheduled_s: np.ndarray
+    """When it first entered a batch (NaN if never); queue time = this - arrival."""
+    first_token_s: np.ndarray
+    """End of the iteration that sampled its first token (NaN if never)."""
+    finish_s: np.ndarray
+    """End of the iteration that sampled its last token (NaN if unfinished)."""
+    generated_tokens: np.ndarray
+    preemptions: np.ndarray
+    recomputed_tokens: np.ndarray
+    """Tokens whose KV was dropped by preemptions and computed again."""
+    rejected: np.ndarray
+    """Whether it could never fit the KV cache and was turned away on arrival."""
+
+
+@dataclass(frozen=True)
+class IterationRecords:
+    """One row per iteration (arrays)."""
+
+    start_s: np.ndarray
+    duration_s: np.ndarray
+    batch_tokens: np.ndarray
+    """Tokens processed, summed over DP ranks."""
+    prefill_tokens: np.ndarray
+    """Of which prompt (or recomputed) tokens, i.e. not one-token decodes."""
+    running_seqs: np.ndarray
+    """Requests in the batch, summed over DP ranks."""
+    sampled_tokens: np.ndarray
+    """Tokens produced (one per request that completed its pending tokens)."""
+    kv_blocks_used: np.ndarray
+    """KV blocks held by each DP rank during the iteration (iterations x dp)."""
+    attention_s: np.ndarray
+    moe_s: np.ndarray
+    dense_s: np.ndarray
+    head_s: np.ndarray
+    dropped_fraction: np.ndarray
+    """Expected share of MoE token-choice slots dropped by capacity."""
+
+
+@dataclass(frozen=True)
+class ServingRecords:
+    """Everything a serving run produced; reports are computed from this."""
+
+    requests: RequestRecords
+    iterations: IterationRecords
+    dp: int
+    kv_blocks_per_rank: int
+    block_tokens: int
+    end_s: float
+    """Simulated time when the run stopped."""
+    drained: bool
+    """Whether every arrived request finished before the cap."""
+    sim_events: int
+    moe_evaluations: int
+    """Distinct batch sizes the MoE layer cost was simulated at."""
+
+
+def sample_lengths(dist: LengthConfig, n: int, gen: np.random.Generator) -> np.ndarray:
+    """``n`` lengths from ``dist``: drawn, rounded to whole tokens, clamped to [min, max]."""
+    if isinstance(dist, ConstantLength):
+        raw = np.full(n, float(dist.value))
+    elif isinstance(dist, UniformLength):
+        raw = gen.integers(dist.low, dist.high, size=n, endpoint=True).astype(float)
+    else:
+        raw = gen.lognormal(dist.mu, dist.sigma, size=n)
+    hi = dist.max if dist.max is not None else np.inf
+    return np.clip(np.rint(raw), dist.min, hi).astype(np.int64)
+
+
+def arrival_times(w: ServingWorkload, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Arrival time, prompt and output length of every request arriving in [0, duration)."""
+    a = w.arrival
+    if isinstance(a, TraceArrival):
+        t = np.asarray(a.arrival_s, dtype=float)
+        keep = t < w.duration_s
+        return (
+            t[keep],
+            np.asarray(a.prompt_tokens, dtype=np.int64)[keep],
+            np.asarray(a.output_tokens, dtype=np.int64)[keep],
+        )
+    gen = rng.stream(seed, "arrivals")
+    expected = w.duration_s * a.rate_per_s
+    chunk = int(expected + 6 * np.sqrt(expected) + 16)
+    gaps: list[np.ndarray] = []
+    total = 0.0
+    while total < w.duration_s:
+        if isinstance(a, PoissonArrival):
+            g = gen.exponential(1.0 / a.rate_per_s, size=chunk)
+        else:
+            assert isinstance(a, GammaArrival)
+            g = gen.gamma(1.0 / a.cv**2, a.cv**2 / a.rate_per_s, size=chunk)
+        gaps.append(g)
+        total += float(g.sum())
+    t = np.cumsum(np.concatenate(gaps))
+    t = t[t < w.duration_s]
+    assert w.prompt_tokens is not None and w.output_tokens is not None
+    prompt = sample_lengths(w.prompt_tokens, len(t), rng.stream(seed, "lengths", 0))
+    output = sample_lengths(w.output_tokens, len(t), rng.stream(seed, "lengths", 1))
+    return t, prompt, output
+
+
+class _Server:
+    """The SimPy side: arrivals feed the ranks' queues; the server loop runs iterations."""
+
+    def __init__(self, system: System, moe_cost: MoELayerCost | None) -> None:
+        s = system.scenario
+        w = s.workload
+        assert isinstance(w, ServingWorkload)
+        self.w = w
+        self.dp = s.parallelism.dp
+        mem = serving_memory(s.model, s.parallelism, s.cluster.accelerator)
+        self.kv_blocks = mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens)
+        t, prompt, output = arrival_times(w, s.seed)
+        self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
+        self.ranks = [
+            RankScheduler(self.state, w.scheduler, self.kv_blocks) for _ in range(self.dp)
+        ]
+        self.cost = IterationCost(system, moe_cost)
+        self.rejected = np.zeros(len(t), dtype=bool)
+        self.env = simpy.Environment()
+        self.wake: simpy.Event | None = None
+        self.arrivals_done = False
+        self.rows: list[tuple[float, ...]] = []
+        self.kv_rows: list[list[int]] = []
+
+    def arrivals(self) -> Generator[simpy.Event, Any, None]:
+        env, st = self.env, self.state
+        for rid, t in enumerate(st.arrival_s):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            rank = self.ranks[rid % self.dp]
+            if rank.blocks_for(st.prompt[rid] + st.output[rid]) > self.kv_blocks:
+                self.rejected[rid] = True
+                continue
+            rank.waiting.append(rid)
+            if self.wake is not None and not self.wake.triggered:
+                self.wake.succeed()
+        self.arrivals_done = True
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
+    def serve(self, cap_s: float) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        while env.now < cap_s:
+            if not any(r.busy for r in self.ranks):
+                if self.arrivals_done:
+                    return
+                self.wake = env.event()
+                yield self.wake
+                continue
+            start = env.now
+            batches = [r.schedule(start) for r in self.ranks]
+            tokens = [b.tokens for b in batches]
+            if not any(tokens):  # pragma: no cover - would be a scheduler bug
+                raise RuntimeError("the scheduler chose no work while requests were waiting")
+            it = self.cost.time(
+                tokens,
+                [b.keys for b in batches],
+                [b.kv_read_tokens for b in batches],
+                [b.sampled for b in batches],
+            )
+            used = [r.used_blocks for r in self.ranks]
+            yield env.timeout(it.total_s)
+            sampled = sum(r.complete(b, env.now) for r, b in zip(self.ranks, batches))
+            decodes = sum(b.decodes for b in batches)
+            self.kv_rows.append(used)
+            self.rows.append(
+                (
+                    start,
+                    it.total_s,
+                    sum(tokens),
+                    sum(tokens) - decodes,
+                    sum(len(b.ids) for b in batches),
+                    sampled,
+                    it.attention_s,
+                    it.moe_s,
+                    it.dense_s,
+                    it.head_s,
+                    it.dropped_fraction,
+                )
+            )
+
+    def run(self) -> ServingRecords:
+        env = self.env
+        env.process(self.arrivals())
+        env.process(self.serve(DRAIN_CAP * self.w.duration_s))
+        events = 0
+        while env.peek() != float("inf"):
+            env.step()
+            events += 1
+        return self._records(events)
+
+    def _records(self, events: int) -> ServingRecords:
+        st = self.state
+        cols = np.array(self.rows, dtype=float).reshape(-1, 11)
+        it = IterationRecords(
+            start_s=cols[:, 0],
+            duration_s=cols[:, 1],
+            batch_tokens=cols[:, 2].astype(np.int64),
+            prefill_tokens=cols[:, 3].astype(np.int64),
+            running_seqs=cols[:, 4].astype(np.int64),
+            sampled_tokens=cols[:, 5].astype(np.int64),
+            kv_blocks_used=np.array(self.kv_rows, dtype=np.int64).reshape(-1, self.dp),
+            attention_s=cols[:, 6],
+            moe_s=cols[:, 7],
+            dense_s=cols[:, 8],
+            head_s=cols[:, 9],
+            dropped_fraction=cols[:, 10],
+        )
+        n = len(st.arrival_s)
+        req = RequestRecords(
+            arrival_s=np.asarray(st.arrival_s, dtype=float),
+            rank=np.arange(n, dtype=np.int64) % self.dp,
+            prompt_tokens=np.asarray(st.prompt, dtype=np.int64),
+            output_tokens=np.asarray(st.output, dtype=np.int64),
+            first_scheduled_s=np.asarray(st.first_scheduled_s, dtype=float),
+            first_token_s=np.asarray(st.first_token_s, dtype=float),
+            finish_s=np.asarray(st.finish_s, dtype=float),
+            generated_tokens=np.asarray(st.generated, dtype=np.int64),
+            preemptions=np.asarray(st.preemptions, dtype=np.int64),
+            recomputed_tokens=np.asarray(st.recomputed, dtype=np.int64),
+            rejected=self.rejected.copy(),
+        )
+        served = ~req.rejected
+        return ServingRecords(
+            requests=req,
+            iterations=it,
+            dp=self.dp,
+            kv_blocks_per_rank=self.kv_blocks,
+            block_tokens=self.w.scheduler.block_tokens,
+            end_s=float(self.env.now),
+            drained=bool(np.all(np.isfinite(req.finish_s[served]))),
+            sim_events=events,
+            moe_evaluations=self.cost.moe_cost.evaluations,
+        )
+
+
+def simulate_serving(system: System, moe_cost: MoELayerCost | None = None) -> ServingRecords:
+    """Run a ``serving`` scenario. ``moe_cost`` may be shared between runs of systems whose
+    cluster, model, layout, routing, policies and seed agree (its memo stays valid)."""
+    return _Server(system, moe_cost).run()

@@ -1,0 +1,225 @@
+"""The summary of a serving run and its text table: pure functions of the records.
+
+Definitions (those of vLLM's ``benchmark_serving.py``, over the *measured* requests: not
+rejected and arriving at or after ``warmup_s``):
+
+- TTFT = first token - arrival; E2E = finish - arrival; queue time = first scheduled -
+  arrival; TPOT = (finish - first token) / (output tokens - 1), for requests with more
+  than one output token.
+- The measured window runs from ``warmup_s`` to the last finish of a measured request;
+  ``throughput_tokens_per_s`` = output tokens of the measured requests that finished /
+  the window, ``requests_per_s`` likewise.
+- SLO attainment: the share of measured requests meeting the TTFT target, the TPOT target
+  (a one-token output meets it), and both; unfinished requests meet neither.
+- ``dropped_fraction``: the MoE layers' expected capacity drops, averaged over
+  iterations weighted by their batch tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moesim.config.serving import ServingWorkload
+from moesim.engine.serving import ServingRecords
+from moesim.system import System
+
+
+def _r(x: float, nd: int = 6) -> float | None:
+    return None if not np.isfinite(x) else round(float(x), nd)
+
+
+def _stats_ms(seconds: np.ndarray) -> dict[str, float | None]:
+    """p50/p90/p99/mean in milliseconds (None when there is no value)."""
+    v = seconds[np.isfinite(seconds)] * 1e3
+    if not v.size:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"p50": _r(p50), "p90": _r(p90), "p99": _r(p99), "mean": _r(float(v.mean()))}
+
+
+def measured_mask(rec: ServingRecords, warmup_s: float) -> np.ndarray:
+    """The requests the metrics cover: not rejected, arrived at or after the warm-up."""
+    r = rec.requests
+    return (~r.rejected) & (r.arrival_s >= warmup_s)
+
+
+def latencies_s(rec: ServingRecords) -> dict[str, np.ndarray]:
+    """Per-request TTFT, TPOT, E2E and queue time, seconds (NaN where undefined)."""
+    r = rec.requests
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(
+            r.output_tokens > 1,
+            (r.finish_s - r.first_token_s) / (r.output_tokens - 1),
+            np.nan,
+        )
+    return {
+        "ttft": r.first_token_s - r.arrival_s,
+        "tpot": tpot,
+        "e2e": r.finish_s - r.arrival_s,
+        "queue_time": r.first_scheduled_s - r.arrival_s,
+    }
+
+
+def slo_attainment(
+    rec: ServingRecords, mask: np.ndarray, ttft_ms: float, tpot_ms: float
+) -> dict[str, float | None]:
+    """Shares of the measured requests meeting the TTFT target, the TPOT target, both."""
+    n = int(mask.sum())
+    if not n:
+        return {"ttft": None, "tpot": None, "both": None}
+    lat = latencies_s(rec)
+    done = np.isfinite(rec.requests.finish_s)
+    ttft_ok = done & (lat["ttft"] * 1e3 <= ttft_ms)
+    tpot_ok = done & ((rec.requests.output_tokens <= 1) | (lat["tpot"] * 1e3 <= tpot_ms))
+    return {
+        "ttft": _r(float(ttft_ok[mask].mean())),
+        "tpot": _r(float(tpot_ok[mask].mean())),
+        "both": _r(float((ttft_ok & tpot_ok)[mask].mean())),
+    }
+
+
+def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
+    """The ``serving`` workload's summary (see README: Outputs)."""
+    s = system.scenario
+    w = s.workload
+    assert isinstance(w, ServingWorkload)
+    r, it = rec.requests, rec.iterations
+    mask = measured_mask(rec, w.warmup_s)
+    done = mask & np.isfinite(r.finish_s)
+    lat = latencies_s(rec)
+    end = float(r.finish_s[done].max()) if done.any() else w.warmup_s
+    window = end - w.warmup_s
+    out_tokens = int(r.output_tokens[done].sum())
+    total_blocks = rec.kv_blocks_per_rank * rec.dp
+    used = it.kv_blocks_used.sum(axis=1) if it.kv_blocks_used.size else np.zeros(1)
+    weights = it.batch_tokens.astype(float)
+    dropped = float(np.average(it.dropped_fraction, weights=weights)) if weights.sum() else 0.0
+    busy = float(it.duration_s.sum())
+    summary: dict[str, Any] = {
+        "scenario": s.name,
+        "workload": "serving",
+        "seed": s.seed,
+        "model": s.model.name,
+        "cluster": s.cluster.name,
+        "devices": s.cluster.devices,
+        "dp": rec.dp,
+        "duration_s": w.duration_s,
+        "warmup_s": w.warmup_s,
+        "arrived_requests": len(r.arrival_s),
+        "measured_requests": int(mask.sum()),
+        "completed_requests": int(done.sum()),
+        "unfinished_requests": int((mask & ~np.isfinite(r.finish_s)).sum()),
+        "rejected_requests": int(r.rejected.sum()),
+        "drained": rec.drained,
+        "simulated_s": _r(rec.end_s),
+        "measured_window_s": _r(window),
+        "throughput_tokens_per_s": _r(out_tokens / window) if window > 0 else None,
+        "requests_per_s": _r(int(done.sum()) / window) if window > 0 else None,
+        "output_tokens": out_tokens,
+        "prompt_tokens": int(r.prompt_tokens[done].sum()),
+        "ttft_ms": _stats_ms(lat["ttft"][mask]),
+        "tpot_ms": _stats_ms(lat["tpot"][mask]),
+        "e2e_ms": _stats_ms(lat["e2e"][mask]),
+        "queue_time_ms": _stats_ms(lat["queue_time"][mask]),
+        "slo": None,
+        "slo_attainment": None,
+        "kv_cache_blocks": total_blocks,
+        "kv_cache_utilization": {
+            "mean": _r(float(used.mean()) / total_blocks) if total_blocks else None,
+            "max": _r(float(used.max()) / total_blocks) if total_blocks else None,
+        },
+        "preemptions": int(r.preemptions[mask].sum()),
+        "recomputed_tokens": int(r.recomputed_tokens[mask].sum()),
+        "dropped_fraction": _r(dropped, 9),
+        "iterations": len(it.duration_s),
+        "mean_batch_tokens": _r(float(it.batch_tokens.mean())) if len(it.duration_s) else 0.0,
+        "mean_running_seqs": _r(float(it.running_seqs.mean())) if len(it.duration_s) else 0.0,
+        "busy_fraction": _r(busy / rec.end_s) if rec.end_s > 0 else 0.0,
+        "time_breakdown_s": {
+            "attention": _r(float(it.attention_s.sum())),
+            "moe": _r(float(it.moe_s.sum())),
+            "dense": _r(float(it.dense_s.sum())),
+            "head": _r(float(it.head_s.sum())),
+        },
+        "events": {"simulation": rec.sim_events, "moe_cost_evaluations": rec.moe_evaluations},
+    }
+    if w.slo is not None:
+        summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
+        summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
+    return summary
+
+
+def _pct(d: dict[str, float | None]) -> str:
+    if d["p50"] is None:
+        return "n/a"
+    return f"p50 {d['p50']:.1f}  p90 {d['p90']:.1f}  p99 {d['p99']:.1f}  mean {d['mean']:.1f}"
+
+
+def serving_table(summary: dict[str, Any]) -> str:
+    """A compact, aligned text table of a serving summary."""
+    s = summary
+    unfinished = s["unfinished_requests"]
+    status = "all finished" if s["drained"] else f"{unfinished} unfinished at the 10x cap"
+    rows = [
+        ("scenario", f"{s['scenario']}  (seed {s['seed']})"),
+        (
+            "model / cluster",
+            f"{s['model']} on {s['cluster']} ({s['devices']} devices, dp {s['dp']})",
+        ),
+        (
+            "requests",
+            f"{s['arrived_requests']} arrived in {s['duration_s']} s, {s['measured_requests']} "
+            f"measured, {s['completed_requests']} completed ({status}), "
+            f"{s['rejected_requests']} rejected",
+        ),
+        (
+            "throughput",
+            f"{_num(s['throughput_tokens_per_s'])} output tokens/s, "
+            f"{_num(s['requests_per_s'], 2)} requests/s",
+        ),
+        ("TTFT (ms)", _pct(s["ttft_ms"])),
+        ("TPOT (ms)", _pct(s["tpot_ms"])),
+        ("E2E (ms)", _pct(s["e2e_ms"])),
+        ("queue (ms)", _pct(s["queue_time_ms"])),
+    ]
+    if s["slo_attainment"] is not None:
+        a, t = s["slo_attainment"], s["slo"]
+        rows.append(
+            (
+                "SLO attainment",
+                f"both {_share(a['both'])}  (TTFT <= {t['ttft_ms']} ms: {_share(a['ttft'])}, "
+                f"TPOT <= {t['tpot_ms']} ms: {_share(a['tpot'])})",
+            )
+        )
+    kv = s["kv_cache_utilization"]
+    b = s["time_breakdown_s"]
+    busy = sum(v or 0.0 for v in b.values()) or 1.0
+    rows += [
+        (
+            "KV cache",
+            f"{s['kv_cache_blocks']} blocks, utilization mean {_share(kv['mean'])} "
+            f"max {_share(kv['max'])}; {s['preemptions']} preemptions",
+        ),
+        (
+            "iterations",
+            f"{s['iterations']}, mean {s['mean_batch_tokens']:.1f} tokens / "
+            f"{s['mean_running_seqs']:.1f} sequences, busy {_share(s['busy_fraction'])}",
+        ),
+        (
+            "  time in",
+            "  ".join(f"{k} {100 * (v or 0.0) / busy:.1f}%" for k, v in b.items()),
+        ),
+        ("MoE dropped", f"{100 * (s['dropped_fraction'] or 0.0):.2f}% of token-choice slots"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _num(x: float | None, nd: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
