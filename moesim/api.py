@@ -15,8 +15,10 @@ import yaml
 from moesim import __version__
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
+from moesim.config.training import TrainingWorkload
 from moesim.engine.layer_workload import LayerRecords, simulate_layer
 from moesim.engine.serving import ServingRecords, simulate_serving
+from moesim.engine.training import TrainingRecords, simulate_training
 from moesim.report.files import write_json_atomic, write_text_atomic
 from moesim.report.summary import layer_summary
 from moesim.system import System, build_system
@@ -29,7 +31,7 @@ class Result:
 
     scenario: Scenario
     summary: dict[str, Any]
-    records: LayerRecords | ServingRecords
+    records: LayerRecords | ServingRecords | TrainingRecords
     system: System
     wall_s: float
 
@@ -74,12 +76,17 @@ def run(scenario: Scenario) -> Result:
     """Simulate a scenario (no files are written; see :meth:`Result.write`)."""
     t0 = time.perf_counter()
     system = build_system(scenario)
-    records: LayerRecords | ServingRecords
+    records: LayerRecords | ServingRecords | TrainingRecords
     if isinstance(scenario.workload, ServingWorkload):
         from moesim.report.serving import serving_summary
 
         records = simulate_serving(system)
         summary = serving_summary(system, records)
+    elif isinstance(scenario.workload, TrainingWorkload):
+        from moesim.report.training import training_summary
+
+        records = simulate_training(system, scenario.workload)
+        summary = training_summary(system, scenario.workload, records)
     else:
         records = simulate_layer(system)
         summary = layer_summary(system, records)

@@ -168,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     from moesim.api import run
     from moesim.report.serving import serving_table
     from moesim.report.table import layer_table
+    from moesim.report.training import training_table
 
     scenario = _load(args)
     result = run(scenario)
@@ -175,7 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))
     else:
-        table = serving_table if result.summary["workload"] == "serving" else layer_table
+        table = {"serving": serving_table, "training": training_table}.get(
+            result.summary["workload"], layer_table
+        )
         print(table(result.summary))
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")

@@ -50,3 +50,13 @@ def test_matches_the_layer_workload_at_a_bucket() -> None:
     cost = MoELayerCost(build_system(scenario), samples=8)
     single = moesim.run(scenario).summary["time_ms"] * 1e-3
     assert cost.time_s(64) == pytest.approx(single, rel=0.2)
+
+
+def test_interpolated_sizes_keep_the_communication_share() -> None:
+    """Between buckets, time and all-to-all share are interpolated, never dropped."""
+    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    lo, hi = bucket_points(1000)
+    assert lo < 1000 < hi
+    a, b, mid = cost.sample(lo), cost.sample(hi), cost.sample(1000)
+    assert min(a.comm_s, b.comm_s) <= mid.comm_s <= max(a.comm_s, b.comm_s)
+    assert mid.comm_s > 0 and 0 < mid.comm_s < mid.time_s

@@ -95,12 +95,12 @@ def test_dropless_with_capacity_factor_rejected(write) -> None:
     ]
 
 
-def test_planned_workload_kind_is_named_not_ignored(write) -> None:
-    """training is recognised as planned, with a clear message."""
-    p = write("x.yaml", GOOD.replace("kind: layer", "kind: training"))
+def test_unknown_workload_kind_lists_the_available_ones(write) -> None:
+    """A workload kind moesim does not know is named with the kinds it does."""
+    p = write("x.yaml", GOOD.replace("kind: layer", "kind: inference"))
     errs = _errors(p)
-    assert len(errs) == 1 and "workload.kind: kind 'training' is not yet available" in errs[0]
-    assert errs[0].startswith(f"{p}:8:")
+    assert len(errs) == 1 and errs[0].startswith(f"{p}:8:")
+    assert "workload.kind: kind must be one of" in errs[0] and "'training'" in errs[0]
 
 
 def test_unknown_preset_suggests_the_closest(write) -> None:
@@ -182,3 +182,15 @@ def test_cli_exit_code_2_without_traceback(write) -> None:
         [sys.executable, "-m", "moesim", "run", "nope.yaml"], capture_output=True, text=True
     )
     assert missing.returncode == 2 and "nope.yaml: cannot read file" in missing.stderr
+
+
+def test_included_preset_refined_by_a_mapping(write) -> None:
+    """A mapping in the including file overrides fields of a preset named in the base."""
+    write("base.yaml", GOOD)
+    top = write(
+        "top.yaml",
+        "include: base.yaml\nmodel: {experts: 16}\ncluster: {accelerator: {memory_gib: 96}}\n",
+    )
+    s = load_scenario(top)
+    assert s.model.name == "mixtral-8x7b" and s.model.experts == 16
+    assert s.cluster.name == "dgx-h100" and s.cluster.accelerator.memory_gib == 96

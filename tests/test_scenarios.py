@@ -22,6 +22,31 @@ def _kind(path: Path) -> str:
 
 LAYER = [p for p in SCENARIOS if _kind(p) == "layer"]
 SERVING = [p for p in SCENARIOS if _kind(p) == "serving"]
+TRAINING = [p for p in SCENARIOS if _kind(p) == "training"]
+
+#: reduced sizes for CI: fewer, shorter micro-batches; the 512-chip GLaM slice on 64 chips
+TRAINING_CI = [
+    "workload.seq_len=256",
+    "workload.micro_batch_sequences=1",
+    "workload.microbatches=4",
+]
+SMALLER_CLUSTER = {"glam-training-tpu-v4": ["cluster.dims=[4,4,4]", "parallelism.dp=8"]}
+
+
+def test_there_are_training_examples() -> None:
+    """Training has examples on GPUs (multi-node H100) and TPUs (v3 and v4 slices)."""
+    names = {p.stem for p in TRAINING}
+    assert {"mixtral-training-h100", "switch-base-training-tpu-v3", "glam-training-tpu-v4"} <= names
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.stem)
+def test_training_example_runs(path: Path) -> None:
+    """The training example runs at a reduced size; its breakdown adds up to the step."""
+    s = moesim.load_scenario(str(path), [*TRAINING_CI, *SMALLER_CLUSTER.get(path.stem, [])])
+    summary = moesim.run(s).summary
+    assert summary["step_time_ms"] > 0 and 0 < summary["mfu"] < 1
+    assert sum(summary["breakdown_ms"].values()) == pytest.approx(summary["step_time_ms"], abs=1e-4)
+    assert all(v >= 0 for v in summary["breakdown_ms"].values())
 
 
 def test_there_is_a_serving_example() -> None:
@@ -46,3 +71,4 @@ def test_example_runs(path: Path) -> None:
     assert summary["time_ms"] > 0
     assert summary["processed_slots"] + summary["dropped_tokens"] == 2048 * s.model.top_k
     assert sum(summary["breakdown_ms"].values()) == pytest.approx(summary["time_ms"], abs=1e-5)
+    assert all(v >= 0 for v in summary["breakdown_ms"].values()), summary["breakdown_ms"]

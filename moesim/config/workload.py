@@ -1,4 +1,4 @@
-"""What is simulated: one MoE layer, or online serving; training is a planned kind."""
+"""What is simulated: one MoE layer, training steps, or online serving."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pydantic import Field
 
 from moesim.config.base import Frozen
 from moesim.config.serving import ServingWorkload
+from moesim.config.training import TrainingWorkload
 
-PLANNED_WORKLOADS = ("training",)
-AVAILABLE_WORKLOADS = ("layer", "serving")
+#: kinds recognised but not implemented yet (rejected with a clear message)
+PLANNED_WORKLOADS: tuple[str, ...] = ()
+AVAILABLE_WORKLOADS = ("layer", "training", "serving")
 
 
 class LayerWorkload(Frozen):
@@ -21,6 +23,14 @@ class LayerWorkload(Frozen):
     """Tokens in the whole batch (T), over all data-parallel ranks."""
 
 
-WorkloadConfig = Annotated[LayerWorkload | ServingWorkload, Field(discriminator="kind")]
+WorkloadConfig = Annotated[
+    LayerWorkload | TrainingWorkload | ServingWorkload, Field(discriminator="kind")
+]
 
-__all__ = ["AVAILABLE_WORKLOADS", "PLANNED_WORKLOADS", "LayerWorkload", "ServingWorkload"]
+__all__ = [
+    "AVAILABLE_WORKLOADS",
+    "PLANNED_WORKLOADS",
+    "LayerWorkload",
+    "ServingWorkload",
+    "TrainingWorkload",
+]

@@ -121,8 +121,11 @@ class Roofline:
                 gather_s_per_element=profile.gather_ns_per_element * 1e-9,
                 scatter_s_per_element=profile.scatter_ns_per_element * 1e-9,
                 source=f"profile: {profile.source}"
-                + (f"; {dtype} = {profile.dtype} rate x datasheet peak ratio {scale:.2f}"
-                   if scale != 1.0 else ""),
+                + (
+                    f"; {dtype} = {profile.dtype} rate x datasheet peak ratio {scale:.2f}"
+                    if scale != 1.0
+                    else ""
+                ),
             )
         bw = acc.memory_bandwidth_gbps * 1e9 * acc.efficiency.memory
         return cls(

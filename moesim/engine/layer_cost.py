@@ -31,7 +31,7 @@ class LayerSample:
 
     time_s: float
     dropped_fraction: float
-    comm_s: float = 0.0
+    comm_s: float
     """The all-to-all part of the layer's critical path (dispatch + combine)."""
 
 
@@ -88,7 +88,7 @@ class MoELayerCost:
     def sample(self, tokens: int) -> LayerSample:
         """Expected time and dropped fraction of one MoE layer over ``tokens`` tokens."""
         if tokens <= 0:
-            return LayerSample(0.0, 0.0)
+            return LayerSample(0.0, 0.0, 0.0)
         lo, hi = bucket_points(tokens)
         a = self._at(lo)
         if hi == lo:
@@ -98,6 +98,7 @@ class MoELayerCost:
         return LayerSample(
             a.time_s + w * (b.time_s - a.time_s),
             a.dropped_fraction + w * (b.dropped_fraction - a.dropped_fraction),
+            a.comm_s + w * (b.comm_s - a.comm_s),
         )
 
     def time_s(self, tokens: int) -> float:

@@ -105,6 +105,8 @@ class LayerTimeline:
     gate_end_s: dict[int, float] = field(default_factory=dict)
     last_combine_from: dict[int, int] = field(default_factory=dict)
     """For each source rank, the expert device whose result arrived last."""
+    senders_of: dict[int, list[int]] = field(default_factory=dict)
+    """For each expert device, the source ranks that sent it tokens."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ def run_layer(
     for src, out in sends.items():
         for dst, n in out:
             senders[dst].append((src, n))
+    timeline.senders_of = {d: [src for src, _ in ss] for d, ss in senders.items()}
     topo = costs.topology
     algo: A2AAlgorithm = costs.a2a if topo is not None else "direct"
     node_of = topo.node_of if topo is not None else ()
@@ -269,9 +272,9 @@ def critical_path(tl: LayerTimeline) -> dict[str, float]:
     if x is None:
         gate = tl.gate_end_s.get(rank, 0.0)
         return {"gate": gate, "dispatch": 0.0, "queue": 0.0, "compute": 0.0, "combine": done - gate}
-    gate = max(tl.gate_end_s.values())
-    ready = max(tl.ready_s[x], gate)
-    gate = min(gate, ready)
+    # the senders to x finished their gates before dispatching to it, so ready >= gate
+    gate = max((tl.gate_end_s[s] for s in tl.senders_of.get(x, [])), default=0.0)
+    ready = tl.ready_s[x]
     start, end = tl.expert_start_s[x], tl.expert_end_s[x]
     return {
         "gate": gate,

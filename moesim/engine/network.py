@@ -15,26 +15,26 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.cost.fairshare import incidence, max_min_rates
+from moesim.cost.fairshare import incidence_pairs, max_min_rates_coo
 from moesim.topology.paths import PathTable
 
-
-@dataclass
-class _Flow:
-    path: np.ndarray
-    remaining: float
-    latency_s: float
-    done: simpy.Event
-    size: float
+EXACT_FLOWS = 256
+"""Up to this many flows in flight, every completion re-rates the others exactly."""
+BATCH_WINDOW = 0.01
+"""Above it, completions due within this fraction of the elapsed time are batched."""
 
 
 @dataclass
 class FlowNetwork:
-    """Bytes in flight over a topology, with max-min fair link sharing."""
+    """Bytes in flight over a topology, with max-min fair link sharing.
+
+    Active flows are kept as parallel arrays (remaining bytes, size, latency) plus their
+    paths and delivery events, so advancing time and finding finished flows are vector
+    operations.
+    """
 
     env: simpy.Environment
     paths: PathTable
-    active: list[_Flow] = field(default_factory=list)
     link_bytes: np.ndarray = field(init=False)
     """Bytes carried by each directed edge so far."""
     events: int = 0
@@ -43,9 +43,19 @@ class FlowNetwork:
     def __post_init__(self) -> None:
         self.capacity = self.paths.bandwidth_gbps * 1e9
         self.link_bytes = np.zeros(len(self.capacity))
+        self._paths: list[np.ndarray] = []
+        self._done: list[simpy.Event] = []
+        self._remaining = np.zeros(0)
+        self._size = np.zeros(0)
+        self._latency = np.zeros(0)
         self._rates = np.zeros(0)
         self._last = 0.0
         self._version = 0
+
+    @property
+    def active(self) -> int:
+        """Flows in flight."""
+        return len(self._paths)
 
     def transfer_many(
         self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
@@ -56,6 +66,7 @@ class FlowNetwork:
         launch and synchronisation, as measured)."""
         self._advance()
         out = []
+        sizes, latencies = [], []
         for src, dst, nbytes in flows:
             ev = self.env.event()
             out.append(ev)
@@ -64,34 +75,31 @@ class FlowNetwork:
                 continue
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
-            self.active.append(
-                _Flow(
-                    path,
-                    float(nbytes),
-                    self.paths.latency_s(src, dst) + extra_latency_s,
-                    ev,
-                    float(nbytes),
-                )
-            )
-        self._reschedule()
+            self._paths.append(path)
+            self._done.append(ev)
+            sizes.append(float(nbytes))
+            latencies.append(self.paths.latency_s(src, dst) + extra_latency_s)
+        if sizes:
+            self._remaining = np.concatenate([self._remaining, sizes])
+            self._size = np.concatenate([self._size, sizes])
+            self._latency = np.concatenate([self._latency, latencies])
+            self._reschedule()
         return out
 
     def _advance(self) -> None:
         dt = self.env.now - self._last
-        if dt > 0 and self.active:
-            for f, r in zip(self.active, self._rates):
-                f.remaining -= r * dt
+        if dt > 0 and self._paths:
+            self._remaining -= self._rates * dt
         self._last = self.env.now
 
     def _reschedule(self) -> None:
         self._version += 1
-        if not self.active:
+        if not self._paths:
             return
         self.events += 1
-        links, a = incidence([f.path for f in self.active])
-        self._rates = max_min_rates(a, self.capacity[links])
-        left = np.array([f.remaining for f in self.active])
-        wait = float(np.min(np.maximum(left, 0.0) / self._rates))
+        links, rows, cols = incidence_pairs(self._paths)
+        self._rates = max_min_rates_coo(rows, cols, len(self._paths), self.capacity[links])
+        wait = float(np.min(np.maximum(self._remaining, 0.0) / self._rates))
         self.env.process(self._wake(self._version, wait))
 
     def _wake(self, version: int, wait: float) -> Generator[simpy.Event, Any, None]:
@@ -99,17 +107,30 @@ class FlowNetwork:
         if version != self._version:
             return  # a newer flow changed the rates; a newer wake-up is pending
         self._advance()
-        still = []
-        for f, r in zip(self.active, self._rates):
-            # flows due within a hair of now finish together (equal sizes, same rate)
-            if f.remaining <= 1e-9 * f.size + 1e-6 or f.remaining / r <= 1e-12:
-                self.env.process(self._deliver(f))
-            else:
-                still.append(f)
-        self.active = still
+        # Flows due within a hair of now finish together (equal sizes, same rate). With
+        # many flows in flight, those due within a small relative window of the earliest
+        # also finish in this round, each at its own time at its current rate: the rates
+        # are then recomputed once per window instead of once per flow, an error bounded
+        # by the window on those flows' last stretch.
+        left = np.maximum(self._remaining, 0.0) / self._rates
+        window = BATCH_WINDOW if len(self._paths) > EXACT_FLOWS else 0.0
+        horizon = self.env.now * window
+        finished = (self._remaining <= 1e-9 * self._size + 1e-6) | (left <= 1e-12 + horizon)
+        for i in np.flatnonzero(finished):
+            self._deliver(self._done[i], float(self._latency[i] + left[i]))
+        keep = ~finished
+        self._paths = [p for p, k in zip(self._paths, keep) if k]
+        self._done = [e for e, k in zip(self._done, keep) if k]
+        self._remaining = self._remaining[keep]
+        self._size = self._size[keep]
+        self._latency = self._latency[keep]
         self._reschedule()
 
-    def _deliver(self, f: _Flow) -> Generator[simpy.Event, Any, None]:
-        if f.latency_s > 0:
-            yield self.env.timeout(f.latency_s)
-        f.done.succeed()
+    def _deliver(self, done: simpy.Event, latency_s: float) -> None:
+        if latency_s <= 0:
+            done.succeed()
+            return
+        def fire(_: simpy.Event) -> None:
+            done.succeed()
+
+        self.env.timeout(latency_s).callbacks.append(fire)

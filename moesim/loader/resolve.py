@@ -58,13 +58,32 @@ def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str
 
 
 def _merge(
-    base: dict[str, Any], base_pos: Positions, over: dict[str, Any], over_pos: Positions, at: Path
+    base: dict[str, Any],
+    base_pos: Positions,
+    over: dict[str, Any],
+    over_pos: Positions,
+    at: Path,
+    root: Path = (),
 ) -> None:
-    """Deep-merge ``over`` into ``base`` (mappings merge, everything else replaces)."""
+    """Deep-merge ``over`` into ``base`` (mappings merge, everything else replaces).
+
+    A preset named by a string in ``base`` (``model: mixtral-8x7b``) that ``over`` refines
+    with a mapping without its own ``preset`` becomes ``{preset: name}`` first, so the
+    mapping overrides the preset's fields instead of replacing the preset.
+    """
     for key, value in over.items():
         here = (*at, key)
+        if (
+            isinstance(value, dict)
+            and "preset" not in value
+            and isinstance(base.get(key), str)
+            and any((*root, *here) == path for path, _ in PRESET_PATHS)
+        ):
+            base[key] = {"preset": base[key]}
+            if here in base_pos:
+                base_pos[(*here, "preset")] = base_pos[here]
         if isinstance(value, dict) and isinstance(base.get(key), dict) and "preset" not in value:
-            _merge(base[key], base_pos, value, over_pos, here)
+            _merge(base[key], base_pos, value, over_pos, here, root)
             if here in over_pos:
                 base_pos[here] = over_pos[here]
             continue
@@ -166,7 +185,7 @@ def expand_presets(data: dict[str, Any], positions: Positions) -> None:
         rel_cat[("name",)] = cat_pos.get((name,), Location(_short_catalog_path(kind)))
         _merge(expanded, expanded_pos, preset, rel_cat, ())
         over_pos = {p[len(path) :]: loc for p, loc in positions.items() if p[: len(path)] == path}
-        _merge(expanded, expanded_pos, overrides, over_pos, ())
+        _merge(expanded, expanded_pos, overrides, over_pos, (), root=path)
         parent[path[-1]] = expanded
         for p in [p for p in positions if p[: len(path)] == path and len(p) > len(path)]:
             del positions[p]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from moesim.engine.layer_workload import LayerRecords, layer_tokens
+from moesim.engine.moe_layer import critical_path
 from moesim.system import System
 
 
@@ -108,36 +109,5 @@ def _busiest_link(system: System, rec: LayerRecords) -> dict[str, Any] | None:
 
 
 def _breakdown(rec: LayerRecords) -> dict[str, float]:
-    """The critical path of the layer, split into phases that sum to ``time_ms``.
-
-    It follows the rank that finished last back to the expert device whose results it
-    waited for last: gate (+permute) on the senders, dispatch until that device had all its
-    tokens, queueing behind other work on it, its expert GEMMs, and the combine back.
-    """
-    tl = rec.timeline
-    keys = ("gate", "dispatch", "queue", "compute", "combine")
-    if not tl.rank_done_s:
-        return dict.fromkeys(keys, 0.0)
-    rank = max(tl.rank_done_s, key=lambda d: (tl.rank_done_s[d], -d))
-    done = tl.rank_done_s[rank]
-    x = tl.last_combine_from.get(rank)
-    if x is None:
-        gate = tl.gate_end_s.get(rank, 0.0)
-        return {
-            "gate": _ms(gate),
-            "dispatch": 0.0,
-            "queue": 0.0,
-            "compute": 0.0,
-            "combine": _ms(done - gate),
-        }
-    gate = max(tl.gate_end_s.values())
-    ready = max(tl.ready_s[x], gate)
-    gate = min(gate, ready)
-    start, end = tl.expert_start_s[x], tl.expert_end_s[x]
-    return {
-        "gate": _ms(gate),
-        "dispatch": _ms(ready - gate),
-        "queue": _ms(start - ready),
-        "compute": _ms(end - start),
-        "combine": _ms(done - end),
-    }
+    """The layer's critical path in ms (see :func:`moesim.engine.moe_layer.critical_path`)."""
+    return {k: _ms(v) for k, v in critical_path(rec.timeline).items()}

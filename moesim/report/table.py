@@ -32,7 +32,10 @@ def layer_table(summary: dict[str, Any]) -> str:
             f"{s['rerouted_slots']} rerouted",
         ),
         ("capacity / expert", str(s["capacity_per_expert"] or "unlimited")),
-        ("expert load", f"min {min(load)}  max {max(load)}  imbalance {s['load_imbalance']:.3f}"),
+        (
+            "expert load",
+            f"min {min(load)}  max {max(load)}  (device max/mean {s['load_imbalance']:.3f})",
+        ),
         ("device busy", f"min {min(dev):.4f}  max {max(dev):.4f} ms"),
         ("all-to-all", _fmt_bytes(s["a2a_bytes"]) + " between devices"),
     ]

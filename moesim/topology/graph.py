@@ -158,8 +158,9 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
             # GPUDirect RDMA: the GPU reaches its NIC through the node's PCIe switch
             j = i * fab.nics_per_node // per
             pcie = hardware.link(c.accelerator.host_link) if c.accelerator.host_link else nic
-            _connect(g, devices[n * per + i], f"n{n}.nic{j}", rate(pcie), pcie.latency_us,
-                     pcie.name)
+            _connect(
+                g, devices[n * per + i], f"n{n}.nic{j}", rate(pcie), pcie.latency_us, pcie.name
+            )
     if len(leaves) > 1:
         g.add_node("spine", kind="switch", latency_us=sw.latency_us)
         ports_per_leaf = {leaf: sum(1 for v in leaf_of.values() if v == leaf) for leaf in leaves}
