@@ -130,6 +130,7 @@ class FlowNetwork:
         if latency_s <= 0:
             done.succeed()
             return
+
         def fire(_: simpy.Event) -> None:
             done.succeed()
 
