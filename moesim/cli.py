@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help="measured collectives to fit as well (repeatable)",
     )
-    ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--seed", type=int, default=0, help="seed of the measured inputs")
 
     fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
     fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")
@@ -117,7 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help="use layers measured elsewhere (moesim.calibrate.torch_bench)",
     )
-    fi.add_argument("--size", choices=["ci", "full"], default="full")
+    fi.add_argument(
+        "--size",
+        choices=["ci", "full"],
+        default="full",
+        help="numpy: how many held-out layers to measure (ci: under a minute)",
+    )
     fi.add_argument(
         "--profile",
         metavar="PROFILE.yaml",
@@ -129,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--markdown", metavar="FILE.md", help="write the table as Markdown")
     fi.add_argument("--measurements", metavar="FILE.jsonl", help="keep the raw records")
     fi.add_argument("--title", help="title of the Markdown section")
-    fi.add_argument("--seed", type=int, default=0)
+    fi.add_argument(
+        "--seed", type=int, default=0, help="first seed of the simulator's routing samples"
+    )
 
     sh = sub.add_parser("show", help="show one preset with its derived figures")
     sh.add_argument("kind", choices=["accelerator", "link", "switch", "cluster", "model"])
@@ -224,7 +232,7 @@ def _presets(args: argparse.Namespace) -> int:
         print(f"{kind}:")
         for name in catalog.names(kind):
             src = str(catalog.raw_preset(kind, name).get("source", ""))
-            print(f"  {name:<22} {src[:90]}")
+            print(f"  {name:<22} {textwrap.shorten(src, 90, placeholder=' ...')}")
     return 0
 
 

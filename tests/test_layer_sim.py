@@ -15,17 +15,6 @@ from moesim.catalog import hardware
 from moesim.loader import load_scenario
 from moesim.topology.graph import rate
 
-H200X2 = """\
-name: pair
-seed: 3
-cluster: h200x2
-model: mixtral-8x7b
-routing: {kind: uniform}
-parallelism: {dp: 2, ep: 2}
-policies: {capacity_factor: null, overflow: dropless}
-workload: {kind: layer, tokens: 4096}
-"""
-
 QUICK = Path(__file__).resolve().parent.parent / "scenarios" / "quickstart.yaml"
 
 
@@ -113,10 +102,10 @@ def test_skew_never_faster_in_expectation() -> None:
     assert drops[-1] > drops[0]
 
 
-def test_dispatch_time_matches_bytes_over_bandwidth(write) -> None:
+def test_dispatch_time_matches_bytes_over_bandwidth(write_pair) -> None:
     """On two GPUs joined by NVLink, dispatch lasts bytes / link bandwidth + latency + the
     measured all-to-all alpha."""
-    path = write("pair.yaml", H200X2)
+    path = write_pair
     scenario = load_scenario(path)
     result = moesim.run(scenario)
     rec, tl = result.records, result.records.timeline

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import pytest
 import simpy
 
 from moesim.calibrate.records import of_kind, read
@@ -37,12 +38,30 @@ def _simulated_a2a_s(bytes_per_rank: int) -> float:
     return float(env.now)
 
 
-def test_all_to_all_matches_measurements_large_and_small() -> None:
-    """Every measured size, 4 KiB to 1 GiB per rank, is predicted within 15%."""
-    path = resources.files("moesim.catalog") / "measurements" / "h200x2_collectives.jsonl"
+@pytest.mark.parametrize(
+    ("file", "large_bound", "small_bound"),
+    [
+        (
+            "h200x2_collectives.jsonl",
+            0.15,
+            0.15,
+        ),  # the team's file: the profile's alpha came from it
+        # re-measured on another H200 pair by moesim.calibrate.torch_collectives (held out): its
+        # fixed cost per call was 50-60 us instead of 70 us, so small messages are off by more
+        ("h200x2_collectives_2026-11-22.jsonl", 0.10, 0.50),
+    ],
+)
+def test_all_to_all_matches_measurements_large_and_small(
+    file: str, large_bound: float, small_bound: float
+) -> None:
+    """Every size, 4 KiB to 1 GiB per rank, within the file's bounds: 15% throughout on the
+    fitted file; on the held-out one 10% from 64 MiB up, 50% below, where the per-call
+    fixed cost (which varies between machines) dominates."""
+    path = resources.files("moesim.catalog") / "measurements" / file
     measured = of_kind(read(str(path)), "all_to_all")
     assert len(measured) >= 8
     for rec in measured:
         predicted = _simulated_a2a_s(rec["bytes_per_rank"])
         err = predicted / (rec["ms"] * 1e-3) - 1
-        assert abs(err) <= 0.15, (rec["bytes_per_rank"], rec["ms"], predicted * 1e3, err)
+        bound = large_bound if rec["bytes_per_rank"] >= 64 << 20 else small_bound
+        assert abs(err) <= bound, (rec["bytes_per_rank"], rec["ms"], predicted * 1e3, err)

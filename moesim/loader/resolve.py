@@ -248,14 +248,19 @@ def _expand_catalog_profile(
 
 
 def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
-    """Read a device profile named by path (``cluster.profile``, relative to the scenario
-    file) and embed its data, so the resolved scenario is self-contained."""
+    """Read a device profile named by path (``cluster.profile``, relative to the file that
+    names it; to the working directory when it comes from ``--set``) and embed its data,
+    so the resolved scenario is self-contained."""
     cluster = data.get("cluster")
     if not isinstance(cluster, dict) or not isinstance(cluster.get("profile"), str):
         return
     issues: list[Issue] = []
     loc = positions.get(("cluster", "profile"), Location(scenario_file))
-    file = FsPath(scenario_file).parent / cluster["profile"]
+    if loc.file.startswith("--set"):
+        base = FsPath.cwd()
+    else:
+        base = FsPath(loc.file or scenario_file).parent
+    file = base / cluster["profile"]
     loaded = _read_profile(file, loc, ("cluster",), issues)
     if issues:
         raise ScenarioError(issues)
