@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from moesim.config.scenario import Scenario
 from moesim.cost.compute import Roofline
 from moesim.engine.moe_layer import LayerCosts
@@ -42,6 +44,24 @@ class System:
     paths: PathTable
     layout: Layout
     layer_costs: LayerCosts
+
+    @property
+    def expert_node(self) -> np.ndarray | None:
+        """Node of each expert per expert-data-parallel group, when the all-to-all sends a
+        token once per node (``parallelism.a2a: deepep``); None otherwise."""
+        if self.scenario.parallelism.a2a != "deepep":
+            return None
+        lay, node_of = self.layout, self.topology.node_of
+        return np.array(
+            [
+                [
+                    node_of[lay.expert_devices(0, g, int(lay.owner[e]))[0]]
+                    for e in range(lay.experts)
+                ]
+                for g in range(lay.edp)
+            ],
+            dtype=np.int64,
+        )
 
 
 def build_system(s: Scenario) -> System:

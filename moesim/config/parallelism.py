@@ -27,9 +27,11 @@ class ParallelismConfig(Frozen):
     """Expert-parallel degree: ranks the experts of one layer are spread over."""
     etp: int = Field(default=1, ge=1)
     """Expert tensor parallelism: ranks each expert's FFN is split over."""
-    a2a: Literal["direct", "hierarchical"] = "direct"
-    """All-to-all algorithm: every pair directly, or hierarchical (over the scale-up fabric
-    to the source node's GPU on the destination's rail, then across nodes on that rail)."""
+    a2a: Literal["direct", "hierarchical", "deepep"] = "direct"
+    """All-to-all algorithm: every pair directly; hierarchical (over the scale-up fabric to
+    the source node's GPU on the destination's rail, then across nodes on that rail); or
+    deepep (across nodes first, each token once per destination node, then to its experts
+    inside the node; combine reduces inside the node first: DeepSeek-V3 / DeepEP)."""
     placement: Literal["contiguous", "round_robin"] | list[int] = "contiguous"
     """Expert -> EP rank: contiguous blocks, round-robin, or an explicit list (one EP rank per
     expert)."""

@@ -74,6 +74,7 @@ class MoELayerCost:
                     tokens,
                     s.model,
                     s.policies,
+                    self.system.expert_node,
                 )
                 rec = simulate_routed_layer(self.system, routing)
                 path = critical_path(rec.timeline)

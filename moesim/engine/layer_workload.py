@@ -48,6 +48,7 @@ def simulate_layer(system: System) -> LayerRecords:
         layer_tokens(s),
         s.model,
         s.policies,
+        system.expert_node,
     )
     return simulate_routed_layer(system, routing, pop)
 

@@ -20,7 +20,7 @@ import simpy
 from moesim.config.model import ModelConfig
 from moesim.config.policies import PoliciesConfig
 from moesim.cost.compute import ExpertKernel, Roofline
-from moesim.engine.exchange import A2AAlgorithm, Exchange
+from moesim.engine.exchange import A2AAlgorithm, DedupExchange, Exchange
 from moesim.engine.network import FlowNetwork
 from moesim.layout import Layout
 from moesim.routing.assignment import assign, capacity_for
@@ -44,6 +44,15 @@ class LayerRouting:
     """Tokens that lost every one of their top_k slots (pass through on the residual only)."""
     capacity: int | None
     """Per-expert capacity of the largest routing group (None = unlimited)."""
+    node_tokens: np.ndarray | None = None
+    """Distinct tokens of each rank with at least one kept slot on each node (ranks x
+    nodes), for all-to-alls that send a token once per node; None when not computed."""
+
+
+def node_token_counts(expert: np.ndarray, expert_node: np.ndarray, nodes: int) -> np.ndarray:
+    """For a group's (tokens x top_k) kept experts (-1 dropped), the distinct tokens per node."""
+    where = np.where(expert >= 0, expert_node[np.maximum(expert, 0)], -1)
+    return np.array([int((where == n).any(axis=1).sum()) for n in range(nodes)], dtype=np.int64)
 
 
 def route_layer(
@@ -53,8 +62,13 @@ def route_layer(
     tokens: int,
     model: ModelConfig,
     policies: PoliciesConfig,
+    expert_node: np.ndarray | None = None,
 ) -> LayerRouting:
-    """Sample every token's choices and apply capacity per rank (each rank is a group)."""
+    """Sample every token's choices and apply capacity per rank (each rank is a group).
+
+    With ``expert_node`` (the node of each expert, per expert-data-parallel group), also
+    count each rank's distinct tokens per node (see ``LayerRouting.node_tokens``).
+    """
     per_rank = layout.tokens_per_rank(tokens)
     experts, k = model.experts, model.top_k
     depth = experts if policies.overflow == "reroute" else k
@@ -62,6 +76,8 @@ def route_layer(
     counts = np.zeros((len(per_rank), experts), dtype=np.int64)
     dropped = rerouted = fully = 0
     cap_max: int | None = None
+    nodes = int(expert_node.max()) + 1 if expert_node is not None else 0
+    node_tokens = np.zeros((len(per_rank), nodes), dtype=np.int64)
     start = 0
     for r, n in enumerate(per_rank):
         rk, sc = ranking[start : start + n], scores[start : start + n]
@@ -74,9 +90,19 @@ def route_layer(
         dropped += a.dropped
         rerouted += a.rerouted(rk)
         fully += int((a.expert < 0).all(axis=1).sum())
+        if expert_node is not None:
+            node_tokens[r] = node_token_counts(a.expert, expert_node[layout.edp_group(r)], nodes)
         if cap is not None:
             cap_max = max(cap_max or 0, cap)
-    return LayerRouting(per_rank, counts, dropped, rerouted, fully, cap_max)
+    return LayerRouting(
+        per_rank,
+        counts,
+        dropped,
+        rerouted,
+        fully,
+        cap_max,
+        node_tokens if expert_node is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -179,26 +205,50 @@ def run_layer(
     node_of = topo.node_of if topo is not None else ()
     local_of = topo.local_of if topo is not None else ()
     device_at = topo.device_at if topo is not None else {}
-    dispatch = Exchange(
-        env,
-        net,
-        [(s, d, n * costs.dispatch_bytes_per_token) for s, out in sends.items() for d, n in out],
-        algo,
-        node_of,
-        device_at,
-        local_of,
-        costs.a2a_overhead_s,
-    )
-    combine = Exchange(
-        env,
-        net,
-        [(d, s, n * costs.combine_bytes_per_token) for s, out in sends.items() for d, n in out],
-        algo,
-        node_of,
-        device_at,
-        local_of,
-        costs.a2a_overhead_s,
-    )
+    dispatch_msgs = [
+        (s, d, n * costs.dispatch_bytes_per_token) for s, out in sends.items() for d, n in out
+    ]
+    combine_msgs = [
+        (d, s, n * costs.combine_bytes_per_token) for s, out in sends.items() for d, n in out
+    ]
+    dispatch: Exchange | DedupExchange
+    combine: Exchange | DedupExchange
+    if algo == "deepep" and routing.node_tokens is not None:
+        tokens = {
+            (layout.device(stage, r), n): int(c)
+            for r, row in enumerate(routing.node_tokens)
+            for n, c in enumerate(row)
+        }
+        dispatch = DedupExchange(
+            env,
+            net,
+            dispatch_msgs,
+            "dispatch",
+            node_of,
+            device_at,
+            local_of,
+            {k: v * costs.dispatch_bytes_per_token for k, v in tokens.items()},
+            costs.a2a_overhead_s,
+        )
+        combine = DedupExchange(
+            env,
+            net,
+            combine_msgs,
+            "combine",
+            node_of,
+            device_at,
+            local_of,
+            {k: v * costs.combine_bytes_per_token for k, v in tokens.items()},
+            costs.a2a_overhead_s,
+        )
+    else:
+        plain: A2AAlgorithm = "direct" if algo == "deepep" else algo
+        dispatch = Exchange(
+            env, net, dispatch_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+        )
+        combine = Exchange(
+            env, net, combine_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+        )
 
     def source(local: int) -> Generator[simpy.Event, Any, None]:
         src = layout.device(stage, local)
