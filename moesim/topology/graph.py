@@ -129,7 +129,8 @@ def _scale_up(g: nx.DiGraph, c: NodesCluster, n: int, gpus: list[str]) -> None:
 
 def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
     fab = c.fabric
-    assert fab.nic is not None and fab.switch is not None  # guaranteed by config rules
+    if fab.nic is None or fab.switch is None:  # the config rules reject this first
+        raise ValueError("a fabric needs a NIC link and a switch preset")
     nic = hardware.link(fab.nic)
     sw = hardware.switch(fab.switch)
     per = c.accelerators_per_node
