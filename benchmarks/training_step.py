@@ -25,9 +25,11 @@ def main() -> None:
         summary = moesim.run(scenario).summary
         wall = time.perf_counter() - t0
         ev = summary["events"]
-        print(f"{scenario.name:<32} devices {summary['devices']:>4}  wall {wall:7.2f} s  "
-              f"step {summary['step_time_ms']:10.1f} ms  pipeline events {ev['pipeline']:>6}  "
-              f"layer simulations {ev['layer_evaluations']}")
+        print(
+            f"{scenario.name:<32} devices {summary['devices']:>4}  wall {wall:7.2f} s  "
+            f"step {summary['step_time_ms']:10.1f} ms  pipeline events {ev['pipeline']:>6}  "
+            f"layer simulations {ev['layer_evaluations']}"
+        )
 
 
 if __name__ == "__main__":

@@ -90,4 +90,7 @@ def run(scenario: Scenario) -> Result:
     else:
         records = simulate_layer(system)
         summary = layer_summary(system, records)
+    from moesim.energy.summary import energy_summary
+
+    summary["energy"] = energy_summary(system, records)
     return Result(scenario, summary, records, system, time.perf_counter() - t0)

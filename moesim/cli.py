@@ -188,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
             result.summary["workload"], layer_table
         )
         print(table(result.summary))
+        from moesim.energy.summary import energy_lines
+
+        if result.summary.get("energy"):
+            print(energy_lines(result.summary))
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")
     return 0

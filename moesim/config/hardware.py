@@ -91,6 +91,24 @@ class Efficiency(Frozen):
     """Where both fractions come from: a measurement file, a paper, or a stated assumption."""
 
 
+class PowerSpec(Frozen):
+    """Measured board power of one chip in its busy states (idle is ``idle_w``).
+
+    Used by :mod:`moesim.energy.power`; a preset without it gets powers scaled from the
+    H100 SXM measurement (an assumption the energy summary states).
+    """
+
+    compute_w: float = Field(gt=0)
+    """Board power while running sustained compute-bound matrix products, watts."""
+    memory_w: float = Field(gt=0)
+    """Board power while running sustained memory-bound copies, watts."""
+    communicating_w: float | None = Field(default=None, gt=0)
+    """Board power while driving collectives, watts; None where not measured (the energy
+    model then assumes ``memory_w``)."""
+    source: str = Field(min_length=1)
+    """Where the figures come from: a measurement file and its records."""
+
+
 class AcceleratorSpec(Frozen):
     """One accelerator chip (GPU or TPU): compute, memory, power and its links."""
 
@@ -127,6 +145,9 @@ class AcceleratorSpec(Frozen):
     profile: DeviceProfile | None = None
     """Measured cost-model profile of this device (a catalog profile name in presets);
     when present it replaces peak x efficiency in the cost model."""
+    power: PowerSpec | None = None
+    """Measured busy-state board powers (see :mod:`moesim.energy.power`); None where not
+    measured."""
 
     @field_validator("sources")
     @classmethod
@@ -137,6 +158,15 @@ class AcceleratorSpec(Frozen):
     def _idle_below_tdp(self) -> AcceleratorSpec:
         if self.idle_w >= self.tdp_w:
             raise ValueError(f"idle_w ({self.idle_w} W) must be below tdp_w ({self.tdp_w} W)")
+        if self.power is not None:
+            p = self.power
+            for name in ("compute_w", "memory_w", "communicating_w"):
+                value = getattr(p, name)
+                if value is not None and not self.idle_w <= value <= self.tdp_w:
+                    raise ValueError(
+                        f"power.{name} ({value} W) must lie between idle_w ({self.idle_w} W) "
+                        f"and tdp_w ({self.tdp_w} W)"
+                    )
         return self
 
 

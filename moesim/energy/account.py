@@ -1,0 +1,313 @@
+"""Energy of a run: the integral of each device's power over its timeline, plus the network.
+
+Each workload's records are turned into device-seconds per state
+(:data:`moesim.energy.power.STATES`); energy is ``sum(seconds x power(state))``. What is
+counted, per workload:
+
+- ``layer``: every device of the cluster over the layer time. Expert GEMM intervals are
+  compute- or memory-bound by the roofline of their grouped up-projection (the device's
+  cost model: FLOPs over achievable FLOP/s against bytes over achievable bandwidth);
+  shared-expert FFNs the same way; gate/permute and combine are memory-bound. The rest of
+  the layer time is idle (waiting on the all-to-all counts as idle: the engine does not
+  occupy the device while its flows are in flight). Network energy = link bytes x 8 x the
+  link's ``energy_pj_per_bit`` where the preset has one (else 0, said in the notes).
+- ``training`` (one step): per pipeline stage, its devices are busy during their forward
+  and backward operations (the all-to-all and tensor-parallel parts communicating, the
+  rest compute- or memory-bound by the roofline of a ``seq_len x d_model x d_model``
+  product), idle for the rest of the pipeline (bubble and activation transfers);
+  everyone communicates during the gradient sync and is memory-bound in the optimizer.
+- ``serving``: every device is busy during each iteration (the ranks step in lock-step),
+  its MoE part compute- or memory-bound by the roofline of the expert product at the
+  iteration's tokens per expert, the rest by a ``tokens-per-rank x d_model x d_model``
+  product; idle between iterations up to the end of the run (warm-up and drain included;
+  at least ``duration_s``, the window the server is up for arrivals).
+
+Host CPUs, DRAM, NICs and switches are left out (no sourced power figure in the catalog;
+``SwitchSpec.power_w`` is unpublished for the shipped switches); the notes say so.
+Pure functions of the records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.config.energy import EnergyConfig
+from moesim.config.serving import ServingWorkload
+from moesim.config.training import TrainingWorkload
+from moesim.cost.compute import Roofline
+from moesim.energy.power import STATES, DevicePower, State, device_power
+from moesim.engine.layer_workload import LayerRecords
+from moesim.engine.serving import ServingRecords
+from moesim.engine.training import TrainingRecords
+from moesim.system import System
+
+HOST_NOTE = "host CPUs, DRAM, NICs and switches left out: no sourced power figure in the catalog"
+
+
+@dataclass(frozen=True)
+class EnergyAccount:
+    """Device-seconds per state and network energy of one run (IT equipment only)."""
+
+    duration_s: float
+    """Simulated time the account covers."""
+    devices: int
+    state_s: dict[State, float]
+    """Device-seconds in each state, summed over devices."""
+    power: DevicePower
+    network_j: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def device_j_by_state(self) -> dict[State, float]:
+        """Joules drawn by the devices in each state."""
+        return {st: self.state_s[st] * self.power.watts(st) for st in STATES}
+
+    @property
+    def device_j(self) -> float:
+        """Joules drawn by the devices."""
+        return sum(self.device_j_by_state.values())
+
+    @property
+    def it_j(self) -> float:
+        """Joules of the IT equipment counted (devices + network)."""
+        return self.device_j + self.network_j
+
+    def scaled(self, factor: float) -> EnergyAccount:
+        """The same account repeated ``factor`` times (e.g. over training steps)."""
+        return EnergyAccount(
+            duration_s=self.duration_s * factor,
+            devices=self.devices,
+            state_s={st: v * factor for st, v in self.state_s.items()},
+            power=self.power,
+            network_j=self.network_j * factor,
+            notes=self.notes,
+        )
+
+
+@dataclass(frozen=True)
+class FacilityEnergy:
+    """An account at the facility: PUE overhead and carbon."""
+
+    it_j: float
+    overhead_j: float
+    """Cooling and power delivery: ``it_j x (pue - 1)``."""
+    total_j: float
+    """``it_j x pue``."""
+    kwh: float
+    kgco2e: float
+    """``kwh x carbon_intensity_g_per_kwh / 1000``."""
+
+
+def facility(account: EnergyAccount, cfg: EnergyConfig) -> FacilityEnergy:
+    """Apply the facility's PUE and the grid's carbon intensity to an account."""
+    it = account.it_j
+    total = it * cfg.pue
+    kwh = total / 3.6e6
+    return FacilityEnergy(
+        it_j=it,
+        overhead_j=it * (cfg.pue - 1.0),
+        total_j=total,
+        kwh=kwh,
+        kgco2e=kwh * cfg.carbon_intensity_g_per_kwh / 1000.0,
+    )
+
+
+def account_from_busy(
+    power: DevicePower,
+    devices: int,
+    duration_s: float,
+    busy: list[tuple[int, State, float]],
+    network_j: float = 0.0,
+    notes: tuple[str, ...] = (),
+) -> EnergyAccount:
+    """An account from busy spans ``(device, state, seconds)``; each device is idle for the
+    rest of ``duration_s`` (never negative)."""
+    per = np.zeros((devices, len(STATES)))
+    index = {st: i for i, st in enumerate(STATES)}
+    for device, state, seconds in busy:
+        if state == "idle":
+            raise ValueError("busy spans cannot be idle")
+        per[device, index[state]] += seconds
+    per[:, index["idle"]] = np.maximum(duration_s - per.sum(axis=1), 0.0)
+    state_s: dict[State, float] = {st: float(per[:, index[st]].sum()) for st in STATES}
+    return EnergyAccount(duration_s, devices, state_s, power, network_j, notes)
+
+
+def compute_bound(rf: Roofline, flops: float, nbytes: float) -> bool:
+    """Whether a product of ``flops`` FLOPs streaming ``nbytes`` is compute-bound on ``rf``."""
+    return flops / rf.flops_per_s >= nbytes / rf.bytes_per_s
+
+
+def _product_state(rf: Roofline, m: float, k: int, n: int) -> State:
+    b = rf.bytes_per_element
+    return (
+        "compute" if compute_bound(rf, 2.0 * m * k * n, b * (m * k + k * n + m * n)) else "memory"
+    )
+
+
+def network_energy_j(system: System, link_bytes: np.ndarray) -> tuple[float, str]:
+    """Joules of the bytes carried by each link with a published pJ/bit, and a note."""
+    from moesim.catalog.hardware import link
+
+    g = system.topology.graph
+    joules = 0.0
+    uncovered = 0.0
+    for i, (u, v) in enumerate(system.paths.edges):
+        nbytes = float(link_bytes[i])
+        if nbytes <= 0:
+            continue
+        name = g[u][v].get("link")
+        try:
+            pj = link(name).energy_pj_per_bit if name else None
+        except KeyError:
+            pj = None
+        if pj is None:
+            uncovered += nbytes
+        else:
+            joules += nbytes * 8 * pj * 1e-12
+    if uncovered:
+        note = (
+            f"network: {uncovered:.6g} bytes on links without a published energy_pj_per_bit "
+            "counted as 0 J"
+        )
+    else:
+        note = "network: link bytes x 8 x energy_pj_per_bit"
+    return joules, note
+
+
+def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
+    """Every device over the layer time (see the module docstring)."""
+    from moesim.engine.moe_layer import traffic
+
+    s = system.scenario
+    m = s.model
+    rf = system.layer_costs.roofline
+    layout = system.layout
+    n_dev = len(system.topology.devices)
+    _, loads = traffic(rec.routing, layout, 0)
+    local_of = {layout.device(0, local): local for local in range(layout.stage_ranks)}
+    up_n = (2 if m.activation in ("swiglu", "geglu") else 1) * (m.expert_d_ff // layout.etp)
+    b = rf.bytes_per_element
+    busy: list[tuple[int, State, float]] = []
+    for iv in rec.timeline.intervals:
+        state: State = "memory"
+        if iv.name == "experts" and iv.device in loads:
+            n = loads[iv.device][loads[iv.device] > 0].astype(float)
+            flops = 2.0 * n.sum() * m.d_model * up_n
+            nbytes = b * (n.sum() * m.d_model + len(n) * m.d_model * up_n + n.sum() * up_n)
+            # grouped kernels reach these fractions of the product rates
+            grouped = compute_bound(
+                rf, flops / rf.grouped_compute_factor, nbytes / rf.grouped_memory_factor
+            )
+            state = "compute" if grouped else "memory"
+        elif iv.name == "shared experts" and iv.device in local_of:
+            tokens = float(rec.routing.tokens_per_rank[local_of[iv.device]])
+            state = _product_state(rf, tokens, m.d_model, m.shared_d_ff * m.shared_experts)
+        busy.append((iv.device, state, iv.end_s - iv.start_s))
+    network_j, note = network_energy_j(system, rec.link_bytes)
+    return account_from_busy(
+        device_power(s.cluster.accelerator),
+        n_dev,
+        rec.time_s,
+        busy,
+        network_j,
+        (
+            "layer: expert GEMMs compute- or memory-bound by the roofline; gate, permute and "
+            "combine memory-bound; waiting on the all-to-all idle",
+            note,
+            HOST_NOTE,
+        ),
+    )
+
+
+def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) -> EnergyAccount:
+    """One training step of every device (see the module docstring)."""
+    s = system.scenario
+    m = s.model
+    layout = system.layout
+    rf = system.layer_costs.roofline
+    n_dev = len(system.topology.devices)
+    busy_stage = np.zeros(len(rec.stages))
+    for stage, _, _, start, end in rec.ops:
+        busy_stage[stage] += end - start
+    work: State = _product_state(rf, w.seq_len * w.micro_batch_sequences, m.d_model, m.d_model)
+    busy: list[tuple[int, State, float]] = []
+    for stage, cost in enumerate(rec.stages):
+        comm = min(w.microbatches * (cost.a2a_s + cost.tp_s), float(busy_stage[stage]))
+        for local in range(layout.stage_ranks):
+            d = layout.device(stage, local)
+            busy.append((d, work, float(busy_stage[stage]) - comm))
+            busy.append((d, "communicating", comm))
+    for d in range(n_dev):
+        busy.append((d, "communicating", rec.grad_sync_s))
+        busy.append((d, "memory", rec.optimizer_s))
+    return account_from_busy(
+        device_power(s.cluster.accelerator),
+        n_dev,
+        rec.step_s,
+        busy,
+        0.0,
+        (
+            f"training: forward/backward {work}-bound by the roofline of a "
+            f"{w.seq_len * w.micro_batch_sequences} x {m.d_model} x {m.d_model} product, "
+            "all-to-all, tensor-parallel and gradient sync communicating, optimizer "
+            "memory-bound, pipeline bubble idle",
+            "network: link bytes not recorded for this workload; 0 J beyond the devices' "
+            "communicating power",
+            HOST_NOTE,
+        ),
+    )
+
+
+def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
+    """Every device over the whole serving run (see the module docstring)."""
+    s = system.scenario
+    m = s.model
+    layout = system.layout
+    rf = system.layer_costs.roofline
+    n_dev = len(system.topology.devices)
+    it = rec.iterations
+    b = rf.bytes_per_element
+    tokens = it.batch_tokens.astype(float)
+    # the rest of the iteration: weight products over the tokens of one DP rank
+    m_rank = tokens / max(rec.dp, 1)
+    k = m.d_model
+    other_bound = (
+        2.0 * m_rank * k * k / rf.flops_per_s >= b * (2 * m_rank * k + k * k) / rf.bytes_per_s
+    )
+    # the experts: tokens per expert through the (sharded) up-projection
+    n_ff = (2 if m.activation in ("swiglu", "geglu") else 1) * (m.expert_d_ff // layout.etp)
+    m_exp = tokens * m.top_k / m.experts
+    moe_bound = (
+        2.0 * m_exp * k * n_ff / rf.flops_per_s
+        >= b * (m_exp * k + k * n_ff + m_exp * n_ff) / rf.bytes_per_s
+    )
+    moe_s = np.minimum(it.moe_s, it.duration_s)
+    other_s = it.duration_s - moe_s
+    seconds: dict[State, float] = {
+        "compute": float(moe_s[moe_bound].sum() + other_s[other_bound].sum()),
+        "memory": float(moe_s[~moe_bound].sum() + other_s[~other_bound].sum()),
+    }
+    busy: list[tuple[int, State, float]] = [
+        (d, st, v) for d in range(n_dev) for st, v in seconds.items()
+    ]
+    w = s.workload
+    # the server is up for the arrival window at least, even if the last request ends early
+    window_s = max(rec.end_s, w.duration_s) if isinstance(w, ServingWorkload) else rec.end_s
+    return account_from_busy(
+        device_power(s.cluster.accelerator),
+        n_dev,
+        window_s,
+        busy,
+        0.0,
+        (
+            "serving: each iteration compute- or memory-bound by the roofline (MoE part at "
+            "its tokens per expert, the rest at its tokens per DP rank; the all-to-all "
+            "inside the MoE time counted with it); idle between iterations, over the whole "
+            "run (at least duration_s) including warm-up and drain",
+            "network: link bytes not recorded for this workload; 0 J",
+            HOST_NOTE,
+        ),
+    )

@@ -1,0 +1,109 @@
+"""The ``energy`` section of every workload's summary (see README: Outputs, Energy).
+
+Pure: a function of the system and the engine's records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moesim.config.training import TrainingWorkload
+from moesim.energy.account import (
+    EnergyAccount,
+    facility,
+    layer_account,
+    serving_account,
+    training_account,
+)
+from moesim.engine.layer_workload import LayerRecords, layer_tokens
+from moesim.engine.serving import ServingRecords
+from moesim.engine.training import TrainingRecords
+from moesim.system import System
+
+
+def _sig(x: float, digits: int = 9) -> float:
+    """``x`` to ``digits`` significant digits (summaries stay byte-stable and readable)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _per(total: float, n: float) -> float | None:
+    return _sig(total / n) if n > 0 else None
+
+
+def account_summary(account: EnergyAccount, system: System) -> dict[str, Any]:
+    """Totals, breakdowns and sources of one account under the scenario's energy inputs."""
+    cfg = system.scenario.energy
+    fac = facility(account, cfg)
+    return {
+        "energy_j": _sig(fac.total_j),
+        "energy_j_by_state": {st: _sig(j) for st, j in account.device_j_by_state.items()},
+        "energy_j_by_component": {
+            "devices": _sig(account.device_j),
+            "network": _sig(account.network_j),
+            "facility_overhead": _sig(fac.overhead_j),
+        },
+        "device_seconds_by_state": {st: _sig(v) for st, v in account.state_s.items()},
+        "duration_s": _sig(account.duration_s),
+        "kwh": _sig(fac.kwh),
+        "kgco2e": _sig(fac.kgco2e),
+        "average_power_w": _per(fac.total_j, account.duration_s),
+        "pue": cfg.pue,
+        "carbon_intensity_g_per_kwh": cfg.carbon_intensity_g_per_kwh,
+        "power_w": {st: _sig(w) for st, w in account.power.as_dict().items()},
+        "power_source": account.power.source,
+        "notes": list(account.notes),
+    }
+
+
+def energy_summary(
+    system: System, records: LayerRecords | TrainingRecords | ServingRecords
+) -> dict[str, Any]:
+    """The ``energy`` section for a run's records, whatever the workload."""
+    if isinstance(records, ServingRecords):
+        account = serving_account(system, records)
+        out = account_summary(account, system)
+        total = facility(account, system.scenario.energy).total_j
+        r = records.requests
+        out["output_tokens"] = int(r.generated_tokens.sum())
+        out["completed_requests"] = int(np.isfinite(r.finish_s).sum())
+        out["energy_per_token_j"] = _per(total, out["output_tokens"])
+        out["energy_per_request_j"] = _per(total, out["completed_requests"])
+        return out
+    if isinstance(records, TrainingRecords):
+        w = system.scenario.workload
+        assert isinstance(w, TrainingWorkload)
+        step = training_account(system, w, records)
+        account = step.scaled(w.steps)
+        out = account_summary(account, system)
+        step_j = facility(step, system.scenario.energy).total_j
+        out["steps"] = w.steps
+        out["energy_per_step_j"] = _sig(step_j)
+        out["energy_per_token_j"] = _per(step_j, records.tokens_per_step)
+        return out
+    account = layer_account(system, records)
+    out = account_summary(account, system)
+    total = facility(account, system.scenario.energy).total_j
+    out["energy_per_token_j"] = _per(total, layer_tokens(system.scenario))
+    return out
+
+
+def energy_lines(summary: dict[str, Any]) -> str:
+    """Two lines for the text table of a run whose summary has an ``energy`` section."""
+    e = summary.get("energy")
+    if not e:
+        return ""
+    per = e.get("energy_per_token_j")
+    per_txt = f"  {per * 1e3:.4g} mJ/token" if per is not None else ""
+    if e.get("energy_per_request_j") is not None:
+        per_txt += f"  {e['energy_per_request_j']:.4g} J/request"
+    w = e["power_w"]
+    basis = e["power_source"].split(";")[0]
+    return (
+        f"energy             {e['energy_j']:.6g} J  ({e['kwh']:.4g} kWh, "
+        f"{e['kgco2e']:.4g} kgCO2e, PUE {e['pue']:g})  avg {e['average_power_w'] or 0:.5g} W"
+        f"{per_txt}\n"
+        f"  power (W)        idle {w['idle']:g}  compute {w['compute']:g}  memory "
+        f"{w['memory']:g}  communicating {w['communicating']:g}  ({basis}; see power_source)"
+    )
