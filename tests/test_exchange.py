@@ -126,3 +126,17 @@ def test_deepep_layer_moves_fewer_bytes_across_nodes_than_direct() -> None:
         )
 
     assert nic_bytes("deepep") < 0.9 * nic_bytes("direct")
+
+
+def test_network_bytes_follow_the_algorithm() -> None:
+    """Relaying adds wire bytes (two hops); deduplication removes some; slots stay the same."""
+    import moesim
+
+    path = Path(__file__).resolve().parent.parent / "scenarios" / "deepseek-v3-ep32-h800.yaml"
+    out = {}
+    for a2a in ("direct", "hierarchical", "deepep"):
+        s = moesim.load_scenario(str(path), [f"parallelism.a2a={a2a}", "workload.tokens=1024"])
+        out[a2a] = moesim.run(s).summary
+    assert len({o["a2a_bytes"] for o in out.values()}) == 1
+    assert out["hierarchical"]["network_bytes"] > out["direct"]["network_bytes"]
+    assert out["direct"]["network_bytes"] == out["direct"]["a2a_bytes"]

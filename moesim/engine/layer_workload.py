@@ -24,6 +24,8 @@ class LayerRecords:
     routing: LayerRouting
     timeline: LayerTimeline
     link_bytes: np.ndarray
+    sent_bytes: float
+    """Bytes the exchanges actually put on the network (after relaying / deduplication)."""
     popularity: np.ndarray
     network_events: int
     sim_events: int
@@ -76,6 +78,7 @@ def simulate_routed_layer(
         routing=routing,
         timeline=timeline,
         link_bytes=net.link_bytes.copy(),
+        sent_bytes=net.sent_bytes,
         popularity=pop if pop is not None else np.full(experts, 1.0 / experts),
         network_events=net.events,
         sim_events=steps,

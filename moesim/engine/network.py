@@ -39,6 +39,8 @@ class FlowNetwork:
     """Bytes carried by each directed edge so far."""
     events: int = 0
     """Rate recomputations performed (for benchmarks)."""
+    sent_bytes: float = 0.0
+    """Bytes of every flow injected between distinct devices (each hop of a relay counts)."""
 
     def __post_init__(self) -> None:
         self.capacity = self.paths.bandwidth_gbps * 1e9
@@ -75,6 +77,7 @@ class FlowNetwork:
                 continue
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
+            self.sent_bytes += nbytes
             self._paths.append(path)
             self._done.append(ev)
             sizes.append(float(nbytes))

@@ -67,6 +67,7 @@ def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
         "device_finish_ms": [_ms(float(f)) for f in finish],
         "a2a_bytes": a2a["dispatch"] + a2a["combine"],
         "a2a_bytes_by_phase": a2a,
+        "network_bytes": int(rec.sent_bytes),
         "breakdown_ms": _breakdown(rec),
         "busiest_link": link_util,
         "events": {"simulation": rec.sim_events, "network_rate_updates": rec.network_events},
