@@ -33,7 +33,25 @@ from moesim.engine.network import FlowNetwork
 A2AAlgorithm = Literal["direct", "hierarchical", "deepep"]
 
 
-class Exchange:
+class _Deliveries:
+    """Delivery events of an exchange's messages and when each arrived."""
+
+    env: simpy.Environment
+    delivered: dict[tuple[int, int], simpy.Event]
+    arrived_s: dict[tuple[int, int], float]
+
+    def _deliver_cb(self, keys: list[tuple[int, int]]) -> Callable[[simpy.Event], None]:
+        """A callback that marks ``keys`` delivered now."""
+
+        def fire(_: simpy.Event) -> None:
+            for key in keys:
+                self.arrived_s[key] = self.env.now
+                self.delivered[key].succeed()
+
+        return fire
+
+
+class Exchange(_Deliveries):
     """The flows of one all-to-all phase and their delivery events."""
 
     def __init__(
@@ -84,14 +102,6 @@ class Exchange:
         for d in local:
             self._contribute(src, d)
 
-    def _deliver_cb(self, keys: list[tuple[int, int]]) -> Callable[[simpy.Event], None]:
-        def fire(_: simpy.Event) -> None:
-            for key in keys:
-                self.arrived_s[key] = self.env.now
-                self.delivered[key].succeed()
-
-        return fire
-
     def _contribute_cb(self, r: int, d: int) -> Callable[[simpy.Event], None]:
         return lambda _: self._contribute(r, d)
 
@@ -104,7 +114,7 @@ class Exchange:
         ev.callbacks.append(self._deliver_cb(keys))
 
 
-class DedupExchange:
+class DedupExchange(_Deliveries):
     """An all-to-all phase that sends each token once per node across the fabric.
 
     ``messages`` are per expert device as in :class:`Exchange`; ``node_bytes[(rank, node)]``
@@ -146,14 +156,6 @@ class DedupExchange:
         """The GPU of ``node`` on ``rank``'s rail."""
         return self.device_at.get((node, self.local_of[rank]), rank)
 
-    def _deliver(self, keys: list[tuple[int, int]]) -> Callable[[simpy.Event], None]:
-        def fire(_: simpy.Event) -> None:
-            for key in keys:
-                self.arrived_s[key] = self.env.now
-                self.delivered[key].succeed()
-
-        return fire
-
     def send(self, src: int) -> None:
         """Start every message of ``src`` now."""
         if self.direction == "dispatch":
@@ -170,7 +172,7 @@ class DedupExchange:
                 by_node[self.node_of[d]].append((d, b))
         extra = self.extra if any(s != d for s, d, _ in local) else 0.0
         for (s, d, _), ev in zip(local, self.net.transfer_many(local, extra)):
-            ev.callbacks.append(self._deliver([(s, d)]))
+            ev.callbacks.append(self._deliver_cb([(s, d)]))
         hops = [(src, self._relay(n, src), self.node_bytes.get((src, n), 0.0)) for n in by_node]
         for (n, targets), ev in zip(by_node.items(), self.net.transfer_many(hops, self.extra)):
             ev.callbacks.append(self._forward(src, self._relay(n, src), targets))
@@ -182,7 +184,7 @@ class DedupExchange:
             flows = [(relay, d, b) for d, b in targets]
             extra = self.extra if any(r != d for r, d, _ in flows) else 0.0
             for (_r, d, _b), ev in zip(flows, self.net.transfer_many(flows, extra)):
-                ev.callbacks.append(self._deliver([(src, d)]))
+                ev.callbacks.append(self._deliver_cb([(src, d)]))
 
         return fire
 
@@ -199,7 +201,7 @@ class DedupExchange:
                 hop1.append((src, relay, b, d))
         extra = self.extra if any(s != d for s, d, _ in direct) else 0.0
         for (s, d, _), ev in zip(direct, self.net.transfer_many(direct, extra)):
-            ev.callbacks.append(self._deliver([(s, d)]))
+            ev.callbacks.append(self._deliver_cb([(s, d)]))
         flows = [(s, r, b) for s, r, b, _ in hop1]
         for (_, r, _, d), ev in zip(hop1, self.net.transfer_many(flows, self.extra)):
             ev.callbacks.append(self._arrive_cb(r, d))
@@ -217,4 +219,4 @@ class DedupExchange:
         nbytes = self.node_bytes.get((rank, self.node_of[relay]), 0.0)
         keys = [(s, rank) for s in self._members[(relay, rank)]]
         (ev,) = self.net.transfer_many([(relay, rank, nbytes)], self.extra)
-        ev.callbacks.append(self._deliver(keys))
+        ev.callbacks.append(self._deliver_cb(keys))
