@@ -69,6 +69,12 @@ class Result:
 
             trace = chrome_trace(self.records.timeline.intervals, self.system.topology.devices)
             write_json_atomic(run_dir / "trace.json", trace)
+        elif self.scenario.output.trace and isinstance(self.records, TrainingRecords):
+            from moesim.report.trace import pipeline_trace
+
+            r = self.records
+            trace = pipeline_trace(r.ops, len(r.stages), r.grad_sync_s, r.optimizer_s, r.pipeline_s)
+            write_json_atomic(run_dir / "trace.json", trace)
         return run_dir
 
 

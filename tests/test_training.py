@@ -129,3 +129,21 @@ def test_overlap_never_slower_and_faster_nic_never_slower() -> None:
     )
     assert simulate_training(sys2, _w(microbatches=2)).step_s <= base.step_s
     assert nic.bandwidth_gbps > 0
+
+
+def test_training_trace_shows_every_operation(tmp_path) -> None:
+    """With output.trace, a training run folder holds one span per micro-batch operation."""
+    import json
+
+    import moesim
+
+    path = __import__("pathlib").Path(__file__).resolve().parent.parent / "scenarios"
+    s = moesim.load_scenario(
+        str(path / "mixtral-training-h100.yaml"),
+        ["output.trace=true", "workload.microbatches=4", "workload.seq_len=256"],
+    )
+    run_dir = moesim.run(s).write(tmp_path)
+    trace = json.loads((run_dir / "trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"][0] in "FB"]
+    assert len(spans) == 2 * 4 * 4  # forward and backward, 4 micro-batches, 4 stages
+    assert {e["name"] for e in spans if e["pid"] == 0} >= {"F0", "B3"}
