@@ -194,3 +194,15 @@ def test_included_preset_refined_by_a_mapping(write) -> None:
     s = load_scenario(top)
     assert s.model.name == "mixtral-8x7b" and s.model.experts == 16
     assert s.cluster.name == "dgx-h100" and s.cluster.accelerator.memory_gib == 96
+
+
+def test_set_past_the_end_of_a_list_is_an_error(write) -> None:
+    """--set on a list index that does not exist is reported, not silently ignored."""
+    p = write(
+        "ok.yaml",
+        GOOD.replace("{dp: 8, ep: 8}", "{dp: 8, ep: 8, placement: [0, 1, 2, 3, 4, 5, 6, 7]}"),
+    )
+    errs = _errors(p, ("parallelism.placement.9=1",))
+    assert errs == [
+        "--set parallelism.placement.9=1: parallelism.placement[9]: no such list index: the list has 8 items"
+    ]

@@ -124,7 +124,14 @@ def apply_overrides(
             _put(node, part, child)
             node = child
         else:
-            _put(node, parts[-1], parse_value(raw))
+            if not _put(node, parts[-1], parse_value(raw)):
+                size = len(node) if isinstance(node, list) else 0
+                issues.append(
+                    Issue(
+                        loc, dotted(tuple(parts)), f"no such list index: the list has {size} items"
+                    )
+                )
+                continue
             for p in [p for p in positions if p[: len(parts)] == tuple(parts)]:
                 del positions[p]
             positions[tuple(parts)] = loc
@@ -138,11 +145,15 @@ def _has(node: Any, part: str | int) -> bool:
     return isinstance(node, list) and isinstance(part, int) and part < len(node)
 
 
-def _put(node: Any, part: str | int, value: Any) -> None:
+def _put(node: Any, part: str | int, value: Any) -> bool:
+    """Set ``node[part]``; False when ``node`` is a list that has no such index."""
     if isinstance(node, dict):
         node[part] = value
-    elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return True
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
         node[part] = value
+        return True
+    return False
 
 
 @cache
