@@ -147,3 +147,13 @@ def test_training_trace_shows_every_operation(tmp_path) -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"][0] in "FB"]
     assert len(spans) == 2 * 4 * 4  # forward and backward, 4 micro-batches, 4 stages
     assert {e["name"] for e in spans if e["pid"] == 0} >= {"F0", "B3"}
+
+
+def test_zero3_gathers_weights_and_costs_time() -> None:
+    """ZeRO-3 shards weights (less memory) and pays their all-gathers (more time)."""
+    system = build_system(scenario_from_dict(BASE))
+    z1 = simulate_training(system, _w(zero_stage=1))
+    z3 = simulate_training(system, _w(zero_stage=3))
+    assert z3.memory.weights < z1.memory.weights
+    assert z3.step_s > z1.step_s
+    assert sum(st.tp_s for st in z3.stages) > sum(st.tp_s for st in z1.stages)

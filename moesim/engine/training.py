@@ -122,6 +122,24 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     moe_bwd = _combine(a, 2 * c, w.overlap_a2a)
     d_ff = (m.dense_d_ff or m.expert_d_ff) // p.tp
     dense_fwd = rf.dense_ffn_s(tokens, m.d_model, d_ff, m.dense_activation or m.activation)
+    # ZeRO-3 keeps 1/group of each parameter: a block gathers its weights before its forward
+    # and again before its backward (Rajbhandari et al. 2020, Sec. 5.3: 1.5x data-parallel
+    # traffic); dense parameters over dp, experts over the expert-data-parallel group
+    gather = {"moe": 0.0, "dense": 0.0}
+    if w.zero_stage == 3:
+        f = figures(m)
+        layout = system.layout
+        dense_group = [layout.device(0, d * p.tp) for d in range(p.dp)]
+        expert_group = [layout.device(0, g * p.ep * p.etp) for g in range(layout.edp)]
+        attn_bytes = 2 * attn_params / p.tp
+        expert_bytes = 2 * (m.experts // p.ep) * f.expert_params / p.etp
+        shared_bytes = 2 * f.shared_expert_params * m.shared_experts / p.tp
+        gather["moe"] = all_gather_s(system.paths, dense_group, attn_bytes + shared_bytes) + (
+            all_gather_s(system.paths, expert_group, expert_bytes)
+        )
+        gather["dense"] = all_gather_s(
+            system.paths, dense_group, attn_bytes + 2 * f.dense_ffn_params / p.tp
+        )
     out = {}
     for kind, (fwd, bwd, a2a, tp) in {
         "moe": (attn_fwd + moe_fwd + tp_pair, attn_bwd + moe_bwd + tp_pair, 2 * a, 2 * tp_pair),
@@ -134,14 +152,16 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     }.items():
         if w.recompute == "full":
             bwd += fwd
-        out[kind] = BlockCost(fwd, bwd, a2a, tp)
+        g = gather[kind]
+        out[kind] = BlockCost(fwd + g, bwd + g, a2a, tp + 2 * g)
     return out
 
 
 def stage_costs(
     system: System, w: TrainingWorkload, blocks: dict[str, BlockCost]
 ) -> list[StageCost]:
-    """Each stage's blocks (layers split evenly, Megatron-style) plus embedding/head."""
+    """Each stage's blocks (layers split evenly, Megatron-style), plus the output head on
+    the last stage (the embedding lookup, a gather of tokens x d_model, is not costed)."""
     s = system.scenario
     m, p = s.model, s.parallelism
     rf = system.layer_costs.roofline
