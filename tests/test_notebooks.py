@@ -1,0 +1,39 @@
+"""The teaching notebooks run top to bottom (each ends in assertions about what it teaches).
+
+Code cells are executed in order in one namespace, from the notebook's folder, as a
+Jupyter kernel would run them; no kernel or nbformat dependency is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks() -> None:
+    assert len(NOTEBOOKS) >= 3
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = json.loads(path.read_text())
+    assert nb["nbformat"] == 4
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert cells, f"{path.name} has no code"
+    # committed without outputs, so diffs stay readable and nothing stale is shown
+    assert all(not c["outputs"] and c["execution_count"] is None for c in cells)
+    monkeypatch.chdir(path.parent)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    for i, cell in enumerate(cells):
+        code = compile("".join(cell["source"]), f"{path.name}[code cell {i + 1}]", "exec")
+        exec(code, namespace)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    assert os.getcwd() == str(path.parent)
