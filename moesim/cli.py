@@ -12,6 +12,7 @@ import json
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from moesim import __version__
@@ -142,6 +143,14 @@ def _parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="show one preset with its derived figures")
     sh.add_argument("kind", choices=["accelerator", "link", "switch", "cluster", "model"])
     sh.add_argument("name")
+
+    im = sub.add_parser(
+        "import-model",
+        help="turn a Hugging Face config.json into a model definition (YAML) with its figures",
+    )
+    im.add_argument("config", help="path to a config.json (mixtral, qwen2_moe, qwen3_moe, "
+                    "deepseek_v2, deepseek_v3, olmoe, dbrx)")
+    im.add_argument("--name", help="model name (default: the config's folder name)")
     return p
 
 
@@ -157,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "calibrate": _calibrate,
             "compare": _compare,
             "fidelity": _fidelity,
+            "import-model": _import_model,
         }[args.command]
         return handler(args)
     except ScenarioError as exc:
@@ -305,7 +315,34 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_model(raw: dict[str, Any]) -> None:
+def _import_model(args: argparse.Namespace) -> int:
+    """Print the model a config.json maps to as YAML (paste it under ``model:``, or write
+    ``model: {hf_config: PATH}``), then its derived figures as comments."""
+    import yaml
+    from pydantic import ValidationError
+
+    from moesim.config.model import ModelConfig
+    from moesim.loader.hf_model import HFConfigError, model_from_hf_config
+
+    path = Path(args.config)
+    try:
+        cfg = json.loads(path.read_text("utf-8"))
+        name = args.name or path.resolve().parent.name or path.stem
+        fields, _notes = model_from_hf_config(cfg, name, f"Hugging Face config.json: {path}")
+        ModelConfig.model_validate(fields)
+    except OSError as exc:
+        print(f"moesim: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    except (ValueError, HFConfigError, ValidationError) as exc:
+        print(f"moesim: {path}: {exc}", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    print(yaml.safe_dump(fields, sort_keys=False), end="")
+    print("# derived:")
+    _show_model(fields, prefix="#   ")
+    return 0
+
+
+def _show_model(raw: dict[str, Any], prefix: str = "") -> None:
     from moesim.config.model import ModelConfig
     from moesim.derived.model_figures import figures
 
@@ -330,7 +367,7 @@ def _show_model(raw: dict[str, Any]) -> None:
         ("one expert", f"{f.expert_params / 1e6:.2f} M params, {f.expert_bytes / 2**20:.1f} MiB"),
     ]
     width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    print("\n".join(f"{prefix}{k.ljust(width)}  {v}" for k, v in rows))
 
 
 def _show_cluster(name: str) -> None:

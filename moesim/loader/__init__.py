@@ -9,6 +9,7 @@ from typing import Any
 from moesim.config.scenario import Scenario
 from moesim.loader.resolve import (
     apply_overrides,
+    expand_hf_models,
     expand_presets,
     expand_profiles,
     expand_traces,
@@ -26,6 +27,7 @@ def load_scenario(
     if seed is not None:
         overrides.append(f"seed={seed}")
     apply_overrides(data, positions, overrides)
+    expand_hf_models(data, positions, str(path))
     expand_presets(data, positions)
     expand_profiles(data, positions, str(path))
     expand_traces(data, positions, str(path))
@@ -37,6 +39,7 @@ def scenario_from_dict(data: dict[str, Any], label: str = "<scenario>") -> Scena
     expanded; relative paths are taken from the current directory)."""
     data = copy.deepcopy(data)
     positions: dict[Any, Any] = {}
+    expand_hf_models(data, positions, str(Path.cwd() / label))
     expand_presets(data, positions)
     expand_profiles(data, positions, str(Path.cwd() / label))
     expand_traces(data, positions, str(Path.cwd() / label))

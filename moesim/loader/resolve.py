@@ -334,3 +334,42 @@ def _read_trace(file: FsPath) -> dict[str, list[float] | list[int]]:
                     f"{[row.get(c) for c in TRACE_COLUMNS]}"
                 ) from None
     return {"arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output}
+
+
+def expand_hf_models(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+    """Read a Hugging Face ``config.json`` named by ``model.hf_config`` (relative to the file
+    that names it; to the working directory when it comes from ``--set``) and replace it by
+    the model fields it maps to (:mod:`moesim.loader.hf_model`); the mapping's other keys
+    override them. The notes on what the mapping left out are appended to ``source``."""
+    import json
+
+    from moesim.loader.hf_model import HFConfigError, model_from_hf_config
+
+    model = data.get("model")
+    if not isinstance(model, dict) or "hf_config" not in model:
+        return
+    at: Path = ("model", "hf_config")
+    loc = positions.get(at, Location(scenario_file))
+    path = model["hf_config"]
+    if "preset" in model:
+        raise ScenarioError(
+            [Issue(loc, dotted(at), "give either model.preset or model.hf_config, not both")]
+        )
+    if not isinstance(path, str):
+        raise ScenarioError([Issue(loc, dotted(at), "expected a path to a config.json file")])
+    from_set = loc.file.startswith("--set")
+    base = FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent
+    file = base / path
+    try:
+        cfg = json.loads(file.read_text("utf-8"))
+        name = FsPath(path).parent.name or FsPath(path).stem
+        fields, notes = model_from_hf_config(cfg, name, f"Hugging Face config.json: {path}")
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ScenarioError([Issue(loc, dotted(at), f"{str(file)!r}: {why}")]) from None
+    except (ValueError, HFConfigError) as exc:
+        raise ScenarioError([Issue(loc, dotted(at), f"{str(file)!r}: {exc}")]) from None
+    if notes:
+        fields["source"] = f"{fields['source']} ({'; '.join(notes)})"
+    fields.update({k: v for k, v in model.items() if k != "hf_config"})
+    data["model"] = fields
