@@ -144,6 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("kind", choices=["accelerator", "link", "switch", "cluster", "model"])
     sh.add_argument("name")
 
+    sw = sub.add_parser(
+        "sweep", help="run many variants of a scenario (resumable), with a Pareto front"
+    )
+    sw.add_argument("sweep", help="sweep file (YAML): base scenario, grid/zip, metrics")
+    sw.add_argument("--workers", type=int, help="runs at once (default: the file's workers)")
+    sw.add_argument("--out", help="parent of sweeps/<name>/ (default: the file's output_dir)")
+    sw.add_argument("--fresh", action="store_true", help="rerun points already finished")
+    sw.add_argument("--quiet", action="store_true", help="no progress lines")
+
     im = sub.add_parser(
         "import-model",
         help="turn a Hugging Face config.json into a model definition (YAML) with its figures",
@@ -167,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": _compare,
             "fidelity": _fidelity,
             "import-model": _import_model,
+            "sweep": _sweep,
         }[args.command]
         return handler(args)
     except ScenarioError as exc:
@@ -312,6 +322,31 @@ def _show(args: argparse.Namespace) -> int:
         _show_cluster(args.name)
     else:
         print(json.dumps(raw, indent=2))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from moesim.report.sweep import pareto_plot, sweep_table
+    from moesim.sweep import run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        print("moesim: --workers must be >= 1", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = run_sweep(
+            args.sweep, args.workers, args.out, args.fresh, None if args.quiet else progress
+        )
+    except KeyboardInterrupt:
+        print("\nmoesim: interrupted; finished points are saved, run again to resume",
+              file=sys.stderr)
+        return 130
+    print(sweep_table(result))
+    if pareto_plot(result, result.folder / "pareto.png"):
+        print(f"Pareto plot: {result.folder / 'pareto.png'}")
     return 0
 
 

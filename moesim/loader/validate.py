@@ -36,6 +36,18 @@ def validate(data: dict[str, Any], positions: Positions, file: str) -> Scenario:
     return scenario
 
 
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def validate_as(model: type[M], data: dict[str, Any], positions: Positions, file: str) -> M:
+    """Build any frozen config record (e.g. a sweep file) with the same located errors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        issues = [i for err in exc.errors() for i in _issues(err, data, positions, file, model)]
+        raise ScenarioError(_dedupe(issues)) from None
+
+
 def _dedupe(issues: list[Issue]) -> list[Issue]:
     seen: set[str] = set()
     out = []
@@ -84,7 +96,13 @@ def _data_path(loc: tuple[int | str, ...], data: Any) -> Path:
     return tuple(out)
 
 
-def _issues(err: Any, data: dict[str, Any], positions: Positions, file: str) -> list[Issue]:
+def _issues(
+    err: Any,
+    data: dict[str, Any],
+    positions: Positions,
+    file: str,
+    root: type[BaseModel] = Scenario,
+) -> list[Issue]:
     """One pydantic error as Issues; a model validator's ``field: message`` lines each
     become an issue at that field."""
     if err["type"] == "value_error":
@@ -103,10 +121,16 @@ def _issues(err: Any, data: dict[str, Any], positions: Positions, file: str) -> 
                 here, line = (*path, *parts), rest
             out.append(Issue(_locate(here, positions, file), dotted(here), line))
         return out
-    return [_issue(err, data, positions, file)]
+    return [_issue(err, data, positions, file, root)]
 
 
-def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> Issue:
+def _issue(
+    err: Any,
+    data: dict[str, Any],
+    positions: Positions,
+    file: str,
+    root: type[BaseModel] = Scenario,
+) -> Issue:
     path = _data_path(tuple(err["loc"]), data)
     where = _locate(path, positions, file)
     kind = err["type"]
@@ -114,7 +138,7 @@ def _issue(err: Any, data: dict[str, Any], positions: Positions, file: str) -> I
     ctx = err.get("ctx") or {}
     msg: str
     if kind == "extra_forbidden":
-        allowed = _fields_at(Scenario, path[:-1], data)
+        allowed = _fields_at(root, path[:-1], data)
         hint = difflib.get_close_matches(str(path[-1]), allowed, n=1)
         if hint:
             msg = f"unknown key (did you mean {hint[0]!r}?)"

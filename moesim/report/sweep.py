@@ -1,0 +1,95 @@
+"""A sweep's table (varied fields, metrics, feasibility, Pareto front) and its front plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moesim.sweep.runner import SweepResult
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == 0 or 1e-3 <= abs(v) < 1e6:
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+def sweep_table(r: SweepResult) -> str:
+    """One row per point; ``*`` marks the Pareto front, ``x`` an infeasible point."""
+    keys = list(r.points[0].values) if r.points else []
+    head = ["", "point", *keys, *r.config.metrics]
+    best = set(r.pareto)
+    body = [
+        [
+            "*" if p.index in best else ("x" if not ok else ""),
+            str(p.index),
+            *(json.dumps(p.values[k]) for k in keys),
+            *(_fmt(row[m]) for m in r.config.metrics),
+        ]
+        for p, row, ok in zip(r.points, r.rows, r.feasible)
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+    notes = [f"{sum(r.feasible)} of {len(r.points)} points feasible"]
+    if r.config.constraints:
+        bounds = ", ".join(
+            f"{m}"
+            + (f" <= {b.max:g}" if b.max is not None else "")
+            + (f" >= {b.min:g}" if b.min is not None else "")
+            for m, b in r.config.constraints.items()
+        )
+        notes[0] += f" ({bounds}; x = infeasible)"
+    o = r.config.objectives
+    if o.minimize or o.maximize:
+        goals = [f"min {m}" for m in o.minimize] + [f"max {m}" for m in o.maximize]
+        notes.append(f"Pareto front (*) over {', '.join(goals)}: points {r.pareto}")
+    notes.append(f"ran {r.ran}, reused {r.reused}; results in {r.folder}")
+    return "\n".join([*lines, "", *notes])
+
+
+def pareto_plot(r: SweepResult, path: Path) -> bool:
+    """Scatter of the first two objectives with the front highlighted; False (nothing
+    written) unless the sweep has exactly two objectives."""
+    o = r.config.objectives
+    names = [*o.minimize, *o.maximize]
+    if len(names) != 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moesim.report.files import write_bytes_atomic
+
+    x, y = names
+    pts = [
+        (float(a), float(b), i)
+        for i, row in enumerate(r.rows)
+        if (a := row[x]) is not None and (b := row[y]) is not None
+    ]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    best = set(r.pareto)
+    for label, pick, style in (
+        ("infeasible", lambda i: not r.feasible[i], dict(marker="x", color="0.6")),
+        ("feasible", lambda i: r.feasible[i] and i not in best, dict(marker="o", color="C0")),
+        ("Pareto front", lambda i: i in best, dict(marker="*", s=120, color="C3")),
+    ):
+        sel = [(a, b) for a, b, i in pts if pick(i)]
+        if sel:
+            ax.scatter([a for a, _ in sel], [b for _, b in sel], label=label, **style)
+    for a, b, i in pts:
+        ax.annotate(str(i), (a, b), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(r.config.name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return True
