@@ -56,6 +56,8 @@ class CollectiveFit(Frozen):
     """Fixed cost of one call."""
     bandwidth_gbps: float = Field(gt=0)
     """Bytes per rank (the buffer each rank holds) per second, GB/s."""
+    source: str | None = None
+    """Where this fit was measured, when not in the profile's own ``source``."""
 
 
 class FitQuality(Frozen):
