@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     r.add_argument("--no-write", action="store_true", help="do not write a run folder")
+    r.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.md with plots and the inputs' sources into the run folder",
+    )
 
     cmp = sub.add_parser("compare", help="run two scenarios and show their summaries side by side")
     cmp.add_argument("a", help="scenario A")
@@ -201,6 +206,10 @@ def _run(args: argparse.Namespace) -> int:
     scenario = _load(args)
     result = run(scenario)
     run_dir = None if args.no_write else result.write(args.out)
+    if run_dir is not None and args.report:
+        from moesim.report.document import write_report
+
+        write_report(result, run_dir)
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))
     else:

@@ -1,0 +1,57 @@
+"""report.md: every workload gets its tables, plots and the inputs' sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moesim.api import run
+from moesim.cli import main
+from moesim.loader import load_scenario
+from moesim.report.document import write_report
+
+SCENARIOS = Path(__file__).parent.parent / "scenarios"
+
+
+@pytest.mark.parametrize(
+    ("file", "overrides", "plots"),
+    [
+        ("quickstart.yaml", ["workload.tokens=2048"], {"expert_load.png", "device_time.png"}),
+        (
+            "mixtral-serving-dgx-h100.yaml",
+            ["workload.duration_s=3", "workload.warmup_s=1"],
+            {"batches.png", "ttft_cdf.png"},
+        ),
+        ("switch-base-training-tpu-v3.yaml", [], {"breakdown.png"}),
+    ],
+)
+def test_report_has_figures_plots_and_sources(
+    tmp_path: Path, file: str, overrides: list[str], plots: set[str]
+) -> None:
+    result = run(load_scenario(SCENARIOS / file, overrides))
+    path = write_report(result, tmp_path)
+    text = path.read_text()
+    assert text.startswith(f"# {result.scenario.name}")
+    assert plots <= {p.name for p in (tmp_path / "plots").glob("*.png")}
+    for name in plots:
+        assert f"](plots/{name})" in text
+    # every scalar of the summary is in the table, with its value
+    summary = result.summary
+    key = {"layer": "time_ms", "serving": "throughput_tokens_per_s", "training": "step_time_ms"}[
+        summary["workload"]
+    ]
+    assert f"| `{key}` |" in text
+    assert result.scenario.model.source in text and result.scenario.cluster.source in text
+    assert "## Energy" in text
+
+
+def test_run_report_flag(tmp_path: Path) -> None:
+    assert (
+        main(["run", str(SCENARIOS / "quickstart.yaml"), "--out", str(tmp_path), "--report"]) == 0
+    )
+    (run_dir,) = list((tmp_path / "quickstart").iterdir())
+    text = (run_dir / "report.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"| `dropped_tokens` | {summary['dropped_tokens']} |" in text
