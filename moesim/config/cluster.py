@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moesim.config.base import Frozen
 from moesim.config.hardware import AcceleratorSpec
@@ -32,6 +32,30 @@ class HostSpec(Frozen):
     """Aggregate NVMe sequential write bandwidth per host, GB/s."""
     source: str = Field(min_length=1)
     """Where these figures come from."""
+    power_busy_w: float | None = Field(default=None, ge=0)
+    """Power of the host (CPU sockets and what ``power_source`` names) while its
+    accelerators are busy, watts; None where unpublished (hosts are then left out of the
+    energy account, which says so)."""
+    power_idle_w: float | None = Field(default=None, ge=0)
+    """Host power while its accelerators are idle, watts; None = ``power_busy_w`` (no
+    published idle figure: the host is charged its busy power all along, an upper bound)."""
+    power_source: str | None = Field(default=None, min_length=1)
+    """Where the host power figures come from (required with ``power_busy_w``)."""
+
+    @model_validator(mode="after")
+    def _power_is_cited(self) -> HostSpec:
+        if self.power_busy_w is None:
+            if self.power_idle_w is not None:
+                raise ValueError("power_idle_w needs power_busy_w")
+            return self
+        if self.power_source is None:
+            raise ValueError("power_busy_w is given without a citation in power_source")
+        if self.power_idle_w is not None and self.power_idle_w > self.power_busy_w:
+            raise ValueError(
+                f"power_idle_w ({self.power_idle_w} W) must not exceed power_busy_w "
+                f"({self.power_busy_w} W)"
+            )
+        return self
 
 
 class ScaleUp(Frozen):

@@ -22,8 +22,19 @@ counted, per workload:
   product; idle between iterations up to the end of the run (warm-up and drain included;
   at least ``duration_s``, the window the server is up for arrivals).
 
-Host CPUs, DRAM, NICs and switches are left out (no sourced power figure in the catalog;
-``SwitchSpec.power_w`` is unpublished for the shipped switches); the notes say so.
+Besides the devices and the links (see :func:`infrastructure`):
+
+- hosts: each host (a server's CPU side; one per node, or per ``chips_per_host`` chips of
+  a torus) draws ``power_idle_w + busy_share x (power_busy_w - power_idle_w)`` for the
+  whole duration, where ``busy_share`` is the fraction of device-seconds that are not idle
+  (the host launches and feeds its accelerators' work); a host without ``power_busy_w``
+  is left out, one without ``power_idle_w`` draws its busy power throughout;
+- switches: a switch preset with a published ``power_w`` is charged pro rata of the ports
+  the cluster attaches to it (``power_w / ports x attached ports``) for the whole duration
+  (switches draw near-constant power whatever the traffic); presets without one are left
+  out.
+
+What is still left out is listed in :data:`HOST_NOTE` and in each account's notes.
 Pure functions of the records.
 """
 
@@ -33,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.config.cluster import NodesCluster
 from moesim.config.energy import EnergyConfig
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
@@ -43,7 +55,105 @@ from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
 from moesim.system import System
 
-HOST_NOTE = "host CPUs, DRAM, NICs and switches left out: no sourced power figure in the catalog"
+HOST_NOTE = (
+    "left out (no sourced power figure in the catalog): host DRAM, storage and fans, NIC "
+    "ASICs, the optics at the switch end of a link, and switches without a published "
+    "power_w (none of the shipped switch presets has one)"
+)
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    """Hosts and switches of a cluster, as far as their power is published."""
+
+    hosts: int
+    """Hosts with a power figure (0 where the host preset has none)."""
+    host_idle_w: float
+    """Power of one host while its accelerators idle, watts."""
+    host_busy_w: float
+    """Power of one host while its accelerators are busy, watts."""
+    switch_w: float
+    """Switch power charged to the cluster (pro rata of attached ports), watts."""
+    notes: tuple[str, ...] = ()
+
+    def host_w(self, busy_share: float) -> float:
+        """Power of all hosts when ``busy_share`` of the device-seconds are busy, watts."""
+        share = min(max(busy_share, 0.0), 1.0)
+        return self.hosts * (self.host_idle_w + share * (self.host_busy_w - self.host_idle_w))
+
+
+NO_INFRASTRUCTURE = Infrastructure(0, 0.0, 0.0, 0.0)
+"""Devices and links only (hosts and switches not counted)."""
+
+
+def switch_ports(system: System) -> dict[str, float]:
+    """Ports of each switch preset the cluster attaches (scale-up and fabric switches).
+
+    NVSwitch: every device's scale-up links (the ``ports`` of its accelerator preset); a
+    PCIe scale-up switch: one port per device plus the host uplink, per node; a fabric:
+    one leaf port per NIC, and every leaf-to-spine uplink counted at both its ends (read
+    from the built topology: an uplink edge carries ``uplinks x port_bandwidth_gbps``).
+    A torus has no switch.
+    """
+    from moesim.catalog.hardware import switch
+
+    c = system.scenario.cluster
+    out: dict[str, float] = {}
+    if not isinstance(c, NodesCluster):
+        return out
+    if c.scale_up.kind == "nvswitch" and c.scale_up.switch:
+        links = sum(p.count for p in c.accelerator.ports)
+        out[c.scale_up.switch] = float(c.devices * links)
+    elif c.scale_up.kind == "pcie" and c.scale_up.switch:
+        out[c.scale_up.switch] = float(c.nodes * (c.accelerators_per_node + 1))
+    fab = c.fabric
+    if fab.kind != "none" and fab.switch:
+        sw = switch(fab.switch)
+        ports = float(c.nodes * fab.nics_per_node)
+        g = system.topology.graph
+        for u, v, data in g.edges(data=True):
+            if v == "spine" and g.nodes[u].get("kind") == "switch":
+                ports += 2.0 * data["bandwidth_gbps"] / sw.port_bandwidth_gbps
+        out[fab.switch] = out.get(fab.switch, 0.0) + ports
+    return out
+
+
+def infrastructure(system: System) -> Infrastructure:
+    """Host and switch power of the scenario's cluster, with notes on what is missing."""
+    from moesim.catalog.hardware import switch
+
+    host = system.topology.host_spec
+    notes: list[str] = []
+    hosts = 0
+    idle_w = busy_w = 0.0
+    if host.power_busy_w is not None:
+        hosts = len(system.topology.hosts)
+        busy_w = host.power_busy_w
+        idle_w = host.power_idle_w if host.power_idle_w is not None else busy_w
+        idle_note = (
+            f"idle {idle_w:g} W"
+            if host.power_idle_w is not None
+            else "no idle figure: busy power all along (an upper bound)"
+        )
+        notes.append(
+            f"hosts: {hosts} x ({idle_note}, busy {busy_w:g} W) by the share of busy "
+            f"device-seconds ({host.power_source})"
+        )
+    else:
+        notes.append("hosts: no power figure in the host preset; left out")
+    switch_w = 0.0
+    for name, ports in switch_ports(system).items():
+        sw = switch(name)
+        if sw.power_w is None:
+            notes.append(f"switches: {name} has no published power_w; left out")
+            continue
+        watts = sw.power_w / sw.ports * ports
+        switch_w += watts
+        notes.append(
+            f"switches: {name} {sw.power_w:g} W / {sw.ports} ports x {ports:g} attached "
+            f"ports = {watts:.6g} W ({sw.sources.get('power_w', sw.source)})"
+        )
+    return Infrastructure(hosts, idle_w, busy_w, switch_w, tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -58,6 +168,10 @@ class EnergyAccount:
     power: DevicePower
     network_j: float
     notes: tuple[str, ...] = ()
+    host_j: float = 0.0
+    """Joules drawn by the hosts (see :class:`Infrastructure`)."""
+    switch_j: float = 0.0
+    """Joules drawn by the switches (pro rata of attached ports)."""
 
     @property
     def device_j_by_state(self) -> dict[State, float]:
@@ -71,8 +185,24 @@ class EnergyAccount:
 
     @property
     def it_j(self) -> float:
-        """Joules of the IT equipment counted (devices + network)."""
-        return self.device_j + self.network_j
+        """Joules of the IT equipment counted (devices + links + hosts + switches)."""
+        return self.device_j + self.network_j + self.host_j + self.switch_j
+
+    @property
+    def j_by_component(self) -> dict[str, float]:
+        """Joules of each component of the IT equipment."""
+        return {
+            "devices": self.device_j,
+            "hosts": self.host_j,
+            "network_links": self.network_j,
+            "switches": self.switch_j,
+        }
+
+    @property
+    def busy_share(self) -> float:
+        """Fraction of the device-seconds that are not idle (0 for an empty account)."""
+        total = sum(self.state_s.values())
+        return (total - self.state_s["idle"]) / total if total > 0 else 0.0
 
     def scaled(self, factor: float) -> EnergyAccount:
         """The same account repeated ``factor`` times (e.g. over training steps)."""
@@ -83,6 +213,8 @@ class EnergyAccount:
             power=self.power,
             network_j=self.network_j * factor,
             notes=self.notes,
+            host_j=self.host_j * factor,
+            switch_j=self.switch_j * factor,
         )
 
 
@@ -121,9 +253,11 @@ def account_from_busy(
     busy: list[tuple[int, State, float]],
     network_j: float = 0.0,
     notes: tuple[str, ...] = (),
+    infra: Infrastructure = NO_INFRASTRUCTURE,
 ) -> EnergyAccount:
     """An account from busy spans ``(device, state, seconds)``; each device is idle for the
-    rest of ``duration_s`` (never negative)."""
+    rest of ``duration_s`` (never negative). Hosts draw ``infra.host_w(busy share)`` and
+    switches ``infra.switch_w`` over ``duration_s``."""
     per = np.zeros((devices, len(STATES)))
     index = {st: i for i, st in enumerate(STATES)}
     for device, state, seconds in busy:
@@ -132,7 +266,18 @@ def account_from_busy(
         per[device, index[state]] += seconds
     per[:, index["idle"]] = np.maximum(duration_s - per.sum(axis=1), 0.0)
     state_s: dict[State, float] = {st: float(per[:, index[st]].sum()) for st in STATES}
-    return EnergyAccount(duration_s, devices, state_s, power, network_j, notes)
+    total = float(per.sum())
+    share = (total - state_s["idle"]) / total if total > 0 else 0.0
+    return EnergyAccount(
+        duration_s,
+        devices,
+        state_s,
+        power,
+        network_j,
+        notes + infra.notes,
+        host_j=infra.host_w(share) * duration_s,
+        switch_j=infra.switch_w * duration_s,
+    )
 
 
 def compute_bound(rf: Roofline, flops: float, nbytes: float) -> bool:
@@ -169,8 +314,8 @@ def network_energy_j(system: System, link_bytes: np.ndarray) -> tuple[float, str
             joules += nbytes * 8 * pj * 1e-12
     if uncovered:
         note = (
-            f"network: {uncovered:.6g} bytes on links without a published energy_pj_per_bit "
-            "counted as 0 J"
+            f"network: link bytes x 8 x energy_pj_per_bit; {uncovered:.6g} bytes on links "
+            "without a published energy_pj_per_bit counted as 0 J"
         )
     else:
         note = "network: link bytes x 8 x energy_pj_per_bit"
@@ -219,6 +364,7 @@ def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
             note,
             HOST_NOTE,
         ),
+        infrastructure(system),
     )
 
 
@@ -258,6 +404,7 @@ def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) 
             "communicating power",
             HOST_NOTE,
         ),
+        infrastructure(system),
     )
 
 
@@ -310,4 +457,5 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
             "network: link bytes not recorded for this workload; 0 J",
             HOST_NOTE,
         ),
+        infrastructure(system),
     )

@@ -8,9 +8,21 @@ holds the board powers of ``moesim/catalog/measurements/h100_sxm_primitives.json
 - compute-bound: label ``gemm8192_bf16``, 699.22 W (sustained 8192^3 bf16 products);
 - memory-bound: label ``d2d_copy_2GiB``, 417.69 W (sustained device-to-device copies).
 
-Communicating (driving collectives) is not measured on any device: it is assumed to draw
-the memory-bound power (collectives stream buffers through HBM and the links' DMA
-engines), unless a preset's ``power.communicating_w`` says otherwise.
+For the H200 SXM the ``power`` block holds the board powers of
+``moesim/catalog/measurements/h200x2_power_2026-11-22.jsonl`` (``python3 -m
+moesim.calibrate.torch_power`` on two NVLinked H200s, NVML energy counter, both GPUs in the
+same state, two runs; see docs/energy.md), communicating included:
+
+- idle: label ``idle_ctx``, 120.41 W (CUDA context and NCCL up, no kernel; 76.44 W with
+  no process at all, label ``idle``);
+- compute-bound: label ``gemm_bf16``, 691.52 W; memory-bound: label ``d2d_copy``, 561.44 W;
+- communicating: label ``all_to_all``, 353.24 W (NCCL all-to-all of 512 MiB per rank over
+  NVLink; the 512 MiB all-reduce drew 315.32 W, a 16 MiB all-to-all 228.18 W).
+
+Communicating is measured where a preset's ``power.communicating_w`` is given (the H200).
+Elsewhere it is assumed to draw the memory-bound power (collectives stream buffers through
+HBM and the links' DMA engines): the H100 keeps that assumption, not measured on an H100;
+the H200 measurement suggests it overstates (all-to-all 0.63 x the memory-bound power).
 
 For an accelerator without a ``power`` block, the assumption is the H100's measured busy
 powers as the same fractions of TDP (compute 699.22 / 700, memory 417.69 / 700, taken from

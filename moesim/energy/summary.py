@@ -40,8 +40,7 @@ def account_summary(account: EnergyAccount, system: System) -> dict[str, Any]:
         "energy_j": _sig(fac.total_j),
         "energy_j_by_state": {st: _sig(j) for st, j in account.device_j_by_state.items()},
         "energy_j_by_component": {
-            "devices": _sig(account.device_j),
-            "network": _sig(account.network_j),
+            **{k: _sig(j) for k, j in account.j_by_component.items()},
             "facility_overhead": _sig(fac.overhead_j),
         },
         "device_seconds_by_state": {st: _sig(v) for st, v in account.state_s.items()},
@@ -90,7 +89,7 @@ def energy_summary(
 
 
 def energy_lines(summary: dict[str, Any]) -> str:
-    """Two lines for the text table of a run whose summary has an ``energy`` section."""
+    """Three lines for the text table of a run whose summary has an ``energy`` section."""
     e = summary.get("energy")
     if not e:
         return ""
@@ -100,10 +99,13 @@ def energy_lines(summary: dict[str, Any]) -> str:
         per_txt += f"  {e['energy_per_request_j']:.4g} J/request"
     w = e["power_w"]
     basis = e["power_source"].split(";")[0]
+    comp = e.get("energy_j_by_component", {})
+    parts = "  ".join(f"{k} {v:.4g}" for k, v in comp.items())
     return (
         f"energy             {e['energy_j']:.6g} J  ({e['kwh']:.4g} kWh, "
         f"{e['kgco2e']:.4g} kgCO2e, PUE {e['pue']:g})  avg {e['average_power_w'] or 0:.5g} W"
         f"{per_txt}\n"
         f"  power (W)        idle {w['idle']:g}  compute {w['compute']:g}  memory "
-        f"{w['memory']:g}  communicating {w['communicating']:g}  ({basis}; see power_source)"
+        f"{w['memory']:g}  communicating {w['communicating']:g}  ({basis}; see power_source)\n"
+        f"  by component (J) {parts}"
     )
