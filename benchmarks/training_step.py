@@ -15,6 +15,7 @@ CASES = [
     ("scenarios/mixtral-training-h100.yaml", []),
     ("scenarios/switch-base-training-tpu-v3.yaml", []),
     ("scenarios/glam-training-tpu-v4.yaml", ["cluster.dims=[4,4,4]", "parallelism.dp=8"]),
+    ("scenarios/glam-training-tpu-v4.yaml", []),
 ]
 
 

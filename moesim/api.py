@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,6 +23,9 @@ from moesim.report.files import write_json_atomic, write_text_atomic
 from moesim.report.summary import layer_summary
 from moesim.system import System, build_system
 
+if TYPE_CHECKING:
+    from moesim.engine.training_run import TrainingRunRecords
+
 
 @dataclass(frozen=True)
 class Result:
@@ -34,6 +37,8 @@ class Result:
     records: LayerRecords | ServingRecords | TrainingRecords
     system: System
     wall_s: float
+    training_run: TrainingRunRecords | None = None
+    """The training run over ``workload.duration_s`` (failures, checkpoints, restarts)."""
 
     def write(self, out_dir: str | Path | None = None) -> Path:
         """Write the run folder ``<out>/<name>/<run-id>/`` and return its path.
@@ -64,6 +69,8 @@ class Result:
                 "scenario_sha256_8": digest,
             },
         )
+        if self.scenario.output.trace:
+            self._write_failure_traces(run_dir)
         if self.scenario.output.trace and isinstance(self.records, LayerRecords):
             from moesim.report.trace import chrome_trace
 
@@ -74,8 +81,24 @@ class Result:
 
             r = self.records
             trace = pipeline_trace(r.ops, len(r.stages), r.grad_sync_s, r.optimizer_s, r.pipeline_s)
-            write_json_atomic(run_dir / "trace.json", trace)
+            name = "step_trace.json" if self.training_run is not None else "trace.json"
+            write_json_atomic(run_dir / name, trace)
         return run_dir
+
+    def _write_failure_traces(self, run_dir: Path) -> None:
+        """``trace.json`` of a serving run with failures, or of a training run (its
+        train / checkpoint / down / restart spans and failure events)."""
+        from moesim.report.failures import serving_failure_trace, training_failure_trace
+
+        devices = self.system.topology.devices
+        if isinstance(self.records, ServingRecords) and self.records.failures is not None:
+            it = self.records.iterations
+            trace = serving_failure_trace(self.records.failures, it.start_s, it.duration_s, devices)
+            write_json_atomic(run_dir / "trace.json", trace)
+        elif self.training_run is not None:
+            write_json_atomic(
+                run_dir / "trace.json", training_failure_trace(self.training_run, devices)
+            )
 
 
 def run(scenario: Scenario) -> Result:
@@ -83,20 +106,31 @@ def run(scenario: Scenario) -> Result:
     t0 = time.perf_counter()
     system = build_system(scenario)
     records: LayerRecords | ServingRecords | TrainingRecords
+    training_run = None
     if isinstance(scenario.workload, ServingWorkload):
         from moesim.report.serving import serving_summary
 
         records = simulate_serving(system)
         summary = serving_summary(system, records)
+        if records.failures is not None:
+            from moesim.report.failures import serving_failures_summary
+
+            summary["failures"] = serving_failures_summary(system, records)
     elif isinstance(scenario.workload, TrainingWorkload):
         from moesim.report.training import training_summary
 
         records = simulate_training(system, scenario.workload)
         summary = training_summary(system, scenario.workload, records)
+        if scenario.workload.duration_s is not None:
+            from moesim.engine.training_run import simulate_training_run
+            from moesim.report.failures import training_failures_summary
+
+            training_run = simulate_training_run(system, scenario.workload, records)
+            summary["failures"] = training_failures_summary(system, scenario.workload, training_run)
     else:
         records = simulate_layer(system)
         summary = layer_summary(system, records)
     from moesim.energy.summary import energy_summary
 
     summary["energy"] = energy_summary(system, records)
-    return Result(scenario, summary, records, system, time.perf_counter() - t0)
+    return Result(scenario, summary, records, system, time.perf_counter() - t0, training_run)

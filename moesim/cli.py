@@ -162,8 +162,11 @@ def _parser() -> argparse.ArgumentParser:
         "import-model",
         help="turn a Hugging Face config.json into a model definition (YAML) with its figures",
     )
-    im.add_argument("config", help="path to a config.json (mixtral, qwen2_moe, qwen3_moe, "
-                    "deepseek_v2, deepseek_v3, olmoe, dbrx)")
+    im.add_argument(
+        "config",
+        help="path to a config.json (mixtral, qwen2_moe, qwen3_moe, "
+        "deepseek_v2, deepseek_v3, olmoe, dbrx)",
+    )
     im.add_argument("--name", help="model name (default: the config's folder name)")
     return p
 
@@ -221,6 +224,10 @@ def _run(args: argparse.Namespace) -> int:
 
         if result.summary.get("energy"):
             print(energy_lines(result.summary))
+        if result.summary.get("failures"):
+            from moesim.report.failures import failures_lines
+
+            print(failures_lines(result.summary))
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")
     return 0
@@ -350,8 +357,9 @@ def _sweep(args: argparse.Namespace) -> int:
             args.sweep, args.workers, args.out, args.fresh, None if args.quiet else progress
         )
     except KeyboardInterrupt:
-        print("\nmoesim: interrupted; finished points are saved, run again to resume",
-              file=sys.stderr)
+        print(
+            "\nmoesim: interrupted; finished points are saved, run again to resume", file=sys.stderr
+        )
         return 130
     print(sweep_table(result))
     if pareto_plot(result, result.folder / "pareto.png"):

@@ -52,6 +52,15 @@ def test_direct_sends_every_message_separately() -> None:
     assert t > 0
 
 
+def test_inbound_waits_for_every_message_and_names_the_last_sender() -> None:
+    """A receiver's inbound event fires with its last message; the last sender is the one
+    whose message arrived last (a bigger message over the same rail arrives later)."""
+    t, ex, _ = _run("direct", [(0, 9, 8e6), (1, 9, 64e6), (2, 3, 1e6)])
+    assert ex.inbound(9).triggered and ex.last_sender(9) == 1
+    assert ex.arrived_s[(1, 9)] == t > ex.arrived_s[(0, 9)]
+    assert ex.last_sender(3) == 2 and ex.last_sender(7) is None
+
+
 def test_same_node_messages_never_relay() -> None:
     """Inside one node the hierarchical exchange is the direct one."""
     mb = 8e6

@@ -60,3 +60,31 @@ def test_interpolated_sizes_keep_the_communication_share() -> None:
     a, b, mid = cost.sample(lo), cost.sample(hi), cost.sample(1000)
     assert min(a.comm_s, b.comm_s) <= mid.comm_s <= max(a.comm_s, b.comm_s)
     assert mid.comm_s > 0 and 0 < mid.comm_s < mid.time_s
+
+
+def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to SAMPLE_TOKENS / 3 tokens a bucket averages every sample; above, at most
+    ceil(SAMPLE_TOKENS / tokens) of them, never fewer than one, and exactly that many
+    layer simulations run."""
+    from moesim.engine import layer_cost
+
+    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    budget = layer_cost.SAMPLE_TOKENS
+    assert cost.samples_for(1) == cost.samples_for(budget // 3) == 3
+    assert cost.samples_for(budget // 2) == 2
+    assert cost.samples_for(budget) == cost.samples_for(100 * budget) == 1
+    calls = []
+    real = layer_cost.simulate_routed_layer
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_cost, "SAMPLE_TOKENS", 32)
+    monkeypatch.setattr(layer_cost, "simulate_routed_layer", counting)
+    cost.time_s(64)  # sizes up to 64 are buckets of their own
+    assert len(calls) == 1
+    cost.time_s(16)
+    assert len(calls) == 1 + 2
+    cost.time_s(8)
+    assert len(calls) == 1 + 2 + 3

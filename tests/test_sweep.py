@@ -122,7 +122,9 @@ def test_metric_and_bounds() -> None:
     s = {"ttft_ms": {"p99": 12.5}, "drained": True, "name": "x"}
     assert metric(s, "ttft_ms.p99") == 12.5
     assert metric(s, "ttft_ms.p50") is None and metric(s, "drained") is None
-    assert feasible({"x": 3.0}, {"x": Bound(max=3)}) and not feasible({"x": 3.1}, {"x": Bound(max=3)})
+    assert feasible({"x": 3.0}, {"x": Bound(max=3)}) and not feasible(
+        {"x": 3.1}, {"x": Bound(max=3)}
+    )
     assert not feasible({"x": None}, {"x": Bound(min=0)})
 
 

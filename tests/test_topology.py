@@ -6,12 +6,14 @@ import itertools
 from functools import cache
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
 from moesim.catalog.hardware import link, switch
 from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
 from moesim.loader.resolve import expand_presets
+from moesim.topology import paths as paths_module
 from moesim.topology.graph import Topology, build, rate
 from moesim.topology.paths import PathTable
 
@@ -233,3 +235,81 @@ def test_unreachable_device_raises() -> None:
     pt = PathTable(build(c))
     with pytest.raises(ValueError, match="no route"):
         pt.nodes(0, 8)
+
+
+# --------------------------------------------------------------------- compiled routes
+
+
+def _route_cost(pt: PathTable, ids: np.ndarray) -> float:
+    return float(np.sum(1.0 / pt.bandwidth_gbps[ids] + 1e-6 * pt.latency_us[ids]))
+
+
+@pytest.mark.parametrize(
+    ("key", "nodes"),
+    [("dgx-h100", None), ("h100-fat-tree", 16), ("h100-rail", None), ("tpu-v3-32", None)],
+)
+def test_compiled_routes_match_networkx(
+    key: str, nodes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scipy's compiled Dijkstra (used above NETWORKX_MAX_DEVICES devices) finds routes of
+    the same cost, hop count and latency as networkx for device pairs, valid edge by
+    edge, and the batched lookup returns the same routes as the one-pair lookup."""
+    _, topo, reference = _built(key, nodes)
+    monkeypatch.setattr(paths_module, "NETWORKX_MAX_DEVICES", 0)
+    pt = PathTable(topo)
+    assert pt.compiled and not reference.compiled
+    n = len(topo.devices)
+    sources = range(n) if n <= 32 else (0, 1, n // 3, n - 1)
+    pairs = [(s, d) for s in sources for d in range(n)]
+    for s, d in pairs:
+        ids, ref = pt.edge_ids(s, d), reference.edge_ids(s, d)
+        assert len(ids) == len(ref)
+        assert _route_cost(pt, ids) == pytest.approx(_route_cost(reference, ref), rel=1e-12)
+        assert pt.latency_s(s, d) == pytest.approx(reference.latency_s(s, d), rel=1e-12)
+        hops = pt.nodes(s, d)
+        assert hops[0] == topo.devices[s] and hops[-1] == topo.devices[d]
+        assert [pt.edges[i] for i in ids] == list(itertools.pairwise(hops))
+        assert "host" not in _kinds(topo, hops)
+    src = np.array([s for s, _ in pairs])
+    dst = np.array([d for _, d in pairs])
+    flow, edge, latency = pt.edge_pairs(src, dst)
+    for i, (s, d) in enumerate(pairs):
+        np.testing.assert_array_equal(edge[flow == i], pt.edge_ids(s, d))
+        assert latency[i] == pytest.approx(pt.latency_s(s, d))
+    # the networkx tables answer the batched lookup the same way
+    flow_r, edge_r, latency_r = reference.edge_pairs(src, dst)
+    for i, (s, d) in enumerate(pairs):
+        np.testing.assert_array_equal(edge_r[flow_r == i], reference.edge_ids(s, d))
+    np.testing.assert_allclose(latency_r, latency)
+
+
+def test_compiled_unreachable_device_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled path finder also refuses a route between disconnected devices."""
+    monkeypatch.setattr(paths_module, "NETWORKX_MAX_DEVICES", 0)
+    c = _cluster({"preset": "h100-fat-tree", "nodes": 2, "fabric": {"kind": "none"}})
+    pt = PathTable(build(c))
+    assert pt.compiled
+    with pytest.raises(ValueError, match="no route"):
+        pt.edge_ids(0, 8)
+    with pytest.raises(ValueError, match="no route"):
+        pt.edge_pairs(np.array([0, 1]), np.array([1, 9]))
+
+
+def test_2048_chip_torus_routes_are_minimal() -> None:
+    """On an 8x16x16 torus (2048 chips, compiled routes) every route from two sources has
+    the torus distance in hops, and the batched routes of all pairs from a 64-chip group
+    agree with the torus distance too."""
+    c = _cluster({"preset": "tpu-v4-1024", "dims": [8, 16, 16]})
+    topo = build(c)
+    pt = PathTable(topo)
+    assert pt.compiled and len(topo.devices) == 2048
+    coords = [topo.graph.nodes[d]["coords"] for d in topo.devices]
+    for s in (0, 1234):
+        for d in range(0, 2048, 7):
+            assert len(pt.edge_ids(s, d)) == _torus_hops(coords[s], coords[d], c.dims, True)
+    group = np.arange(64)
+    src, dst = np.repeat(group, 64), np.tile(group, 64)
+    flow, _, _ = pt.edge_pairs(src, dst)
+    hops = np.bincount(flow, minlength=len(src))
+    expected = [_torus_hops(coords[s], coords[d], c.dims, True) for s, d in zip(src, dst)]
+    np.testing.assert_array_equal(hops, expected)

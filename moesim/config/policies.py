@@ -1,4 +1,4 @@
-"""Policies applied while routing: expert capacity and what happens to overflowing tokens."""
+"""Policies: expert capacity, what happens to overflowing tokens, and offloading."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from moesim.config.base import Frozen
+from moesim.config.offload import OffloadConfig
 
 
 class PoliciesConfig(Frozen):
@@ -21,3 +22,5 @@ class PoliciesConfig(Frozen):
     priority: Literal["token_order", "probability"] = "token_order"
     """Which choices fill slots first: all first choices in token order, then second choices
     (GShard); or highest router probability first (batch-prioritized routing)."""
+    offload: OffloadConfig = OffloadConfig()
+    """Experts and optimizer states kept below device memory (default: nothing offloaded)."""

@@ -14,9 +14,25 @@ from pydantic import Field
 from moesim.config.base import Frozen
 
 
+class DriftConfig(Frozen):
+    """Popularity that moves over simulated time: the hot set rotates through the experts.
+
+    At time t the expert ``e`` gets the base popularity of expert ``e - t / period_s``
+    (mod experts), interpolated linearly between whole shifts, so after ``period_s``
+    seconds every expert has taken its neighbour's popularity and after
+    ``experts x period_s`` the pattern is back where it started. Used where time exists
+    (serving with expert offloading); the expected per-layer costs use the base popularity.
+    """
+
+    period_s: float = Field(gt=0)
+    """Simulated seconds for the popularity to shift by one expert."""
+
+
 class _Common(Frozen):
     permute: bool = False
     """Shuffle which expert ids get which popularity (seeded), instead of expert 0 hottest."""
+    drift: DriftConfig | None = None
+    """Make the popularity drift over time (see DriftConfig); null = fixed popularity."""
 
 
 class UniformRouting(_Common):

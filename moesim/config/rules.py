@@ -12,13 +12,22 @@ from moesim import catalog
 from moesim.config.cluster import NodesCluster, TorusCluster
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
+from moesim.config.training import TrainingWorkload
 
 Rule = Iterator[tuple[str, str]]
 
 
 def check(s: Scenario) -> list[tuple[str, str]]:
     """All cross-field problems of a scenario (empty when it is consistent)."""
-    return [*_layout(s), *_policies(s), *_catalog_refs(s), *_hardware(s), *_serving(s)]
+    return [
+        *_layout(s),
+        *_policies(s),
+        *_catalog_refs(s),
+        *_hardware(s),
+        *_serving(s),
+        *_offload(s),
+        *_failures(s),
+    ]
 
 
 def _serving(s: Scenario) -> Rule:
@@ -46,9 +55,20 @@ def _serving(s: Scenario) -> Rule:
         )
     if m.experts % p.ep or p.pp != 1:
         return
-    mem = serving_memory(m, p, s.cluster.accelerator)
+    off = s.policies.offload.experts
+    mem = serving_memory(m, p, s.cluster.accelerator, off)
     acc = s.cluster.accelerator
-    if mem.weight_bytes >= mem.device_bytes:
+    if off is not None and mem.weight_bytes >= mem.device_bytes:
+        field = "cache_experts" if off.cache_experts is not None else "cache_gib"
+        yield (
+            f"policies.offload.experts.{field}",
+            f"the expert cache does not fit in HBM: {mem.cache_experts} experts (+ "
+            f"{mem.staging_experts} staging) x {mem.expert_bytes / GIB:.3f} GiB = "
+            f"{mem.expert_weight_bytes / GIB:.1f} GiB plus "
+            f"{mem.other_weight_bytes / GIB:.1f} GiB of other weights exceed the "
+            f"{mem.device_bytes / GIB:.1f} GiB of each {acc.name}; use a smaller cache",
+        )
+    elif mem.weight_bytes >= mem.device_bytes:
         yield (
             "parallelism",
             f"the weights do not fit: each {acc.name} needs {mem.weight_bytes / GIB:.1f} GiB "
@@ -63,6 +83,103 @@ def _serving(s: Scenario) -> Rule:
             f"leaves no KV block: {mem.kv_bytes(w.kv_cache_fraction) / GIB:.3f} GiB per "
             f"{acc.name} for {mem.kv_bytes_per_token} bytes per token x "
             f"{w.scheduler.block_tokens} tokens per block",
+        )
+
+
+def _offload(s: Scenario) -> Rule:
+    """Offloading needs a host link and room below HBM; expert offloading is modelled for
+    serving and training, optimizer offloading (ZeRO-Offload) for training."""
+    from moesim.derived.serving_memory import GIB, devices_per_host, serving_memory
+
+    off, w, m, p = s.policies.offload, s.workload, s.model, s.parallelism
+    acc, host = s.cluster.accelerator, s.cluster.host
+    where = "policies.offload"
+    if (off.experts is not None or off.optimizer) and acc.host_link is None:
+        yield "cluster.accelerator.host_link", f"offloading needs {acc.name}'s host link, got none"
+    if off.optimizer and not isinstance(w, TrainingWorkload):
+        yield f"{where}.optimizer", f"optimizer offloading applies to training, not {w.kind}"
+    if off.optimizer and isinstance(w, TrainingWorkload) and m.experts % p.ep == 0:
+        from moesim.derived.training_memory import training_memory
+
+        states = training_memory(m, p, acc, w).optimizer * devices_per_host(s.cluster)
+        if states > host.dram_gib * GIB:
+            yield (
+                f"{where}.optimizer",
+                f"the optimizer states of a host's devices ({states / GIB:.1f} GiB) do not fit "
+                f"its {host.dram_gib} GiB of DRAM",
+            )
+    e = off.experts
+    if e is None:
+        return
+    at = f"{where}.experts"
+    if isinstance(w, TrainingWorkload):
+        yield from _offload_training(s, w)
+        return
+    if not isinstance(w, ServingWorkload):
+        yield at, f"expert offloading is modelled for serving and training, not {w.kind}"
+        return
+    if e.prefetch is not None and not e.overlap:
+        yield f"{at}.prefetch", "prefetching needs overlap: true (copies alongside compute)"
+    if m.experts % p.ep or p.pp != 1:
+        return
+    mem = serving_memory(m, p, acc, e)
+    field = f"{at}.cache_experts" if e.cache_experts is not None else f"{at}.cache_gib"
+    if mem.cache_experts is not None and mem.cache_experts < 1:
+        yield (
+            field,
+            f"holds no whole expert (an expert is {mem.expert_bytes / GIB:.3f} GiB on each "
+            f"{acc.name}), got {e.cache_gib} GiB",
+        )
+    # the host keeps the distinct experts of its devices (one EP group's worth at most)
+    groups = min(devices_per_host(s.cluster), p.ep * p.etp)
+    need = groups * mem.device_experts * mem.expert_bytes
+    if e.dram_gib is None:
+        if need > host.dram_gib * GIB:
+            yield (
+                at,
+                f"host DRAM is too small for the offloaded experts: {need / GIB:.1f} GiB per "
+                f"host > dram_gib {host.dram_gib} GiB; set dram_gib to keep the rest on NVMe",
+            )
+        return
+    if e.dram_gib > host.dram_gib:
+        yield f"{at}.dram_gib", f"exceeds the host's DRAM ({host.dram_gib} GiB), got {e.dram_gib}"
+    nvme_short = host.nvme_read_gbps <= 0 or need > host.nvme_tib * 1024 * GIB
+    if need > e.dram_gib * GIB and nvme_short:
+        yield (
+            f"{at}.dram_gib",
+            f"the {need / GIB:.1f} GiB of experts per host that do not all fit "
+            f"{e.dram_gib} GiB of DRAM need NVMe, but the host has {host.nvme_tib} TiB "
+            f"at {host.nvme_read_gbps} GB/s",
+        )
+
+
+def _offload_training(s: Scenario, w: TrainingWorkload) -> Rule:
+    """Training streams every uncached expert each pass from host DRAM, and updates the
+    streamed experts there: it needs ZeRO-Offload, and no NVMe tier or prefetch."""
+    from moesim.derived.serving_memory import GIB, devices_per_host, serving_memory
+
+    e, m, p = s.policies.offload.experts, s.model, s.parallelism
+    assert e is not None
+    at = "policies.offload.experts"
+    if not s.policies.offload.optimizer:
+        yield (
+            "policies.offload.optimizer",
+            "expert offloading in training keeps the streamed experts' optimizer states and "
+            "their update on the host: set optimizer: true (ZeRO-Offload)",
+        )
+    if e.prefetch is not None:
+        yield f"{at}.prefetch", "training uses every expert each pass: nothing to predict"
+    if e.dram_gib is not None:
+        yield f"{at}.dram_gib", "the NVMe tier is modelled for serving; training streams from DRAM"
+    if m.experts % p.ep:
+        return
+    mem = serving_memory(m, p, s.cluster.accelerator, e)
+    need = devices_per_host(s.cluster) * mem.offloaded_expert_bytes
+    if need > s.cluster.host.dram_gib * GIB:
+        yield (
+            at,
+            f"host DRAM is too small for the streamed experts: {need / GIB:.1f} GiB per host "
+            f"> {s.cluster.host.dram_gib} GiB",
         )
 
 
@@ -184,3 +301,119 @@ def _unknown(what: str, name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {what} preset {name!r}{hint}"
+
+
+def _failures(s: Scenario) -> Rule:
+    """Failures name real devices and experts, fit the workload, and replicas fit memory."""
+    f = s.failures
+    if f is None:
+        return
+    import math
+
+    from moesim.config.cluster import NodesCluster as _Nodes
+    from moesim.config.training import TrainingWorkload
+    from moesim.config.workload import LayerWorkload
+    from moesim.derived import replica_memory
+    from moesim.derived.serving_memory import GIB, serving_memory
+
+    w, m, p = s.workload, s.model, s.parallelism
+    n = s.cluster.devices
+    if isinstance(w, LayerWorkload):
+        yield "failures", "failures apply to serving and training workloads, not 'layer'"
+        return
+
+    def device(path: str, d: int) -> Rule:
+        if d >= n:
+            yield path, f"device {d} does not exist: the cluster has devices 0..{n - 1}"
+
+    for i, proc in enumerate(f.devices):
+        if proc.kind == "scheduled":
+            yield from device(f"failures.devices[{i}].device", proc.device)
+        elif proc.devices is not None:
+            for j, d in enumerate(proc.devices):
+                yield from device(f"failures.devices[{i}].devices[{j}]", d)
+    has_nic = isinstance(s.cluster, _Nodes) and s.cluster.fabric.kind != "none"
+    for i, link in enumerate(f.links):
+        yield from device(f"failures.links[{i}].device", link.device)
+        if link.link == "nic" and not has_nic:
+            yield f"failures.links[{i}].link", "'nic' needs a cluster with a fabric (NICs)"
+    for i, st in enumerate(f.stragglers):
+        yield from device(f"failures.stragglers[{i}].device", st.device)
+    rec = f.recovery
+    reps = rec.replicas
+    n_reps = len(reps) if isinstance(reps, list) else reps
+    if isinstance(reps, list):
+        for j, e in enumerate(reps):
+            if e >= m.experts:
+                yield (
+                    f"failures.recovery.replicas[{j}]",
+                    f"expert {e} does not exist: the model has experts 0..{m.experts - 1}",
+                )
+    elif reps > m.experts:
+        yield "failures.recovery.replicas", f"must be <= model.experts ({m.experts}), got {reps}"
+    if isinstance(w, TrainingWorkload):
+        if w.duration_s is None:
+            yield (
+                "workload.duration_s",
+                "required with a failures section: the length of the training run, seconds",
+            )
+        if n_reps:
+            yield (
+                "failures.recovery.replicas",
+                "a training job restarts from its checkpoint after any failure; expert "
+                "replicas apply to serving",
+            )
+        ck = f.checkpoint
+        if ck is not None and ck.write_gbps is None and s.cluster.host.nvme_write_gbps <= 0:
+            yield (
+                "failures.checkpoint.write_gbps",
+                "required: the cluster's hosts have no NVMe to write checkpoints to "
+                "(host.nvme_write_gbps is 0)",
+            )
+        return
+    # serving
+    if f.checkpoint is not None:
+        yield "failures.checkpoint", "checkpoint-restart applies to training workloads"
+    if rec.on_expert_loss == "replica" and not n_reps:
+        yield (
+            "failures.recovery.replicas",
+            "on_expert_loss 'replica' needs replicas: a count of the most popular experts "
+            "or a list of expert ids",
+        )
+    if not n_reps:
+        return
+    if p.ep < 2:
+        yield (
+            "failures.recovery.replicas",
+            f"a replica lives on the next EP rank: needs parallelism.ep >= 2, got {p.ep}",
+        )
+        return
+    if m.experts % p.ep or p.pp != 1 or not isinstance(w, ServingWorkload):
+        return
+    replica_bytes = replica_memory.replica_bytes(s)
+    per_rank = replica_bytes // max(1, _expert_stack_bytes(s))
+    mem = serving_memory(m, p, s.cluster.accelerator, s.policies.offload.experts)
+    acc = s.cluster.accelerator
+    if mem.weight_bytes >= mem.device_bytes:
+        return  # reported by the serving rule
+    left = mem.device_bytes - mem.weight_bytes - replica_bytes
+    kv_tokens = math.floor(w.kv_cache_fraction * max(0, left)) // max(1, mem.kv_bytes_per_token)
+    if left <= 0 or kv_tokens < w.scheduler.block_tokens:
+        yield (
+            "failures.recovery.replicas",
+            f"the replicas do not fit: {per_rank} replica expert(s) per device take "
+            f"{replica_bytes / GIB:.1f} GiB on top of {mem.weight_bytes / GIB:.1f} GiB of "
+            f"weights, and each {acc.name} has {mem.device_bytes / GIB:.1f} GiB (no room "
+            "left for a KV block); replicate fewer experts or raise ep",
+        )
+
+
+def _expert_stack_bytes(s: Scenario) -> int:
+    """One expert's weights over the MoE blocks of a stage, on one device."""
+    import math
+
+    from moesim.derived.model_figures import figures
+
+    f, p = figures(s.model), s.parallelism
+    blocks = math.ceil(f.moe_layers / p.pp)
+    return blocks * math.ceil(f.expert_params / p.etp) * s.model.bytes_per_param

@@ -7,6 +7,7 @@ from pydantic import Field
 from moesim.config.base import Frozen
 from moesim.config.cluster import ClusterConfig
 from moesim.config.energy import EnergyConfig
+from moesim.config.failures import FailuresConfig
 from moesim.config.model import ModelConfig
 from moesim.config.output import OutputConfig
 from moesim.config.parallelism import ParallelismConfig
@@ -25,6 +26,7 @@ SECTIONS = (
     "policies",
     "workload",
     "energy",
+    "failures",
     "output",
 )
 
@@ -52,5 +54,7 @@ class Scenario(Frozen):
     """What to simulate."""
     energy: EnergyConfig = EnergyConfig()
     """Facility energy inputs."""
+    failures: FailuresConfig | None = None
+    """Failure events and recovery (null = nothing fails)."""
     output: OutputConfig = OutputConfig()
     """Where results go."""

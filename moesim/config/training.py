@@ -41,6 +41,9 @@ class TrainingWorkload(Frozen):
     (one half's communication hides behind the other half's compute)."""
     grad_all_reduce: Literal["ring", "halving_doubling", "tree"] = "ring"
     """Algorithm of the gradient all-reduce (see moesim.cost.collectives)."""
+    duration_s: float | None = Field(default=None, gt=0)
+    """Wall-clock length of a training *run* over many steps, seconds, with the failures,
+    checkpoints and restarts of the ``failures`` section (null = one step only)."""
     optimizer_bytes_per_param: int = Field(default=12, ge=0)
     """Optimizer state per parameter: Adam in mixed precision keeps an fp32 master copy,
     momentum and variance = 12 bytes (ZeRO paper, Sec. 3.1)."""

@@ -20,6 +20,12 @@ the blocks of the stage, at the model's dtype:
   and the shared rotary key (DeepSeek-V2, arXiv:2405.04434, Sec. 2.1.2); it is not
   split over TP: every TP rank keeps the whole latent, as vLLM's MLA backends do.
 
+**Expert offloading** (``policies.offload.experts``): HBM holds the non-expert weights
+plus an expert cache of ``cache_experts`` experts (or ``cache_gib`` rounded down to whole
+experts) and staging buffers for streamed experts, one block's experts of the device (two
+with prefetch), never more than the device's own experts in all; the rest of the device's
+experts live in host DRAM / NVMe (:mod:`moesim.engine.offload`).
+
 **KV capacity** per device = ``kv_cache_fraction x (memory - weights per device)``; a
 data-parallel rank's TP group holds one cache, each device its share of every token.
 """
@@ -29,8 +35,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moesim.config.cluster import ClusterConfig, NodesCluster
 from moesim.config.hardware import AcceleratorSpec
 from moesim.config.model import ModelConfig
+from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.derived.model_figures import figures
 
@@ -49,6 +57,19 @@ class ServingMemory:
     """All other weights on one device (attention, dense FFNs, embeddings, ...)."""
     kv_bytes_per_token: int
     """KV cache of one token on one device, over the blocks of its stage."""
+    expert_bytes: int = 0
+    """One expert of one MoE block on one device (its etp shard)."""
+    device_experts: int = 0
+    """Experts the device owns over all MoE blocks of its stage (blocks x experts / ep)."""
+    cache_experts: int | None = None
+    """With expert offloading: experts the HBM cache holds (None: all resident)."""
+    staging_experts: int = 0
+    """With expert offloading: slots of the staging buffers for streamed experts."""
+
+    @property
+    def offloaded_expert_bytes(self) -> int:
+        """Bytes of the device's experts that live below HBM (0 without offloading)."""
+        return self.device_experts * self.expert_bytes - self.expert_weight_bytes
 
     @property
     def weight_bytes(self) -> int:
@@ -75,12 +96,42 @@ def kv_bytes_per_token_per_layer(m: ModelConfig, tp: int) -> int:
     return 2 * heads * m.head_dim_resolved * m.bytes_per_param
 
 
-def serving_memory(m: ModelConfig, p: ParallelismConfig, acc: AcceleratorSpec) -> ServingMemory:
-    """Weights and KV bytes per device of ``m`` laid out as ``p`` on ``acc``."""
+def devices_per_host(c: ClusterConfig) -> int:
+    """Accelerators of the cluster sharing one host's DRAM and NVMe."""
+    per = c.accelerators_per_node if isinstance(c, NodesCluster) else c.chips_per_host
+    return max(1, min(per, c.devices))
+
+
+def cache_slots(cfg: ExpertOffloadConfig, expert_bytes: int) -> int:
+    """Experts an HBM expert cache holds: ``cache_experts``, or ``cache_gib`` in whole
+    experts of ``expert_bytes``."""
+    if cfg.cache_experts is not None:
+        return cfg.cache_experts
+    assert cfg.cache_gib is not None
+    return int(cfg.cache_gib * GIB // max(1, expert_bytes))
+
+
+def serving_memory(
+    m: ModelConfig,
+    p: ParallelismConfig,
+    acc: AcceleratorSpec,
+    offload: ExpertOffloadConfig | None = None,
+) -> ServingMemory:
+    """Weights and KV bytes per device of ``m`` laid out as ``p`` on ``acc`` (with an
+    HBM expert cache in place of all experts when ``offload`` is given)."""
     f = figures(m)
     experts_per_rank = m.experts // p.ep if m.experts % p.ep == 0 else math.ceil(m.experts / p.ep)
     moe_blocks = math.ceil(f.moe_layers / p.pp)
-    expert_params = moe_blocks * experts_per_rank * math.ceil(f.expert_params / p.etp)
+    shard_params = math.ceil(f.expert_params / p.etp)
+    device_experts = moe_blocks * experts_per_rank
+    resident = device_experts
+    cached: int | None = None
+    staging = 0
+    if offload is not None:
+        cached = cache_slots(offload, shard_params * m.bytes_per_param)
+        staging = experts_per_rank * (2 if offload.prefetch is not None else 1)
+        resident = min(device_experts, cached + staging)
+    expert_params = resident * shard_params
     other_params = math.ceil((f.total_params - f.routed_expert_params_total) / (p.tp * p.pp))
     memory_gib = acc.usable_memory_gib or acc.memory_gib
     blocks = math.ceil(m.layers / p.pp)
@@ -89,4 +140,8 @@ def serving_memory(m: ModelConfig, p: ParallelismConfig, acc: AcceleratorSpec) -
         expert_weight_bytes=expert_params * m.bytes_per_param,
         other_weight_bytes=other_params * m.bytes_per_param,
         kv_bytes_per_token=blocks * kv_bytes_per_token_per_layer(m, p.tp),
+        expert_bytes=shard_params * m.bytes_per_param,
+        device_experts=device_experts,
+        cache_experts=cached,
+        staging_experts=staging,
     )

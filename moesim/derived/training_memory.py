@@ -20,6 +20,13 @@ probabilities, and per slot the expert input (2h), the up/gate outputs (2 x 2 d_
 gated, else 2 d_ff) and the activation output (2 d_ff), plus the shared experts likewise;
 dense blocks keep the dense FFN's equivalent. A pipeline stage holds the activations of
 the micro-batches in flight: all of them under GPipe, ``pp - stage`` under 1F1B.
+
+With ZeRO-Offload (``policies.offload.optimizer``; Ren et al., USENIX ATC 2021) the
+optimizer states move to the host: ``optimizer`` is 0 on the device and
+``offloaded_optimizer`` holds the bytes the host keeps for the device. With expert
+offloading as well (``policies.offload.experts``), the device holds the weights and
+gradients of its cached and staged experts only; the others stream in from the host
+(:func:`moesim.engine.offload.offload_stages`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 
 from moesim.config.hardware import AcceleratorSpec
 from moesim.config.model import ModelConfig
+from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.config.training import TrainingWorkload
 from moesim.derived.serving_memory import GIB, serving_memory
@@ -47,6 +55,8 @@ class TrainingMemory:
     optimizer: int
     activations: int
     comm_buffers: int
+    offloaded_optimizer: int = 0
+    """Optimizer state of this device kept in host DRAM (ZeRO-Offload), not in ``total``."""
 
     @property
     def total(self) -> int:
@@ -101,19 +111,28 @@ def block_activation_bytes(
 
 
 def training_memory(
-    m: ModelConfig, p: ParallelismConfig, acc: AcceleratorSpec, w: TrainingWorkload
+    m: ModelConfig,
+    p: ParallelismConfig,
+    acc: AcceleratorSpec,
+    w: TrainingWorkload,
+    offload_optimizer: bool = False,
+    offload_experts: ExpertOffloadConfig | None = None,
 ) -> TrainingMemory:
-    """Memory of pipeline stage 0's devices (they hold the most micro-batches)."""
+    """Memory of pipeline stage 0's devices (they hold the most micro-batches); with
+    ``offload_optimizer`` the optimizer states live on the host; with ``offload_experts``
+    the device keeps the weights and gradients of its cached and staged experts only."""
     sm = serving_memory(m, p, acc)
+    resident = serving_memory(m, p, acc, offload_experts)
     expert_params = sm.expert_weight_bytes // m.bytes_per_param
+    resident_params = resident.expert_weight_bytes // m.bytes_per_param
     other_params = sm.other_weight_bytes // m.bytes_per_param
     edp = max(1, p.dp * p.tp // (p.ep * p.etp))
 
     def shard(params: int, group: int, stage: int) -> float:
         return params / group if w.zero_stage >= stage else float(params)
 
-    weights = WEIGHT_BYTES * (shard(other_params, p.dp, 3) + shard(expert_params, edp, 3))
-    grads = GRAD_BYTES * (shard(other_params, p.dp, 2) + shard(expert_params, edp, 2))
+    weights = WEIGHT_BYTES * (shard(other_params, p.dp, 3) + shard(resident_params, edp, 3))
+    grads = GRAD_BYTES * (shard(other_params, p.dp, 2) + shard(resident_params, edp, 2))
     optim = w.optimizer_bytes_per_param * (
         shard(other_params, p.dp, 1) + shard(expert_params, edp, 1)
     )
@@ -130,7 +149,8 @@ def training_memory(
         device_bytes=sm.device_bytes,
         weights=int(weights),
         gradients=int(grads),
-        optimizer=int(optim),
+        optimizer=0 if offload_optimizer else int(optim),
         activations=int(activations),
         comm_buffers=int(comm),
+        offloaded_optimizer=int(optim) if offload_optimizer else 0,
     )

@@ -39,6 +39,27 @@ class _Deliveries:
     env: simpy.Environment
     delivered: dict[tuple[int, int], simpy.Event]
     arrived_s: dict[tuple[int, int], float]
+    _into: dict[int, list[int]]
+
+    def _index(self, messages: Sequence[tuple[int, int, float]]) -> None:
+        """The delivery event of every message and the senders of each receiver, in order."""
+        self.delivered = {(s, d): self.env.event() for s, d, _ in messages}
+        self.arrived_s = {}
+        self._into = defaultdict(list)
+        for s, d, _ in messages:
+            self._into[d].append(s)
+
+    def inbound(self, dst: int) -> simpy.Event:
+        """An event that fires once every message to ``dst`` has been delivered."""
+        return self.env.all_of([self.delivered[(s, dst)] for s in self._into.get(dst, [])])
+
+    def last_sender(self, dst: int) -> int | None:
+        """The source whose message reached ``dst`` last (the first such in message order);
+        None before all have arrived or when ``dst`` receives nothing."""
+        senders = self._into.get(dst, [])
+        if not senders or any((s, dst) not in self.arrived_s for s in senders):
+            return None
+        return max(senders, key=lambda s: self.arrived_s[(s, dst)])
 
     def _deliver_cb(self, keys: list[tuple[int, int]]) -> Callable[[simpy.Event], None]:
         """A callback that marks ``keys`` delivered now."""
@@ -66,8 +87,7 @@ class Exchange(_Deliveries):
         extra_latency_s: float = 0.0,
     ) -> None:
         self.env, self.net, self.extra = env, net, extra_latency_s
-        self.delivered = {(s, d): env.event() for s, d, _ in messages}
-        self.arrived_s: dict[tuple[int, int], float] = {}
+        self._index(messages)
         self._out: dict[int, list[tuple[int, float]]] = defaultdict(list)
         self._relay: dict[tuple[int, int], int] = {}
         self._pending: dict[tuple[int, int], int] = defaultdict(int)
@@ -139,8 +159,7 @@ class DedupExchange(_Deliveries):
         self.direction = direction
         self.node_of, self.device_at, self.local_of = node_of, device_at, local_of
         self.node_bytes = node_bytes
-        self.delivered = {(s, d): env.event() for s, d, _ in messages}
-        self.arrived_s: dict[tuple[int, int], float] = {}
+        self._index(messages)
         self._out: dict[int, list[tuple[int, float]]] = defaultdict(list)
         # combine: contributions awaited by (relay, rank) before the one cross-node send
         self._pending: dict[tuple[int, int], int] = defaultdict(int)

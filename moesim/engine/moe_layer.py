@@ -6,6 +6,12 @@ shows up in all of them. Routing is vectorized numpy per rank; the timeline is S
 each rank computes its gate, sends its tokens to the experts' devices (flows on the shared
 network), each expert device runs its grouped GEMMs once all its tokens have arrived, and
 sends results back; the layer ends when every rank has combined its tokens.
+
+A direct all-to-all phase with at least ``LayerCosts.bulk_a2a_min_flows`` messages (an
+expert-parallel group of 64 ranks or more) is priced in batches by
+:class:`moesim.engine.bulk_exchange.BulkExchange` (one event per receiver, per-link fair
+sharing) instead of flow by flow; smaller phases and relayed algorithms are simulated
+flow by flow.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ import simpy
 from moesim.config.model import ModelConfig
 from moesim.config.policies import PoliciesConfig
 from moesim.cost.compute import ExpertKernel, Roofline
+from moesim.engine.bulk_exchange import BulkExchange
 from moesim.engine.exchange import A2AAlgorithm, DedupExchange, Exchange
 from moesim.engine.network import FlowNetwork
 from moesim.layout import Layout
 from moesim.routing.assignment import assign, capacity_for
 from moesim.routing.distributions import sample_choices
 from moesim.topology.graph import Topology
+
+BULK_A2A_MIN_FLOWS = 2048
+"""Direct all-to-all phases with this many messages or more are priced in batches."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,46 @@ class LayerCosts:
     """All-to-all algorithm: direct or hierarchical (see moesim.engine.exchange)."""
     topology: Topology | None = None
     """The cluster (device -> node and local index) for hierarchical exchanges."""
+    bulk_a2a_min_flows: int = BULK_A2A_MIN_FLOWS
+    """A direct all-to-all phase with at least this many messages is priced in batches
+    (:class:`moesim.engine.bulk_exchange.BulkExchange`) instead of flow by flow."""
+
+
+def traffic_arrays(
+    routing: LayerRouting, layout: Layout, stage: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Dispatch messages as arrays and expert loads per expert device.
+
+    Returns ``(src, dst, tokens)`` of every non-empty (source rank, expert device) pair,
+    ordered by source rank, then EP rank, then etp shard, and ``loads[dst] = tokens per
+    local expert`` for every expert device of the stage, ascending (every etp shard of an
+    expert receives all of that expert's tokens).
+    """
+    ep, etp = layout.ep, layout.etp
+    ranks = layout.stage_ranks
+    onehot = np.zeros((layout.experts, ep), dtype=np.int64)
+    onehot[np.arange(layout.experts), layout.owner] = 1
+    per_ep = routing.counts @ onehot  # (ranks x ep) tokens of each rank for each EP rank
+    local = np.arange(ranks)
+    base = (local // (ep * etp)) * ep * etp  # first rank of each rank's edp group
+    dst_local = base[:, None, None] + (np.arange(ep) * etp)[None, :, None] + np.arange(etp)
+    tokens = np.broadcast_to(per_ep[:, :, None], dst_local.shape)
+    src = np.broadcast_to(local[:, None, None], dst_local.shape)
+    keep = tokens.ravel() > 0
+    offset = layout.device(stage, 0)
+    group_counts = routing.counts.reshape(layout.edp, ep * etp, layout.experts).sum(axis=1)
+    loads: dict[int, np.ndarray] = {}
+    for g in range(layout.edp):
+        for q in range(ep):
+            row = group_counts[g, layout.local_experts(q)]
+            for dev in layout.expert_devices(stage, g, q):
+                loads[dev] = row.copy()
+    return (
+        src.ravel()[keep] + offset,
+        dst_local.ravel()[keep] + offset,
+        tokens.ravel()[keep].astype(np.int64),
+        dict(sorted(loads.items())),
+    )
 
 
 def traffic(
@@ -161,23 +211,21 @@ def traffic(
     Returns ``sends[src] = [(dst, tokens), ...]`` and ``loads[dst] = tokens per local
     expert`` (every etp shard of an expert receives all of that expert's tokens).
     """
-    sends: dict[int, list[tuple[int, int]]] = {}
-    loads: dict[int, np.ndarray] = {}
-    for local in range(layout.stage_ranks):
-        src = layout.device(stage, local)
-        group = layout.edp_group(local)
-        row = routing.counts[local]
-        out = []
-        for ep_rank in range(layout.ep):
-            mine = layout.local_experts(ep_rank)
-            n = int(row[mine].sum())
-            for dst in layout.expert_devices(stage, group, ep_rank):
-                loads.setdefault(dst, np.zeros(len(mine), dtype=np.int64))
-                loads[dst] += row[mine]
-                if n:
-                    out.append((dst, n))
-        sends[src] = out
+    src, dst, tokens, loads = traffic_arrays(routing, layout, stage)
+    sends: dict[int, list[tuple[int, int]]] = {
+        layout.device(stage, r): [] for r in range(layout.stage_ranks)
+    }
+    for s, d, n in zip(src.tolist(), dst.tolist(), tokens.tolist()):
+        sends[s].append((d, n))
     return sends, loads
+
+
+def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, list[int]]:
+    """``values`` listed under their ``keys``, in order."""
+    order = np.argsort(keys, kind="stable")
+    uniq, starts = np.unique(keys[order], return_index=True)
+    parts = np.split(values[order], starts[1:]) if len(keys) else []
+    return {int(k): p.tolist() for k, p in zip(uniq, parts)}
 
 
 def run_layer(
@@ -193,67 +241,82 @@ def run_layer(
     """SimPy process: one MoE layer forward pass on one stage, from now until combined."""
     m = costs.model
     rf = costs.roofline
-    sends, loads = traffic(routing, layout, stage)
+    src_a, dst_a, tok_a, loads = traffic_arrays(routing, layout, stage)
     d_ff_shard = m.expert_d_ff // layout.etp
-    senders: dict[int, list[tuple[int, int]]] = {d: [] for d in loads}
-    for src, out in sends.items():
-        for dst, n in out:
-            senders[dst].append((src, n))
-    timeline.senders_of = {d: [src for src, _ in ss] for d, ss in senders.items()}
+    senders = _group_by(dst_a, src_a)
+    timeline.senders_of = {d: senders.get(d, []) for d in loads}
+    first = layout.device(stage, 0)
+    slots_of = np.bincount(src_a - first, weights=tok_a, minlength=layout.stage_ranks)
     topo = costs.topology
     algo: A2AAlgorithm = costs.a2a if topo is not None else "direct"
     node_of = topo.node_of if topo is not None else ()
     local_of = topo.local_of if topo is not None else ()
     device_at = topo.device_at if topo is not None else {}
-    dispatch_msgs = [
-        (s, d, n * costs.dispatch_bytes_per_token) for s, out in sends.items() for d, n in out
-    ]
-    combine_msgs = [
-        (d, s, n * costs.combine_bytes_per_token) for s, out in sends.items() for d, n in out
-    ]
-    dispatch: Exchange | DedupExchange
-    combine: Exchange | DedupExchange
-    if algo == "deepep" and routing.node_tokens is not None:
-        tokens = {
-            (layout.device(stage, r), n): int(c)
-            for r, row in enumerate(routing.node_tokens)
-            for n, c in enumerate(row)
-        }
-        dispatch = DedupExchange(
+    dispatch: Exchange | DedupExchange | BulkExchange
+    combine: Exchange | DedupExchange | BulkExchange
+    plain: A2AAlgorithm = "direct" if algo == "deepep" else algo
+    deepep = algo == "deepep" and routing.node_tokens is not None
+    if not deepep and plain == "direct" and len(src_a) >= costs.bulk_a2a_min_flows:
+        dispatch = BulkExchange(
             env,
             net,
-            dispatch_msgs,
-            "dispatch",
-            node_of,
-            device_at,
-            local_of,
-            {k: v * costs.dispatch_bytes_per_token for k, v in tokens.items()},
+            src_a,
+            dst_a,
+            tok_a * float(costs.dispatch_bytes_per_token),
             costs.a2a_overhead_s,
         )
-        combine = DedupExchange(
+        combine = BulkExchange(
             env,
             net,
-            combine_msgs,
-            "combine",
-            node_of,
-            device_at,
-            local_of,
-            {k: v * costs.combine_bytes_per_token for k, v in tokens.items()},
+            dst_a,
+            src_a,
+            tok_a * float(costs.combine_bytes_per_token),
             costs.a2a_overhead_s,
         )
     else:
-        plain: A2AAlgorithm = "direct" if algo == "deepep" else algo
-        dispatch = Exchange(
-            env, net, dispatch_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
-        )
-        combine = Exchange(
-            env, net, combine_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
-        )
+        triples = list(zip(src_a.tolist(), dst_a.tolist(), tok_a.tolist()))
+        dispatch_msgs = [(s, d, n * costs.dispatch_bytes_per_token) for s, d, n in triples]
+        combine_msgs = [(d, s, n * costs.combine_bytes_per_token) for s, d, n in triples]
+        if deepep and routing.node_tokens is not None:
+            tokens = {
+                (layout.device(stage, r), n): int(c)
+                for r, row in enumerate(routing.node_tokens)
+                for n, c in enumerate(row)
+            }
+            dispatch = DedupExchange(
+                env,
+                net,
+                dispatch_msgs,
+                "dispatch",
+                node_of,
+                device_at,
+                local_of,
+                {k: v * costs.dispatch_bytes_per_token for k, v in tokens.items()},
+                costs.a2a_overhead_s,
+            )
+            combine = DedupExchange(
+                env,
+                net,
+                combine_msgs,
+                "combine",
+                node_of,
+                device_at,
+                local_of,
+                {k: v * costs.combine_bytes_per_token for k, v in tokens.items()},
+                costs.a2a_overhead_s,
+            )
+        else:
+            dispatch = Exchange(
+                env, net, dispatch_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+            )
+            combine = Exchange(
+                env, net, combine_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+            )
 
     def source(local: int) -> Generator[simpy.Event, Any, None]:
         src = layout.device(stage, local)
         n_tok = int(routing.tokens_per_rank[local])
-        slots = sum(n for _, n in sends[src])
+        slots = int(slots_of[local])
         with compute[src].request() as req:
             yield req
             t0 = env.now
@@ -270,9 +333,9 @@ def run_layer(
                 width = m.shared_d_ff * m.shared_experts
                 yield env.timeout(rf.dense_ffn_s(n_tok, m.d_model, width, m.activation))
                 timeline.intervals.append(Interval(src, "compute", "shared experts", t0, env.now))
-        yield env.all_of([combine.delivered[(dst, src)] for dst, _ in sends[src]])
-        if sends[src]:
-            last = max(sends[src], key=lambda dn: combine.arrived_s[(dn[0], src)])[0]
+        yield combine.inbound(src)
+        last = combine.last_sender(src)
+        if last is not None:
             timeline.last_combine_from[src] = last
         if slots:
             with compute[src].request() as req:
@@ -283,7 +346,7 @@ def run_layer(
         timeline.rank_done_s[src] = env.now
 
     def expert(dst: int) -> Generator[simpy.Event, Any, None]:
-        yield env.all_of([dispatch.delivered[(src, dst)] for src, _ in senders[dst]])
+        yield dispatch.inbound(dst)
         timeline.ready_s[dst] = env.now
         with compute[dst].request() as req:
             yield req
@@ -301,7 +364,7 @@ def run_layer(
 
     procs = [env.process(source(local)) for local in range(layout.stage_ranks)]
     for d in loads:
-        if senders[d]:
+        if senders.get(d):
             env.process(expert(d))
     yield env.all_of(procs)
 

@@ -4,6 +4,12 @@ A transfer is a flow of bytes along a path. Whenever a flow starts or ends, the 
 all active flows are recomputed (:func:`moesim.cost.fairshare.max_min_rates`); the next
 event is the earliest completion. A flow's delivery event fires after its last byte has
 left plus the path's latency. One event per flow start/end, never per byte or token.
+
+For exchanges too large to simulate flow by flow, :meth:`FlowNetwork.transfer_bulk`
+prices a whole batch of flows that start together analytically from the links' loads
+(:mod:`moesim.cost.fluid`): no event per flow, one vectorized pass per batch. Bulk and
+per-flow transfers keep separate state and do not see each other, so one simulation uses
+one or the other for a given exchange (the MoE layer picks by the exchange's size).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 import simpy
 
 from moesim.cost.fairshare import incidence_pairs, max_min_rates_coo
+from moesim.cost.fluid import batch_finish_s
 from moesim.topology.paths import PathTable
 
 EXACT_FLOWS = 256
@@ -53,6 +60,7 @@ class FlowNetwork:
         self._rates = np.zeros(0)
         self._last = 0.0
         self._version = 0
+        self._free_s = np.zeros(len(self.capacity))
 
     @property
     def active(self) -> int:
@@ -88,6 +96,55 @@ class FlowNetwork:
             self._latency = np.concatenate([self._latency, latencies])
             self._reschedule()
         return out
+
+    def transfer_bulk(
+        self,
+        src: np.ndarray,
+        dst: np.ndarray,
+        nbytes: np.ndarray,
+        extra_latency_s: float = 0.0,
+    ) -> np.ndarray:
+        """Flows ``(src[i], dst[i], nbytes[i])`` starting now, priced as one batch.
+
+        Returns each flow's absolute delivery time: when its busiest link is done with it
+        (fair sharing within the batch, after the links' backlog from earlier bulk batches;
+        see :func:`moesim.cost.fluid.batch_finish_s`) plus its route's latency and
+        ``extra_latency_s``. Local copies (``src == dst``) and empty flows arrive now.
+        Counts one network event per call and adds the bytes to ``link_bytes``.
+        """
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.asarray(dst, dtype=np.int64)
+        flow, edge, latency = self.paths.edge_pairs(src, dst)
+        return self.transfer_routed(flow, edge, latency, np.asarray(nbytes, float), extra_latency_s)
+
+    def transfer_routed(
+        self,
+        flow: np.ndarray,
+        edge: np.ndarray,
+        latency_s: np.ndarray,
+        nbytes: np.ndarray,
+        extra_latency_s: float = 0.0,
+    ) -> np.ndarray:
+        """:meth:`transfer_bulk` with the routes already looked up: ``(flow, edge)`` pairs
+        (:meth:`moesim.topology.paths.PathTable.edge_pairs`) and each flow's route latency.
+        A flow with no hops is a local copy and arrives now."""
+        now = float(self.env.now)
+        arrive = np.full(len(nbytes), now)
+        hops = np.bincount(flow, minlength=len(nbytes))
+        remote = (hops > 0) & (nbytes > 0)
+        if not remote.any():
+            return arrive
+        if not remote.all():
+            keep = remote[flow]
+            flow, edge = flow[keep], edge[keep]
+        sizes = np.where(remote, nbytes, 0.0)
+        self.events += 1
+        times = batch_finish_s(now, flow, edge, sizes, self.capacity, self._free_s)
+        self._free_s = times.link_free_s
+        self.link_bytes += np.bincount(edge, weights=sizes[flow], minlength=len(self.link_bytes))
+        self.sent_bytes += float(sizes.sum())
+        arrive[remote] = times.done_s[remote] + latency_s[remote] + extra_latency_s
+        return arrive
 
     def _advance(self) -> None:
         dt = self.env.now - self._last

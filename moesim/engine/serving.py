@@ -42,8 +42,14 @@ from moesim.config.serving import (
 )
 from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
+from moesim.engine.failures import (
+    ServingFailureRecords,
+    ServingFailures,
+    kv_blocks_with_replicas,
+)
 from moesim.engine.iteration_cost import IterationCost
 from moesim.engine.layer_cost import MoELayerCost
+from moesim.engine.offload import ExpertOffload, expert_offload
 from moesim.system import System
 
 DRAIN_CAP = 10.0
@@ -113,6 +119,12 @@ class ServingRecords:
     sim_events: int
     moe_evaluations: int
     """Distinct batch sizes the MoE layer cost was simulated at."""
+    offload: ExpertOffload | None = None
+    """The expert caches and their totals when experts are offloaded (``iterations``'
+    durations include the stalls)."""
+    failures: ServingFailureRecords | None = None
+    """Failure events, the state of each iteration and the requests moved or lost
+    (scenarios with a ``failures`` section; see :mod:`moesim.engine.failures`)."""
 
 
 def sample_lengths(dist: LengthConfig, n: int, gen: np.random.Generator) -> np.ndarray:
@@ -168,14 +180,25 @@ class _Server:
         assert isinstance(w, ServingWorkload)
         self.w = w
         self.dp = s.parallelism.dp
-        mem = serving_memory(s.model, s.parallelism, s.cluster.accelerator)
+        mem = serving_memory(
+            s.model, s.parallelism, s.cluster.accelerator, s.policies.offload.experts
+        )
         self.kv_blocks = mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens)
+        if s.failures is not None:  # standby expert replicas take KV memory
+            self.kv_blocks = kv_blocks_with_replicas(s, mem)
         t, prompt, output = arrival_times(w, s.seed)
         self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
         self.ranks = [
             RankScheduler(self.state, w.scheduler, self.kv_blocks) for _ in range(self.dp)
         ]
         self.cost = IterationCost(system, moe_cost)
+        self.offload = expert_offload(system)
+        self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
+        self.faults = (
+            ServingFailures(system, self.cost, DRAIN_CAP * w.duration_s)
+            if s.failures is not None
+            else None
+        )
         self.rejected = np.zeros(len(t), dtype=bool)
         self.env = simpy.Environment()
         self.wake: simpy.Event | None = None
@@ -188,11 +211,17 @@ class _Server:
         for rid, t in enumerate(st.arrival_s):
             if t > env.now:
                 yield env.timeout(t - env.now)
-            rank = self.ranks[rid % self.dp]
+            r = self.faults.rank_for(env.now) if self.faults is not None else rid % self.dp
+            rank = self.ranks[r if r is not None else 0]
             if rank.blocks_for(st.prompt[rid] + st.output[rid]) > self.kv_blocks:
                 self.rejected[rid] = True
                 continue
-            rank.waiting.append(rid)
+            if r is None:  # failures left no live rank: it waits for a recovery
+                assert self.faults is not None
+                self.faults.hold(rid)
+            else:
+                self.rank_of[rid] = r
+                self.ranks[r].waiting.append(rid)
             if self.wake is not None and not self.wake.triggered:
                 self.wake.succeed()
         self.arrivals_done = True
@@ -202,6 +231,13 @@ class _Server:
     def serve(self, cap_s: float) -> Generator[simpy.Event, Any, None]:
         env = self.env
         while env.now < cap_s:
+            if self.faults is not None:
+                wait = self.faults.advance(env.now, self.ranks, self.state, self.rank_of)
+                if wait > 0:  # every rank is down: wait for a recovery
+                    if env.now + wait >= cap_s:
+                        return
+                    yield env.timeout(wait)
+                    continue
             if not any(r.busy for r in self.ranks):
                 if self.arrivals_done:
                     return
@@ -213,21 +249,22 @@ class _Server:
             tokens = [b.tokens for b in batches]
             if not any(tokens):  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
-            it = self.cost.time(
+            it = (self.faults.time if self.faults is not None else self.cost.time)(
                 tokens,
                 [b.keys for b in batches],
                 [b.kv_read_tokens for b in batches],
                 [b.sampled for b in batches],
             )
             used = [r.used_blocks for r in self.ranks]
-            yield env.timeout(it.total_s)
+            stall = self.offload.stall_for(start, sum(tokens), it) if self.offload else 0.0
+            yield env.timeout(it.total_s + stall)
             sampled = sum(r.complete(b, env.now) for r, b in zip(self.ranks, batches))
             decodes = sum(b.decodes for b in batches)
             self.kv_rows.append(used)
             self.rows.append(
                 (
                     start,
-                    it.total_s,
+                    it.total_s + stall,
                     sum(tokens),
                     sum(tokens) - decodes,
                     sum(len(b.ids) for b in batches),
@@ -270,7 +307,7 @@ class _Server:
         n = len(st.arrival_s)
         req = RequestRecords(
             arrival_s=np.asarray(st.arrival_s, dtype=float),
-            rank=np.arange(n, dtype=np.int64) % self.dp,
+            rank=self.rank_of.copy(),
             prompt_tokens=np.asarray(st.prompt, dtype=np.int64),
             output_tokens=np.asarray(st.output, dtype=np.int64),
             first_scheduled_s=np.asarray(st.first_scheduled_s, dtype=float),
@@ -292,6 +329,8 @@ class _Server:
             drained=bool(np.all(np.isfinite(req.finish_s[served]))),
             sim_events=events,
             moe_evaluations=self.cost.moe_cost.evaluations,
+            offload=self.offload,
+            failures=self.faults.records(n) if self.faults is not None else None,
         )
 
 

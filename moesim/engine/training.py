@@ -34,6 +34,7 @@ from moesim.derived.model_figures import figures
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import TrainingMemory, training_memory
 from moesim.engine.layer_cost import MoELayerCost
+from moesim.engine.offload import offload_stages, optimizer_offload
 from moesim.system import System
 
 
@@ -76,6 +77,8 @@ class TrainingRecords:
     sim_events: int
     ops: list[tuple[int, str, int, float, float]] = field(default_factory=list)
     """(stage, 'F' or 'B', micro-batch, start_s, end_s) of every pipeline operation."""
+    layer_sim_events: int = 0
+    """SimPy events of the MoE layer simulations behind the layer costs (for benchmarks)."""
 
 
 def _combine(a: float, c: float, overlap: bool) -> float:
@@ -255,9 +258,10 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
     m, p = s.model, s.parallelism
     cost = MoELayerCost(system)
     blocks = block_costs(system, w, cost)
-    stages = stage_costs(system, w, blocks)
+    stages = offload_stages(system, stage_costs(system, w, blocks))
     pipeline_s, ops, events = run_pipeline(stages, w.schedule, w.microbatches)
-    memory = training_memory(m, p, s.cluster.accelerator, w)
+    off = s.policies.offload
+    memory = training_memory(m, p, s.cluster.accelerator, w, off.optimizer, off.experts)
     # gradients: dense parameters over dp, experts over the expert-data-parallel group
     dense_group = [system.layout.device(0, d * p.tp) for d in range(p.dp)]
     edp = system.layout.edp
@@ -271,13 +275,15 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
     sync += all_reduce_s(system.paths, expert_group, expert_grad, _algo(w, len(expert_group)))
     # optimizer: read weights, gradients and states, write weights and states, per shard
     shard_params = (
-        memory.optimizer / w.optimizer_bytes_per_param
+        (memory.optimizer + memory.offloaded_optimizer) / w.optimizer_bytes_per_param
         if w.optimizer_bytes_per_param
         else (expert_grad + dense_grad) / 2
     )
     rf = system.layer_costs.roofline
     per_param = 2 + 2 + 2 * w.optimizer_bytes_per_param + 2
     optimizer = float(rf.memory_s(shard_params * per_param))
+    if s.policies.offload.optimizer:  # ZeRO-Offload: the step runs on the host
+        optimizer = optimizer_offload(s, w, shard_params).total_s
     tokens = p.dp * w.micro_batch_sequences * w.microbatches * w.seq_len
     moe_tokens = w.seq_len * w.micro_batch_sequences * p.dp
     return TrainingRecords(
@@ -292,6 +298,7 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         layer_evaluations=cost.evaluations,
         sim_events=events,
         ops=ops,
+        layer_sim_events=cost.sim_events,
     )
 
 

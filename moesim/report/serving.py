@@ -13,6 +13,10 @@ rejected and arriving at or after ``warmup_s``):
   (a one-token output meets it), and both; unfinished requests meet neither.
 - ``dropped_fraction``: the MoE layers' expected capacity drops, averaged over
   iterations weighted by their batch tokens.
+- ``offload`` (only with ``policies.offload.experts``): the share of expert uses served by
+  each tier (``hit_rate``: HBM cache, host DRAM, NVMe), bytes copied into HBM, prefetch
+  copies and waste, and the stall those copies added (``stall_share`` of the busy time);
+  the stall is part of every iteration's time, so TTFT/TPOT above include it.
 """
 
 from __future__ import annotations
@@ -145,6 +149,10 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
         },
         "events": {"simulation": rec.sim_events, "moe_cost_evaluations": rec.moe_evaluations},
     }
+    if rec.offload is not None:
+        stall = rec.offload.summary(it.duration_s)
+        summary["time_breakdown_s"]["offload_stall"] = stall["stall_s"]
+        summary["offload"] = stall
     if w.slo is not None:
         summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
         summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
@@ -213,6 +221,24 @@ def serving_table(summary: dict[str, Any]) -> str:
         ),
         ("MoE dropped", f"{100 * (s['dropped_fraction'] or 0.0):.2f}% of token-choice slots"),
     ]
+    if s.get("offload") is not None:
+        o = s["offload"]
+        h = o["hit_rate"]
+        rows += [
+            (
+                "offload",
+                f"{o['policy']} cache of {o['cache_experts_per_device']} / "
+                f"{o['device_experts']} experts per device; served from HBM {_share(h['hbm'])} "
+                f"(prefetched {_share(o['prefetched_share'])}), DRAM {_share(h['dram'])}, "
+                f"NVMe {_share(h['nvme'])}",
+            ),
+            (
+                "  copies",
+                f"{o['bytes_moved_gib']:.1f} GiB moved ({o['prefetch_copies']} prefetches, "
+                f"{o['wasted_prefetch_gib']:.1f} GiB wasted); stall {o['stall_s']:.2f} s = "
+                f"{_share(o['stall_share'])} of busy time",
+            ),
+        ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesim.engine.moe_layer import Interval
+
+if TYPE_CHECKING:
+    from moesim.engine.failures import FailurePlan
 
 
 def chrome_trace(intervals: list[Interval], device_names: tuple[str, ...]) -> dict[str, Any]:
@@ -75,3 +78,46 @@ def pipeline_trace(
             }
         )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def failure_events(
+    plan: FailurePlan, device_names: tuple[str, ...], pid: int
+) -> list[dict[str, Any]]:
+    """A failure plan as trace events in process ``pid``: one span per stretch of a failure
+    state (thread 0) and an instant per event (failure, recovery, link, straggler)."""
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": "failures"}},
+        {"ph": "M", "pid": pid, "tid": 0, "name": "thread_name", "args": {"name": "state"}},
+        {"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "events"}},
+    ]
+    for a, b, st in plan.spans():
+        if st.healthy or b <= a:
+            continue
+        events.append(
+            {
+                "ph": "X",
+                "pid": pid,
+                "tid": 0,
+                "name": st.describe(),
+                "cat": "failure",
+                "ts": a * 1e6,
+                "dur": (b - a) * 1e6,
+            }
+        )
+    for e in plan.events:
+        name = device_names[e.device] if e.device < len(device_names) else str(e.device)
+        events.append(
+            {
+                "ph": "i",
+                "s": "p",
+                "pid": pid,
+                "tid": 1,
+                "name": f"{e.kind} {name}",
+                "cat": "recovery"
+                if e.kind in ("recover", "link_restored", "straggler_end")
+                else "failure",
+                "ts": e.time_s * 1e6,
+                "args": {"device": e.device, "detail": e.detail},
+            }
+        )
+    return events

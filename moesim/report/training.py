@@ -38,7 +38,7 @@ def training_summary(system: System, w: TrainingWorkload, rec: TrainingRecords) 
         "other": _ms(rec.optimizer_s),
     }
     mem = rec.memory
-    return {
+    summary: dict[str, Any] = {
         "scenario": s.name,
         "workload": "training",
         "seed": s.seed,
@@ -63,6 +63,45 @@ def training_summary(system: System, w: TrainingWorkload, rec: TrainingRecords) 
             for st in rec.stages
         ],
         "events": {"pipeline": rec.sim_events, "layer_evaluations": rec.layer_evaluations},
+    }
+    if s.policies.offload.optimizer:
+        summary["offload"] = optimizer_offload_summary(system, w, rec)
+    return summary
+
+
+def _stream_summary(system: System, rec: TrainingRecords) -> dict[str, Any]:
+    """Expert streaming per micro-batch pass (its excess over the pass's own time is
+    inside the breakdown's ``compute``)."""
+    from moesim.engine.offload import expert_stream
+
+    st = expert_stream(system.scenario)
+    if st is None:
+        return {}
+    passes = [x for stage in rec.stages for x in (stage.fwd_s, stage.bwd_s)]
+    return {
+        "streamed_experts_per_pass": st.streamed_experts,
+        "expert_copy_ms_per_pass": _ms(st.copy_s),
+        "copy_bound_passes": sum(1 for x in passes if x <= st.copy_s),
+    }
+
+
+def optimizer_offload_summary(
+    system: System, w: TrainingWorkload, rec: TrainingRecords
+) -> dict[str, Any]:
+    """ZeRO-Offload's part of the step (its total is the breakdown's ``other``)."""
+    from moesim.derived.serving_memory import GIB
+    from moesim.engine.offload import optimizer_offload
+
+    host = rec.memory.offloaded_optimizer
+    params = host / w.optimizer_bytes_per_param if w.optimizer_bytes_per_param else 0.0
+    o = optimizer_offload(system.scenario, w, params)
+    return {
+        "optimizer_on_host_gib": round(host / GIB, 3),
+        "grad_d2h_ms": _ms(o.grad_d2h_s),
+        "cpu_step_ms": _ms(o.cpu_step_s),
+        "param_h2d_ms": _ms(o.param_h2d_s),
+        "bytes_over_host_link_gib": round(2 * 2 * params / GIB, 3),
+        **_stream_summary(system, rec),
     }
 
 
@@ -105,6 +144,25 @@ def training_table(summary: dict[str, Any]) -> str:
         ),
         ("dropped", f"{100 * s['dropped_fraction']:.2f}% of expert slots"),
     ]
+    if s.get("offload") is not None:
+        o = s["offload"]
+        rows.append(
+            (
+                "ZeRO-Offload",
+                f"{o['optimizer_on_host_gib']:.2f} GiB of optimizer state on the host; "
+                f"gradients out {o['grad_d2h_ms']:.1f} + CPU Adam {o['cpu_step_ms']:.1f} + "
+                f"weights in {o['param_h2d_ms']:.1f} ms",
+            )
+        )
+        if "streamed_experts_per_pass" in o:
+            rows.append(
+                (
+                    "  experts",
+                    f"{o['streamed_experts_per_pass']} streamed per pass in "
+                    f"{o['expert_copy_ms_per_pass']:.1f} ms; {o['copy_bound_passes']} of "
+                    f"{2 * len(s['stage_ms'])} stage passes copy-bound",
+                )
+            )
     problem = memory_problem(s)
     if problem:
         rows.append(("WARNING", problem))

@@ -45,6 +45,25 @@ def popularity(cfg: RoutingConfig, experts: int, rng: np.random.Generator) -> np
     return p
 
 
+def drifted(p: np.ndarray, shift: float) -> np.ndarray:
+    """``p`` rotated by ``shift`` experts (fractional shifts interpolate between the two
+    neighbouring whole rotations): expert ``e`` gets the weight of expert ``e - shift``."""
+    whole = math.floor(shift)
+    frac = shift - whole
+    a = np.roll(p, whole)
+    if frac == 0.0:
+        return a
+    return (1.0 - frac) * a + frac * np.roll(p, whole + 1)
+
+
+def popularity_at(cfg: RoutingConfig, p: np.ndarray, time_s: float) -> np.ndarray:
+    """The popularity at simulated time ``time_s``: ``p`` itself without ``drift``, else
+    ``p`` rotated by ``time_s / drift.period_s`` experts."""
+    if cfg.drift is None:
+        return p
+    return drifted(p, time_s / cfg.drift.period_s)
+
+
 def sample_choices(
     rng: np.random.Generator, p: np.ndarray, tokens: int, depth: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,126 @@
+"""A direct all-to-all phase priced in batches: one event per receiving device, not per flow.
+
+The flow-by-flow exchange (:class:`moesim.engine.exchange.Exchange`) costs an event and a
+max-min re-rating per flow completion, which is what makes an expert-parallel all-to-all
+over hundreds of chips (tens of thousands of concurrent flows) take minutes. This exchange
+keeps the same protocol (a source sends all its messages when it calls :meth:`send`; a
+receiver waits for all its messages) but prices the messages analytically:
+
+- the sources that send at the same simulated instant form one batch (an all-to-all's
+  sources usually start together, right after their gates), priced in one vectorized pass
+  of :meth:`moesim.engine.network.FlowNetwork.transfer_bulk` (per-link fair sharing,
+  :mod:`moesim.cost.fluid`); later batches queue behind the links' backlog;
+- each receiver gets one event, at the arrival of its last message.
+
+Only the ``direct`` algorithm is modelled this way; relayed exchanges (hierarchical,
+deepep) stay flow by flow. The MoE layer switches to this exchange above a message count
+(:attr:`moesim.engine.moe_layer.LayerCosts.bulk_a2a_min_flows`); ``tests/test_fluid.py``
+compares the two where both run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import simpy
+
+from moesim.engine.network import FlowNetwork
+
+
+class BulkExchange:
+    """The messages of one direct all-to-all phase, as arrays, with one event per receiver."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        net: FlowNetwork,
+        src: np.ndarray,
+        dst: np.ndarray,
+        nbytes: np.ndarray,
+        extra_latency_s: float = 0.0,
+    ) -> None:
+        self.env, self.net, self.extra = env, net, extra_latency_s
+        self.src = np.asarray(src, dtype=np.int64)
+        self.dst = np.asarray(dst, dtype=np.int64)
+        self.nbytes = np.asarray(nbytes, dtype=float)
+        n = len(self.src)
+        # every message's route, looked up once: hops of message i are
+        # _edge[_offsets[i]:_offsets[i + 1]]
+        flow, self._edge, self._latency = net.paths.edge_pairs(self.src, self.dst)
+        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(flow, minlength=n))])
+        self.arrived = np.full(n, np.nan)
+        """Absolute delivery time of each message (NaN until its source has sent)."""
+        by_src = np.argsort(self.src, kind="stable")
+        self._src_keys, src_starts = np.unique(self.src[by_src], return_index=True)
+        self._src_split = np.split(by_src, src_starts[1:]) if n else []
+        by_dst = np.argsort(self.dst, kind="stable")
+        self._dst_keys, dst_starts = np.unique(self.dst[by_dst], return_index=True)
+        self._dst_split = np.split(by_dst, dst_starts[1:]) if n else []
+        self._pending = {int(d): len(m) for d, m in zip(self._dst_keys, self._dst_split)}
+        self._inbound: dict[int, simpy.Event] = {}
+        self._last: dict[int, int] = {}
+        self._batch: list[int] = []
+
+    def _messages_of(self, keys: np.ndarray, split: list[np.ndarray], who: int) -> np.ndarray:
+        i = int(np.searchsorted(keys, who))
+        if i < len(keys) and keys[i] == who:
+            return split[i]
+        return np.zeros(0, dtype=np.int64)
+
+    def send(self, src: int) -> None:
+        """Start every message of ``src`` now (priced with the others sent at this instant)."""
+        if not self._batch:
+            self.env.timeout(0).callbacks.append(self._flush)
+        self._batch.append(src)
+
+    def _flush(self, _: simpy.Event) -> None:
+        sources, self._batch = self._batch, []
+        idx = np.concatenate(
+            [self._messages_of(self._src_keys, self._src_split, s) for s in sources]
+        )
+        if not len(idx):
+            return
+        start, stop = self._offsets[idx], self._offsets[idx + 1]
+        lengths = stop - start
+        flow = np.repeat(np.arange(len(idx)), lengths)
+        pos = np.repeat(start - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        edge = self._edge[pos + np.arange(len(pos))]
+        self.arrived[idx] = self.net.transfer_routed(
+            flow, edge, self._latency[idx], self.nbytes[idx], self.extra
+        )
+        now = self.env.now
+        for d, count in zip(*np.unique(self.dst[idx], return_counts=True)):
+            d = int(d)
+            self._pending[d] -= int(count)
+            if self._pending[d]:
+                continue
+            into = self._messages_of(self._dst_keys, self._dst_split, d)
+            times = self.arrived[into]
+            k = int(np.argmax(times))  # the first message (in message order) among the latest
+            self._last[d] = int(self.src[into[k]])
+            self.env.timeout(max(0.0, float(times[k]) - now)).callbacks.append(
+                self._fire(self.inbound(d))
+            )
+
+    @staticmethod
+    def _fire(event: simpy.Event) -> Callable[[simpy.Event], None]:
+        def fire(_: simpy.Event) -> None:
+            event.succeed()
+
+        return fire
+
+    def inbound(self, dst: int) -> simpy.Event:
+        """An event that fires once every message to ``dst`` has been delivered."""
+        ev = self._inbound.get(dst)
+        if ev is None:
+            ev = self.env.event()
+            self._inbound[dst] = ev
+            if self._pending.get(dst, 0) == 0 and dst not in self._last:
+                ev.succeed()  # nothing to wait for
+        return ev
+
+    def last_sender(self, dst: int) -> int | None:
+        """The source whose message reaches ``dst`` last (the first such in message order);
+        None until every message to ``dst`` has been sent, or when it receives nothing."""
+        return self._last.get(dst)

@@ -1,0 +1,635 @@
+"""Offloading: an HBM expert cache per device fed from host DRAM / NVMe (serving; streamed
+experts in training), and the optimizer step on the host (ZeRO-Offload, training).
+
+**Tiers and rates.** Each device owns ``experts / ep`` experts of every MoE block (its etp
+shard of each). An HBM cache holds ``cache`` of them (``policies.offload.experts``); every
+expert also lives in host DRAM, or, when ``dram_gib`` caps the DRAM given to experts, on
+NVMe with DRAM caching the rest under the same policy. Copying one expert takes
+
+``latency + expert_bytes / rate``
+
+with the host link's one-hop latency (``latency_us`` of the accelerator's ``host_link``
+preset) and per-device rates (all devices of a host load in the same layer, since EP
+ranks run in lock-step, so they share the host's DRAM and NVMe bandwidth):
+
+- DRAM -> HBM: ``min(link, host.dram_bandwidth_gbps / devices_per_host)``, where ``link``
+  is the host link's measured rate where the catalog has it, else its datasheet rate
+  (:func:`moesim.topology.graph.rate`; PCIe Gen5 x16: 55 GB/s measured pinned on H100),
+  times :func:`pageable_fraction` for pageable host buffers;
+- NVMe -> HBM: ``min(the DRAM rate, host.nvme_read_gbps / devices_per_host)``.
+
+**Which experts an iteration touches.** For each MoE block in order, the iteration's
+tokens (split evenly over the expert-data-parallel groups; one group is simulated, the
+others behave alike) choose ``top_k`` experts each by Gumbel-top-k from the run's
+popularity (the same ``"popularity"`` stream as the expected layer cost), rotated by the
+routing ``drift`` at the iteration's start time. Sampling is vectorized over blocks and
+stops as soon as every expert of a block is touched (more tokens cannot change the set);
+beyond 128 tokens a block's still-untouched (rare) experts are drawn from their per-token
+inclusion probability (:func:`touched_experts`).
+
+**Cache policies.** The cache is split evenly over the MoE blocks (as Mixtral-
+offloading, Eliseev & Mazur 2023, keeps k experts per layer: one cache over all blocks,
+visited cyclically, would evict each block's experts just before they come round again).
+At start-up each part is filled hottest first (a server loads its weights before
+serving), so a cache that holds every expert never misses. ``lru`` evicts the block's
+least recently used expert; ``lfu`` its least frequently used (counting layer executions
+that used it, over the whole run; ties by recency); ``static`` pins each block's hottest
+experts (popularity at time 0) and never evicts. Misses that do not stay (static, or a
+part smaller than the layer's need) stream through staging buffers of one block's
+experts (two with prefetch: the current and the next block), which
+:mod:`moesim.derived.serving_memory` counts in HBM. Experts the current layer needs are
+not evicted for its own misses or prefetches while others can go; the DRAM tier under a
+``dram_gib`` cap is split and managed the same way.
+
+**Timing of one iteration** (per device; the layer ends on the slowest device, as the EP
+all-to-all couples them). Layer ``l`` starts its MoE part at ``c`` (after attention), and
+its MoE time ``m`` is that of the expected-cost model, split evenly over the experts it
+touches on the device. Misses are copied one after another on the copy engine from
+``max(c, copy engine free)``; a resident expert is ready at ``c`` (or when its prefetch
+lands). With ``overlap``, experts compute in order of readiness, each as soon as it is
+ready and the previous one is done, so resident experts hide the misses' copies; without
+it, the layer computes only once all have arrived. With ``prefetch``, at ``c`` the device
+also queues copies of the experts it predicts for the next MoE block (each used expert is
+predicted with probability ``accuracy``; the wrong guesses are other experts of the
+device), which land in the cache behind this layer's misses; the first MoE block's
+predictions are queued at the start of the iteration, during the first attention. The
+stall of a layer is its end minus ``c + m``; the iteration's stall is the sum over
+layers, added to its time.
+
+**Training.** A micro-batch of thousands of tokens uses every expert, so a stage's device
+copies all its uncached experts in for each forward and each backward pass (their bf16
+gradients leave over the other direction of the link meanwhile); with ``overlap`` only the
+copy time beyond the pass's own time adds (:func:`offload_stages`). The streamed experts'
+optimizer states and update live on the host, so this requires ZeRO-Offload
+(:func:`optimizer_offload`): gradients out, a CPU Adam step at host DRAM bandwidth,
+weights back in, once per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moesim import rng
+from moesim.catalog import hardware
+from moesim.config.offload import ExpertOffloadConfig
+from moesim.config.scenario import Scenario
+from moesim.config.training import TrainingWorkload
+from moesim.derived.serving_memory import (
+    GIB,
+    ServingMemory,
+    devices_per_host,
+    serving_memory,
+)
+from moesim.engine.iteration_cost import IterationTime
+from moesim.routing.distributions import popularity, popularity_at
+from moesim.system import System
+from moesim.topology.graph import rate
+
+if TYPE_CHECKING:
+    from moesim.engine.training import StageCost
+
+MEASUREMENTS = "h100_sxm_primitives.jsonl"
+"""The catalog measurement file with pinned and pageable host-to-device copies."""
+
+
+@cache
+def pageable_fraction() -> float:
+    """Pageable / pinned host-to-device copy rate: the ratio of the largest measured copies
+    of each kind in ``moesim/catalog/measurements/h100_sxm_primitives.jsonl`` (1 GiB:
+    19.06 / 54.88 GB/s = 0.347 on an H100's PCIe Gen5 x16)."""
+    path = resources.files("moesim.catalog") / "measurements" / MEASUREMENTS
+    best: dict[str, tuple[int, float]] = {}
+    for line in path.read_text("utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("kind") != "h2d":
+            continue
+        mem, size = str(rec["mem"]), int(rec["bytes"])
+        if mem not in best or size > best[mem][0]:
+            best[mem] = (size, float(rec["gbps"]))
+    return best["pageable"][1] / best["pinned"][1]
+
+
+@dataclass(frozen=True)
+class TierRates:
+    """Copy rates into one device's HBM, bytes/s, and the per-copy latency, s."""
+
+    dram_bps: float
+    nvme_bps: float
+    latency_s: float
+
+
+def tier_rates(s: Scenario, host_memory: str = "pinned") -> TierRates:
+    """Per-device DRAM -> HBM and NVMe -> HBM rates (see the module docstring)."""
+    acc = s.cluster.accelerator
+    if acc.host_link is None:
+        raise ValueError(f"{acc.name} has no host_link: offloading needs one")
+    link = hardware.link(acc.host_link)
+    share = devices_per_host(s.cluster)
+    pcie = rate(link) * (pageable_fraction() if host_memory == "pageable" else 1.0)
+    host = s.cluster.host
+    dram = min(pcie, host.dram_bandwidth_gbps / share)
+    nvme = min(dram, host.nvme_read_gbps / share)
+    return TierRates(dram * 1e9, nvme * 1e9, link.latency_us * 1e-6)
+
+
+EXACT_TOKENS = 128
+"""Tokens per block sampled exactly (Gumbel-top-k) before the tail estimate takes over."""
+
+
+def touched_experts(
+    gen: np.random.Generator, p: np.ndarray, tokens: int, top_k: int, layers: int
+) -> np.ndarray:
+    """Which experts ``tokens`` tokens choosing ``top_k`` each touch, per layer (bool,
+    layers x experts).
+
+    The first :data:`EXACT_TOKENS` tokens of a block are sampled exactly (Gumbel-top-k, in
+    doubling chunks, stopping once every expert is touched). For the rest, an expert still
+    untouched is a rare one, chosen by a token with probability ``p_e x sum_j E[1 / (1 -
+    R_j)]`` (``R_j``: popularity of the token's first ``j`` choices, averaged over the
+    sampled tokens; exact as ``p_e -> 0``), so it is touched by the remaining ``n`` tokens
+    with probability ``1 - (1 - pi_e)^n``, drawn independently per expert.
+    """
+    experts = p.shape[0]
+    out = np.zeros((layers, experts), dtype=bool)
+    k = min(top_k, experts)
+    if tokens <= 0 or layers <= 0:
+        return out
+    if k == experts:
+        out[:] = True
+        return out
+    pf = p.astype(np.float64)
+    todo = np.arange(layers)
+    done = 0
+    exact = min(tokens, EXACT_TOKENS)
+    chunk = min(exact, max(8, 2 * experts // k))
+    boost: list[float] = []
+    while done < exact and todo.size:
+        n = min(chunk, exact - done)
+        e = gen.standard_exponential((todo.size, n, experts))
+        w = pf / np.maximum(e, np.finfo(float).tiny)
+        top = np.argpartition(-w, k - 1, axis=2)[:, :, :k]
+        if tokens > exact:  # removed mass before each slot, in choice order
+            order = np.argsort(-np.take_along_axis(w, top, axis=2), axis=2)
+            chosen = pf[np.take_along_axis(top, order, axis=2)]
+            removed = np.cumsum(chosen, axis=2) - chosen
+            boost.append(float((1.0 / np.maximum(1.0 - removed, 1e-12)).sum(axis=2).mean()))
+        flat = top.reshape(todo.size, -1)
+        rows = np.repeat(np.arange(todo.size), n * k)
+        mask = np.zeros((todo.size, experts), dtype=bool)
+        mask[rows, flat.ravel()] = True
+        out[todo] |= mask
+        done += n
+        todo = todo[~out[todo].all(axis=1)]
+        chunk *= 2
+    if tokens > exact and todo.size:
+        factor = float(np.mean(boost)) if boost else float(k)
+        pi = np.minimum(1.0, pf * factor)
+        hit = 1.0 - (1.0 - pi) ** (tokens - exact)
+        draw = gen.random((todo.size, experts)) < hit
+        out[todo] |= draw
+    return out
+    if k == experts:
+        out[:] = True
+        return out
+    pf = p.astype(np.float64)
+    todo = np.arange(layers)
+    done = 0
+    chunk = min(tokens, max(8, 2 * experts // k))
+    while done < tokens and todo.size:
+        n = min(chunk, tokens - done)
+        e = gen.standard_exponential((todo.size, n, experts))
+        w = pf / np.maximum(e, np.finfo(float).tiny)
+        top = np.argpartition(-w, k - 1, axis=2)[:, :, :k].reshape(todo.size, -1)
+        rows = np.repeat(np.arange(todo.size), n * k)
+        mask = np.zeros((todo.size, experts), dtype=bool)
+        mask[rows, top.ravel()] = True
+        out[todo] |= mask
+        done += n
+        todo = todo[~out[todo].all(axis=1)]
+        chunk *= 2
+    return out
+
+
+class Tier:
+    """One cache level of one device: pinned keys plus an LRU or LFU managed part."""
+
+    def __init__(
+        self, policy: str, capacity: int, pinned: list[int], warm: list[int] | None = None
+    ) -> None:
+        self.policy = policy
+        self.pinned = frozenset(pinned)
+        self.capacity = max(0, capacity - len(self.pinned))
+        """Slots of the managed (non-pinned) part."""
+        self.managed: OrderedDict[int, None] = OrderedDict()
+        self.freq: dict[int, int] = {}
+        # start-up: the server loads weights hottest first until the tier is full; the
+        # coldest of them is the first to go
+        fill = [k for k in (warm or []) if k not in self.pinned][: self.capacity]
+        for k in reversed(fill):
+            self.managed[k] = None
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.pinned or key in self.managed
+
+    def touch(self, key: int) -> None:
+        """Record a use of ``key`` (recency and frequency)."""
+        self.freq[key] = self.freq.get(key, 0) + 1
+        if key in self.managed:
+            self.managed.move_to_end(key)
+
+    def admit(self, key: int, protect: set[int]) -> None:
+        """Bring ``key`` in, evicting by the policy (sparing ``protect`` if possible)."""
+        if key in self or self.capacity <= 0:
+            return
+        if len(self.managed) >= self.capacity:
+            self.managed.pop(self._victim(protect))
+        self.managed[key] = None
+
+    def _victim(self, protect: set[int]) -> int:
+        keys = [k for k in self.managed if k not in protect] or list(self.managed)
+        if self.policy == "lfu":  # least frequent; the order of ``keys`` breaks ties by recency
+            return min(keys, key=lambda k: self.freq.get(k, 0))
+        return keys[0]
+
+
+class Partitioned:
+    """A tier of one device split evenly over the MoE blocks (``slots // blocks`` each, the
+    first ``slots % blocks`` blocks one more), each block's part a :class:`Tier` of its
+    experts; ``static`` pins each block's hottest experts in its part."""
+
+    def __init__(self, policy: str, slots: int, blocks: int, experts: int, hot: list[int]):
+        self.experts = experts
+        self.parts: list[Tier] = []
+        for j in range(blocks):
+            n = slots // blocks + (1 if j < slots % blocks else 0)
+            order = [j * experts + e for e in hot]
+            self.parts.append(Tier(policy, n, order[:n] if policy == "static" else [], order))
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.parts[key // self.experts]
+
+    def touch(self, key: int) -> None:
+        self.parts[key // self.experts].touch(key)
+
+    def admit(self, key: int, protect: set[int]) -> None:
+        self.parts[key // self.experts].admit(key, protect)
+
+
+@dataclass
+class OffloadTotals:
+    """What expert offloading did over a run (device sums over the simulated EP group)."""
+
+    accesses: int = 0
+    """Expert uses (one expert of one layer on one device in one iteration)."""
+    hbm_hits: int = 0
+    dram_hits: int = 0
+    """Misses in HBM served from host DRAM."""
+    nvme_reads: int = 0
+    """Misses in HBM and DRAM served from NVMe."""
+    prefetch_copies: int = 0
+    prefetch_useful: int = 0
+    """Prefetched experts that the predicted layer then used (counted in ``hbm_hits``,
+    though a use waits if the copy is still in flight)."""
+    bytes_moved: float = 0.0
+    """Bytes copied into HBM, demand and prefetch."""
+    bytes_from_nvme: float = 0.0
+    wasted_prefetch_bytes: float = 0.0
+    """Bytes of prefetched experts the predicted layer did not use."""
+    stall_s: list[float] = field(default_factory=list)
+    """Stall added to each iteration, seconds."""
+
+
+class ExpertOffload:
+    """The HBM expert caches of one EP group and their copy timelines, one iteration at a
+    time (see the module docstring)."""
+
+    def __init__(self, system: System, cfg: ExpertOffloadConfig) -> None:
+        s = system.scenario
+        m, p = s.model, s.parallelism
+        self.cfg = cfg
+        self.routing = s.routing
+        self.top_k = m.top_k
+        self.experts = m.experts
+        self.edp = system.layout.edp
+        self.moe_layers = tuple(m.moe_layer_indices)
+        self.layers = m.layers
+        self.mem: ServingMemory = serving_memory(m, p, s.cluster.accelerator, cfg)
+        self.expert_bytes = float(self.mem.expert_bytes)
+        self.rates = tier_rates(s, cfg.host_memory)
+        self.base = popularity(s.routing, m.experts, rng.stream(s.seed, "popularity"))
+        self.gen = rng.stream(s.seed, "offload", 0)
+        self.guess = rng.stream(s.seed, "offload", 1)
+        n_moe = len(self.moe_layers)
+        self.owned = [system.layout.local_experts(r) for r in range(p.ep)]
+        slots = self.mem.cache_experts or 0
+        hot = np.argsort(-self.base, kind="stable")
+        per_device_dram = (
+            None if cfg.dram_gib is None else cfg.dram_gib * GIB / devices_per_host(s.cluster)
+        )
+        dram_slots = (
+            None if per_device_dram is None else int(per_device_dram // max(1.0, self.expert_bytes))
+        )
+        self.hbm: list[Partitioned] = []
+        self.dram: list[Partitioned | None] = []
+        for r in range(p.ep):
+            own = set(self.owned[r].tolist())
+            mine = [int(e) for e in hot if int(e) in own]
+            self.hbm.append(Partitioned(cfg.policy, slots, n_moe, m.experts, mine))
+            self.dram.append(
+                None
+                if dram_slots is None
+                else Partitioned(cfg.policy, dram_slots, n_moe, m.experts, mine)
+            )
+        self.totals = OffloadTotals()
+
+    def copy_s(self, nvme: bool) -> float:
+        """Time to copy one expert into HBM from DRAM or NVMe."""
+        bps = self.rates.nvme_bps if nvme else self.rates.dram_bps
+        return self.rates.latency_s + self.expert_bytes / bps
+
+    def step(
+        self, now_s: float, tokens: int, attention_s: float, moe_s: float, dense_s: float
+    ) -> float:
+        """The stall of one iteration starting at ``now_s`` over ``tokens`` tokens (all DP
+        ranks), whose per-layer times are ``attention_s`` (one block's attention),
+        ``moe_s`` (one MoE block) and ``dense_s`` (one dense FFN block)."""
+        t = self.totals
+        p = popularity_at(self.routing, self.base, now_s)
+        n_moe = len(self.moe_layers)
+        per_group = math.ceil(tokens / self.edp)
+        used = touched_experts(self.gen, p, per_group, self.top_k, n_moe)
+        moe_set = set(self.moe_layers)
+        cfg, pre = self.cfg, self.cfg.prefetch
+        E = self.experts
+        free = [0.0] * len(self.hbm)
+        ready: list[dict[int, float]] = [{} for _ in self.hbm]
+        fetched: list[set[int]] = [set() for _ in self.hbm]
+        u = (
+            self.guess.random((2, len(self.hbm), n_moe, len(self.owned[0])))
+            if pre is not None
+            else np.empty((2, len(self.hbm), n_moe, 0))
+        )
+        if pre is not None and n_moe:  # the first block's experts load during attention
+            for d in range(len(self.hbm)):
+                mine = self.owned[d]
+                self._prefetch(d, 0, used[0, mine], 0.0, free, ready, fetched, set(), u[:, d, 0])
+        c = 0.0
+        stall = 0.0
+        j = 0
+        for i in range(self.layers):
+            c += attention_s
+            if i not in moe_set:
+                c += dense_s
+                continue
+            end = c + moe_s
+            for d, hbm in enumerate(self.hbm):
+                mine = self.owned[d]
+                keys = [j * E + int(e) for e in mine[used[j, mine]]]
+                protect = set(keys)
+                times = []
+                for key in keys:
+                    t.accesses += 1
+                    if key in fetched[d]:
+                        t.prefetch_useful += 1
+                    if key in hbm or key in ready[d]:
+                        t.hbm_hits += 1
+                        times.append(max(c, ready[d].get(key, c)))
+                    else:
+                        dram = self.dram[d]
+                        nvme = dram is not None and key not in dram
+                        if nvme:
+                            t.nvme_reads += 1
+                            t.bytes_from_nvme += self.expert_bytes
+                            assert dram is not None
+                            dram.admit(key, set())
+                        else:
+                            t.dram_hits += 1
+                        if dram is not None:
+                            dram.touch(key)
+                        start = max(c, free[d])
+                        free[d] = start + self.copy_s(nvme)
+                        t.bytes_moved += self.expert_bytes
+                        times.append(free[d])
+                        hbm.admit(key, protect)
+                    hbm.touch(key)
+                t.wasted_prefetch_bytes += len(fetched[d] - protect) * self.expert_bytes
+                fetched[d] = set()
+                if keys and max(times) > c:
+                    share = moe_s / len(keys)
+                    if cfg.overlap:
+                        f = c
+                        for r in sorted(times):
+                            f = max(f, r) + share
+                    else:
+                        f = max(c, max(times)) + moe_s
+                    end = max(end, f)
+                if pre is not None and j + 1 < n_moe:
+                    self._prefetch(
+                        d,
+                        j + 1,
+                        used[j + 1, mine],
+                        c,
+                        free,
+                        ready,
+                        fetched,
+                        protect,
+                        u[:, d, j + 1],
+                    )
+            stall += end - (c + moe_s)
+            c = end
+            j += 1
+        t.stall_s.append(stall)
+        return stall
+
+    def stall_for(self, now_s: float, tokens: int, it: IterationTime) -> float:
+        """:meth:`step` with the per-layer times of a costed serving iteration."""
+        n_moe = len(self.moe_layers)
+        n_dense = self.layers - n_moe
+        return self.step(
+            now_s,
+            tokens,
+            it.attention_s / self.layers,
+            it.moe_s / n_moe if n_moe else 0.0,
+            it.dense_s / n_dense if n_dense else 0.0,
+        )
+
+    def _prefetch(
+        self,
+        d: int,
+        nxt: int,
+        will_use: np.ndarray,
+        c: float,
+        free: list[float],
+        ready: list[dict[int, float]],
+        fetched: list[set[int]],
+        protect: set[int],
+        u: np.ndarray,
+    ) -> None:
+        """Queue copies of device ``d``'s predicted experts of MoE block ``nxt``; ``u``
+        holds two rows of uniform draws (which right guesses, which wrong ones)."""
+        pre = self.cfg.prefetch
+        assert pre is not None
+        mine = self.owned[d]
+        actual = mine[will_use]
+        others = mine[~will_use]
+        right = actual[u[0, : actual.size] < pre.accuracy]
+        wrong_n = min(actual.size - right.size, others.size)
+        wrong = others[np.argsort(u[1, : others.size], kind="stable")[:wrong_n]]
+        hbm, dram = self.hbm[d], self.dram[d]
+        keys = [nxt * self.experts + int(e) for e in np.concatenate([right, wrong])]
+        keep = protect | set(keys)
+        for key in keys:
+            if key in ready[d]:
+                continue
+            if key in hbm:  # resident: held for the next block like a staged copy
+                ready[d][key] = c
+                continue
+            nvme = dram is not None and key not in dram
+            if nvme:
+                assert dram is not None
+                self.totals.bytes_from_nvme += self.expert_bytes
+                dram.admit(key, set())
+            start = max(c, free[d])
+            free[d] = start + self.copy_s(nvme)
+            ready[d][key] = free[d]
+            fetched[d].add(key)
+            self.totals.prefetch_copies += 1
+            self.totals.bytes_moved += self.expert_bytes
+            hbm.admit(key, keep)
+
+    def summary(self, iteration_s: np.ndarray) -> dict[str, object]:
+        """The ``offload`` section of a serving summary; ``iteration_s`` are the
+        iterations' durations including their stalls."""
+        t = self.totals
+        stall = np.asarray(t.stall_s, dtype=float)
+        n = max(1, t.accesses)
+        busy = float(iteration_s.sum())
+        r = self.rates
+        return {
+            "policy": self.cfg.policy,
+            "cache_experts_per_device": self.mem.cache_experts,
+            "device_experts": self.mem.device_experts,
+            "expert_mib": round(self.expert_bytes / 2**20, 3),
+            "prefetch_accuracy": None if self.cfg.prefetch is None else self.cfg.prefetch.accuracy,
+            "copy_gbps": {"dram": round(r.dram_bps / 1e9, 3), "nvme": round(r.nvme_bps / 1e9, 3)},
+            "accesses": t.accesses,
+            "hit_rate": {
+                "hbm": round(t.hbm_hits / n, 6),
+                "dram": round(t.dram_hits / n, 6),
+                "nvme": round(t.nvme_reads / n, 6),
+            },
+            "prefetched_share": round(t.prefetch_useful / n, 6),
+            "prefetch_copies": t.prefetch_copies,
+            "prefetch_useful": t.prefetch_useful,
+            "bytes_moved_gib": round(t.bytes_moved / GIB, 6),
+            "bytes_from_nvme_gib": round(t.bytes_from_nvme / GIB, 6),
+            "wasted_prefetch_gib": round(t.wasted_prefetch_bytes / GIB, 6),
+            "stall_s": round(float(stall.sum()), 6),
+            "stall_share": round(float(stall.sum()) / busy, 6) if busy > 0 else 0.0,
+            "stall_per_iteration_ms": {
+                "mean": round(float(stall.mean()) * 1e3, 6) if stall.size else 0.0,
+                "p99": round(float(np.percentile(stall, 99)) * 1e3, 6) if stall.size else 0.0,
+            },
+        }
+
+
+def expert_offload(system: System) -> ExpertOffload | None:
+    """The scenario's expert offloading, or None when every expert stays in HBM."""
+    cfg = system.scenario.policies.offload.experts
+    return None if cfg is None else ExpertOffload(system, cfg)
+
+
+# --- training: streamed experts and ZeRO-Offload ------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertStream:
+    """Experts a training stage streams per micro-batch pass, and the copy time, seconds."""
+
+    streamed_experts: int
+    """Experts of the stage's device outside its cache (a training micro-batch of
+    thousands of tokens uses every expert, so every one of them is copied in each pass)."""
+    copy_s: float
+    """Copying them in once (forward; in backward the same, with their bf16 gradients going
+    out over the other direction of the full-duplex link at the same time)."""
+
+
+def expert_stream(s: Scenario) -> ExpertStream | None:
+    """The per-pass expert streaming of a training scenario, None without expert offload."""
+    cfg = s.policies.offload.experts
+    if cfg is None:
+        return None
+    mem = serving_memory(s.model, s.parallelism, s.cluster.accelerator, cfg)
+    n = mem.device_experts - min(mem.device_experts, mem.cache_experts or 0)
+    r = tier_rates(s, cfg.host_memory)
+    return ExpertStream(n, n * (r.latency_s + mem.expert_bytes / r.dram_bps))
+
+
+def offload_stages(system: System, stages: list[StageCost]) -> list[StageCost]:
+    """Training stage costs with expert streaming: each forward and backward pass of a
+    micro-batch copies the stage's uncached experts in (:func:`expert_stream`); with
+    ``overlap`` the copies run under the pass's compute and only the excess adds, else
+    they add in full."""
+    s = system.scenario
+    stream = expert_stream(s)
+    cfg = s.policies.offload.experts
+    if stream is None or cfg is None:
+        return stages
+    c = stream.copy_s
+
+    def extra(pass_s: float) -> float:
+        return max(0.0, c - pass_s) if cfg.overlap else c
+
+    return [
+        replace(st, fwd_s=st.fwd_s + extra(st.fwd_s), bwd_s=st.bwd_s + extra(st.bwd_s))
+        for st in stages
+    ]
+
+
+@dataclass(frozen=True)
+class OptimizerOffload:
+    """One training step's optimizer work on the host (ZeRO-Offload), seconds."""
+
+    grad_d2h_s: float
+    """bf16 gradients of the device's optimizer shard, device to host over the host link."""
+    cpu_step_s: float
+    """The CPU Adam step over the host's shards at host DRAM bandwidth."""
+    param_h2d_s: float
+    """Updated bf16 weights of the shard, host to device."""
+    host_bytes: float
+    """Host DRAM holding the optimizer states of one host's devices."""
+
+    @property
+    def total_s(self) -> float:
+        """Costed one after another (conservative: ZeRO-Offload overlaps the gradient
+        copy with the backward pass, which this does not model)."""
+        return self.grad_d2h_s + self.cpu_step_s + self.param_h2d_s
+
+
+def optimizer_offload(s: Scenario, w: TrainingWorkload, shard_params: float) -> OptimizerOffload:
+    """ZeRO-Offload costs of one step for a device whose optimizer shard has
+    ``shard_params`` parameters (Ren et al., "ZeRO-Offload", USENIX ATC 2021): gradients
+    out (2 bytes per parameter), a CPU Adam step reading the fp32 states and the gradient
+    and writing the states and the bf16 weights (``2 x optimizer_bytes_per_param + 2 + 2``
+    bytes per parameter, over the host's devices, at ``host.dram_bandwidth_gbps``), and
+    the weights back in (2 bytes per parameter); transfers at the host link's rate."""
+    rates = tier_rates(s)
+    share = devices_per_host(s.cluster)
+    grad_bytes = 2.0 * shard_params
+    cpu_bytes = share * shard_params * (2 * w.optimizer_bytes_per_param + 4)
+    return OptimizerOffload(
+        grad_d2h_s=rates.latency_s + grad_bytes / rates.dram_bps,
+        cpu_step_s=cpu_bytes / (s.cluster.host.dram_bandwidth_gbps * 1e9),
+        param_h2d_s=rates.latency_s + grad_bytes / rates.dram_bps,
+        host_bytes=share * shard_params * w.optimizer_bytes_per_param,
+    )
