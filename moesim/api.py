@@ -132,5 +132,5 @@ def run(scenario: Scenario) -> Result:
         summary = layer_summary(system, records)
     from moesim.energy.summary import energy_summary
 
-    summary["energy"] = energy_summary(system, records)
+    summary["energy"] = energy_summary(system, records, training_run)
     return Result(scenario, summary, records, system, time.perf_counter() - t0, training_run)

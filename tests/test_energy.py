@@ -487,3 +487,112 @@ def test_training_step_charges_the_measured_communicating_power() -> None:
         seconds["communicating"] * 353.24, rel=1e-8
     )
     assert energy["energy_j"] == pytest.approx(3 * energy["energy_per_step_j"], rel=1e-8)
+
+
+def test_training_run_energy_covers_its_wall_clock() -> None:
+    """A training run over ``duration_s``: computed steps at one step's energy, every other
+    second (checkpoint writes, restarts) with devices and hosts idle; closed form."""
+    from moesim.energy.account import infrastructure, training_account
+
+    scenario = moesim.load_scenario(
+        "scenarios/training-checkpoint-restart-h100.yaml",
+        [
+            "workload.duration_s=3600",
+            "workload.seq_len=256",
+            "workload.microbatches=4",
+            "failures.devices=[{kind: scheduled, device: 3, at_s: 1000}]",
+            "failures.links=[]",
+            "failures.stragglers=[]",
+            "energy.pue=1.1",
+        ],
+    )
+    result = moesim.run(scenario)
+    run, e = result.training_run, result.summary["energy"]
+    assert run is not None and run.lost_steps >= 0 and run.interruptions == 1
+    w = scenario.workload
+    step = training_account(result.system, w, result.records)  # type: ignore[arg-type]
+    infra = infrastructure(result.system)
+    waiting = run.duration_s - run.computed_steps * run.step_s
+    assert waiting > run.down_s + run.restart_s > 0
+    idle_w = step.devices * step.power.watts("idle") + infra.host_w(0.0) + infra.switch_w
+    expected = (step.it_j * run.computed_steps + waiting * idle_w) * 1.1
+    assert e["energy_j"] == pytest.approx(expected, rel=1e-6)
+    assert e["duration_s"] == pytest.approx(run.duration_s)
+    assert e["steps"] == run.computed_steps and e["useful_steps"] == run.useful_steps
+    assert e["energy_per_useful_step_j"] == pytest.approx(e["energy_j"] / run.useful_steps, rel=1e-6)
+    # losing work costs energy: per useful step it is dearer than one step
+    assert e["energy_per_useful_step_j"] > e["energy_per_step_j"]
+
+
+def _ib_joules(result: Any, link_bytes: np.ndarray) -> float:
+    """Closed form: bytes on InfiniBand NDR edges x 8 x the preset's 20 pJ/bit."""
+    g = result.system.topology.graph
+    pj = {"ib-ndr": 20.0}
+    total = 0.0
+    for i, (u, v) in enumerate(result.system.paths.edges):
+        total += float(link_bytes[i]) * 8 * pj.get(g[u][v].get("link"), 0.0) * 1e-12
+    return total
+
+
+CROSS_NODE = {
+    "name": "cross-node",
+    "seed": 2,
+    "cluster": {"preset": "h100-fat-tree", "nodes": 2},
+    "model": {"preset": "mixtral-8x7b", "experts": 16, "layers": 2},
+    "parallelism": {"dp": 16, "ep": 16},
+    "policies": {"capacity_factor": None, "overflow": "dropless"},
+}
+
+
+def test_serving_link_energy_is_the_all_to_all_bytes_times_pj_per_bit() -> None:
+    s = scenario_from_dict(
+        {
+            **CROSS_NODE,
+            "workload": {
+                "kind": "serving",
+                "duration_s": 2,
+                "warmup_s": 0.5,
+                "arrival": {"kind": "poisson", "rate_per_s": 20},
+                "prompt_tokens": {"kind": "constant", "value": 128},
+                "output_tokens": {"kind": "constant", "value": 8},
+            },
+        }
+    )
+    result = moesim.run(s)
+    rec = result.records
+    assert rec.moe_link_bytes is not None
+    expected = _ib_joules(result, rec.moe_link_bytes)
+    assert expected > 0
+    assert result.summary["energy"]["energy_j_by_component"]["network_links"] == pytest.approx(
+        expected, rel=1e-6
+    )
+    # every iteration's MoE layers: the total is the sum over iterations of the memoized
+    # per-layer bytes, x 2 MoE layers
+    one = moesim.run(s).records.moe_link_bytes
+    assert np.array_equal(one, rec.moe_link_bytes)
+
+
+def test_training_link_energy_is_the_all_to_all_bytes_times_pj_per_bit() -> None:
+    s = scenario_from_dict(
+        {
+            **CROSS_NODE,
+            "workload": {
+                "kind": "training",
+                "seq_len": 256,
+                "micro_batch_sequences": 1,
+                "microbatches": 2,
+            },
+        }
+    )
+    result = moesim.run(s)
+    rec = result.records
+    assert rec.moe_link_bytes is not None
+    e = result.summary["energy"]
+    expected = _ib_joules(result, rec.moe_link_bytes)
+    assert expected > 0
+    assert e["energy_j_by_component"]["network_links"] == pytest.approx(expected, rel=1e-6)
+    # per step: layers x (forward + backward) x micro-batches x one layer's bytes
+    from moesim.engine.layer_cost import MoELayerCost
+
+    one_layer = MoELayerCost(result.system).link_bytes(256 * 16)
+    assert np.allclose(rec.moe_link_bytes, one_layer * 2 * 2 * 2)

@@ -204,6 +204,26 @@ class EnergyAccount:
         total = sum(self.state_s.values())
         return (total - self.state_s["idle"]) / total if total > 0 else 0.0
 
+    def plus_idle(
+        self, seconds: float, infra: Infrastructure, note: str | None = None
+    ) -> EnergyAccount:
+        """The account extended by ``seconds`` of every device idle (waiting on a
+        checkpoint write, a failure's detection, a spare swap, a repair or a restart), the
+        hosts at their idle power and the switches on."""
+        idle = max(seconds, 0.0)
+        state_s = dict(self.state_s)
+        state_s["idle"] += idle * self.devices
+        return EnergyAccount(
+            duration_s=self.duration_s + idle,
+            devices=self.devices,
+            state_s=state_s,
+            power=self.power,
+            network_j=self.network_j,
+            notes=self.notes + ((note,) if note else ()),
+            host_j=self.host_j + infra.host_w(0.0) * idle,
+            switch_j=self.switch_j + infra.switch_w * idle,
+        )
+
     def scaled(self, factor: float) -> EnergyAccount:
         """The same account repeated ``factor`` times (e.g. over training steps)."""
         return EnergyAccount(
@@ -389,19 +409,26 @@ def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) 
     for d in range(n_dev):
         busy.append((d, "communicating", rec.grad_sync_s))
         busy.append((d, "memory", rec.optimizer_s))
+    if rec.moe_link_bytes is not None:
+        network_j, link_note = network_energy_j(system, rec.moe_link_bytes)
+        link_note += (
+            " (the MoE all-to-alls' bytes; gradient all-reduces, ZeRO gathers, tensor-"
+            "parallel collectives and pipeline transfers not counted)"
+        )
+    else:
+        network_j, link_note = 0.0, "network: link bytes not recorded for this run; 0 J"
     return account_from_busy(
         device_power(s.cluster.accelerator),
         n_dev,
         rec.step_s,
         busy,
-        0.0,
+        network_j,
         (
             f"training: forward/backward {work}-bound by the roofline of a "
             f"{w.seq_len * w.micro_batch_sequences} x {m.d_model} x {m.d_model} product, "
             "all-to-all, tensor-parallel and gradient sync communicating, optimizer "
             "memory-bound, pipeline bubble idle",
-            "network: link bytes not recorded for this workload; 0 J beyond the devices' "
-            "communicating power",
+            link_note,
             HOST_NOTE,
         ),
         infrastructure(system),
@@ -443,18 +470,26 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
     w = s.workload
     # the server is up for the arrival window at least, even if the last request ends early
     window_s = max(rec.end_s, w.duration_s) if isinstance(w, ServingWorkload) else rec.end_s
+    if rec.moe_link_bytes is not None:
+        network_j, link_note = network_energy_j(system, rec.moe_link_bytes)
+        link_note += (
+            " (the MoE all-to-alls' expected bytes at each iteration's batch size; "
+            "tensor-parallel collectives not counted)"
+        )
+    else:
+        network_j, link_note = 0.0, "network: link bytes not recorded for this run; 0 J"
     return account_from_busy(
         device_power(s.cluster.accelerator),
         n_dev,
         window_s,
         busy,
-        0.0,
+        network_j,
         (
             "serving: each iteration compute- or memory-bound by the roofline (MoE part at "
             "its tokens per expert, the rest at its tokens per DP rank; the all-to-all "
             "inside the MoE time counted with it); idle between iterations, over the whole "
             "run (at least duration_s) including warm-up and drain",
-            "network: link bytes not recorded for this workload; 0 J",
+            link_note,
             HOST_NOTE,
         ),
         infrastructure(system),

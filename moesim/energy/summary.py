@@ -13,6 +13,7 @@ from moesim.config.training import TrainingWorkload
 from moesim.energy.account import (
     EnergyAccount,
     facility,
+    infrastructure,
     layer_account,
     serving_account,
     training_account,
@@ -20,6 +21,7 @@ from moesim.energy.account import (
 from moesim.engine.layer_workload import LayerRecords, layer_tokens
 from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
+from moesim.engine.training_run import TrainingRunRecords
 from moesim.system import System
 
 
@@ -57,9 +59,12 @@ def account_summary(account: EnergyAccount, system: System) -> dict[str, Any]:
 
 
 def energy_summary(
-    system: System, records: LayerRecords | TrainingRecords | ServingRecords
+    system: System,
+    records: LayerRecords | TrainingRecords | ServingRecords,
+    training_run: TrainingRunRecords | None = None,
 ) -> dict[str, Any]:
-    """The ``energy`` section for a run's records, whatever the workload."""
+    """The ``energy`` section for a run's records, whatever the workload; with a
+    ``training_run`` (``workload.duration_s``), the whole run's wall clock."""
     if isinstance(records, ServingRecords):
         account = serving_account(system, records)
         out = account_summary(account, system)
@@ -74,9 +79,11 @@ def energy_summary(
         w = system.scenario.workload
         assert isinstance(w, TrainingWorkload)
         step = training_account(system, w, records)
+        step_j = facility(step, system.scenario.energy).total_j
+        if training_run is not None:
+            return _run_summary(system, step, step_j, training_run)
         account = step.scaled(w.steps)
         out = account_summary(account, system)
-        step_j = facility(step, system.scenario.energy).total_j
         out["steps"] = w.steps
         out["energy_per_step_j"] = _sig(step_j)
         out["energy_per_token_j"] = _per(step_j, records.tokens_per_step)
@@ -85,6 +92,32 @@ def energy_summary(
     out = account_summary(account, system)
     total = facility(account, system.scenario.energy).total_j
     out["energy_per_token_j"] = _per(total, layer_tokens(system.scenario))
+    return out
+
+
+def _run_summary(
+    system: System, step: EnergyAccount, step_j: float, run: TrainingRunRecords
+) -> dict[str, Any]:
+    """A training run over its wall clock: every computed step (lost ones included) as
+    one step's account, every other second (checkpoint writes, detection, spare swaps,
+    repairs, restarts, the unfinished tail) with the devices idle."""
+    busy_s = run.computed_steps * run.step_s
+    waiting_s = run.duration_s - busy_s
+    account = step.scaled(run.computed_steps).plus_idle(
+        waiting_s,
+        infrastructure(system),
+        f"training run: {run.computed_steps} steps computed ({run.lost_steps} lost to "
+        f"failures), devices idle for the other {waiting_s:.6g} s (checkpoint writes, "
+        "detection, swaps, repairs, restarts)",
+    )
+    out = account_summary(account, system)
+    total = facility(account, system.scenario.energy).total_j
+    out["steps"] = run.computed_steps
+    out["useful_steps"] = run.useful_steps
+    out["energy_per_step_j"] = _sig(step_j)
+    out["energy_per_token_j"] = _per(step_j, run.tokens_per_step)
+    out["energy_per_useful_step_j"] = _per(total, run.useful_steps)
+    out["energy_per_useful_token_j"] = _per(total, run.useful_steps * run.tokens_per_step)
     return out
 
 

@@ -40,6 +40,8 @@ class LayerSample:
     dropped_fraction: float
     comm_s: float
     """The all-to-all part of the layer's critical path (dispatch + combine)."""
+    link_bytes: np.ndarray | None = field(default=None, compare=False)
+    """Bytes each topology edge carried (mean over the samples), for network energy."""
 
 
 def bucket_points(tokens: int) -> tuple[int, int]:
@@ -80,7 +82,7 @@ class MoELayerCost:
     def _at(self, tokens: int) -> LayerSample:
         if tokens not in self._cache:
             s = self.system.scenario
-            times, drops, comms = [], [], []
+            times, drops, comms, links = [], [], [], []
             for i in range(self.samples_for(tokens)):
                 routing = route_layer(
                     rng.stream(s.seed, "layer-cost", tokens, i),
@@ -98,8 +100,12 @@ class MoELayerCost:
                 times.append(rec.time_s)
                 comms.append(path["dispatch"] + path["combine"])
                 drops.append(routing.dropped / max(1, tokens * s.model.top_k))
+                links.append(rec.link_bytes)
             self._cache[tokens] = LayerSample(
-                float(np.mean(times)), float(np.mean(drops)), float(np.mean(comms))
+                float(np.mean(times)),
+                float(np.mean(drops)),
+                float(np.mean(comms)),
+                np.mean(links, axis=0),
             )
         return self._cache[tokens]
 
@@ -121,3 +127,19 @@ class MoELayerCost:
 
     def time_s(self, tokens: int) -> float:
         return self.sample(tokens).time_s
+
+    def link_bytes(self, tokens: int) -> np.ndarray:
+        """Expected bytes per topology edge of one MoE layer over ``tokens`` tokens
+        (interpolated between buckets like the time)."""
+        n = self.system.paths.bandwidth_gbps.shape[0]
+        if tokens <= 0:
+            return np.zeros(n)
+        lo, hi = bucket_points(tokens)
+        a = self._at(lo).link_bytes
+        a = np.zeros(n) if a is None else a
+        if hi == lo:
+            return a
+        b = self._at(hi).link_bytes
+        b = np.zeros(n) if b is None else b
+        w = (tokens - lo) / (hi - lo)
+        return np.asarray(a + w * (b - a))

@@ -125,6 +125,9 @@ class ServingRecords:
     failures: ServingFailureRecords | None = None
     """Failure events, the state of each iteration and the requests moved or lost
     (scenarios with a ``failures`` section; see :mod:`moesim.engine.failures`)."""
+    moe_link_bytes: np.ndarray | None = None
+    """Bytes each topology edge carried in the MoE all-to-alls of the whole run (every
+    iteration's MoE layers at its batch size, the healthy system's expected traffic)."""
 
 
 def sample_lengths(dist: LengthConfig, n: int, gen: np.random.Generator) -> np.ndarray:
@@ -331,7 +334,19 @@ class _Server:
             moe_evaluations=self.cost.moe_cost.evaluations,
             offload=self.offload,
             failures=self.faults.records(n) if self.faults is not None else None,
+            moe_link_bytes=self._moe_link_bytes(it.batch_tokens),
         )
+
+    def _moe_link_bytes(self, batch_tokens: np.ndarray) -> np.ndarray:
+        """Expected all-to-all bytes per edge over every iteration (memoized buckets)."""
+        cost = self.cost.moe_cost
+        sizes, counts = np.unique(batch_tokens, return_counts=True)
+        total = np.zeros(cost.system.paths.bandwidth_gbps.shape[0])
+        if not self.cost.n_moe:
+            return total
+        for size, count in zip(sizes.tolist(), counts.tolist()):
+            total = total + count * cost.link_bytes(int(size))
+        return np.asarray(total * self.cost.n_moe)
 
 
 def simulate_serving(system: System, moe_cost: MoELayerCost | None = None) -> ServingRecords:

@@ -26,6 +26,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import simpy
 
 from moesim.config.training import TrainingWorkload
@@ -79,6 +80,11 @@ class TrainingRecords:
     """(stage, 'F' or 'B', micro-batch, start_s, end_s) of every pipeline operation."""
     layer_sim_events: int = 0
     """SimPy events of the MoE layer simulations behind the layer costs (for benchmarks)."""
+    moe_link_bytes: np.ndarray | None = None
+    """Bytes each topology edge carries in one step's MoE all-to-alls: every MoE layer's
+    dispatch and combine, forward and backward (and the recomputed forward with full
+    recomputation), per micro-batch; each stage's layers on stage 0's links (the stages'
+    fabrics are alike)."""
 
 
 def _combine(a: float, c: float, overlap: bool) -> float:
@@ -299,6 +305,10 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         sim_events=events,
         ops=ops,
         layer_sim_events=cost.sim_events,
+        moe_link_bytes=cost.link_bytes(moe_tokens)
+        * len(m.moe_layer_indices)
+        * (3 if w.recompute == "full" else 2)
+        * w.microbatches,
     )
 
 
