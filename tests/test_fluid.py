@@ -203,3 +203,35 @@ def test_large_layers_use_the_bulk_exchange_by_default() -> None:
     bulk_s, _, bulk_events = _layer(system, tokens, bulk=True)
     assert bulk_s == pytest.approx(exact_s, rel=1e-3)
     assert bulk_events * 5 < exact_events
+
+
+@pytest.mark.parametrize("a2a", ["deepep", "hierarchical"])
+def test_relayed_all_to_all_in_batches_agrees_with_exact(a2a: str) -> None:
+    """Hierarchical and DeepEP-style exchanges priced in per-instant batches
+    (``FlowNetwork.bulk``) against the flow-by-flow simulation: DeepSeek-V3, EP 32 over 4
+    H800 nodes (rail-optimized IB). Layer time within 2%, each phase within 3% (measured
+    0.3-1.5% when written)."""
+    from moesim.loader import load_scenario
+
+    s = load_scenario("scenarios/deepseek-v3-ep32-h800.yaml", [f"parallelism.a2a={a2a}"])
+    system = build_system(s)
+    pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+    routing = route_layer(
+        rng.stream(s.seed, "routing", 0),
+        pop,
+        system.layout,
+        16384,
+        s.model,
+        s.policies,
+        system.expert_node,
+    )
+    out = {}
+    for bulk in (False, True):
+        costs = dataclasses.replace(system.layer_costs, bulk_a2a_min_flows=0 if bulk else 10**9)
+        rec = simulate_routed_layer(dataclasses.replace(system, layer_costs=costs), routing)
+        out[bulk] = (rec.time_s, critical_path(rec.timeline), rec.network_events)
+    (t_exact, p_exact, ev_exact), (t_bulk, p_bulk, ev_bulk) = out[False], out[True]
+    assert t_bulk == pytest.approx(t_exact, rel=0.02)
+    for phase in ("dispatch", "combine"):
+        assert p_bulk[phase] == pytest.approx(p_exact[phase], rel=0.03)
+    assert ev_bulk < ev_exact  # batches, not a re-rating per flow

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             for a, b in ((d, f), (d, f), (f, d))
         ]
         if device == "cpu":
-            return tuple(x.pin_memory() if pin else x for x in w)  # type: ignore[return-value]
-        return tuple(x.to(device) for x in w)  # type: ignore[return-value]
+            return tuple(x.pin_memory() if pin else x for x in w)
+        return tuple(x.to(device) for x in w)
 
     def ffn(x: Any, w: tuple[Any, Any, Any]) -> Any:
         return (torch.nn.functional.silu(x @ w[0]) * (x @ w[1])) @ w[2]

@@ -13,9 +13,11 @@ receiver waits for all its messages) but prices the messages analytically:
 - each receiver gets one event, at the arrival of its last message.
 
 Only the ``direct`` algorithm is modelled this way; relayed exchanges (hierarchical,
-deepep) stay flow by flow. The MoE layer switches to this exchange above a message count
-(:attr:`moesim.engine.moe_layer.LayerCosts.bulk_a2a_min_flows`); ``tests/test_fluid.py``
-compares the two where both run.
+deepep) keep their per-flow delivery events (a relay forwards once its contributions are
+in) but, above the same size, the network prices their flows in per-instant batches
+(:attr:`moesim.engine.network.FlowNetwork.bulk`). The MoE layer switches to this exchange
+above a message count (:attr:`moesim.engine.moe_layer.LayerCosts.bulk_a2a_min_flows`);
+``tests/test_fluid.py`` compares the two where both run.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ For exchanges too large to simulate flow by flow, :meth:`FlowNetwork.transfer_bu
 prices a whole batch of flows that start together analytically from the links' loads
 (:mod:`moesim.cost.fluid`): no event per flow, one vectorized pass per batch. Bulk and
 per-flow transfers keep separate state and do not see each other, so one simulation uses
-one or the other for a given exchange (the MoE layer picks by the exchange's size).
+one or the other for a given exchange (the MoE layer picks by the exchange's size). In
+``bulk`` mode :meth:`FlowNetwork.transfer_many` itself is priced that way, batch by batch,
+with a delivery event per flow (relayed all-to-alls forward on them).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class FlowNetwork:
     """Rate recomputations performed (for benchmarks)."""
     sent_bytes: float = 0.0
     """Bytes of every flow injected between distinct devices (each hop of a relay counts)."""
+    bulk: bool = False
+    """Price :meth:`transfer_many` in batches too: the flows started at one simulated
+    instant form one :meth:`transfer_bulk` batch, and each delivery event fires at its
+    priced arrival (one timeout per distinct arrival time, no re-rating). Used for large
+    relayed all-to-alls (hierarchical, deepep), whose forwarding needs per-flow events."""
 
     def __post_init__(self) -> None:
         self.capacity = self.paths.bandwidth_gbps * 1e9
@@ -61,6 +68,7 @@ class FlowNetwork:
         self._last = 0.0
         self._version = 0
         self._free_s = np.zeros(len(self.capacity))
+        self._pending: list[tuple[int, int, float, float, simpy.Event]] = []
 
     @property
     def active(self) -> int:
@@ -74,6 +82,8 @@ class FlowNetwork:
 
         ``extra_latency_s`` is a fixed cost added to every flow's delivery (a collective's
         launch and synchronisation, as measured)."""
+        if self.bulk:
+            return self._transfer_batched(flows, extra_latency_s)
         self._advance()
         out = []
         sizes, latencies = [], []
@@ -96,6 +106,43 @@ class FlowNetwork:
             self._latency = np.concatenate([self._latency, latencies])
             self._reschedule()
         return out
+
+    def _transfer_batched(
+        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float
+    ) -> list[simpy.Event]:
+        """:meth:`transfer_many` in bulk mode: queue the flows for this instant's batch."""
+        out = []
+        for src, dst, nbytes in flows:
+            ev = self.env.event()
+            out.append(ev)
+            if src == dst or nbytes <= 0:
+                ev.succeed()
+                continue
+            if not self._pending:
+                self.env.timeout(0).callbacks.append(self._flush_batch)
+            self._pending.append((src, dst, float(nbytes), extra_latency_s, ev))
+        return out
+
+    def _flush_batch(self, _: simpy.Event) -> None:
+        batch, self._pending = self._pending, []
+        src = np.array([f[0] for f in batch], dtype=np.int64)
+        dst = np.array([f[1] for f in batch], dtype=np.int64)
+        nbytes = np.array([f[2] for f in batch])
+        extra = np.array([f[3] for f in batch])
+        arrive = self.transfer_bulk(src, dst, nbytes) + extra
+        order = np.argsort(arrive, kind="stable")
+        times = arrive[order]
+        starts = np.flatnonzero(np.concatenate([[True], times[1:] != times[:-1]]))
+        ends = np.concatenate([starts[1:], [len(times)]])
+        now = float(self.env.now)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            events = [batch[int(i)][4] for i in order[a:b]]
+
+            def fire(_: simpy.Event, events: list[simpy.Event] = events) -> None:
+                for ev in events:
+                    ev.succeed()
+
+            self.env.timeout(max(float(times[a]) - now, 0.0)).callbacks.append(fire)
 
     def transfer_bulk(
         self,
