@@ -16,6 +16,7 @@ from moesim import __version__
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
+from moesim.engine.layer_cost import MoELayerCost
 from moesim.engine.layer_workload import LayerRecords, simulate_layer
 from moesim.engine.serving import ServingRecords, simulate_serving
 from moesim.engine.training import TrainingRecords, simulate_training
@@ -101,8 +102,11 @@ class Result:
             )
 
 
-def run(scenario: Scenario) -> Result:
-    """Simulate a scenario (no files are written; see :meth:`Result.write`)."""
+def run(scenario: Scenario, moe_cost: MoELayerCost | None = None) -> Result:
+    """Simulate a scenario (no files are written; see :meth:`Result.write`).
+
+    ``moe_cost``: a serving run may reuse the memoized MoE layer costs of an earlier run
+    whose cluster, model, layout, routing, policies and seed agree (a rate sweep)."""
     t0 = time.perf_counter()
     system = build_system(scenario)
     records: LayerRecords | ServingRecords | TrainingRecords
@@ -110,7 +114,7 @@ def run(scenario: Scenario) -> Result:
     if isinstance(scenario.workload, ServingWorkload):
         from moesim.report.serving import serving_summary
 
-        records = simulate_serving(system)
+        records = simulate_serving(system, moe_cost)
         summary = serving_summary(system, records)
         if records.failures is not None:
             from moesim.report.failures import serving_failures_summary

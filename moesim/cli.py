@@ -75,7 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a scenario without running it")
     scenario_args(c)
 
-    sub.add_parser("schema", help="print the JSON Schema of the scenario language")
+    sc = sub.add_parser("schema", help="print the JSON Schema of the scenario language")
+    sc.add_argument(
+        "--resolved",
+        action="store_true",
+        help="the schema of a resolved scenario (a run folder's scenario.yaml) instead of "
+        "the one of files as written (presets by name, include, hf_config)",
+    )
 
     pr = sub.add_parser("presets", help="list the built-in presets")
     pr.add_argument(
@@ -158,6 +164,16 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--fresh", action="store_true", help="rerun points already finished")
     sw.add_argument("--quiet", action="store_true", help="no progress lines")
 
+    cap = sub.add_parser(
+        "capacity", help="the highest arrival rate a serving scenario sustains within its SLO"
+    )
+    scenario_args(cap)
+    cap.add_argument("--target", type=float, default=0.99, help="share of requests within SLO")
+    cap.add_argument("--start-rate", type=float, help="first rate tried (default: the file's)")
+    cap.add_argument("--max-rate", type=float, default=1e4, help="stop growing at this rate")
+    cap.add_argument("--tolerance", type=float, default=0.05, help="relative bracket width")
+    cap.add_argument("--json", action="store_true", help="print the probes as JSON")
+
     im = sub.add_parser(
         "import-model",
         help="turn a Hugging Face config.json into a model definition (YAML) with its figures",
@@ -185,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fidelity": _fidelity,
             "import-model": _import_model,
             "sweep": _sweep,
+            "capacity": _capacity,
         }[args.command]
         return handler(args)
     except ScenarioError as exc:
@@ -255,11 +272,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from moesim.config.scenario import Scenario
+    from moesim.config.schema import authoring_schema, resolved_schema
 
-    schema = Scenario.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "moesim scenario"
+    schema = resolved_schema() if args.resolved else authoring_schema()
     print(json.dumps(schema, indent=2))
     return 0
 
@@ -338,6 +353,57 @@ def _show(args: argparse.Namespace) -> int:
         _show_cluster(args.name)
     else:
         print(json.dumps(raw, indent=2))
+    return 0
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from moesim.sweep.capacity import Probe, capacity_table, find_capacity
+
+    if not 0 < args.target <= 1 or args.tolerance <= 0:
+        print("moesim: --target must be in (0, 1] and --tolerance > 0", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+
+    def progress(p: Probe) -> None:
+        if not args.json:
+            state = "ok" if p.feasible else "misses the SLO"
+            print(
+                f"  {p.rate_per_s:.4g} req/s: {p.attainment:.1%} within SLO, {state}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result = find_capacity(
+        args.scenario,
+        overrides,
+        args.target,
+        args.start_rate,
+        args.max_rate,
+        args.tolerance,
+        progress,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "target": result.target,
+                    "capacity_rate_per_s": result.best.rate_per_s if result.best else None,
+                    "probes": [
+                        {
+                            "rate_per_s": p.rate_per_s,
+                            "feasible": p.feasible,
+                            "slo_attainment": p.attainment,
+                            "summary": p.summary,
+                        }
+                        for p in result.probes
+                    ],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        print(capacity_table(result))
     return 0
 
 

@@ -48,9 +48,31 @@ def test_seed_option_overrides_the_scenario(tmp_path: Path) -> None:
     assert a["seed"] == 1 and b["seed"] == 2 and a["expert_load"] != b["expert_load"]
 
 
+def test_authoring_schema_accepts_every_file_as_written() -> None:
+    """`moesim schema` accepts the scenario files as people write them (preset names,
+    presets with overrides, include) and still rejects bad values."""
+    import yaml
+
+    schema = json.loads(_cli("schema").stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    files = sorted((Path(__file__).parent.parent / "scenarios").glob("*.yaml"))
+    assert files
+    for f in files:
+        jsonschema.validate(yaml.safe_load(f.read_text()), schema)
+    jsonschema.validate(
+        {"include": "base.yaml", "seed": 3, "model": {"hf_config": "c.json"}}, schema
+    )
+    for bad in ({"seed": -1}, {"cluster": "dgx-h1000"}, {"model": {"preset": "nope"}}):
+        try:
+            jsonschema.validate(bad, schema)
+        except jsonschema.ValidationError:
+            continue
+        raise AssertionError(f"{bad} passed the schema")
+
+
 def test_schema_validates_the_example_scenarios() -> None:
-    """`moesim schema` is a JSON Schema that the resolved example scenarios satisfy."""
-    proc = _cli("schema")
+    """`moesim schema --resolved` is a JSON Schema that the resolved examples satisfy."""
+    proc = _cli("schema", "--resolved")
     schema = json.loads(proc.stdout)
     jsonschema.Draft202012Validator.check_schema(schema)
     import moesim
@@ -129,3 +151,20 @@ def test_compare_shows_both_summaries_and_differences(tmp_path: Path, capsys) ->
     a_val, b_val = (int(v) for v in line.split()[1:3])
     assert a_val > b_val  # Zipf(1) drops more than uniform at the same capacity
     assert f"{b_val - a_val:+d}" in line
+
+
+def test_compare_table_stays_readable() -> None:
+    """Long text (sources) is shortened, seeds are not differenced, per-device times are
+    not summed."""
+    from moesim.report.compare import CELL_WIDTH, compare_table
+
+    a = {"seed": 3, "power_source": "x" * 500, "device_finish_ms": [1.0, 2.0], "t_ms": 2.0}
+    b = {"seed": 7, "power_source": "y" * 500, "device_finish_ms": [1.0, 3.0], "t_ms": 3.0}
+    out = compare_table(a, b, "A", "B")
+    lines = out.splitlines()
+    assert max(len(x) for x in lines) < 3 * CELL_WIDTH + 40
+    seed = next(x for x in lines if x.startswith("seed"))
+    assert "differs" in seed and "%" not in seed
+    assert not any(x.startswith("device_finish_ms.sum") for x in lines)
+    assert any(x.startswith("device_finish_ms.max") for x in lines)
+    assert "+1 (+50.0%)" in next(x for x in lines if x.startswith("t_ms"))

@@ -247,32 +247,46 @@ def test_h200_powers_equal_the_measurement_records() -> None:
 
 
 def test_two_device_layer_energy_is_the_integral_over_every_device_timeline() -> None:
-    """Two H200s: J = sum over each device's intervals of duration x state power, plus
-    idle power over the rest of each device's time (devices x layer time); the measured
-    communicating power is not used by a layer (waiting on the all-to-all is idle)."""
+    """Two H200s: J = sum over each device's compute intervals of duration x state power,
+    plus the measured communicating power over its all-to-all windows (gate end -> all its
+    tokens in; experts end -> its output back), plus idle power over the rest of each
+    device's time (devices x layer time)."""
     result = _run({**ONE_GPU_LAYER, "cluster": "h200x2", "parallelism": {"dp": 2, "ep": 2}})
     rec = result.records
     assert isinstance(rec, LayerRecords)
     p = device_power(accelerator("h200-sxm"))
     devices = 2
-    busy = sum(iv.end_s - iv.start_s for iv in rec.timeline.intervals)
-    expected = sum(
-        (iv.end_s - iv.start_s) * (p.compute_w if iv.name == "experts" else p.memory_w)
-        for iv in rec.timeline.intervals
-    ) + p.idle_w * (devices * rec.time_s - busy)
+    tl = rec.timeline
+    busy = sum(iv.end_s - iv.start_s for iv in tl.intervals)
+    comm = 0.0
+    for d in range(devices):
+        spans = [(iv.start_s, iv.end_s) for iv in tl.intervals if iv.device == d]
+        for a, b in ((tl.gate_end_s[d], tl.ready_s[d]), (tl.expert_end_s[d], tl.rank_done_s[d])):
+            inside = sum(max(0.0, min(b, e) - max(a, st)) for st, e in spans)
+            comm += max(0.0, b - a - inside)
+    assert comm > 0  # two GPUs exchange tokens over NVLink
+    expected = (
+        sum(
+            (iv.end_s - iv.start_s) * (p.compute_w if iv.name == "experts" else p.memory_w)
+            for iv in tl.intervals
+        )
+        + p.communicating_w * comm
+        + p.idle_w * (devices * rec.time_s - busy - comm)
+    )
     energy = result.summary["energy"]
-    assert {iv.device for iv in rec.timeline.intervals} == {0, 1}
+    assert {iv.device for iv in tl.intervals} == {0, 1}
     assert energy["energy_j"] == pytest.approx(expected, rel=1e-8)
     seconds = energy["device_seconds_by_state"]
     assert sum(seconds.values()) == pytest.approx(devices * rec.time_s, rel=1e-8)
-    assert seconds["communicating"] == 0
+    assert seconds["communicating"] == pytest.approx(comm, rel=1e-8)
     comp = energy["energy_j_by_component"]
     assert comp["hosts"] == 0 and comp["switches"] == 0 and comp["network_links"] == 0
 
 
 def test_serving_energy_is_the_integral_over_the_iterations() -> None:
-    """Serving: busy device-seconds = devices x the sum of iteration times, the rest of the
-    window idle, and each state's joules = its device-seconds x its watts."""
+    """Serving: busy device-seconds = devices x the sum of iteration times (the MoE
+    all-to-all part communicating), the rest of the window idle, and each state's joules =
+    its device-seconds x its watts."""
     result = _run(_serving(rate=8.0, duration_s=2.0))
     energy = result.summary["energy"]
     it = result.records.iterations
@@ -281,7 +295,9 @@ def test_serving_energy_is_the_integral_over_the_iterations() -> None:
     window = energy["duration_s"]
     assert busy > 0
     assert window >= 2.0
-    assert seconds["compute"] + seconds["memory"] == pytest.approx(busy, rel=1e-8)
+    comm = float(np.minimum(it.moe_comm_s, it.moe_s).sum())
+    assert seconds["communicating"] == pytest.approx(comm, rel=1e-8)
+    assert seconds["compute"] + seconds["memory"] + comm == pytest.approx(busy, rel=1e-8)
     assert seconds["idle"] == pytest.approx(window - busy, rel=1e-8)
     w = energy["power_w"]
     for state in STATES:
@@ -289,6 +305,18 @@ def test_serving_energy_is_the_integral_over_the_iterations() -> None:
             seconds[state] * w[state], rel=1e-8
         )
     assert energy["energy_j"] == pytest.approx(sum(energy["energy_j_by_state"].values()))
+    # energy covers the whole run, and so do its counts (named apart from the top-level,
+    # measured-request counts): every request of 8 output tokens finished
+    r = result.records.requests
+    assert "completed_requests" not in energy and "output_tokens" not in energy
+    assert energy["run_completed_requests"] == len(r.arrival_s) > 0
+    assert energy["run_output_tokens"] == 8 * len(r.arrival_s)
+    assert energy["energy_per_token_j"] == pytest.approx(
+        energy["energy_j"] / energy["run_output_tokens"], rel=1e-8
+    )
+    assert energy["energy_per_request_j"] == pytest.approx(
+        energy["energy_j"] / energy["run_completed_requests"], rel=1e-8
+    )
 
 
 def test_zero_load_serving_costs_device_and_host_idle_power_only() -> None:
@@ -519,7 +547,9 @@ def test_training_run_energy_covers_its_wall_clock() -> None:
     assert e["energy_j"] == pytest.approx(expected, rel=1e-6)
     assert e["duration_s"] == pytest.approx(run.duration_s)
     assert e["steps"] == run.computed_steps and e["useful_steps"] == run.useful_steps
-    assert e["energy_per_useful_step_j"] == pytest.approx(e["energy_j"] / run.useful_steps, rel=1e-6)
+    assert e["energy_per_useful_step_j"] == pytest.approx(
+        e["energy_j"] / run.useful_steps, rel=1e-6
+    )
     # losing work costs energy: per useful step it is dearer than one step
     assert e["energy_per_useful_step_j"] > e["energy_per_step_j"]
 

@@ -31,6 +31,14 @@ from moesim.engine.training import simulate_training
 from moesim.engine.training_run import checkpoint_bytes, expected, simulate_training_run
 from moesim.errors import ScenarioError
 from moesim.loader import load_scenario, scenario_from_dict
+from moesim.report.failures import (
+    PHASES,
+    failures_lines,
+    iteration_phases,
+    request_phases,
+    serving_failures_summary,
+)
+from moesim.report.serving import serving_summary, serving_table
 from moesim.routing.distributions import popularity
 from moesim.system import build_system
 
@@ -545,7 +553,15 @@ def test_training_run_trace_has_checkpoints_and_restarts(tmp_path: Path) -> None
 def test_serving_failure_example_shows_before_during_after() -> None:
     s = load_scenario(
         SCENARIOS / "mixtral-serving-failure-dgx-h100.yaml",
-        ["workload.duration_s=24", "workload.arrival.rate_per_s=4", "workload.warmup_s=1"],
+        # a shorter run: the link event (52 s) and the straggler (45 s) would start after
+        # its end, which is a load error, so they go
+        [
+            "workload.duration_s=24",
+            "workload.arrival.rate_per_s=4",
+            "workload.warmup_s=1",
+            "failures.links=[]",
+            "failures.stragglers=[]",
+        ],
     )
     f = moesim.run(s).summary["failures"]
     assert f["device_failures"] == 1 and f["moe_slots"]["dropped_lost_expert"] == 0
@@ -674,3 +690,216 @@ def test_a_cut_off_device_in_a_tp_group_is_dead_not_a_crash() -> None:
     assert [st.dead for st in rec.failures.plan.states] == [frozenset(), {3}, frozenset()]
     assert rec.failures.rerouted_fraction.max() > 0 and rec.failures.lost_fraction.max() == 0
     assert rec.drained
+
+
+# --- reporting: phases, windows, goodput, events in the run ------------------------------
+
+
+def test_request_phases_of_a_hand_built_case() -> None:
+    """Device failure windows [2, 3.5) and [6, 7): a request is before if it finished by
+    the first failure, during if [arrival, finish] overlaps a window (unfinished: to the
+    end of the run), after if it arrived at or after the last recovery, else between."""
+    arrival = np.array([0.0, 1.0, 3.6, 4.0, 7.5, 7.2, 1.0, 3.5, 0.5, 3.4])
+    finish = np.array([1.9, 2.5, 5.0, 6.5, 8.0, np.nan, np.nan, 3.6, 2.0, 3.45])
+    got = request_phases(arrival, finish, [(2.0, 3.5), (6.0, 7.0)], end_s=9.0)
+    names = [PHASES[k] for k in got]
+    assert names == [
+        "before",  # finished before the first failure
+        "during",  # decoding through the failure at 2 s
+        "between",  # wholly in the healthy gap
+        "during",  # arrived in the gap, still running at 6 s
+        "after",
+        "after",  # unfinished, but arrived after the last recovery
+        "during",  # never finished: lives to the end of the run, through both windows
+        "between",  # arrived at the recovery itself
+        "before",  # finished at the very moment the device failed
+        "during",  # wholly inside the window
+    ]
+    starts = np.array([0.5, 2.0, 3.4, 3.5, 6.5, 7.0, 8.0])
+    assert [PHASES[k] for k in iteration_phases(starts, [(2.0, 3.5), (6.0, 7.0)])] == [
+        "before",
+        "during",
+        "during",
+        "between",
+        "during",
+        "after",
+        "after",
+    ]
+    assert set(request_phases(arrival, finish, [], end_s=9.0)) == {0}
+
+
+def test_serving_phases_follow_the_failure_window_not_the_state() -> None:
+    """Device 1 fails at 2 s and is back at 3.5 s, and a straggler slows device 0 over
+    [4, 4.5): the straggler is its own window and leaves the phases alone; every before
+    request finished by 2 s, every during one lived across [2, 3.5), every after one
+    arrived from 3.5 s."""
+    f = _fail_one("drop")
+    f["stragglers"] = [{"device": 0, "slowdown": 2.0, "from_s": 4.0, "until_s": 4.5}]
+    system = build_system(scenario_from_dict({**PAIR, "failures": f}))
+    rec = simulate_serving(system)
+    summary = serving_failures_summary(system, rec)
+    assert summary["windows"] == [
+        {
+            "start_s": 2.0,
+            "end_s": 3.5,
+            "kind": "device_failure",
+            "what": "device 1 failed (no spare: repair)",
+            "requests": summary["windows"][0]["requests"],
+        },
+        {
+            "start_s": 4.0,
+            "end_s": 4.5,
+            "kind": "straggler",
+            "what": "device 0 x2 slower",
+            "requests": summary["windows"][1]["requests"],
+        },
+    ]
+    r = rec.requests
+    ph = request_phases(r.arrival_s, r.finish_s, [(2.0, 3.5)], rec.end_s)
+    assert np.all(r.finish_s[ph == 0] <= 2.0)
+    assert np.all((r.arrival_s[ph == 1] < 3.5) & (r.finish_s[ph == 1] > 2.0))
+    assert np.all(r.arrival_s[ph == 3] >= 3.5)
+    p = summary["phases"]
+    assert [p[n]["requests"] for n in PHASES] == [int((ph == k).sum()) for k in range(4)]
+    assert p["before"]["requests"] > 0 and p["during"]["requests"] > 0
+    assert p["after"]["requests"] > 0 and p["between"]["requests"] == 0
+    # the old rule (by the state at arrival) put requests decoding through 2 s before
+    assert np.any((r.arrival_s < 2.0) & (ph == 1))
+
+
+def test_goodput_counts_slo_meeting_requests_within_the_window() -> None:
+    """Goodput = output tokens of measured requests that finished by duration_s meeting
+    both targets, per second of [warmup_s, duration_s]: never above the throughput, all
+    finished ones without an SLO, none with an unreachable TTFT target."""
+    base = {**PAIR, "workload": {**PAIR["workload"], "warmup_s": 0.5}}
+    runs = {}
+    for name, slo in [("none", None), ("loose", (1e6, 1e6)), ("tight", (1e-3, 1e6))]:
+        d = {**base, "failures": _fail_one("drop")}
+        if slo is not None:
+            d["workload"] = {**base["workload"], "slo": {"ttft_ms": slo[0], "tpot_ms": slo[1]}}
+        system = build_system(scenario_from_dict(d))
+        rec = simulate_serving(system)
+        runs[name] = (rec, serving_summary(system, rec), serving_failures_summary(system, rec))
+    rec, top, f = runs["none"]
+    r = rec.requests
+    ok = (r.arrival_s >= 0.5) & (r.finish_s <= 5.0)
+    assert f["goodput_requests"] == int(ok.sum()) > 0
+    assert f["goodput_tokens_per_s"] == pytest.approx(16 * ok.sum() / 4.5, abs=1e-6)
+    assert f["goodput_tokens_per_s"] <= top["throughput_tokens_per_s"]
+    assert runs["loose"][2]["goodput_tokens_per_s"] == f["goodput_tokens_per_s"]
+    assert "TTFT <= 1e+06 ms" in runs["loose"][2]["goodput_basis"]
+    assert runs["tight"][2]["goodput_tokens_per_s"] == 0.0
+    # a per-request SLO check by hand: TTFT 15 ms
+    d = {**base, "failures": _fail_one("drop")}
+    d["workload"] = {**base["workload"], "slo": {"ttft_ms": 15.0, "tpot_ms": 1e6}}
+    system = build_system(scenario_from_dict(d))
+    rec = simulate_serving(system)
+    r = rec.requests
+    good = (r.arrival_s >= 0.5) & (r.finish_s <= 5.0) & ((r.first_token_s - r.arrival_s) <= 0.015)
+    f = serving_failures_summary(system, rec)
+    assert 0 < f["goodput_requests"] == int(good.sum()) < int(ok.sum())
+
+
+def test_events_after_the_run_stopped_do_not_count() -> None:
+    """A failure at 4.9 s of a 5 s run, repaired after 100 s: the run drains on the live
+    rank long before, so the recovery is not an event of the run and the failure window
+    ends when the run does."""
+    f = {
+        "devices": [{"kind": "scheduled", "device": 1, "at_s": 4.9}],
+        "recovery": {"on_expert_loss": "drop", "repair_s": 100.0},
+    }
+    summary = _serve(f)
+    fs = summary["failures"]
+    assert summary["simulated_s"] < 10
+    assert [e["kind"] for e in fs["events"]] == ["fail"]
+    assert fs["device_failures"] == 1
+    assert fs["windows"][0]["start_s"] == 4.9
+    assert fs["windows"][0]["end_s"] == summary["simulated_s"]
+
+
+def test_a_second_failure_of_a_dead_device_is_listed_as_ignored() -> None:
+    """Device 1 fails at 2 s (back at 3.5 s) and again, scheduled, at 2.5 s while down:
+    not a second failure, but listed as ignored rather than dropped."""
+    f = _fail_one("drop")
+    f["devices"].append({"kind": "scheduled", "device": 1, "at_s": 2.5})
+    fs = _serve(f)["failures"]
+    assert fs["device_failures"] == 1
+    assert {
+        "time_s": 2.5,
+        "kind": "ignored",
+        "device": 1,
+        "detail": "ignored: device already down",
+    } in fs["events"]
+
+
+def test_lost_requests_are_reported_as_lost_not_unfinished() -> None:
+    """on_rank_loss: lose: the lost requests are counted and printed as lost; the run
+    drained, so nothing is unfinished at the 10x cap."""
+    lose = _fail_one("drop")
+    lose["recovery"]["on_rank_loss"] = "lose"
+    summary = _serve(lose)
+    assert summary["lost_requests"] == summary["failures"]["lost_requests"] > 0
+    assert summary["unfinished_requests"] == 0 and summary["drained"]
+    assert summary["completed_requests"] + summary["lost_requests"] == summary["measured_requests"]
+    table = serving_table(summary)
+    assert f"{summary['lost_requests']} lost with a failed rank" in table
+    assert "unfinished" not in table
+
+
+def test_expected_slot_counts_are_whole_numbers() -> None:
+    fs = _serve(_fail_one("replica", replicas=64))["failures"]
+    for k, v in fs["moe_slots"].items():
+        assert isinstance(v, int), k
+    assert (
+        "."
+        not in failures_lines({"workload": "serving", "failures": fs})
+        .split("moe slots")[1]
+        .split("\n")[0]
+    )
+
+
+def test_events_past_the_run_are_located_errors(write: Any) -> None:
+    """A scheduled failure, link event or straggler starting at or after duration_s
+    (serving: 10 s; training: 100 s) would never happen: each is reported at its line."""
+    text = SERVE_YAML.replace(
+        "  recovery: {on_expert_loss: replica, replicas: 8}",
+        "  devices:\n    - {kind: scheduled, device: 1, at_s: 200}\n"
+        "  links:\n    - {device: 0, link: scale_up, at_s: 10, bandwidth_fraction: 0.5}\n"
+        "  stragglers:\n    - {device: 2, slowdown: 2, from_s: 9.5}",
+    )
+    errs = _errors(write, text)
+    assert len(errs) == 2, errs
+    assert ":13:" in errs[0] and errs[0].endswith(
+        "failures.devices[0].at_s: the scheduled failure at 200 s starts at or after the end "
+        "of the run (workload.duration_s = 10 s): it would never happen; schedule it earlier "
+        "or lengthen the run"
+    )
+    assert ":15:" in errs[1] and "failures.links[0].at_s: the link event at 10 s" in errs[1]
+    train = TRAIN_YAML.replace(
+        "  checkpoint: {interval_steps: 0}",
+        "  devices:\n    - {kind: scheduled, device: 1, at_s: 100}\n  checkpoint: {interval_steps: 5}",
+    )
+    (err,) = _errors(write, train)
+    assert "failures.devices[0].at_s: the scheduled failure at 100 s" in err
+
+
+def test_a_statically_duplicate_failure_is_a_located_error(write: Any) -> None:
+    """The same device scheduled to fail twice at one time, or again after a failure with
+    no repair and no spare, is an error; with a repair it depends on the run (ignored)."""
+    two = SERVE_YAML.replace(
+        "  recovery: {on_expert_loss: replica, replicas: 8}",
+        "  devices:\n    - {kind: scheduled, device: 1, at_s: 5}\n"
+        "    - {kind: scheduled, device: 2, at_s: 3}\n"
+        "    - {kind: scheduled, device: 1, at_s: 2}",
+    )
+    (err,) = _errors(write, two)
+    assert ":13:" in err and err.endswith(
+        "failures.devices[0].at_s: device 1 is already down at 5 s: failures.devices[2] "
+        "fails it at 2 s and no repair_s or hot spare brings it back"
+    )
+    same = two.replace("at_s: 2}", "at_s: 5}")
+    (err,) = _errors(write, same)
+    assert "failures.devices[2].at_s: device 1 is already down at 5 s: failures.devices[0] " in err
+    assert err.endswith("at the same time")
+    repaired = two + "  recovery: {repair_s: 60}\n"
+    assert load_scenario(write("ok.yaml", repaired)).failures is not None

@@ -206,3 +206,19 @@ def test_set_past_the_end_of_a_list_is_an_error(write) -> None:
     assert errs == [
         "--set parallelism.placement.9=1: parallelism.placement[9]: no such list index: the list has 8 items"
     ]
+
+
+def test_missing_include_is_located_at_the_include_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from moesim.errors import ScenarioError
+    from moesim.loader import load_scenario
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: x\ninclude: [base.yaml, nothere.yaml]\n")
+    (tmp_path / "base.yaml").write_text("seed: 1\n")
+    try:
+        load_scenario(f)
+    except ScenarioError as exc:
+        text = exc.render()
+    else:
+        raise AssertionError("a missing include passed")
+    assert "s.yaml:2:" in text and "no such file: 'nothere.yaml'" in text

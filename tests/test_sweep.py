@@ -192,3 +192,21 @@ def test_shipped_sweeps_are_valid() -> None:
         cfg, positions = load_sweep(f)
         points = plan(cfg, f.parent / cfg.base, positions, str(f))
         assert len(points) == len(expand(cfg)) > 1
+
+
+def test_metric_typo_fails_after_one_point_with_a_hint(tmp_path: Path) -> None:
+    f = _files(tmp_path, SWEEP.replace("fully_dropped_tokens]", "fully_droped_tokens]"))
+    with pytest.raises(ScenarioError) as exc:
+        run_sweep(f, out=tmp_path / "out")
+    text = exc.value.render()
+    assert "metrics[2]" in text and "did you mean 'fully_dropped_tokens'" in text
+    # the finished point is kept: fixing the typo resumes from it
+    fixed = run_sweep(_files(tmp_path), out=tmp_path / "out")
+    assert fixed.reused == 1 and fixed.ran == 5
+
+
+def test_running_a_sweep_file_as_a_scenario_says_so(tmp_path: Path) -> None:
+    from moesim.loader import load_scenario
+
+    with pytest.raises(ScenarioError, match="moesim sweep"):
+        load_scenario(_files(tmp_path))

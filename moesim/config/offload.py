@@ -30,14 +30,22 @@ class ExpertOffloadConfig(Frozen):
 
     policy: Literal["static", "lru", "lfu"]
     """static: the hottest experts (by the run's routing popularity at time 0) are pinned
-    and one layer's worth of slots streams the rest; lru: least recently used is evicted;
-    lfu: least frequently used (count of layer executions that used it) is evicted."""
+    and one layer's worth of slots streams the rest; lru: every miss stays, evicting the
+    least recently used; lfu: uses are counted for every expert, resident or not (layer
+    executions that used it, over the run), and a miss stays only if its count exceeds
+    that of the least frequently used resident expert, which it then evicts (else it
+    streams through the staging buffer like a static miss), so under stationary routing
+    the cache converges to the most used experts."""
     cache_experts: int | None = Field(default=None, ge=1)
     """HBM cache capacity per device, in experts (one expert of one MoE layer, the device's
-    etp shard of it); exactly one of cache_experts and cache_gib."""
+    etp shard of it); exactly one of cache_experts and cache_gib. At most the experts the
+    device holds, ``MoE blocks (of its pipeline stage) x experts / ep``, which keeps every
+    expert resident (no copies); a larger cache is rejected at load time (not clamped:
+    it usually means a cache sized for the whole model instead of one device)."""
     cache_gib: float | None = Field(default=None, gt=0)
     """HBM cache capacity per device, GiB (rounded down to whole experts); exactly one of
-    cache_experts and cache_gib."""
+    cache_experts and cache_gib. At least one expert and at most the device's experts, as
+    for cache_experts."""
     prefetch: PrefetchConfig | None = None
     """Prefetch of the next layer's predicted experts; null = load on demand only."""
     overlap: bool = True

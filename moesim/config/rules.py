@@ -58,6 +58,8 @@ def _serving(s: Scenario) -> Rule:
     off = s.policies.offload.experts
     mem = serving_memory(m, p, s.cluster.accelerator, off)
     acc = s.cluster.accelerator
+    if off is not None and (mem.cache_experts or 0) > mem.device_experts:
+        return  # the offload rule says the cache is larger than the device's experts
     if off is not None and mem.weight_bytes >= mem.device_bytes:
         field = "cache_experts" if off.cache_experts is not None else "cache_gib"
         yield (
@@ -112,6 +114,8 @@ def _offload(s: Scenario) -> Rule:
     if e is None:
         return
     at = f"{where}.experts"
+    if isinstance(w, (ServingWorkload, TrainingWorkload)):
+        yield from _cache_size(s)
     if isinstance(w, TrainingWorkload):
         yield from _offload_training(s, w)
         return
@@ -123,13 +127,6 @@ def _offload(s: Scenario) -> Rule:
     if m.experts % p.ep or p.pp != 1:
         return
     mem = serving_memory(m, p, acc, e)
-    field = f"{at}.cache_experts" if e.cache_experts is not None else f"{at}.cache_gib"
-    if mem.cache_experts is not None and mem.cache_experts < 1:
-        yield (
-            field,
-            f"holds no whole expert (an expert is {mem.expert_bytes / GIB:.3f} GiB on each "
-            f"{acc.name}), got {e.cache_gib} GiB",
-        )
     # the host keeps the distinct experts of its devices (one EP group's worth at most)
     groups = min(devices_per_host(s.cluster), p.ep * p.etp)
     need = groups * mem.device_experts * mem.expert_bytes
@@ -150,6 +147,51 @@ def _offload(s: Scenario) -> Rule:
             f"the {need / GIB:.1f} GiB of experts per host that do not all fit "
             f"{e.dram_gib} GiB of DRAM need NVMe, but the host has {host.nvme_tib} TiB "
             f"at {host.nvme_read_gbps} GB/s",
+        )
+
+
+def _cache_size(s: Scenario) -> Rule:
+    """The HBM expert cache is per device and holds between one expert and all the
+    device's experts (``blocks x experts / ep``: that many keeps every one resident);
+    a larger one is rejected, not clamped (it usually means a cache sized for the whole
+    model rather than one device)."""
+    from moesim.derived.serving_memory import GIB, serving_memory
+
+    e, m, p, acc = s.policies.offload.experts, s.model, s.parallelism, s.cluster.accelerator
+    if e is None or m.experts % p.ep:
+        return
+    mem = serving_memory(m, p, acc, e)
+    at = "policies.offload.experts"
+    field = f"{at}.cache_experts" if e.cache_experts is not None else f"{at}.cache_gib"
+    cached, most = mem.cache_experts, mem.device_experts
+    expert_gib = mem.expert_bytes / GIB
+    if cached is not None and cached < 1:
+        yield (
+            field,
+            f"holds no whole expert (an expert is {expert_gib:.3f} GiB on each "
+            f"{acc.name}), got {e.cache_gib} GiB",
+        )
+    if cached is None or cached <= most:
+        return
+    per = m.experts // p.ep
+    blocks = most // per
+    holds = (
+        f"the {most} experts each {acc.name} holds ({blocks} MoE blocks"
+        f"{' of its pipeline stage' if p.pp > 1 else ''} x {per}: {m.experts} experts / "
+        f"ep {p.ep}{f', each its 1/{p.etp} etp shard' if p.etp > 1 else ''})"
+    )
+    if e.cache_experts is not None:
+        yield (
+            field,
+            f"{cached} experts is more than {holds}; the cache is per device: at most "
+            f"{most} (which keeps every expert resident)",
+        )
+    else:
+        yield (
+            field,
+            f"{e.cache_gib} GiB holds {cached} experts of {expert_gib:.3f} GiB, more than "
+            f"{holds}; the cache is per device: at most {most * expert_gib:.2f} GiB (which "
+            "keeps every expert resident)",
         )
 
 
@@ -340,6 +382,49 @@ def _failures(s: Scenario) -> Rule:
     for i, st in enumerate(f.stragglers):
         yield from device(f"failures.stragglers[{i}].device", st.device)
     rec = f.recovery
+    # events must start within the run: later ones would never be simulated (serving
+    # drains after duration_s, but failures are part of the measured run)
+    end = getattr(w, "duration_s", None)
+    if end is not None:
+        starts = [
+            (f"failures.devices[{i}].at_s", proc.at_s, "scheduled failure")
+            for i, proc in enumerate(f.devices)
+            if proc.kind == "scheduled"
+        ]
+        starts += [
+            (f"failures.links[{i}].at_s", x.at_s, "link event") for i, x in enumerate(f.links)
+        ]
+        starts += [
+            (f"failures.stragglers[{i}].from_s", x.from_s, "straggler")
+            for i, x in enumerate(f.stragglers)
+        ]
+        for path, t, what in starts:
+            if t >= end:
+                yield (
+                    path,
+                    f"the {what} at {t:g} s starts at or after the end of the run "
+                    f"(workload.duration_s = {end:g} s): it would never happen; schedule it "
+                    "earlier or lengthen the run",
+                )
+    # a second scheduled failure of a device certainly still down then (whether a device
+    # is back depends on spares and random failures otherwise: the run lists it ignored)
+    down_for_good = rec.repair_s is None and rec.hot_spares == 0
+    sched = sorted(
+        (proc.at_s, i, proc.device) for i, proc in enumerate(f.devices) if proc.kind == "scheduled"
+    )
+    first: dict[int, tuple[float, int]] = {}
+    for t, i, d in sched:
+        if d not in first:
+            first[d] = (t, i)
+            continue
+        t0, i0 = first[d]
+        if t == t0 or down_for_good:
+            why = "at the same time" if t == t0 else "and no repair_s or hot spare brings it back"
+            yield (
+                f"failures.devices[{i}].at_s",
+                f"device {d} is already down at {t:g} s: failures.devices[{i0}] fails it at "
+                f"{t0:g} s {why}",
+            )
     reps = rec.replicas
     n_reps = len(reps) if isinstance(reps, list) else reps
     if isinstance(reps, list):

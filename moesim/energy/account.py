@@ -342,6 +342,33 @@ def network_energy_j(system: System, link_bytes: np.ndarray) -> tuple[float, str
     return joules, note
 
 
+def _layer_communicating(rec: LayerRecords) -> list[tuple[int, State, float]]:
+    """Seconds each device spends in the all-to-all kernels of one layer: dispatch from
+    the end of its gate until it holds all its tokens, combine from the end of its experts
+    until its own output is back (NCCL-style collectives occupy every participant for the
+    whole exchange), minus the time it computes meanwhile (e.g. shared experts)."""
+    tl = rec.timeline
+    compute: dict[int, list[tuple[float, float]]] = {}
+    for iv in tl.intervals:
+        compute.setdefault(iv.device, []).append((iv.start_s, iv.end_s))
+    out: list[tuple[int, State, float]] = []
+    for d in set(tl.gate_end_s) | set(tl.expert_end_s):
+        windows = []
+        if d in tl.gate_end_s and d in tl.ready_s:
+            windows.append((tl.gate_end_s[d], tl.ready_s[d]))
+        if d in tl.expert_end_s and d in tl.rank_done_s:
+            windows.append((tl.expert_end_s[d], tl.rank_done_s[d]))
+        seconds = 0.0
+        for a, b in windows:
+            if b <= a:
+                continue
+            inside = sum(max(0.0, min(b, e) - max(a, st)) for st, e in compute.get(d, []))
+            seconds += max(0.0, (b - a) - inside)
+        if seconds > 0:
+            out.append((d, "communicating", seconds))
+    return out
+
+
 def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
     """Every device over the layer time (see the module docstring)."""
     from moesim.engine.moe_layer import traffic
@@ -371,6 +398,7 @@ def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
             tokens = float(rec.routing.tokens_per_rank[local_of[iv.device]])
             state = _product_state(rf, tokens, m.d_model, m.shared_d_ff * m.shared_experts)
         busy.append((iv.device, state, iv.end_s - iv.start_s))
+    busy += _layer_communicating(rec)
     network_j, note = network_energy_j(system, rec.link_bytes)
     return account_from_busy(
         device_power(s.cluster.accelerator),
@@ -380,7 +408,9 @@ def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
         network_j,
         (
             "layer: expert GEMMs compute- or memory-bound by the roofline; gate, permute and "
-            "combine memory-bound; waiting on the all-to-all idle",
+            "combine memory-bound; a device's all-to-all (from its gate's end until all its "
+            "tokens have arrived, and from its experts' end until its combined output is "
+            "back) communicating, outside its compute intervals; the rest idle",
             note,
             HOST_NOTE,
         ),
@@ -458,11 +488,14 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
         2.0 * m_exp * k * n_ff / rf.flops_per_s
         >= b * (m_exp * k + k * n_ff + m_exp * n_ff) / rf.bytes_per_s
     )
-    moe_s = np.minimum(it.moe_s, it.duration_s)
-    other_s = it.duration_s - moe_s
+    moe_all = np.minimum(it.moe_s, it.duration_s)
+    comm_s = np.minimum(it.moe_comm_s, moe_all)
+    moe_s = moe_all - comm_s
+    other_s = it.duration_s - moe_all
     seconds: dict[State, float] = {
         "compute": float(moe_s[moe_bound].sum() + other_s[other_bound].sum()),
         "memory": float(moe_s[~moe_bound].sum() + other_s[~other_bound].sum()),
+        "communicating": float(comm_s.sum()),
     }
     busy: list[tuple[int, State, float]] = [
         (d, st, v) for d in range(n_dev) for st, v in seconds.items()
@@ -486,9 +519,10 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
         network_j,
         (
             "serving: each iteration compute- or memory-bound by the roofline (MoE part at "
-            "its tokens per expert, the rest at its tokens per DP rank; the all-to-all "
-            "inside the MoE time counted with it); idle between iterations, over the whole "
-            "run (at least duration_s) including warm-up and drain",
+            "its tokens per expert, the rest at its tokens per DP rank), the MoE layers' "
+            "all-to-all (dispatch + combine on their critical path) communicating; idle "
+            "between iterations, over the whole run (at least duration_s) including "
+            "warm-up and drain",
             link_note,
             HOST_NOTE,
         ),

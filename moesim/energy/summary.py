@@ -70,10 +70,12 @@ def energy_summary(
         out = account_summary(account, system)
         total = facility(account, system.scenario.energy).total_j
         r = records.requests
-        out["output_tokens"] = int(r.generated_tokens.sum())
-        out["completed_requests"] = int(np.isfinite(r.finish_s).sum())
-        out["energy_per_token_j"] = _per(total, out["output_tokens"])
-        out["energy_per_request_j"] = _per(total, out["completed_requests"])
+        # energy covers the whole run (warm-up and drain included), so do these counts;
+        # the summary's top-level counts cover the measured requests only
+        out["run_output_tokens"] = int(r.generated_tokens.sum())
+        out["run_completed_requests"] = int(np.isfinite(r.finish_s).sum())
+        out["energy_per_token_j"] = _per(total, out["run_output_tokens"])
+        out["energy_per_request_j"] = _per(total, out["run_completed_requests"])
         return out
     if isinstance(records, TrainingRecords):
         w = system.scenario.workload
@@ -127,7 +129,9 @@ def energy_lines(summary: dict[str, Any]) -> str:
     if not e:
         return ""
     per = e.get("energy_per_token_j")
-    per_txt = f"  {per * 1e3:.4g} mJ/token" if per is not None else ""
+    per_txt = ""
+    if per is not None:  # mJ below 1 J a token (GPU serving), J above (offloading, CPUs)
+        per_txt = f"  {per:.4g} J/token" if per >= 1 else f"  {per * 1e3:.4g} mJ/token"
     if e.get("energy_per_request_j") is not None:
         per_txt += f"  {e['energy_per_request_j']:.4g} J/request"
     w = e["power_w"]

@@ -100,7 +100,7 @@ class FailureEvent:
     time_s: float
     kind: str
     """fail, detected, recover, link_degraded, link_restored, straggler_start,
-    straggler_end."""
+    straggler_end; ignored (a scheduled failure of a device already down: no effect)."""
     device: int
     detail: str = ""
 
@@ -223,7 +223,10 @@ def device_events(
     while heap:
         t, _, kind, d, gen_no = heapq.heappop(heap)
         if kind == "fail":
-            if not up[d] or (gen_no >= 0 and gen_no != generation[d]):
+            if gen_no >= 0 and gen_no != generation[d]:
+                continue  # a time to failure drawn before the device's last failure
+            if not up[d]:  # only a scheduled failure can hit a device that is down
+                out.append(FailureEvent(t, "ignored", d, "ignored: device already down"))
                 continue
             up[d] = False
             generation[d] += 1
@@ -775,7 +778,7 @@ class ServingFailures:
                 (st.slowdown(r * self.tp + x) for r in busy for x in range(self.tp)), default=1.0
             )
             parts = (it.attention_s * f, it.moe_s, it.dense_s * f, it.head_s * f)
-            it = IterationTime(sum(parts), *parts, it.dropped_fraction)
+            it = IterationTime(sum(parts), *parts, it.dropped_fraction, it.moe_comm_s)
         self.rows.append((self.index, shares.failed_over, shares.rerouted, shares.lost))
         return it
 

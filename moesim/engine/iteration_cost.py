@@ -61,6 +61,8 @@ class IterationTime:
     head_s: float
     dropped_fraction: float
     """Expected share of token-choice slots the MoE layers drop (capacity)."""
+    moe_comm_s: float = 0.0
+    """Of ``moe_s``, the all-to-all part of the MoE layers' critical paths."""
 
 
 def _affine(cost: Callable[..., float]) -> tuple[float, float]:
@@ -207,4 +209,6 @@ class IterationCost:
             self.n_dense * dense,
             head,
         )
-        return IterationTime(sum(parts), *parts, moe.dropped_fraction)
+        return IterationTime(
+            sum(parts), *parts, moe.dropped_fraction, self.n_moe * min(moe.comm_s, moe.time_s)
+        )

@@ -2,7 +2,8 @@
 experts in training), and the optimizer step on the host (ZeRO-Offload, training).
 
 **Tiers and rates.** Each device owns ``experts / ep`` experts of every MoE block (its etp
-shard of each). An HBM cache holds ``cache`` of them (``policies.offload.experts``); every
+shard of each). An HBM cache holds ``cache`` of them (``policies.offload.experts``; at most
+all of them, which the config rules enforce, and then nothing is ever copied); every
 expert also lives in host DRAM, or, when ``dram_gib`` caps the DRAM given to experts, on
 NVMe with DRAM caching the rest under the same policy. Copying one expert takes
 
@@ -31,12 +32,19 @@ inclusion probability (:func:`touched_experts`).
 offloading, Eliseev & Mazur 2023, keeps k experts per layer: one cache over all blocks,
 visited cyclically, would evict each block's experts just before they come round again).
 At start-up each part is filled hottest first (a server loads its weights before
-serving), so a cache that holds every expert never misses. ``lru`` evicts the block's
-least recently used expert; ``lfu`` its least frequently used (counting layer executions
-that used it, over the whole run; ties by recency); ``static`` pins each block's hottest
-experts (popularity at time 0) and never evicts. Misses that do not stay (static, or a
-part smaller than the layer's need) stream through staging buffers of one block's
-experts (two with prefetch: the current and the next block), which
+serving), so a cache that holds every expert never misses. ``lru`` admits every miss
+and evicts the block's least recently used expert. ``lfu`` counts the layer executions
+that used each expert over the whole run, resident or not ("perfect" LFU), and admits a
+miss only when its count exceeds that of the block's least frequently used resident
+expert (ties by recency), which it evicts: admitting every miss would, in a part of one
+or two slots, evict a hot expert for each cold one a layer touches (the hot one is
+fetched back the next time), so LFU would thrash like LRU; with the admission test the
+cache converges to each block's most used experts, i.e. to ``static`` under stationary
+routing (under drift it follows the moving hot set only as the new hot experts' run
+counts overtake the old ones'). ``static`` pins each block's hottest experts
+(popularity at time 0) and never evicts. Misses that do not stay (static, an LFU miss
+not admitted, or a part smaller than the layer's need) stream through staging buffers
+of one block's experts (two with prefetch: the current and the next block), which
 :mod:`moesim.derived.serving_memory` counts in HBM. Experts the current layer needs are
 not evicted for its own misses or prefetches while others can go; the DRAM tier under a
 ``dram_gib`` cap is split and managed the same way.
@@ -55,6 +63,12 @@ device), which land in the cache behind this layer's misses; the first MoE block
 predictions are queued at the start of the iteration, during the first attention. The
 stall of a layer is its end minus ``c + m``; the iteration's stall is the sum over
 layers, added to its time.
+
+**Counting uses.** Each use (one expert of one layer on one device) is exactly one of: an
+HBM hit (the expert is in HBM at ``c``: resident, or prefetched and landed), in flight (a
+prefetch of it is still being copied at ``c``: the use waits for it, so it is no hit),
+a DRAM miss or an NVMe miss (a demand copy); ``hit_rate`` gives their shares, which add
+to 1, and only the last three can stall a layer.
 
 **Training.** A micro-batch of thousands of tokens uses every expert, so a stage's device
 copies all its uncached experts in for each forward and each backward pass (their bf16
@@ -198,26 +212,6 @@ def touched_experts(
         draw = gen.random((todo.size, experts)) < hit
         out[todo] |= draw
     return out
-    if k == experts:
-        out[:] = True
-        return out
-    pf = p.astype(np.float64)
-    todo = np.arange(layers)
-    done = 0
-    chunk = min(tokens, max(8, 2 * experts // k))
-    while done < tokens and todo.size:
-        n = min(chunk, tokens - done)
-        e = gen.standard_exponential((todo.size, n, experts))
-        w = pf / np.maximum(e, np.finfo(float).tiny)
-        top = np.argpartition(-w, k - 1, axis=2)[:, :, :k].reshape(todo.size, -1)
-        rows = np.repeat(np.arange(todo.size), n * k)
-        mask = np.zeros((todo.size, experts), dtype=bool)
-        mask[rows, top.ravel()] = True
-        out[todo] |= mask
-        done += n
-        todo = todo[~out[todo].all(axis=1)]
-        chunk *= 2
-    return out
 
 
 class Tier:
@@ -247,13 +241,21 @@ class Tier:
         if key in self.managed:
             self.managed.move_to_end(key)
 
-    def admit(self, key: int, protect: set[int]) -> None:
-        """Bring ``key`` in, evicting by the policy (sparing ``protect`` if possible)."""
-        if key in self or self.capacity <= 0:
-            return
+    def admit(self, key: int, protect: set[int]) -> bool:
+        """Bring ``key`` in, evicting by the policy (sparing ``protect`` if possible); False
+        when it does not stay (static, no managed slot, or an LFU newcomer used no more
+        often than the victim: it then passes through a staging buffer)."""
+        if key in self:
+            return True
+        if self.capacity <= 0:
+            return False
         if len(self.managed) >= self.capacity:
-            self.managed.pop(self._victim(protect))
+            victim = self._victim(protect)
+            if self.policy == "lfu" and self.freq.get(key, 0) <= self.freq.get(victim, 0):
+                return False
+            self.managed.pop(victim)
         self.managed[key] = None
+        return True
 
     def _victim(self, protect: set[int]) -> int:
         keys = [k for k in self.managed if k not in protect] or list(self.managed)
@@ -281,8 +283,8 @@ class Partitioned:
     def touch(self, key: int) -> None:
         self.parts[key // self.experts].touch(key)
 
-    def admit(self, key: int, protect: set[int]) -> None:
-        self.parts[key // self.experts].admit(key, protect)
+    def admit(self, key: int, protect: set[int]) -> bool:
+        return self.parts[key // self.experts].admit(key, protect)
 
 
 @dataclass
@@ -292,14 +294,20 @@ class OffloadTotals:
     accesses: int = 0
     """Expert uses (one expert of one layer on one device in one iteration)."""
     hbm_hits: int = 0
+    """Uses whose expert was in HBM when the layer's MoE part started (resident, or
+    prefetched and landed)."""
+    late_prefetch: int = 0
+    """Uses whose expert's prefetch was still being copied when the layer needed it (they
+    wait for it: neither an HBM hit nor a demand copy)."""
     dram_hits: int = 0
     """Misses in HBM served from host DRAM."""
     nvme_reads: int = 0
     """Misses in HBM and DRAM served from NVMe."""
     prefetch_copies: int = 0
     prefetch_useful: int = 0
-    """Prefetched experts that the predicted layer then used (counted in ``hbm_hits``,
-    though a use waits if the copy is still in flight)."""
+    """Prefetched experts that the predicted layer then used (landed in time or late)."""
+    prefetch_on_time: int = 0
+    """Those of them that had landed when the layer needed them (counted in ``hbm_hits``)."""
     bytes_moved: float = 0.0
     """Bytes copied into HBM, demand and prefetch."""
     bytes_from_nvme: float = 0.0
@@ -399,14 +407,22 @@ class ExpertOffload:
                 times = []
                 for key in keys:
                     t.accesses += 1
+                    hbm.touch(key)
                     if key in fetched[d]:
                         t.prefetch_useful += 1
                     if key in hbm or key in ready[d]:
-                        t.hbm_hits += 1
-                        times.append(max(c, ready[d].get(key, c)))
+                        at = max(c, ready[d].get(key, c))
+                        if at > c:  # its prefetch is still being copied: it waits
+                            t.late_prefetch += 1
+                        else:
+                            t.hbm_hits += 1
+                            t.prefetch_on_time += int(key in fetched[d])
+                        times.append(at)
                     else:
                         dram = self.dram[d]
                         nvme = dram is not None and key not in dram
+                        if dram is not None:
+                            dram.touch(key)
                         if nvme:
                             t.nvme_reads += 1
                             t.bytes_from_nvme += self.expert_bytes
@@ -414,14 +430,11 @@ class ExpertOffload:
                             dram.admit(key, set())
                         else:
                             t.dram_hits += 1
-                        if dram is not None:
-                            dram.touch(key)
                         start = max(c, free[d])
                         free[d] = start + self.copy_s(nvme)
                         t.bytes_moved += self.expert_bytes
                         times.append(free[d])
                         hbm.admit(key, protect)
-                    hbm.touch(key)
                 t.wasted_prefetch_bytes += len(fetched[d] - protect) * self.expert_bytes
                 fetched[d] = set()
                 if keys and max(times) > c:
@@ -495,6 +508,8 @@ class ExpertOffload:
                 ready[d][key] = c
                 continue
             nvme = dram is not None and key not in dram
+            if dram is not None:  # the DRAM tier sees the reads it serves
+                dram.touch(key)
             if nvme:
                 assert dram is not None
                 self.totals.bytes_from_nvme += self.expert_bytes
@@ -525,12 +540,14 @@ class ExpertOffload:
             "accesses": t.accesses,
             "hit_rate": {
                 "hbm": round(t.hbm_hits / n, 6),
+                "in_flight": round(t.late_prefetch / n, 6),
                 "dram": round(t.dram_hits / n, 6),
                 "nvme": round(t.nvme_reads / n, 6),
             },
-            "prefetched_share": round(t.prefetch_useful / n, 6),
+            "prefetched_share": round(t.prefetch_on_time / n, 6),
             "prefetch_copies": t.prefetch_copies,
             "prefetch_useful": t.prefetch_useful,
+            "prefetch_late": t.late_prefetch,
             "bytes_moved_gib": round(t.bytes_moved / GIB, 6),
             "bytes_from_nvme_gib": round(t.bytes_from_nvme / GIB, 6),
             "wasted_prefetch_gib": round(t.wasted_prefetch_bytes / GIB, 6),

@@ -101,6 +101,8 @@ class IterationRecords:
     head_s: np.ndarray
     dropped_fraction: np.ndarray
     """Expected share of MoE token-choice slots dropped by capacity."""
+    moe_comm_s: np.ndarray
+    """Of ``moe_s``, the all-to-all part (dispatch + combine on the critical path)."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,7 @@ class _Server:
                     it.dense_s,
                     it.head_s,
                     it.dropped_fraction,
+                    it.moe_comm_s,
                 )
             )
 
@@ -292,7 +295,7 @@ class _Server:
 
     def _records(self, events: int) -> ServingRecords:
         st = self.state
-        cols = np.array(self.rows, dtype=float).reshape(-1, 11)
+        cols = np.array(self.rows, dtype=float).reshape(-1, 12)
         it = IterationRecords(
             start_s=cols[:, 0],
             duration_s=cols[:, 1],
@@ -306,6 +309,7 @@ class _Server:
             dense_s=cols[:, 8],
             head_s=cols[:, 9],
             dropped_fraction=cols[:, 10],
+            moe_comm_s=cols[:, 11],
         )
         n = len(st.arrival_s)
         req = RequestRecords(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.config.scenario import Scenario
+from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.resolve import (
     apply_overrides,
     expand_hf_models,
@@ -23,6 +24,16 @@ def load_scenario(
 ) -> Scenario:
     """Load, merge and validate a scenario file; raises ScenarioError with located issues."""
     data, positions = read_file(path)
+    if "base" in data and ("grid" in data or "metrics" in data) and "workload" not in data:
+        raise ScenarioError(
+            [
+                Issue(
+                    positions.get(("base",), Location(str(path))),
+                    "",
+                    "this is a sweep file (base, grid, metrics): run it with `moesim sweep`",
+                )
+            ]
+        )
     overrides = list(overrides)
     if seed is not None:
         overrides.append(f"seed={seed}")

@@ -51,6 +51,11 @@ def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str
         if str(target) in stack:
             loc = positions.get(("include", i), positions[("include",)])
             raise ScenarioError([Issue(loc, "include", f"include cycle through {inc}")])
+        if not target.is_file():
+            loc = positions.get(("include", i), positions[("include",)])
+            raise ScenarioError(
+                [Issue(loc, "include", f"no such file: {inc!r} (looked for {str(target)!r})")]
+            )
         sub, sub_pos = read_file(target, (*stack, str(FsPath(file).resolve())))
         _merge(merged, merged_pos, sub, sub_pos, ())
     _merge(merged, merged_pos, data, positions, ())
@@ -266,7 +271,11 @@ def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: s
     if not isinstance(cluster, dict) or not isinstance(cluster.get("profile"), str):
         return
     issues: list[Issue] = []
-    loc = positions.get(("cluster", "profile"), Location(scenario_file))
+    loc = (
+        positions.get(("cluster", "profile"))
+        or positions.get(("cluster",))
+        or Location(scenario_file)
+    )
     if loc.file.startswith("--set"):
         base = FsPath.cwd()
     else:
@@ -293,8 +302,14 @@ def expand_traces(data: dict[str, Any], positions: Positions, scenario_file: str
     if not isinstance(path, str):
         return
     at: Path = ("workload", "arrival", "path")
-    loc = positions.get(at, Location(scenario_file))
-    file = FsPath(scenario_file).parent / path
+    loc = (
+        positions.get(at)
+        or positions.get(("workload", "arrival"))
+        or positions.get(("workload",))
+        or Location(scenario_file)
+    )
+    from_set = loc.file.startswith("--set")
+    file = (FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent) / path
     try:
         columns = _read_trace(file)
     except (OSError, ValueError) as exc:
@@ -349,7 +364,7 @@ def expand_hf_models(data: dict[str, Any], positions: Positions, scenario_file: 
     if not isinstance(model, dict) or "hf_config" not in model:
         return
     at: Path = ("model", "hf_config")
-    loc = positions.get(at, Location(scenario_file))
+    loc = positions.get(at) or positions.get(("model",)) or Location(scenario_file)
     path = model["hf_config"]
     if "preset" in model:
         raise ScenarioError(

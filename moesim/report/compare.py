@@ -22,15 +22,28 @@ def _flatten(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: identifiers, not quantities: shown, never differenced
+NOT_QUANTITIES = frozenset({"seed"})
+#: summarised lists whose sum means nothing (times that overlap, per-device finish times)
+NO_SUM = ("device_finish_ms", "device_time_ms", "stage_ms")
+CELL_WIDTH = 40
+"""Longer text cells (sources, notes) are shortened in the table; --json has them whole."""
+
+
 def compare_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
     """(field, A, B, difference) for every field of either summary, in A's order."""
     fa, fb = _flatten(a), _flatten(b)
     keys = list(fa) + [k for k in fb if k not in fa]
+    keys = [k for k in keys if not (k.endswith(".sum") and k.startswith(NO_SUM))]
     rows = []
     for k in keys:
         va, vb = fa.get(k), fb.get(k)
         diff = ""
-        if isinstance(va, int | float) and isinstance(vb, int | float) and not isinstance(va, bool):
+        if k in NOT_QUANTITIES:
+            diff = "" if va == vb else "differs"
+        elif (
+            isinstance(va, int | float) and isinstance(vb, int | float) and not isinstance(va, bool)
+        ):
             delta = vb - va
             diff = f"{delta:+.6g}"
             if va:
@@ -48,7 +61,8 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.6g}"
-        return "-" if v is None else str(v)
+        text = "-" if v is None else str(v)
+        return text if len(text) <= CELL_WIDTH else text[: CELL_WIDTH - 3] + "..."
 
     head = ("field", name_a, name_b, "B - A")
     table = [head] + [(k, cell(va), cell(vb), d) for k, va, vb, d in rows]

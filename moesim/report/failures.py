@@ -1,17 +1,32 @@
 """The ``failures`` section of a summary, and the failure timeline as trace events.
 
-Serving (pure functions of :class:`moesim.engine.serving.ServingRecords`):
+Serving (pure functions of :class:`moesim.engine.serving.ServingRecords`; only events
+before the run stopped, ``simulated_s``, count):
 
 - ``availability``: time-average share of devices up over the run; ``full_capacity``:
   share of the time with every device up;
-- ``phases``: the measured requests by the failure state at their arrival: ``before``
-  the first event, ``during`` an event (any device dead, slow or with degraded links),
-  ``after`` (healthy again after an event), with TTFT / TPOT / E2E percentiles and the
-  iteration times (by the state at the iteration's start) of each;
-- MoE token-choice slots (expected, summed over iterations and MoE layers) sent to a
-  replica, rerouted to a next choice, or dropped because their expert was dead;
-- requests requeued from a failed rank (their KV recomputed) or lost with it;
-- ``goodput_tokens_per_s``: output tokens of finished requests over the simulated time.
+- ``windows``: each device failure from its failure to its recovery (or the end of the
+  run), each straggler and each link event over its own span, as ``start_s``, ``end_s``,
+  ``kind`` (device_failure, straggler, link) and ``what``, with the measured requests
+  whose lifetime overlaps it;
+- ``phases``, around the device failure windows only: a measured request is ``before``
+  if it finished before the first device failure, ``during`` if its lifetime
+  ``[arrival, finish]`` (an unfinished or lost request: to the end of the run) overlaps a
+  device failure window, ``after`` if it arrived after the last recovery, ``between`` if
+  it lived wholly in a healthy gap between two windows; without device failures every
+  request is ``before``. Each phase has TTFT / TPOT / E2E percentiles and the iteration
+  times of the iterations that started in it (``during``: inside a window);
+- MoE token-choice slots (expected, summed over iterations and MoE layers, rounded to
+  whole slots) sent to a replica, rerouted to a next choice, or dropped because their
+  expert was dead;
+- requests requeued from a failed rank (their KV recomputed) or lost with it (over the
+  whole run, warm-up included);
+- ``goodput_tokens_per_s`` / ``goodput_requests_per_s``: output tokens / requests of the
+  measured requests that finished within the measurement window ``[warmup_s,
+  duration_s]`` and met the SLO (TTFT and TPOT targets of ``workload.slo``; without one,
+  every such request counts), per second of the window (``goodput_basis`` says which).
+  All of those tokens were generated within the window, so goodput <= the summary's
+  ``throughput_tokens_per_s``.
 
 Training: the run's time split (train, checkpoint, lost, down, restart), availability
 (time the job was working / wall time), goodput (useful steps x step time / wall time),
@@ -33,11 +48,17 @@ from moesim.report.serving import _r, _stats_ms, latencies_s, measured_mask
 from moesim.system import System
 
 
-def _events(plan: FailurePlan) -> list[dict[str, Any]]:
+def _events(plan: FailurePlan, end_s: float) -> list[dict[str, Any]]:
+    """The plan's events before ``end_s`` (the simulated span)."""
     return [
         {"time_s": _r(e.time_s), "kind": e.kind, "device": e.device, "detail": e.detail}
         for e in plan.events
+        if e.time_s < end_s
     ]
+
+
+def _device_failures(plan: FailurePlan, end_s: float) -> int:
+    return sum(1 for e in plan.events if e.kind == "fail" and e.time_s < end_s)
 
 
 def _availability(plan: FailurePlan, devices: int, end_s: float) -> tuple[float, float]:
@@ -51,14 +72,107 @@ def _availability(plan: FailurePlan, devices: int, end_s: float) -> tuple[float,
     return (up / end_s, full / end_s) if end_s > 0 else (1.0, 1.0)
 
 
-def _phase_of(plan: FailurePlan, t: np.ndarray) -> np.ndarray:
-    """0 before any event, 1 during one, 2 after (healthy again); per time."""
-    idx = np.searchsorted(np.asarray(plan.starts), t, side="right") - 1
-    healthy = np.array([st.healthy for st in plan.states])
-    first_bad = next((i for i, st in enumerate(plan.states) if not st.healthy), None)
-    if first_bad is None:
-        return np.zeros(len(t), dtype=np.int64)
-    return np.where(~healthy[idx], 1, np.where(idx < first_bad, 0, 2)).astype(np.int64)
+def failure_windows(plan: FailurePlan, end_s: float) -> list[tuple[float, float, str, str]]:
+    """Device failures (failure to recovery), stragglers and link events over their spans
+    as ``(start_s, end_s, kind, what)``, clipped to ``end_s`` (a window still open then
+    ends there), in time order; only those starting before ``end_s``."""
+    out: list[tuple[float, float, str, str]] = []
+    events = [e for e in plan.events if e.time_s < end_s]
+    closes = {
+        "fail": "recover",
+        "straggler_start": "straggler_end",
+        "link_degraded": "link_restored",
+    }
+    kinds = {"fail": "device_failure", "straggler_start": "straggler", "link_degraded": "link"}
+    for i, e in enumerate(events):
+        if e.kind not in closes:
+            continue
+        stop = next(
+            (
+                x.time_s
+                for x in events[i + 1 :]
+                if x.kind == closes[e.kind] and x.device == e.device
+            ),
+            end_s,
+        )
+        what = f"device {e.device} " + (
+            "failed" + (f" ({e.detail})" if e.detail else "") if e.kind == "fail" else e.detail
+        )
+        out.append((e.time_s, min(stop, end_s), kinds[e.kind], what))
+    return sorted(out, key=lambda x: (x[0], x[1]))
+
+
+PHASES = ("before", "during", "between", "after")
+
+
+def request_phases(
+    arrival_s: np.ndarray, finish_s: np.ndarray, windows: list[tuple[float, float]], end_s: float
+) -> np.ndarray:
+    """Per request, the index into :data:`PHASES` around the device failure ``windows``
+    (``(start_s, end_s)`` each; see the module docstring). A request that never finished
+    lives until ``end_s``."""
+    n = len(arrival_s)
+    if not windows:
+        return np.zeros(n, dtype=np.int64)
+    fin = np.where(np.isfinite(finish_s), finish_s, end_s)
+    first = min(a for a, _ in windows)
+    last = max(b for _, b in windows)
+    during = np.zeros(n, dtype=bool)
+    for a, b in windows:
+        # [arrival, finish] meets [a, b) (a window that never closed runs to the end)
+        during |= (arrival_s < b) & (fin > a)
+    out = np.full(n, 2, dtype=np.int64)  # between: a healthy gap between windows
+    out[fin <= first] = 0
+    out[arrival_s >= last] = 3
+    out[during] = 1
+    return out
+
+
+def iteration_phases(start_s: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
+    """Per iteration (by its start), the index into :data:`PHASES`."""
+    n = len(start_s)
+    if not windows:
+        return np.zeros(n, dtype=np.int64)
+    first = min(a for a, _ in windows)
+    last = max(b for _, b in windows)
+    during = np.zeros(n, dtype=bool)
+    for a, b in windows:
+        during |= (start_s >= a) & (start_s < b)
+    out = np.full(n, 2, dtype=np.int64)
+    out[start_s < first] = 0
+    out[start_s >= last] = 3
+    out[during] = 1
+    return out
+
+
+def goodput(rec: ServingRecords, w: ServingWorkload, mask: np.ndarray) -> dict[str, Any]:
+    """Tokens and requests of the measured requests that finished within ``[warmup_s,
+    duration_s]`` and met the SLO (all of them without one), per second of the window."""
+    r = rec.requests
+    window = w.duration_s - w.warmup_s
+    good = mask & np.isfinite(r.finish_s) & (r.finish_s <= w.duration_s)
+    if w.slo is not None:
+        lat = latencies_s(rec)
+        with np.errstate(invalid="ignore"):
+            ttft_ok = lat["ttft"] * 1e3 <= w.slo.ttft_ms
+            tpot_ok = (r.output_tokens <= 1) | (lat["tpot"] * 1e3 <= w.slo.tpot_ms)
+        good &= ttft_ok & tpot_ok
+        basis = (
+            f"measured requests finished by duration_s with TTFT <= {w.slo.ttft_ms:g} ms "
+            f"and TPOT <= {w.slo.tpot_ms:g} ms, per second of [warmup_s, duration_s]"
+        )
+    else:
+        basis = (
+            "measured requests finished by duration_s (no workload.slo: all count), per "
+            "second of [warmup_s, duration_s]"
+        )
+    tokens = int(r.output_tokens[good].sum())
+    return {
+        "goodput_requests": int(good.sum()),
+        "goodput_tokens_per_s": _r(tokens / window) if window > 0 else None,
+        "goodput_requests_per_s": _r(int(good.sum()) / window) if window > 0 else None,
+        "goodput_basis": basis,
+    }
 
 
 def serving_failures_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
@@ -69,15 +183,29 @@ def serving_failures_summary(system: System, rec: ServingRecords) -> dict[str, A
     w = s.workload
     assert isinstance(w, ServingWorkload)
     plan = f.plan
+    end = rec.end_s
     devices = len(system.topology.devices)
-    avail, full = _availability(plan, devices, rec.end_s)
+    avail, full = _availability(plan, devices, end)
     r, it = rec.requests, rec.iterations
     mask = measured_mask(rec, w.warmup_s)
     lat = latencies_s(rec)
-    req_phase = _phase_of(plan, r.arrival_s)
-    it_phase = _phase_of(plan, it.start_s)
+    raw = failure_windows(plan, end)
+    fin = np.where(np.isfinite(r.finish_s), r.finish_s, end)
+    windows = [
+        {
+            "start_s": _r(a),
+            "end_s": _r(b),
+            "kind": k,
+            "what": what,
+            "requests": int((mask & (r.arrival_s < b) & (fin > a)).sum()),
+        }
+        for a, b, k, what in raw
+    ]
+    dev = [(a, b) for a, b, k, _ in raw if k == "device_failure"]
+    req_phase = request_phases(r.arrival_s, r.finish_s, dev, end)
+    it_phase = iteration_phases(it.start_s, dev)
     phases: dict[str, Any] = {}
-    for k, name in enumerate(("before", "during", "after")):
+    for k, name in enumerate(PHASES):
         m = mask & (req_phase == k)
         iters = it_phase == k
         phases[name] = {
@@ -90,33 +218,36 @@ def serving_failures_summary(system: System, rec: ServingRecords) -> dict[str, A
             "iteration_ms": _stats_ms(it.duration_s[iters]),
         }
     slots = it.batch_tokens.astype(float) * f.top_k * f.moe_layers
-    done = np.isfinite(r.finish_s)
     return {
-        "events": _events(plan),
-        "device_failures": plan.device_failures,
+        "events": _events(plan, end),
+        "device_failures": _device_failures(plan, end),
+        "windows": windows,
         "states": [
-            {"from_s": _r(a), "until_s": _r(min(b, rec.end_s)), "state": st.describe()}
+            {"from_s": _r(a), "until_s": _r(min(b, end)), "state": st.describe()}
             for a, b, st in plan.spans()
-            if a < rec.end_s
+            if a < end
         ],
         "availability": _r(avail),
         "full_capacity": _r(full),
         "recovery": s.failures.recovery.on_expert_loss if s.failures else None,
         "replicas": _replica_count(system),
         "moe_slots": {
-            "failed_over": _r(float((slots * f.failed_over_fraction).sum()), 1),
-            "rerouted": _r(float((slots * f.rerouted_fraction).sum()), 1),
-            "dropped_lost_expert": _r(float((slots * f.lost_fraction).sum()), 1),
-            "total": _r(float(slots.sum()), 1),
+            "failed_over": _count(slots * f.failed_over_fraction),
+            "rerouted": _count(slots * f.rerouted_fraction),
+            "dropped_lost_expert": _count(slots * f.lost_fraction),
+            "total": _count(slots),
         },
         "requeued_requests": f.requeued,
         "requeue_recomputed_tokens": f.requeue_recomputed_tokens,
         "lost_requests": int(f.lost_requests.sum()),
-        "goodput_tokens_per_s": _r(float(r.output_tokens[done].sum()) / rec.end_s)
-        if rec.end_s > 0
-        else None,
+        **goodput(rec, w, mask),
         "phases": phases,
     }
+
+
+def _count(expected: np.ndarray) -> int:
+    """An expected count (a sum of fractional expectations) as a whole number."""
+    return round(float(expected.sum()))
 
 
 def _replica_count(system: System) -> int:
@@ -146,8 +277,8 @@ def training_failures_summary(
     )
     useful_s = run.useful_steps * run.step_s
     return {
-        "events": _events(plan) if plan is not None else [],
-        "device_failures": plan.device_failures if plan is not None else 0,
+        "events": _events(plan, wall) if plan is not None else [],
+        "device_failures": _device_failures(plan, wall) if plan is not None else 0,
         "run_s": _r(wall),
         "step_s": _r(run.step_s),
         "checkpoint": {
@@ -248,7 +379,12 @@ def failures_lines(summary: dict[str, Any]) -> str:
     ) + (f"; ... {len(events) - 6} more" if len(events) > 6 else "")
     if summary.get("workload") == "serving":
         ph = f["phases"]
-        names = ("before", "during", "after")
+        names = tuple(n for n in PHASES if n != "between" or ph[n]["requests"])
+        wins = f.get("windows", [])
+        win_txt = "; ".join(
+            f"{x['start_s']:.1f}-{x['end_s']:.1f} s {x['what']} ({x['requests']} requests)"
+            for x in wins[:4]
+        ) + (f"; ... {len(wins) - 4} more" if len(wins) > 4 else "")
 
         def row(key: str, stat: str) -> str:
             return "/".join(_num(ph[n][key][stat]) for n in names)
@@ -265,8 +401,13 @@ def failures_lines(summary: dict[str, Any]) -> str:
                 f"{_num(slots['dropped_lost_expert'], '.0f')} of {_num(slots['total'], '.0f')}",
                 f"  requests       {f['requeued_requests']} requeued "
                 f"({f['requeue_recomputed_tokens']} tokens recomputed), "
-                f"{f['lost_requests']} lost",
-                "  before/during/after  requests "
+                f"{f['lost_requests']} lost; goodput "
+                f"{_num(f['goodput_tokens_per_s'], '.0f')} tokens/s, "
+                f"{_num(f['goodput_requests_per_s'], '.2f')} requests/s "
+                f"({'SLO met' if summary.get('slo') else 'no SLO: all finished'} "
+                "within the window)",
+                f"  windows        {win_txt or 'none'}",
+                f"  {'/'.join(names)}  requests "
                 + "/".join(str(ph[n]["requests"]) for n in names)
                 + f"  TTFT p99 {row('ttft_ms', 'p99')} ms  TPOT p50 {row('tpot_ms', 'p50')} ms"
                 f"  iteration mean {row('iteration_ms', 'mean')} ms",

@@ -6,17 +6,32 @@ rejected and arriving at or after ``warmup_s``):
 - TTFT = first token - arrival; E2E = finish - arrival; queue time = first scheduled -
   arrival; TPOT = (finish - first token) / (output tokens - 1), for requests with more
   than one output token.
-- The measured window runs from ``warmup_s`` to the last finish of a measured request;
-  ``throughput_tokens_per_s`` = output tokens of the measured requests that finished /
-  the window, ``requests_per_s`` likewise.
+- The measurement window is ``[warmup_s, duration_s]`` (``measured_window_s`` = its
+  length; the drain after ``duration_s`` is outside it). As in vLLM-style benchmarks,
+  ``throughput_tokens_per_s`` = output tokens generated within the window (each
+  iteration's sampled tokens, emitted at its end, whichever request they belong to) /
+  the window's length, and ``requests_per_s`` = requests that finished within the window
+  / its length: a server that keeps up reports about the offered load, an overloaded one
+  its capacity. ``offered_tokens_per_s`` / ``offered_requests_per_s``: the output tokens
+  / requests that arrived within the window (rejected ones included) / its length, so
+  achieved and offered sit side by side.
+- Latency percentiles, ``completed_requests``, ``output_tokens`` and ``prompt_tokens``
+  cover the measured requests, whenever they finished (drain included);
+  ``unfinished_requests``: measured requests still unfinished when the run stopped (the
+  10x drain cap), ``lost_requests``: measured requests lost with a failed rank
+  (``failures.recovery.on_rank_loss: lose``), never finished but not left unfinished;
+  ``drained``: every request not rejected or lost finished before the cap.
 - SLO attainment: the share of measured requests meeting the TTFT target, the TPOT target
   (a one-token output meets it), and both; unfinished requests meet neither.
 - ``dropped_fraction``: the MoE layers' expected capacity drops, averaged over
   iterations weighted by their batch tokens.
 - ``offload`` (only with ``policies.offload.experts``): the share of expert uses served by
-  each tier (``hit_rate``: HBM cache, host DRAM, NVMe), bytes copied into HBM, prefetch
-  copies and waste, and the stall those copies added (``stall_share`` of the busy time);
-  the stall is part of every iteration's time, so TTFT/TPOT above include it.
+  each tier (``hit_rate``: HBM cache, ``in_flight`` (a prefetch still being copied when
+  the layer needed it: the use waits, so it is no hit), host DRAM, NVMe; they add to 1;
+  ``prefetched_share``: the HBM hits that were prefetches landed in time), bytes copied
+  into HBM, prefetch copies and waste, and the stall those copies added (``stall_share``
+  of the busy time); the stall is part of every iteration's time, so TTFT/TPOT above
+  include it.
 """
 
 from __future__ import annotations
@@ -47,6 +62,40 @@ def measured_mask(rec: ServingRecords, warmup_s: float) -> np.ndarray:
     """The requests the metrics cover: not rejected, arrived at or after the warm-up."""
     r = rec.requests
     return (~r.rejected) & (r.arrival_s >= warmup_s)
+
+
+def lost_mask(rec: ServingRecords) -> np.ndarray:
+    """Per request: lost with a failed rank (``on_rank_loss: lose``); never finishes."""
+    f = rec.failures
+    if f is None:
+        return np.zeros(len(rec.requests.arrival_s), dtype=bool)
+    return np.asarray(f.lost_requests, dtype=bool)
+
+
+def window_rates(rec: ServingRecords, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """Achieved and offered rates over the measurement window ``[warmup_s, duration_s]``
+    (see the module docstring): tokens generated and requests finished within it, and
+    tokens and requests that arrived within it, each over its length."""
+    r, it = rec.requests, rec.iterations
+    window = duration_s - warmup_s
+    ends = it.start_s + it.duration_s
+    in_win = (ends >= warmup_s) & (ends <= duration_s)
+    generated = int(it.sampled_tokens[in_win].sum())
+    finished = int(((~r.rejected) & (r.finish_s >= warmup_s) & (r.finish_s <= duration_s)).sum())
+    arrived = (r.arrival_s >= warmup_s) & (r.arrival_s <= duration_s)
+
+    def per_s(x: float) -> float | None:
+        return _r(x / window) if window > 0 else None
+
+    return {
+        "measured_window_s": _r(window),
+        "window_output_tokens": generated,
+        "window_completed_requests": finished,
+        "throughput_tokens_per_s": per_s(generated),
+        "requests_per_s": per_s(finished),
+        "offered_tokens_per_s": per_s(float(r.output_tokens[arrived].sum())),
+        "offered_requests_per_s": per_s(float(arrived.sum())),
+    }
 
 
 def latencies_s(rec: ServingRecords) -> dict[str, np.ndarray]:
@@ -92,9 +141,9 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
     r, it = rec.requests, rec.iterations
     mask = measured_mask(rec, w.warmup_s)
     done = mask & np.isfinite(r.finish_s)
+    lost = lost_mask(rec)
     lat = latencies_s(rec)
-    end = float(r.finish_s[done].max()) if done.any() else w.warmup_s
-    window = end - w.warmup_s
+    win = window_rates(rec, w.warmup_s, w.duration_s)
     out_tokens = int(r.output_tokens[done].sum())
     total_blocks = rec.kv_blocks_per_rank * rec.dp
     used = it.kv_blocks_used.sum(axis=1) if it.kv_blocks_used.size else np.zeros(1)
@@ -114,13 +163,12 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
         "arrived_requests": len(r.arrival_s),
         "measured_requests": int(mask.sum()),
         "completed_requests": int(done.sum()),
-        "unfinished_requests": int((mask & ~np.isfinite(r.finish_s)).sum()),
+        "unfinished_requests": int((mask & ~np.isfinite(r.finish_s) & ~lost).sum()),
+        "lost_requests": int((mask & lost).sum()),
         "rejected_requests": int(r.rejected.sum()),
-        "drained": rec.drained,
+        "drained": bool(np.isfinite(r.finish_s[~r.rejected & ~lost]).all()),
         "simulated_s": _r(rec.end_s),
-        "measured_window_s": _r(window),
-        "throughput_tokens_per_s": _r(out_tokens / window) if window > 0 else None,
-        "requests_per_s": _r(int(done.sum()) / window) if window > 0 else None,
+        **win,
         "output_tokens": out_tokens,
         "prompt_tokens": int(r.prompt_tokens[done].sum()),
         "ttft_ms": _stats_ms(lat["ttft"][mask]),
@@ -168,8 +216,11 @@ def _pct(d: dict[str, float | None]) -> str:
 def serving_table(summary: dict[str, Any]) -> str:
     """A compact, aligned text table of a serving summary."""
     s = summary
-    unfinished = s["unfinished_requests"]
-    status = "all finished" if s["drained"] else f"{unfinished} unfinished at the 10x cap"
+    unfinished, lost = s["unfinished_requests"], s.get("lost_requests", 0)
+    status = ", ".join(
+        [f"{lost} lost with a failed rank"] * bool(lost)
+        + [f"{unfinished} unfinished at the 10x drain cap"] * bool(unfinished)
+    ) or ("all finished" if s["drained"] else "all measured finished")
     rows = [
         ("scenario", f"{s['scenario']}  (seed {s['seed']})"),
         (
@@ -185,7 +236,9 @@ def serving_table(summary: dict[str, Any]) -> str:
         (
             "throughput",
             f"{_num(s['throughput_tokens_per_s'])} output tokens/s, "
-            f"{_num(s['requests_per_s'], 2)} requests/s",
+            f"{_num(s['requests_per_s'], 2)} requests/s in [{s['warmup_s']}, "
+            f"{s['duration_s']}] s (offered {_num(s['offered_tokens_per_s'])} tokens/s, "
+            f"{_num(s['offered_requests_per_s'], 2)} requests/s)",
         ),
         ("TTFT (ms)", _pct(s["ttft_ms"])),
         ("TPOT (ms)", _pct(s["tpot_ms"])),
@@ -224,13 +277,18 @@ def serving_table(summary: dict[str, Any]) -> str:
     if s.get("offload") is not None:
         o = s["offload"]
         h = o["hit_rate"]
+        late = (
+            f" ({_share(o['prefetched_share'])} prefetched in time), prefetch in flight "
+            f"{_share(h['in_flight'])}"
+            if o.get("prefetch_accuracy") is not None
+            else ""
+        )
         rows += [
             (
                 "offload",
                 f"{o['policy']} cache of {o['cache_experts_per_device']} / "
-                f"{o['device_experts']} experts per device; served from HBM {_share(h['hbm'])} "
-                f"(prefetched {_share(o['prefetched_share'])}), DRAM {_share(h['dram'])}, "
-                f"NVMe {_share(h['nvme'])}",
+                f"{o['device_experts']} experts per device; served from HBM {_share(h['hbm'])}"
+                f"{late}, DRAM {_share(h['dram'])}, NVMe {_share(h['nvme'])}",
             ),
             (
                 "  copies",

@@ -105,6 +105,34 @@ def _sweep_location(issue: Issue, positions: Positions) -> Location:
     return loc
 
 
+def _check_metrics(
+    cfg: SweepConfig, summary: dict[str, Any], positions: Positions, file: str
+) -> None:
+    """Every metric must name a number in a run's summary (typos fail after one point,
+    which is kept, instead of yielding an empty column)."""
+    import difflib
+
+    def paths(d: dict[str, Any], prefix: str = "") -> Iterator[str]:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from paths(v, f"{prefix}{k}.")
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                yield f"{prefix}{k}"
+
+    known = list(paths(summary))
+    issues = []
+    for i, m in enumerate(cfg.metrics):
+        if metric(summary, m) is None:
+            close = difflib.get_close_matches(m, known, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            loc = positions.get(("metrics", i), positions.get(("metrics",), Location(file)))
+            issues.append(
+                Issue(loc, f"metrics[{i}]", f"{m!r} is not a number in the run summary{hint}")
+            )
+    if issues:
+        raise ScenarioError(issues)
+
+
 def _run_point(base: str, overrides: tuple[str, ...]) -> tuple[dict[str, Any], float]:
     """One point's summary and wall time (runs in a worker process)."""
     from moesim.api import run
@@ -193,6 +221,7 @@ def run_sweep(
     runner = (
         _in_process if n_workers == 1 and cfg.executor == "process" else EXECUTORS[cfg.executor]
     )
+    checked = False
     for k, (p, digest, summary, wall) in enumerate(runner(str(base), todo, n_workers), 1):
         write_json_atomic(
             points_dir / f"{p.index:04d}.json",
@@ -206,6 +235,9 @@ def run_sweep(
             },
         )
         summaries[p.index] = summary
+        if not checked:
+            _check_metrics(cfg, summary, positions, str(path))
+            checked = True
         point = ", ".join(f"{key}={json.dumps(v)}" for key, v in p.values.items())
         say(f"[{k}/{len(todo)}] point {p.index} ({point}) {wall:.1f} s")
     points = [p for p, _ in planned]
