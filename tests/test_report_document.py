@@ -25,6 +25,17 @@ SCENARIOS = Path(__file__).parent.parent / "scenarios"
             {"batches.png", "ttft_cdf.png"},
         ),
         ("switch-base-training-tpu-v3.yaml", [], {"breakdown.png"}),
+        (
+            "mixtral-serving-failure-dgx-h100.yaml",
+            [
+                "workload.duration_s=4",
+                "workload.warmup_s=0.5",
+                "failures.devices=[{kind: scheduled, device: 3, at_s: 1}]",
+                "failures.links=[]",
+                "failures.stragglers=[]",
+            ],
+            {"batches.png", "ttft_cdf.png", "ttft_over_time.png"},
+        ),
     ],
 )
 def test_report_has_figures_plots_and_sources(

@@ -52,6 +52,7 @@ def account_summary(account: EnergyAccount, system: System) -> dict[str, Any]:
         "average_power_w": _per(fac.total_j, account.duration_s),
         "pue": cfg.pue,
         "carbon_intensity_g_per_kwh": cfg.carbon_intensity_g_per_kwh,
+        "facility_source": cfg.source or "not given (pue 1 and no carbon intensity by default)",
         "power_w": {st: _sig(w) for st, w in account.power.as_dict().items()},
         "power_source": account.power.source,
         "notes": list(account.notes),
@@ -138,9 +139,14 @@ def energy_lines(summary: dict[str, Any]) -> str:
     basis = e["power_source"].split(";")[0]
     comp = e.get("energy_j_by_component", {})
     parts = "  ".join(f"{k} {v:.4g}" for k, v in comp.items())
+    carbon = (
+        f"{e['kgco2e']:.4g} kgCO2e"
+        if e.get("carbon_intensity_g_per_kwh")
+        else "carbon: no intensity set"
+    )
     return (
         f"energy             {e['energy_j']:.6g} J  ({e['kwh']:.4g} kWh, "
-        f"{e['kgco2e']:.4g} kgCO2e, PUE {e['pue']:g})  avg {e['average_power_w'] or 0:.5g} W"
+        f"{carbon}, PUE {e['pue']:g})  avg {e['average_power_w'] or 0:.5g} W"
         f"{per_txt}\n"
         f"  power (W)        idle {w['idle']:g}  compute {w['compute']:g}  memory "
         f"{w['memory']:g}  communicating {w['communicating']:g}  ({basis}; see power_source)\n"

@@ -130,7 +130,35 @@ def _serving_plots(result: Result, plots: _Plots) -> None:
             ax.legend()
 
         plots.add("batches", "Batch size over time", batches)
-    ttft = (req.first_token_s - req.arrival_s)[np.isfinite(req.first_token_s)] * 1e3
+    done = np.isfinite(req.first_token_s)
+    windows = (result.summary.get("failures") or {}).get("windows") or []
+    if windows and done.any():
+        arrival = req.arrival_s[done]
+        first = (req.first_token_s[done] - arrival) * 1e3
+
+        def over_time(fig: Figure) -> None:
+            ax = fig.add_subplot()
+            colors = {"device_failure": "C3", "straggler": "C1", "link": "C4"}
+            for wdw in windows:
+                ax.axvspan(
+                    wdw["start_s"],
+                    wdw["end_s"],
+                    color=colors.get(wdw["kind"], "0.6"),
+                    alpha=0.2,
+                    label=wdw["kind"].replace("_", " "),
+                )
+            ax.scatter(arrival, first, s=3, color="C0", label="requests")
+            ax.set_yscale("log")
+            ax.set_xlabel("arrival (simulated s)")
+            ax.set_ylabel("time to first token (ms)")
+            handles, labels = ax.get_legend_handles_labels()
+            unique = dict(zip(labels, handles))
+            ax.legend(unique.values(), unique.keys(), fontsize=7)
+
+        plots.add(
+            "ttft_over_time", "Time to first token over the run, failure windows shaded", over_time
+        )
+    ttft = (req.first_token_s - req.arrival_s)[done] * 1e3
     if len(ttft):
 
         def latency(fig: Figure) -> None:
