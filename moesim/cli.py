@@ -503,14 +503,63 @@ def _show_cluster(name: str) -> None:
         ("devices", str(c.devices)),
         ("accelerator", c.accelerator.name),
     ]
+    from moesim.catalog.hardware import link
+
+    a = c.accelerator
+    bf16 = a.peak_tflops.for_dtype("bf16")
+    rows += [
+        (
+            "per device",
+            f"{a.memory_gib:g} GiB at {a.memory_bandwidth_gbps:g} GB/s, {bf16:g} TFLOPS bf16 "
+            f"dense, {a.tdp_w:g} W TDP",
+        ),
+        (
+            "in total",
+            f"{c.devices * a.memory_gib / 1024:.4g} TiB, {c.devices * bf16 / 1000:.4g} PFLOPS "
+            f"bf16, {c.devices * a.tdp_w / 1000:.4g} kW of device TDP",
+        ),
+    ]
+    if a.ports:
+        up = sum(p.count * link(p.link).bandwidth_gbps for p in a.ports)
+        ports = " + ".join(f"{p.count} x {p.link}" for p in a.ports)
+        rows.append(("scale-up links", f"{ports} = {up:g} GB/s per direction per device"))
+    if a.host_link:
+        hl = link(a.host_link)
+        eff = hl.effective_bandwidth_gbps
+        measured = f" ({eff:g} GB/s measured)" if eff else ""
+        rows.append(("host link", f"{a.host_link}: {hl.bandwidth_gbps:g} GB/s{measured}"))
     if isinstance(c, NodesCluster):
         rows += [
             ("nodes", f"{c.nodes} x {c.accelerators_per_node}"),
             ("scale-up", f"{c.scale_up.kind} {c.scale_up.switch or ''}"),
-            ("fabric", f"{c.fabric.kind} {c.fabric.nic or ''} x{c.fabric.nics_per_node}"),
         ]
+        if c.fabric.kind == "none" or not c.fabric.nic:
+            rows.append(("fabric", "none (a single node)"))
+        else:
+            nic = link(c.fabric.nic).bandwidth_gbps
+            per_dev = nic * c.fabric.nics_per_node / c.accelerators_per_node
+            rows.append(
+                (
+                    "fabric",
+                    f"{c.fabric.kind} ({c.fabric.switch}), {c.fabric.nics_per_node} x "
+                    f"{c.fabric.nic} per node = {per_dev:g} GB/s per device, "
+                    f"oversubscription {c.fabric.oversubscription:g}",
+                )
+            )
     elif isinstance(c, TorusCluster):
-        rows += [("torus", " x ".join(map(str, c.dims))), ("link", c.link)]
+        ici = link(c.link).bandwidth_gbps * c.links_per_neighbor
+        rows += [
+            ("torus", " x ".join(map(str, c.dims)) + (" (wraparound)" if c.wraparound else "")),
+            ("link", f"{c.link} x {c.links_per_neighbor} = {ici:g} GB/s per neighbour"),
+        ]
+    h = c.host
+    rows.append(
+        (
+            "host",
+            f"{h.dram_gib:g} GiB DRAM at {h.dram_bandwidth_gbps:g} GB/s, NVMe {h.nvme_tib:g} "
+            f"TiB ({h.nvme_read_gbps:g} GB/s read)",
+        )
+    )
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 

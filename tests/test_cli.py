@@ -168,3 +168,15 @@ def test_compare_table_stays_readable() -> None:
     assert not any(x.startswith("device_finish_ms.sum") for x in lines)
     assert any(x.startswith("device_finish_ms.max") for x in lines)
     assert "+1 (+50.0%)" in next(x for x in lines if x.startswith("t_ms"))
+
+
+def test_show_cluster_gives_the_planning_figures(capsys) -> None:  # type: ignore[no-untyped-def]
+    """`moesim show cluster` states per-device and total memory, compute and bandwidths,
+    computed from the presets (8 x 80 GiB = 0.625 TiB; 8 NDR NICs over 8 GPUs = 50 GB/s)."""
+    assert main(["show", "cluster", "h100-rail"]) == 0
+    out = capsys.readouterr().out
+    assert "80 GiB at 3350 GB/s" in out and "2.5 TiB" in out
+    assert "18 x nvlink4 = 450 GB/s" in out
+    assert "8 x ib-ndr per node = 50 GB/s per device" in out
+    assert main(["show", "cluster", "tpu-v3-32"]) == 0
+    assert "per neighbour" in capsys.readouterr().out
