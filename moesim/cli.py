@@ -226,12 +226,16 @@ def _run(args: argparse.Namespace) -> int:
     scenario = _load(args)
     result = run(scenario)
     run_dir = None if args.no_write else result.write(args.out)
+    if args.report and run_dir is None:
+        print("moesim: --report needs a run folder; ignored with --no-write", file=sys.stderr)
     if run_dir is not None and args.report:
         from moesim.report.document import write_report
 
         write_report(result, run_dir)
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))
+        if run_dir is not None:
+            print(f"run folder: {run_dir}", file=sys.stderr)
     else:
         table = {"serving": serving_table, "training": training_table}.get(
             result.summary["workload"], layer_table

@@ -222,3 +222,18 @@ def test_missing_include_is_located_at_the_include_line(tmp_path) -> None:  # ty
     else:
         raise AssertionError("a missing include passed")
     assert "s.yaml:2:" in text and "no such file: 'nothere.yaml'" in text
+
+
+def test_set_with_broken_flow_yaml_says_so() -> None:
+    from moesim.errors import ScenarioError
+    from moesim.loader import load_scenario
+
+    try:
+        load_scenario("scenarios/quickstart.yaml", ["routing={kind: zipf"])
+    except ScenarioError as exc:
+        assert "not valid YAML" in exc.render() and "--set routing={kind: zipf" in exc.render()
+    else:
+        raise AssertionError("a broken --set value passed")
+    # a quoted string that starts with a bracket is fine
+    s = load_scenario("scenarios/quickstart.yaml", ['description="[draft] x"'])
+    assert s.description == "[draft] x"

@@ -129,7 +129,13 @@ def apply_overrides(
             _put(node, part, child)
             node = child
         else:
-            if not _put(node, parts[-1], parse_value(raw)):
+            value = parse_value(raw)
+            if _unparsed_flow(raw):
+                issues.append(
+                    Issue(loc, key, "the value is not valid YAML (an unclosed { or [?)")
+                )
+                continue
+            if not _put(node, parts[-1], value):
                 size = len(node) if isinstance(node, list) else 0
                 issues.append(
                     Issue(
@@ -142,6 +148,19 @@ def apply_overrides(
             positions[tuple(parts)] = loc
     if issues:
         raise ScenarioError(issues)
+
+
+def _unparsed_flow(raw: str) -> bool:
+    """Whether ``raw`` opens a YAML flow mapping or list that does not parse."""
+    import yaml
+
+    if raw.strip()[:1] not in ("{", "["):
+        return False
+    try:
+        yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return True
+    return False
 
 
 def _has(node: Any, part: str | int) -> bool:
