@@ -369,6 +369,14 @@ def _layer_communicating(rec: LayerRecords) -> list[tuple[int, State, float]]:
     return out
 
 
+def _moe_link_energy(system: System, link_bytes: np.ndarray | None, what: str) -> tuple[float, str]:
+    """Link joules of a run's recorded MoE all-to-all bytes and the note saying so."""
+    if link_bytes is None:
+        return 0.0, "network: link bytes not recorded for this run; 0 J"
+    joules, note = network_energy_j(system, link_bytes)
+    return joules, f"{note} ({what})"
+
+
 def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
     """Every device over the layer time (see the module docstring)."""
     from moesim.engine.moe_layer import traffic
@@ -439,14 +447,12 @@ def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) 
     for d in range(n_dev):
         busy.append((d, "communicating", rec.grad_sync_s))
         busy.append((d, "memory", rec.optimizer_s))
-    if rec.moe_link_bytes is not None:
-        network_j, link_note = network_energy_j(system, rec.moe_link_bytes)
-        link_note += (
-            " (the MoE all-to-alls' bytes; gradient all-reduces, ZeRO gathers, tensor-"
-            "parallel collectives and pipeline transfers not counted)"
-        )
-    else:
-        network_j, link_note = 0.0, "network: link bytes not recorded for this run; 0 J"
+    network_j, link_note = _moe_link_energy(
+        system,
+        rec.moe_link_bytes,
+        "the MoE all-to-alls' bytes; gradient all-reduces, ZeRO gathers, tensor-parallel "
+        "collectives and pipeline transfers not counted",
+    )
     return account_from_busy(
         device_power(s.cluster.accelerator),
         n_dev,
@@ -503,14 +509,12 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
     w = s.workload
     # the server is up for the arrival window at least, even if the last request ends early
     window_s = max(rec.end_s, w.duration_s) if isinstance(w, ServingWorkload) else rec.end_s
-    if rec.moe_link_bytes is not None:
-        network_j, link_note = network_energy_j(system, rec.moe_link_bytes)
-        link_note += (
-            " (the MoE all-to-alls' expected bytes at each iteration's batch size; "
-            "tensor-parallel collectives not counted)"
-        )
-    else:
-        network_j, link_note = 0.0, "network: link bytes not recorded for this run; 0 J"
+    network_j, link_note = _moe_link_energy(
+        system,
+        rec.moe_link_bytes,
+        "the MoE all-to-alls' expected bytes at each iteration's batch size; "
+        "tensor-parallel collectives not counted",
+    )
     return account_from_busy(
         device_power(s.cluster.accelerator),
         n_dev,

@@ -25,8 +25,8 @@ PRESET_PATHS: tuple[tuple[Path, catalog.Kind], ...] = (
 )
 
 
-def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str, Any], Positions]:
-    """Read a scenario file and the files it includes, merged, with positions."""
+def read_mapping(path: str | FsPath, what: str = "a scenario") -> tuple[dict[str, Any], Positions]:
+    """One YAML file that must hold a mapping, with positions (located errors)."""
     file = str(path)
     try:
         text = FsPath(path).read_text("utf-8")
@@ -36,7 +36,14 @@ def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str
         ) from None
     data, positions = load_located(text, file)
     if not isinstance(data, dict):
-        raise ScenarioError([Issue(positions[()], "", "a scenario must be a YAML mapping")])
+        raise ScenarioError([Issue(positions[()], "", f"{what} must be a YAML mapping")])
+    return data, positions
+
+
+def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str, Any], Positions]:
+    """Read a scenario file and the files it includes, merged, with positions."""
+    file = str(path)
+    data, positions = read_mapping(path)
     includes = data.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -131,9 +138,7 @@ def apply_overrides(
         else:
             value = parse_value(raw)
             if _unparsed_flow(raw):
-                issues.append(
-                    Issue(loc, key, "the value is not valid YAML (an unclosed { or [?)")
-                )
+                issues.append(Issue(loc, key, "the value is not valid YAML (an unclosed { or [?)"))
                 continue
             if not _put(node, parts[-1], value):
                 size = len(node) if isinstance(node, list) else 0

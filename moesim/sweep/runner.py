@@ -27,7 +27,7 @@ from typing import Any
 
 from moesim.config.sweep import SweepConfig
 from moesim.errors import Issue, Location, ScenarioError
-from moesim.loader.yamlpos import Positions, load_located
+from moesim.loader.yamlpos import Positions
 from moesim.report.files import write_json_atomic, write_text_atomic
 from moesim.sweep.pareto import feasible, front, metric
 from moesim.sweep.points import Point, expand
@@ -51,19 +51,11 @@ class SweepResult:
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Positions]:
     """Read and validate a sweep file (located errors, as for scenarios)."""
+    from moesim.loader.resolve import read_mapping
     from moesim.loader.validate import validate_as
 
-    file = str(path)
-    try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise ScenarioError(
-            [Issue(Location(file), "", f"cannot read file: {exc.strerror}")]
-        ) from None
-    data, positions = load_located(text, file)
-    if not isinstance(data, dict):
-        raise ScenarioError([Issue(positions[()], "", "a sweep must be a YAML mapping")])
-    return validate_as(SweepConfig, data, positions, file), positions
+    data, positions = read_mapping(path, "a sweep")
+    return validate_as(SweepConfig, data, positions, str(path)), positions
 
 
 def _digest(scenario: Any) -> str:
