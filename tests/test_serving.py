@@ -361,3 +361,11 @@ def test_missing_trace_file_is_located(write) -> None:
     p = write("x.yaml", text)
     (err,) = _errors(p)
     assert err.startswith(f"{p}:9:26: workload.arrival.path: trace ") and "nope.csv" in err
+
+
+def test_small_samples_are_flagged() -> None:
+    from moesim.report.serving import RELIABLE_P99, sample_notes
+
+    assert sample_notes(RELIABLE_P99) == []
+    (note,) = sample_notes(6)
+    assert "only 6 measured requests" in note

@@ -204,7 +204,23 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
     if w.slo is not None:
         summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
         summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
+    summary["notes"] = sample_notes(summary["completed_requests"])
     return summary
+
+
+#: below this many completed requests a p99 rests on a single request or none
+RELIABLE_P99 = 100
+
+
+def sample_notes(completed: int) -> list[str]:
+    """Warnings about what the measured sample can support."""
+    if completed >= RELIABLE_P99:
+        return []
+    return [
+        f"only {completed} measured requests completed: p99 rests on the slowest "
+        f"{max(completed // 100, 1)} (or the maximum); lengthen duration_s or raise the "
+        "rate for stable tails"
+    ]
 
 
 def _pct(d: dict[str, float | None]) -> str:
@@ -297,6 +313,7 @@ def serving_table(summary: dict[str, Any]) -> str:
                 f"{_share(o['stall_share'])} of busy time",
             ),
         ]
+    rows += [("note", n) for n in s.get("notes", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
