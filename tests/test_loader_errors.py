@@ -237,3 +237,18 @@ def test_set_with_broken_flow_yaml_says_so() -> None:
     # a quoted string that starts with a bracket is fine
     s = load_scenario("scenarios/quickstart.yaml", ['description="[draft] x"'])
     assert s.description == "[draft] x"
+
+
+def test_changing_a_kind_by_set_explains_the_leftover_fields() -> None:
+    from moesim.errors import ScenarioError
+    from moesim.loader import load_scenario
+
+    try:
+        load_scenario(
+            "scenarios/quickstart.yaml", ["routing.kind=dirichlet", "routing.alpha=0.3"]
+        )
+    except ScenarioError as exc:
+        text = exc.render()
+    else:
+        raise AssertionError("a leftover zipf field passed")
+    assert "routing.s: unknown key" in text and "replace the whole mapping" in text

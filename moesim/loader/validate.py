@@ -144,6 +144,13 @@ def _issue(
             msg = f"unknown key (did you mean {hint[0]!r}?)"
         else:
             msg = "unknown key" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        kind_at = positions.get((*path[:-1], "kind"))
+        if kind_at is not None and kind_at.file.startswith("--set"):
+            parent = dotted(path[:-1])
+            msg += (
+                f" ({parent}.kind was changed by --set, which keeps the other fields: "
+                f"replace the whole mapping instead, e.g. --set '{parent}={{kind: ..., ...}}')"
+            )
     elif kind == "missing":
         msg = "required field is missing"
     elif (
