@@ -35,6 +35,19 @@ def _a2a_alpha_s(s: Scenario) -> float:
     return min(fits, key=lambda c: abs(c.world - ep)).alpha_us * 1e-6
 
 
+def _ep_host_overhead_s(s: Scenario) -> float:
+    """The profile's host-side cost of an eager expert-parallel layer, where it applies:
+    with data-dependent split sizes (dropless), which the host must read before the
+    dispatch; a capacity-padded layer exchanges fixed-size buffers and needs no such read."""
+    profile = s.cluster.profile or s.cluster.accelerator.profile
+    ep = s.parallelism.ep * s.parallelism.etp
+    pol = s.policies
+    dropless = pol.capacity_factor is None or pol.overflow == "dropless"
+    if profile is None or profile.ep_host_overhead_us is None or ep < 2 or not dropless:
+        return 0.0
+    return profile.ep_host_overhead_us * 1e-6 if s.cluster.launch == "eager" else 0.0
+
+
 @dataclass(frozen=True)
 class System:
     """The simulated machine and model, ready for the engine."""
@@ -78,6 +91,7 @@ def build_system(s: Scenario) -> System:
         combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
         expert_kernel=s.cluster.expert_kernel,
         a2a_overhead_s=_a2a_alpha_s(s),
+        ep_host_overhead_s=_ep_host_overhead_s(s),
         a2a=s.parallelism.a2a,
         topology=topo,
     )

@@ -104,6 +104,16 @@ class DeviceProfile(Frozen):
     """Combine scatter-add (weighted rows back to tokens), per element beyond memory time."""
     collectives: tuple[CollectiveFit, ...] = ()
     """Measured collectives, when several devices were present."""
+    ep_host_overhead_us: float | None = Field(default=None, ge=0)
+    """Host-side fixed cost of one eagerly launched expert-parallel MoE layer beyond its
+    kernels and collectives: the blocking read of the all-to-all split sizes (as
+    Megatron-Core's all-to-all dispatcher does) and the launches issued after it, which
+    the GPU then waits for. Fitted on measured EP layers
+    (:func:`moesim.calibrate.ep_fit.ep_host_overhead_us`); used with ``ep x etp > 1``,
+    ``launch: eager`` and dropless routing (data-dependent split sizes) only (None = not
+    measured: 0)."""
+    ep_host_overhead_source: str | None = None
+    """Where ``ep_host_overhead_us`` comes from."""
     gemm_fit: FitQuality | None = None
     """Fit quality of the GEMM model on the GEMM measurements."""
     layer_fit: FitQuality | None = None

@@ -159,6 +159,10 @@ class LayerCosts:
     a2a_overhead_s: float = 0.0
     """Fixed cost of one all-to-all phase (a measured collective's alpha), on top of the
     links' own latencies."""
+    ep_host_overhead_s: float = 0.0
+    """Host-side cost of an eager expert-parallel layer (reading the split sizes), spent by
+    every rank between its gate and its dispatch (the device profile's
+    ``ep_host_overhead_us``; 0 with one expert-parallel rank or CUDA graphs)."""
     a2a: A2AAlgorithm = "direct"
     """All-to-all algorithm: direct or hierarchical (see moesim.engine.exchange)."""
     topology: Topology | None = None
@@ -327,7 +331,7 @@ def run_layer(
             t0 = env.now
             gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
             gate += rf.routing_s(n_tok, m.experts, m.top_k)
-            yield env.timeout(gate + rf.gather_s(slots, m.d_model))
+            yield env.timeout(gate + rf.gather_s(slots, m.d_model) + costs.ep_host_overhead_s)
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
         dispatch.send(src)
