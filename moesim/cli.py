@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--start-rate", type=float, help="first rate tried (default: the file's)")
     cap.add_argument("--max-rate", type=float, default=1e4, help="stop growing at this rate")
     cap.add_argument("--tolerance", type=float, default=0.05, help="relative bracket width")
+    cap.add_argument(
+        "--seeds", type=int, default=1, help="arrival samples a rate must pass (worst counts)"
+    )
     cap.add_argument("--json", action="store_true", help="print the probes as JSON")
 
     im = sub.add_parser(
@@ -363,8 +366,11 @@ def _show(args: argparse.Namespace) -> int:
 def _capacity(args: argparse.Namespace) -> int:
     from moesim.sweep.capacity import Probe, capacity_table, find_capacity
 
-    if not 0 < args.target <= 1 or args.tolerance <= 0:
-        print("moesim: --target must be in (0, 1] and --tolerance > 0", file=sys.stderr)
+    if not 0 < args.target <= 1 or args.tolerance <= 0 or args.seeds < 1:
+        print(
+            "moesim: --target must be in (0, 1], --tolerance > 0 and --seeds >= 1",
+            file=sys.stderr,
+        )
         return EXIT_SCENARIO_ERROR
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
 
@@ -385,6 +391,7 @@ def _capacity(args: argparse.Namespace) -> int:
         args.max_rate,
         args.tolerance,
         progress,
+        args.seeds,
     )
     if args.json:
         print(

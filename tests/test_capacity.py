@@ -67,3 +67,14 @@ def test_capacity_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["capacity", str(_file(tmp_path)), "--target", "0.95", "--tolerance", "0.2"]) == 0
     assert "capacity:" in capsys.readouterr().out
     assert main(["capacity", str(_file(tmp_path)), "--target", "2"]) == 2
+
+
+def test_more_seeds_never_raise_capacity(tmp_path: Path) -> None:
+    """A rate must pass every seed: two seeds can only lower (or keep) the capacity."""
+    one = find_capacity(_file(tmp_path), target=0.95, tolerance=0.1)
+    two = find_capacity(_file(tmp_path), target=0.95, tolerance=0.1, seeds=2)
+    assert one.best is not None and two.best is not None
+    assert two.best.rate_per_s <= one.best.rate_per_s * 1.1
+    for p in two.probes:  # the reported probe is the worst seed's
+        if p.feasible:
+            assert p.summary["throughput_tokens_per_s"] >= 0.95 * p.summary["offered_tokens_per_s"]

@@ -83,9 +83,15 @@ def test_layer_energy_is_the_integral_of_power_over_the_timeline() -> None:
         expected += dur * (p.compute_w if iv.name == "experts" else p.memory_w)
     expected += (rec.time_s - busy) * p.idle_w
     energy = result.summary["energy"]
-    assert energy["energy_j"] == pytest.approx(expected, rel=1e-8)
-    assert energy["average_power_w"] == pytest.approx(expected / rec.time_s, rel=1e-8)
-    assert energy["energy_per_token_j"] == pytest.approx(expected / 16384, rel=1e-8)
+    assert energy["energy_j_by_component"]["devices"] == pytest.approx(expected, rel=1e-8)
+    # the host: one GPU's share of a DGX H100's CPU sockets, 700 W / 8, over the layer
+    host = result.system.topology.host_spec.power_busy_w
+    assert host == 87.5
+    assert energy["energy_j_by_component"]["hosts"] == pytest.approx(host * rec.time_s)
+    total = expected + host * rec.time_s
+    assert energy["energy_j"] == pytest.approx(total, rel=1e-8)
+    assert energy["average_power_w"] == pytest.approx(total / rec.time_s, rel=1e-8)
+    assert energy["energy_per_token_j"] == pytest.approx(total / 16384, rel=1e-8)
 
 
 def test_all_idle_timeline_costs_idle_power_only() -> None:
@@ -101,7 +107,9 @@ def test_zero_load_serving_costs_idle_power_only() -> None:
     energy = result.summary["energy"]
     assert result.summary["arrived_requests"] == 0
     idle_w = device_power(accelerator("h100-sxm")).idle_w
-    assert energy["energy_j"] == pytest.approx(idle_w * 1 * 2.0, rel=1e-8)
+    host_w = result.system.topology.host_spec.power_busy_w  # no idle figure: charged all along
+    assert energy["energy_j_by_component"]["devices"] == pytest.approx(idle_w * 2.0, rel=1e-8)
+    assert energy["energy_j"] == pytest.approx((idle_w + host_w) * 2.0, rel=1e-8)
     assert all(energy["energy_j_by_state"][s] == 0 for s in STATES if s != "idle")
     assert energy["energy_per_token_j"] is None
 
@@ -275,12 +283,16 @@ def test_two_device_layer_energy_is_the_integral_over_every_device_timeline() ->
     )
     energy = result.summary["energy"]
     assert {iv.device for iv in tl.intervals} == {0, 1}
-    assert energy["energy_j"] == pytest.approx(expected, rel=1e-8)
+    assert energy["energy_j_by_component"]["devices"] == pytest.approx(expected, rel=1e-8)
+    host_w = result.system.topology.host_spec.power_busy_w  # 2 of a DGX host's 8 GPU shares
+    assert host_w == 175.0
+    assert energy["energy_j"] == pytest.approx(expected + host_w * rec.time_s, rel=1e-8)
     seconds = energy["device_seconds_by_state"]
     assert sum(seconds.values()) == pytest.approx(devices * rec.time_s, rel=1e-8)
     assert seconds["communicating"] == pytest.approx(comm, rel=1e-8)
     comp = energy["energy_j_by_component"]
-    assert comp["hosts"] == 0 and comp["switches"] == 0 and comp["network_links"] == 0
+    assert comp["hosts"] == pytest.approx(175.0 * rec.time_s, rel=1e-8)
+    assert comp["switches"] == 0 and comp["network_links"] == 0
 
 
 def test_serving_energy_is_the_integral_over_the_iterations() -> None:
@@ -304,7 +316,9 @@ def test_serving_energy_is_the_integral_over_the_iterations() -> None:
         assert energy["energy_j_by_state"][state] == pytest.approx(
             seconds[state] * w[state], rel=1e-8
         )
-    assert energy["energy_j"] == pytest.approx(sum(energy["energy_j_by_state"].values()))
+    comp = energy["energy_j_by_component"]
+    assert comp["devices"] == pytest.approx(sum(energy["energy_j_by_state"].values()))
+    assert energy["energy_j"] == pytest.approx(sum(comp.values()))
     # energy covers the whole run, and so do its counts (named apart from the top-level,
     # measured-request counts): every request of 8 output tokens finished
     r = result.records.requests

@@ -244,11 +244,31 @@ def test_changing_a_kind_by_set_explains_the_leftover_fields() -> None:
     from moesim.loader import load_scenario
 
     try:
-        load_scenario(
-            "scenarios/quickstart.yaml", ["routing.kind=dirichlet", "routing.alpha=0.3"]
-        )
+        load_scenario("scenarios/quickstart.yaml", ["routing.kind=dirichlet", "routing.alpha=0.3"])
     except ScenarioError as exc:
         text = exc.render()
     else:
         raise AssertionError("a leftover zipf field passed")
     assert "routing.s: unknown key" in text and "replace the whole mapping" in text
+
+
+def test_a_typo_in_a_preset_override_points_at_the_users_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cluster of kind 'nodes' also has a field 'nodes': the union tag must not be taken
+    for the field (the error once pointed into the catalog file)."""
+    from moesim.errors import ScenarioError
+    from moesim.loader import load_scenario
+
+    body = "name: x\ncluster: {{preset: dgx-h100, {}}}\nmodel: mixtral-8x7b\nparallelism: {{dp: 8, ep: 8}}\nworkload: {{kind: layer, tokens: 64}}\n"
+    for field, expected in (
+        ("nodez: 2", "cluster.nodez: unknown key (did you mean 'nodes'?)"),
+        ("nodes: 0", "cluster.nodes: must be >= 1, got 0"),
+    ):
+        f = tmp_path / "s.yaml"
+        f.write_text(body.format(field))
+        try:
+            load_scenario(f)
+        except ScenarioError as exc:
+            text = exc.render()
+        else:
+            raise AssertionError(field)
+        assert "s.yaml:2:" in text and expected in text and "catalog" not in text

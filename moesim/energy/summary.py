@@ -135,6 +135,9 @@ def energy_lines(summary: dict[str, Any]) -> str:
         per_txt = f"  {per:.4g} J/token" if per >= 1 else f"  {per * 1e3:.4g} mJ/token"
     if e.get("energy_per_request_j") is not None:
         per_txt += f"  {e['energy_per_request_j']:.4g} J/request"
+    useful = e.get("energy_per_useful_token_j")
+    if useful is not None:  # a training run: failures, checkpoints and waits included
+        per_txt += f"  (run: {useful * 1e3:.4g} mJ per useful token)"
     w = e["power_w"]
     basis = e["power_source"].split(";")[0]
     comp = e.get("energy_j_by_component", {})

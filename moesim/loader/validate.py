@@ -79,15 +79,24 @@ def _data_path(loc: tuple[int | str, ...], data: Any) -> Path:
     """Drop pydantic's union-member tags from an error loc, keeping real data keys."""
     out: list[str | int] = []
     node = data
+    tagged: set[int] = set()
     for part in loc:
+        if (
+            isinstance(node, dict)
+            and isinstance(part, str)
+            and node.get("kind") == part
+            and id(node) not in tagged
+        ):
+            # a discriminated-union tag (checked first: a cluster of kind "nodes" also has
+            # a field "nodes"); the same name once more is the field
+            tagged.add(id(node))
+            continue
         if isinstance(node, dict) and part in node:
             out.append(part)
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             out.append(part)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and node.get("kind") == part:
-            continue  # discriminated-union tag
         elif isinstance(part, str) and (part.startswith("function-") or "[" in part):
             continue
         else:

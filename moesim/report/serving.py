@@ -204,8 +204,29 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
     if w.slo is not None:
         summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
         summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
-    summary["notes"] = sample_notes(summary["completed_requests"])
+    summary["notes"] = sample_notes(summary["completed_requests"]) + window_notes(summary)
     return summary
+
+
+def window_notes(summary: dict[str, Any]) -> list[str]:
+    """Warnings when the measurement window cannot show steady state."""
+    notes = []
+    offered = summary.get("offered_tokens_per_s") or 0.0
+    achieved = summary.get("throughput_tokens_per_s") or 0.0
+    window = summary.get("measured_window_s") or 0.0
+    e2e = (summary.get("e2e_ms") or {}).get("p50")
+    if e2e is not None and window and e2e / 1e3 > window / 3:
+        notes.append(
+            f"the measurement window ({window:.3g} s) is under 3x the median end-to-end "
+            f"latency ({e2e / 1e3:.3g} s): throughput and tails describe the start-up, not "
+            "steady state; lengthen duration_s"
+        )
+    if offered > 0 and achieved < 0.9 * offered:
+        notes.append(
+            f"throughput over the window is {achieved / offered:.0%} of the offered load: "
+            "the server falls behind (a queue builds), or the window is too short"
+        )
+    return notes
 
 
 #: below this many completed requests a p99 rests on a single request or none
