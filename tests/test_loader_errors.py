@@ -272,3 +272,16 @@ def test_a_typo_in_a_preset_override_points_at_the_users_line(tmp_path) -> None:
         else:
             raise AssertionError(field)
         assert "s.yaml:2:" in text and expected in text and "catalog" not in text
+
+
+def test_unknown_keys_from_set_are_located_at_the_set() -> None:
+    from moesim.errors import ScenarioError
+    from moesim.loader import load_scenario
+
+    try:
+        load_scenario("scenarios/quickstart.yaml", ["nosuch.field=1"])
+    except ScenarioError as exc:
+        text = exc.render()
+    else:
+        raise AssertionError("an unknown section passed")
+    assert "--set nosuch.field=1: nosuch: unknown key" in text

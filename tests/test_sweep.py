@@ -140,8 +140,9 @@ def test_bad_point_is_located_at_the_sweep_key(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError) as exc:
         run_sweep(_files(tmp_path, bad), out=tmp_path / "out")
     text = exc.value.render()
-    assert "sweep.yaml:4:3: point 3 (routing.s=-1, policies.capacity_factor=1.0)" in text
-    assert "routing.s: must be >= 0.0, got -1" in text and text.count("sweep.yaml:4:3") == 3
+    # one issue for the bad value, naming the three points it hits
+    assert "sweep.yaml:4:3: 3 points: point 3, point 4, point 5" in text
+    assert "routing.s: must be >= 0.0, got -1" in text and text.count("sweep.yaml:4:3") == 1
     assert not (tmp_path / "out").exists()  # nothing runs until every point is valid
     # a problem in the base scenario keeps its own location
     with pytest.raises(ScenarioError) as exc:

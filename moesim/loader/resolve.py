@@ -151,6 +151,8 @@ def apply_overrides(
             for p in [p for p in positions if p[: len(parts)] == tuple(parts)]:
                 del positions[p]
             positions[tuple(parts)] = loc
+            for depth in range(1, len(parts)):  # keys the --set created are located there
+                positions.setdefault(tuple(parts[:depth]), loc)
     if issues:
         raise ScenarioError(issues)
 

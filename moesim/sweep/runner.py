@@ -79,8 +79,21 @@ def plan(cfg: SweepConfig, base: Path, positions: Positions, file: str) -> list[
                     Issue(_sweep_location(i, positions), f"point {p.index} ({point})", str(i))
                 )
     if issues:
-        unique = {str(i): i for i in issues}
-        raise ScenarioError(list(unique.values()))
+        # one issue per place and problem, naming every point it hits
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for i in issues:
+            key = (str(i.location), i.message)
+            grouped.setdefault(key, []).append(i.path)
+        out = []
+        for (_, message), points in grouped.items():
+            first = next(i for i in issues if i.message == message)
+            label = (
+                points[0]
+                if len(points) == 1
+                else f"{len(points)} points: {', '.join(p.split(' (')[0] for p in points)}"
+            )
+            out.append(Issue(first.location, label, message))
+        raise ScenarioError(out)
     return out
 
 
