@@ -84,7 +84,7 @@ def plan(cfg: SweepConfig, base: Path, positions: Positions, file: str) -> list[
         for i in issues:
             key = (str(i.location), i.message)
             grouped.setdefault(key, []).append(i.path)
-        out = []
+        merged: list[Issue] = []
         for (_, message), points in grouped.items():
             first = next(i for i in issues if i.message == message)
             label = (
@@ -92,8 +92,8 @@ def plan(cfg: SweepConfig, base: Path, positions: Positions, file: str) -> list[
                 if len(points) == 1
                 else f"{len(points)} points: {', '.join(p.split(' (')[0] for p in points)}"
             )
-            out.append(Issue(first.location, label, message))
-        raise ScenarioError(out)
+            merged.append(Issue(first.location, label, message))
+        raise ScenarioError(merged)
     return out
 
 
