@@ -439,7 +439,9 @@ def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) 
     work: State = _product_state(rf, w.seq_len * w.micro_batch_sequences, m.d_model, m.d_model)
     busy: list[tuple[int, State, float]] = []
     for stage, cost in enumerate(rec.stages):
-        comm = min(w.microbatches * (cost.a2a_s + cost.tp_s), float(busy_stage[stage]))
+        comm = min(
+            w.microbatches * (cost.a2a_s + cost.tp_s + cost.gather_s), float(busy_stage[stage])
+        )
         for local in range(layout.stage_ranks):
             d = layout.device(stage, local)
             busy.append((d, work, float(busy_stage[stage]) - comm))

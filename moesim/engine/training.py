@@ -49,6 +49,8 @@ class BlockCost:
     """All-to-all time inside fwd + bwd."""
     tp_s: float
     """Tensor-parallel collective time inside fwd + bwd."""
+    gather_s: float = 0.0
+    """ZeRO-3 parameter all-gathers inside fwd + bwd."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class StageCost:
     a2a_s: float
     tp_s: float
     p2p_s: float
+    gather_s: float = 0.0
+    """ZeRO-3 parameter all-gathers inside fwd + bwd."""
 
 
 @dataclass
@@ -162,7 +166,7 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
         if w.recompute == "full":
             bwd += fwd
         g = gather[kind]
-        out[kind] = BlockCost(fwd + g, bwd + g, a2a, tp + 2 * g)
+        out[kind] = BlockCost(fwd + g, bwd + g, a2a, tp, 2 * g)
     return out
 
 
@@ -196,7 +200,14 @@ def stage_costs(
             bw = float(system.paths.bandwidth_gbps[path].min()) * 1e9 if len(path) else math.inf
             p2p = act_bytes / bw + system.paths.latency_s(src, dst)
         out.append(
-            StageCost(fwd, bwd, sum(b.a2a_s for b in picked), sum(b.tp_s for b in picked), p2p)
+            StageCost(
+                fwd,
+                bwd,
+                sum(b.a2a_s for b in picked),
+                sum(b.tp_s for b in picked),
+                p2p,
+                sum(b.gather_s for b in picked),
+            )
         )
     return out
 

@@ -28,12 +28,14 @@ def training_summary(system: System, w: TrainingWorkload, rec: TrainingRecords) 
     busy = w.microbatches * (stage0.fwd_s + stage0.bwd_s)
     comm_a2a = w.microbatches * stage0.a2a_s
     comm_tp = w.microbatches * stage0.tp_s
-    compute = busy - comm_a2a - comm_tp
+    gather = w.microbatches * stage0.gather_s
+    compute = busy - comm_a2a - comm_tp - gather
     bubble = rec.pipeline_s - busy
     breakdown = {
         "compute": _ms(compute),
         "all_to_all": _ms(comm_a2a),
         "all_reduce": _ms(comm_tp + rec.grad_sync_s),
+        "zero_gather": _ms(gather),
         "pipeline_bubble": _ms(bubble),
         "other": _ms(rec.optimizer_s),
     }
