@@ -907,3 +907,25 @@ def test_a_statically_duplicate_failure_is_a_located_error(write: Any) -> None:
     assert err.endswith("at the same time")
     repaired = two + "  recovery: {repair_s: 60}\n"
     assert load_scenario(write("ok.yaml", repaired)).failures is not None
+
+
+def test_service_availability_is_the_time_not_stalled() -> None:
+    """A failure noticed after detect_s stalls every rank until then, and the other ranks
+    serve on: service availability = 1 - detect_s / run time (closed form)."""
+    import moesim
+
+    s = moesim.load_scenario(
+        "scenarios/mixtral-serving-failure-dgx-h100.yaml",
+        [
+            "workload.duration_s=6",
+            "workload.warmup_s=1",
+            "failures.devices=[{kind: scheduled, device: 3, at_s: 2}]",
+            "failures.links=[]",
+            "failures.stragglers=[]",
+            "failures.recovery.detect_s=0.5",
+        ],
+    )
+    summary = moesim.run(s).summary
+    f = summary["failures"]
+    assert f["service_availability"] == pytest.approx(1 - 0.5 / summary["simulated_s"], abs=1e-5)
+    assert f["service_availability"] > f["full_capacity"]

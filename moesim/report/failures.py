@@ -4,7 +4,9 @@ Serving (pure functions of :class:`moesim.engine.serving.ServingRecords`; only e
 before the run stopped, ``simulated_s``, count):
 
 - ``availability``: time-average share of devices up over the run; ``full_capacity``:
-  share of the time with every device up;
+  share of the time with every device up; ``service_availability``: share of the time the
+  server could make progress (no failure waiting to be noticed, which stalls every rank,
+  and at least one data-parallel rank with all its devices up);
 - ``windows``: each device failure from its failure to its recovery (or the end of the
   run), each straggler and each link event over its own span, as ``start_s``, ``end_s``,
   ``kind`` (device_failure, straggler, link) and ``what``, with the measured requests
@@ -70,6 +72,20 @@ def _availability(plan: FailurePlan, devices: int, end_s: float) -> tuple[float,
         up += (b - a) * (devices - len(st.dead)) / devices
         full += (b - a) * (not st.dead)
     return (up / end_s, full / end_s) if end_s > 0 else (1.0, 1.0)
+
+
+def _service_availability(plan: FailurePlan, dp: int, tp: int, end_s: float) -> float:
+    """Share of ``[0, end_s)`` in which the server can serve: nothing stalled waiting for
+    detection and some DP rank (its ``tp`` devices) entirely up."""
+    serving = 0.0
+    for a, b, st in plan.spans():
+        b = min(b, end_s)
+        if b <= a:
+            continue
+        dead_ranks = {d // tp for d in st.dead}
+        if not st.stalled and len(dead_ranks) < dp:
+            serving += b - a
+    return serving / end_s if end_s > 0 else 1.0
 
 
 def failure_windows(plan: FailurePlan, end_s: float) -> list[tuple[float, float, str, str]]:
@@ -186,6 +202,7 @@ def serving_failures_summary(system: System, rec: ServingRecords) -> dict[str, A
     end = rec.end_s
     devices = len(system.topology.devices)
     avail, full = _availability(plan, devices, end)
+    service = _service_availability(plan, s.parallelism.dp, s.parallelism.tp, end)
     r, it = rec.requests, rec.iterations
     mask = measured_mask(rec, w.warmup_s)
     lat = latencies_s(rec)
@@ -229,6 +246,7 @@ def serving_failures_summary(system: System, rec: ServingRecords) -> dict[str, A
         ],
         "availability": _r(avail),
         "full_capacity": _r(full),
+        "service_availability": _r(service),
         "recovery": s.failures.recovery.on_expert_loss if s.failures else None,
         "replicas": _replica_count(system),
         "moe_slots": {
@@ -393,7 +411,8 @@ def failures_lines(summary: dict[str, Any]) -> str:
         return "\n".join(
             [
                 f"failures         {f['device_failures']} device failure(s); availability "
-                f"{_pct(f['availability'])} (all devices up {_pct(f['full_capacity'])}); "
+                f"{_pct(f['availability'])} (all devices up {_pct(f['full_capacity'])}, "
+                f"serving {_pct(f['service_availability'])}); "
                 f"recovery {f['recovery']} ({f['replicas']} replicas)",
                 f"  events         {shown or 'none'}",
                 f"  moe slots      failed over {_num(slots['failed_over'], '.0f')}, rerouted "
