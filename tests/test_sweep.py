@@ -211,3 +211,26 @@ def test_running_a_sweep_file_as_a_scenario_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(ScenarioError, match="moesim sweep"):
         load_scenario(_files(tmp_path))
+
+
+def test_serving_points_share_layer_costs_without_changing_results(tmp_path: Path) -> None:
+    """A rate sweep run in one process shares the MoE layer costs of points that differ
+    only in their workload: the same summaries as running each point alone."""
+    from moesim.api import run
+    from moesim.loader import load_scenario
+    from moesim.sweep.runner import _run_point
+
+    base = Path(__file__).parent.parent / "scenarios" / "mixtral-serving-dgx-h100.yaml"
+    short = ("workload.duration_s=3", "workload.warmup_s=1")
+    costs: dict[str, object] = {}
+    shared = [
+        _run_point(str(base), (*short, f"workload.arrival.rate_per_s={r}"), costs)[0]
+        for r in (10, 40)
+    ]
+    assert len(costs) == 1  # one layer cost served both rates
+    for r, summary in zip((10, 40), shared):
+        alone = run(load_scenario(base, [*short, f"workload.arrival.rate_per_s={r}"])).summary
+        # the shared memo counts every bucket it has simulated, for either rate
+        summary["events"].pop("moe_cost_evaluations")
+        alone["events"].pop("moe_cost_evaluations")
+        assert summary == alone

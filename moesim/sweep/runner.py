@@ -138,13 +138,32 @@ def _check_metrics(
         raise ScenarioError(issues)
 
 
-def _run_point(base: str, overrides: tuple[str, ...]) -> tuple[dict[str, Any], float]:
-    """One point's summary and wall time (runs in a worker process)."""
+#: the sections an MoE layer's cost depends on: serving points that agree on them (a rate
+#: sweep) can share one memoized layer cost
+LAYER_COST_KEYS = ("seed", "cluster", "model", "routing", "parallelism", "policies")
+
+
+def _run_point(
+    base: str, overrides: tuple[str, ...], costs: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], float]:
+    """One point's summary and wall time (runs in a worker process). ``costs`` memoizes
+    serving points' MoE layer costs by the sections they depend on (in-process runs)."""
     from moesim.api import run
+    from moesim.config.serving import ServingWorkload
+    from moesim.engine.layer_cost import MoELayerCost
     from moesim.loader import load_scenario
+    from moesim.system import build_system
 
     t0 = time.perf_counter()
-    result = run(load_scenario(base, list(overrides)))
+    scenario = load_scenario(base, list(overrides))
+    moe_cost = None
+    if costs is not None and isinstance(scenario.workload, ServingWorkload):
+        dump = scenario.model_dump(mode="json", include=set(LAYER_COST_KEYS))
+        key = hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+        if key not in costs:
+            costs[key] = MoELayerCost(build_system(scenario))
+        moe_cost = costs[key]
+    result = run(scenario, moe_cost=moe_cost)
     return result.summary, time.perf_counter() - t0
 
 
@@ -153,8 +172,9 @@ Done = tuple[Point, str, dict[str, Any], float]
 
 
 def _in_process(base: str, jobs: list[Job], workers: int) -> Iterator[Done]:
+    costs: dict[str, Any] = {}  # shared MoE layer costs, for this sweep only
     for p, digest in jobs:
-        summary, wall = _run_point(base, p.overrides)
+        summary, wall = _run_point(base, p.overrides, costs)
         yield p, digest, summary, wall
 
 
