@@ -33,6 +33,11 @@ class _Common(Frozen):
     """Shuffle which expert ids get which popularity (seeded), instead of expert 0 hottest."""
     drift: DriftConfig | None = None
     """Make the popularity drift over time (see DriftConfig); null = fixed popularity."""
+    layers: Literal["same", "independent"] = "same"
+    """same: every MoE layer routes with one popularity; independent: each MoE layer has
+    its own (its own Dirichlet draw, or its own seeded shuffle of the Zipf / hot ranking;
+    uniform stays uniform), as trained routers differ by layer. Layer costs then average
+    routing samples spread over the layers; offloading uses each layer's own."""
 
 
 class UniformRouting(_Common):

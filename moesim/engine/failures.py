@@ -77,7 +77,6 @@ from moesim.engine.layer_cost import LayerSample, MoELayerCost, bucket_points
 from moesim.engine.layer_workload import simulate_routed_layer
 from moesim.engine.moe_layer import LayerRouting, route_layer
 from moesim.layout import Layout
-from moesim.routing.distributions import popularity
 from moesim.system import System
 from moesim.topology.graph import Topology
 from moesim.topology.paths import PathTable
@@ -490,8 +489,6 @@ class FailedMoECost(MoELayerCost):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        s = self.system.scenario
-        self._pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
         lay = self.system.layout
         assert isinstance(lay, FailedLayout)
         self._lay = lay
@@ -518,7 +515,8 @@ class FailedMoECost(MoELayerCost):
         over, rerouted and lost."""
         lay = self._lay
         e_real = lay.experts_real
-        base = self._route(tokens, i, self._pop)
+        sample_pop = self.sample_popularity(i, self.samples_for(tokens))
+        base = self._route(tokens, i, sample_pop)
         rows = {
             g: np.array([r for r in range(lay.stage_ranks) if lay.edp_group(r) == g])
             for g in range(lay.edp)
@@ -537,7 +535,7 @@ class FailedMoECost(MoELayerCost):
             r = rows[g]
             on_dead = int(base.counts[np.ix_(r, gone)].sum())
             if self.mode == "reroute":
-                pop = self._pop.copy()
+                pop = sample_pop.copy()
                 pop[gone] = 0.0
                 again = self._route(tokens, i, pop / pop.sum()) if pop.sum() > 0 else base
                 counts[r, :e_real] = again.counts[r]
@@ -572,7 +570,7 @@ class FailedMoECost(MoELayerCost):
         times, drops, comms, overs, rers, losts = [], [], [], [], [], []
         from moesim.engine.moe_layer import critical_path
 
-        for i in range(self.samples):
+        for i in range(self.samples_for(tokens)):
             routing, over, rer, lost = self.route(tokens, i)
             rec = simulate_routed_layer(self.system, routing)
             path = critical_path(rec.timeline)

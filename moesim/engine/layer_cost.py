@@ -23,7 +23,7 @@ import numpy as np
 from moesim import rng
 from moesim.engine.layer_workload import simulate_routed_layer
 from moesim.engine.moe_layer import critical_path, route_layer
-from moesim.routing.distributions import popularity
+from moesim.routing.distributions import layer_popularities
 from moesim.system import System
 
 EXACT_UP_TO = 64
@@ -68,11 +68,25 @@ class MoELayerCost:
 
     def __post_init__(self) -> None:
         s = self.system.scenario
-        self._popularity = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+        self._pops = layer_popularities(
+            s.routing,
+            s.model.experts,
+            len(s.model.moe_layer_indices),
+            rng.stream(s.seed, "popularity"),
+        )
+        self._popularity = self._pops[0]
+        self._per_layer = s.routing.layers == "independent" and len(self._pops) > 1
 
     def samples_for(self, tokens: int) -> int:
-        """Routing samples averaged for a bucket of ``tokens`` tokens."""
-        return max(1, min(self.samples, math.ceil(SAMPLE_TOKENS / max(1, tokens))))
+        """Routing samples averaged for a bucket of ``tokens`` tokens (more when the layers
+        route differently: they are spread over the layers)."""
+        wanted = max(self.samples, min(8, len(self._pops))) if self._per_layer else self.samples
+        return max(1, min(wanted, math.ceil(SAMPLE_TOKENS / max(1, tokens))))
+
+    def sample_popularity(self, i: int, n: int) -> np.ndarray:
+        """The popularity of routing sample ``i`` of ``n``: one layer's, the samples spread
+        evenly over the MoE layers (all alike unless ``routing.layers`` is independent)."""
+        return self._pops[(i * len(self._pops)) // max(1, n)]
 
     @property
     def evaluations(self) -> int:
@@ -83,10 +97,11 @@ class MoELayerCost:
         if tokens not in self._cache:
             s = self.system.scenario
             times, drops, comms, links = [], [], [], []
-            for i in range(self.samples_for(tokens)):
+            n = self.samples_for(tokens)
+            for i in range(n):
                 routing = route_layer(
                     rng.stream(s.seed, "layer-cost", tokens, i),
-                    self._popularity,
+                    self.sample_popularity(i, n),
                     self.system.layout,
                     tokens,
                     s.model,

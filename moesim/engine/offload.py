@@ -103,7 +103,7 @@ from moesim.derived.serving_memory import (
     serving_memory,
 )
 from moesim.engine.iteration_cost import IterationTime
-from moesim.routing.distributions import popularity, popularity_at
+from moesim.routing.distributions import layer_popularities, popularity_at
 from moesim.system import System
 from moesim.topology.graph import rate
 
@@ -173,7 +173,7 @@ def touched_experts(
     sampled tokens; exact as ``p_e -> 0``), so it is touched by the remaining ``n`` tokens
     with probability ``1 - (1 - pi_e)^n``, drawn independently per expert.
     """
-    experts = p.shape[0]
+    experts = p.shape[-1]
     out = np.zeros((layers, experts), dtype=bool)
     k = min(top_k, experts)
     if tokens <= 0 or layers <= 0:
@@ -181,7 +181,8 @@ def touched_experts(
     if k == experts:
         out[:] = True
         return out
-    pf = p.astype(np.float64)
+    # one popularity for every layer, or one row per layer
+    pl = np.broadcast_to(p.astype(np.float64), (layers, experts))
     todo = np.arange(layers)
     done = 0
     exact = min(tokens, EXACT_TOKENS)
@@ -190,11 +191,13 @@ def touched_experts(
     while done < exact and todo.size:
         n = min(chunk, exact - done)
         e = gen.standard_exponential((todo.size, n, experts))
-        w = pf / np.maximum(e, np.finfo(float).tiny)
+        pt = pl[todo][:, None, :]
+        w = pt / np.maximum(e, np.finfo(float).tiny)
         top = np.argpartition(-w, k - 1, axis=2)[:, :, :k]
         if tokens > exact:  # removed mass before each slot, in choice order
             order = np.argsort(-np.take_along_axis(w, top, axis=2), axis=2)
-            chosen = pf[np.take_along_axis(top, order, axis=2)]
+            ranked = np.take_along_axis(top, order, axis=2)
+            chosen = np.take_along_axis(np.broadcast_to(pt, w.shape), ranked, axis=2)
             removed = np.cumsum(chosen, axis=2) - chosen
             boost.append(float((1.0 / np.maximum(1.0 - removed, 1e-12)).sum(axis=2).mean()))
         flat = top.reshape(todo.size, -1)
@@ -207,7 +210,7 @@ def touched_experts(
         chunk *= 2
     if tokens > exact and todo.size:
         factor = float(np.mean(boost)) if boost else float(k)
-        pi = np.minimum(1.0, pf * factor)
+        pi = np.minimum(1.0, pl[todo] * factor)
         hit = 1.0 - (1.0 - pi) ** (tokens - exact)
         draw = gen.random((todo.size, experts)) < hit
         out[todo] |= draw
@@ -269,12 +272,13 @@ class Partitioned:
     first ``slots % blocks`` blocks one more), each block's part a :class:`Tier` of its
     experts; ``static`` pins each block's hottest experts in its part."""
 
-    def __init__(self, policy: str, slots: int, blocks: int, experts: int, hot: list[int]):
+    def __init__(self, policy: str, slots: int, blocks: int, experts: int, hot: list[list[int]]):
+        """``hot[j]``: block ``j``'s experts (of this device), hottest first."""
         self.experts = experts
         self.parts: list[Tier] = []
         for j in range(blocks):
             n = slots // blocks + (1 if j < slots % blocks else 0)
-            order = [j * experts + e for e in hot]
+            order = [j * experts + e for e in hot[j]]
             self.parts.append(Tier(policy, n, order[:n] if policy == "static" else [], order))
 
     def __contains__(self, key: int) -> bool:
@@ -334,13 +338,16 @@ class ExpertOffload:
         self.mem: ServingMemory = serving_memory(m, p, s.cluster.accelerator, cfg)
         self.expert_bytes = float(self.mem.expert_bytes)
         self.rates = tier_rates(s, cfg.host_memory)
-        self.base = popularity(s.routing, m.experts, rng.stream(s.seed, "popularity"))
+        # each MoE block's popularity (all alike unless routing.layers is independent)
+        self.base = layer_popularities(
+            s.routing, m.experts, len(m.moe_layer_indices), rng.stream(s.seed, "popularity")
+        )
         self.gen = rng.stream(s.seed, "offload", 0)
         self.guess = rng.stream(s.seed, "offload", 1)
         n_moe = len(self.moe_layers)
         self.owned = [system.layout.local_experts(r) for r in range(p.ep)]
         slots = self.mem.cache_experts or 0
-        hot = np.argsort(-self.base, kind="stable")
+        hot = np.argsort(-self.base, axis=1, kind="stable")  # per block, hottest first
         per_device_dram = (
             None if cfg.dram_gib is None else cfg.dram_gib * GIB / devices_per_host(s.cluster)
         )
@@ -351,7 +358,7 @@ class ExpertOffload:
         self.dram: list[Partitioned | None] = []
         for r in range(p.ep):
             own = set(self.owned[r].tolist())
-            mine = [int(e) for e in hot if int(e) in own]
+            mine = [[int(e) for e in row if int(e) in own] for row in hot]
             self.hbm.append(Partitioned(cfg.policy, slots, n_moe, m.experts, mine))
             self.dram.append(
                 None

@@ -45,15 +45,35 @@ def popularity(cfg: RoutingConfig, experts: int, rng: np.random.Generator) -> np
     return p
 
 
+def layer_popularities(
+    cfg: RoutingConfig, experts: int, layers: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Each MoE layer's popularity (``layers x experts``, rows sum to 1). Row 0 is
+    :func:`popularity` drawn from the same stream; with ``cfg.layers == "independent"``
+    the other rows are further Dirichlet draws, or seeded shuffles of row 0's values for
+    the ranked kinds; otherwise every row is row 0."""
+    first = popularity(cfg, experts, rng)
+    n = max(1, layers)
+    if cfg.layers == "same" or n == 1:
+        return np.tile(first, (n, 1))
+    rows = [first]
+    for _ in range(1, n):
+        if isinstance(cfg, DirichletRouting):
+            rows.append(rng.dirichlet(np.full(experts, cfg.alpha)))
+        else:
+            rows.append(first[rng.permutation(experts)])
+    return np.vstack(rows)
+
+
 def drifted(p: np.ndarray, shift: float) -> np.ndarray:
     """``p`` rotated by ``shift`` experts (fractional shifts interpolate between the two
     neighbouring whole rotations): expert ``e`` gets the weight of expert ``e - shift``."""
     whole = math.floor(shift)
     frac = shift - whole
-    a = np.roll(p, whole)
+    a = np.roll(p, whole, axis=-1)
     if frac == 0.0:
         return a
-    return (1.0 - frac) * a + frac * np.roll(p, whole + 1)
+    return (1.0 - frac) * a + frac * np.roll(p, whole + 1, axis=-1)
 
 
 def popularity_at(cfg: RoutingConfig, p: np.ndarray, time_s: float) -> np.ndarray:
