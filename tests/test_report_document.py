@@ -66,3 +66,13 @@ def test_run_report_flag(tmp_path: Path) -> None:
     text = (run_dir / "report.md").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"| `dropped_tokens` | {summary['dropped_tokens']} |" in text
+
+
+def test_summary_fields_and_numbers() -> None:
+    from moesim.report.fields import number, scalars
+
+    s = {"a": 1, "b": {"c": 2.5, "d": [1, 2]}, "energy": {"j": 3.0}, "n": None}
+    assert list(scalars(s, skip=("energy",))) == [("a", 1), ("b.c", 2.5), ("n", None)]
+    assert dict(scalars(s))["energy.j"] == 3.0
+    assert number(0.000123) == "1.230e-04" and number(12.3456) == "12.35"
+    assert number(7) == "7" and number(None) == "-" and number(True) == "True"

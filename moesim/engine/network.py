@@ -82,23 +82,21 @@ class FlowNetwork:
 
         ``extra_latency_s`` is a fixed cost added to every flow's delivery (a collective's
         launch and synchronisation, as measured)."""
+        out, remote = self._delivery_events(flows)
         if self.bulk:
-            return self._transfer_batched(flows, extra_latency_s)
+            if remote and not self._pending:
+                self.env.timeout(0).callbacks.append(self._flush_batch)
+            self._pending += [(s, d, b, extra_latency_s, ev) for s, d, b, ev in remote]
+            return out
         self._advance()
-        out = []
         sizes, latencies = [], []
-        for src, dst, nbytes in flows:
-            ev = self.env.event()
-            out.append(ev)
-            if src == dst or nbytes <= 0:
-                ev.succeed()
-                continue
+        for src, dst, nbytes, ev in remote:
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
             self.sent_bytes += nbytes
             self._paths.append(path)
             self._done.append(ev)
-            sizes.append(float(nbytes))
+            sizes.append(nbytes)
             latencies.append(self.paths.latency_s(src, dst) + extra_latency_s)
         if sizes:
             self._remaining = np.concatenate([self._remaining, sizes])
@@ -107,21 +105,21 @@ class FlowNetwork:
             self._reschedule()
         return out
 
-    def _transfer_batched(
-        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float
-    ) -> list[simpy.Event]:
-        """:meth:`transfer_many` in bulk mode: queue the flows for this instant's batch."""
-        out = []
+    def _delivery_events(
+        self, flows: Sequence[tuple[int, int, float]]
+    ) -> tuple[list[simpy.Event], list[tuple[int, int, float, simpy.Event]]]:
+        """One delivery event per flow; local copies and empty flows are delivered now, the
+        others are returned with their events to be priced."""
+        out: list[simpy.Event] = []
+        remote: list[tuple[int, int, float, simpy.Event]] = []
         for src, dst, nbytes in flows:
             ev = self.env.event()
             out.append(ev)
             if src == dst or nbytes <= 0:
                 ev.succeed()
-                continue
-            if not self._pending:
-                self.env.timeout(0).callbacks.append(self._flush_batch)
-            self._pending.append((src, dst, float(nbytes), extra_latency_s, ev))
-        return out
+            else:
+                remote.append((src, dst, float(nbytes), ev))
+        return out, remote
 
     def _flush_batch(self, _: simpy.Event) -> None:
         batch, self._pending = self._pending, []

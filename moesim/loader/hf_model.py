@@ -80,13 +80,18 @@ def _common(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _experts(cfg: Mapping[str, Any], count: str, width: str) -> dict[str, Any]:
+    """Routed experts, top-k and expert width from the architecture's key names."""
+    return {
+        "experts": _get(cfg, count),
+        "top_k": _get(cfg, "num_experts_per_tok"),
+        "expert_d_ff": _get(cfg, width),
+    }
+
+
 def _mixtral(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     out = _common(cfg)
-    out.update(
-        experts=_get(cfg, "num_local_experts"),
-        top_k=_get(cfg, "num_experts_per_tok"),
-        expert_d_ff=_get(cfg, "intermediate_size"),
-    )
+    out.update(_experts(cfg, "num_local_experts", "intermediate_size"))
     _attention(cfg, out["heads"], out["d_model"], out)
     return out
 
@@ -110,9 +115,7 @@ def _sparse_step(cfg: Mapping[str, Any], out: dict[str, Any], notes: list[str]) 
 def _qwen2_moe(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     out = _common(cfg)
     out.update(
-        experts=_get(cfg, "num_experts"),
-        top_k=_get(cfg, "num_experts_per_tok"),
-        expert_d_ff=_get(cfg, "moe_intermediate_size"),
+        **_experts(cfg, "num_experts", "moe_intermediate_size"),
         attention_bias=True,
     )
     shared = cfg.get("shared_expert_intermediate_size") or 0
@@ -126,9 +129,7 @@ def _qwen2_moe(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
 def _qwen3_moe(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     out = _common(cfg)
     out.update(
-        experts=_get(cfg, "num_experts"),
-        top_k=_get(cfg, "num_experts_per_tok"),
-        expert_d_ff=_get(cfg, "moe_intermediate_size"),
+        **_experts(cfg, "num_experts", "moe_intermediate_size"),
         attention_bias=bool(cfg.get("attention_bias", False)),
     )
     _sparse_step(cfg, out, notes)
@@ -143,9 +144,7 @@ def _qwen3_moe(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
 def _deepseek(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     out = _common(cfg)
     out.update(
-        experts=_get(cfg, "n_routed_experts"),
-        top_k=_get(cfg, "num_experts_per_tok"),
-        expert_d_ff=_get(cfg, "moe_intermediate_size"),
+        **_experts(cfg, "n_routed_experts", "moe_intermediate_size"),
         attention="mla",
         kv_lora_rank=_get(cfg, "kv_lora_rank"),
         qk_nope_head_dim=_get(cfg, "qk_nope_head_dim"),
@@ -178,9 +177,7 @@ def _deepseek(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
 def _olmoe(cfg: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     out = _common(cfg)
     out.update(
-        experts=_get(cfg, "num_experts"),
-        top_k=_get(cfg, "num_experts_per_tok"),
-        expert_d_ff=_get(cfg, "intermediate_size"),
+        **_experts(cfg, "num_experts", "intermediate_size"),
         qk_norm=True,
     )
     _attention(cfg, out["heads"], out["d_model"], out)

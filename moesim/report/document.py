@@ -10,37 +10,19 @@ optional decoration: the Markdown tables carry every number.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moesim.report.fields import number, scalars
 from moesim.report.files import write_bytes_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from moesim.api import Result
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}" if v == 0 or 1e-3 <= abs(v) < 1e7 else f"{v:.3e}"
-    return str(v)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Scalars of a nested summary as dotted keys (lists and the energy block left out)."""
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            if key != "energy":
-                yield from _flat(v, key + ".")
-        elif not isinstance(v, list):
-            yield key, v
 
 
 def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("", "")) -> str:
@@ -248,13 +230,15 @@ def write_report(result: Result, run_dir: Path) -> Path:
         "",
         "## Results",
         "",
-        _table([(f"`{k}`", _fmt(v)) for k, v in _flat(s)], ("figure", "value")),
+        _table(
+            [(f"`{k}`", number(v)) for k, v in scalars(s, skip=("energy",))], ("figure", "value")
+        ),
         "",
         *plots.links,
     ]
     energy = s.get("energy")
     if isinstance(energy, dict):
-        rows = [(f"`{k}`", _fmt(v)) for k, v in _flat(energy) if k not in ("power_source",)]
+        rows = [(f"`{k}`", number(v)) for k, v in scalars(energy) if k != "power_source"]
         lines += ["## Energy", "", _table(rows, ("figure", "value")), ""]
         notes = energy.get("notes") or []
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])

@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moesim.report.fields import number
 from moesim.sweep.runner import SweepResult
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if v == 0 or 1e-3 <= abs(v) < 1e6:
-        return f"{v:.4g}"
-    return f"{v:.3e}"
 
 
 def sweep_table(r: SweepResult) -> str:
@@ -26,7 +19,7 @@ def sweep_table(r: SweepResult) -> str:
             "*" if p.index in best else ("x" if not ok else ""),
             str(p.index),
             *(json.dumps(p.values[k]) for k in keys),
-            *(_fmt(row[m]) for m in r.config.metrics),
+            *(number(row[m]) for m in r.config.metrics),
         ]
         for p, row, ok in zip(r.points, r.rows, r.feasible)
     ]

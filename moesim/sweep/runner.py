@@ -28,6 +28,7 @@ from typing import Any
 from moesim.config.sweep import SweepConfig
 from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.yamlpos import Positions
+from moesim.report.fields import scalars
 from moesim.report.files import write_json_atomic, write_text_atomic
 from moesim.sweep.pareto import feasible, front, metric
 from moesim.sweep.points import Point, expand
@@ -117,14 +118,9 @@ def _check_metrics(
     which is kept, instead of yielding an empty column)."""
     import difflib
 
-    def paths(d: dict[str, Any], prefix: str = "") -> Iterator[str]:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from paths(v, f"{prefix}{k}.")
-            elif isinstance(v, int | float) and not isinstance(v, bool):
-                yield f"{prefix}{k}"
-
-    known = list(paths(summary))
+    known = [
+        k for k, v in scalars(summary) if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     issues = []
     for i, m in enumerate(cfg.metrics):
         if metric(summary, m) is None:
