@@ -16,8 +16,8 @@ from moesim import __version__
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
-from moesim.engine.layer_cost import MoELayerCost
-from moesim.engine.layer_workload import LayerRecords, simulate_layer
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.engine.layer_sim import LayerRecords, simulate_layer
 from moesim.engine.serving import ServingRecords, simulate_serving
 from moesim.engine.training import TrainingRecords, simulate_training
 from moesim.report.files import write_json_atomic, write_text_atomic
@@ -25,7 +25,7 @@ from moesim.report.summary import layer_summary
 from moesim.system import System, build_system
 
 if TYPE_CHECKING:
-    from moesim.engine.training_run import TrainingRunRecords
+    from moesim.failures.training_run import TrainingRunRecords
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def run(scenario: Scenario, moe_cost: MoELayerCost | None = None) -> Result:
         records = simulate_training(system, scenario.workload)
         summary = training_summary(system, scenario.workload, records)
         if scenario.workload.duration_s is not None:
-            from moesim.engine.training_run import simulate_training_run
+            from moesim.failures.training_run import simulate_training_run
             from moesim.report.failures import training_failures_summary
 
             training_run = simulate_training_run(system, scenario.workload, records)

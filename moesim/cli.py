@@ -419,8 +419,8 @@ def _capacity(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from moesim.report.sweep import pareto_plot, sweep_table
     from moesim.sweep import run_sweep
+    from moesim.sweep.report import pareto_plot, sweep_table
 
     if args.workers is not None and args.workers < 1:
         print("moesim: --workers must be >= 1", file=sys.stderr)

@@ -12,7 +12,7 @@ import numpy as np
 
 from moesim.config.scenario import Scenario
 from moesim.cost.compute import Roofline
-from moesim.engine.moe_layer import LayerCosts
+from moesim.cost.layer_inputs import LayerCosts
 from moesim.layout import Layout
 from moesim.topology.graph import Topology, build
 from moesim.topology.paths import PathTable

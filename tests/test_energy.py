@@ -24,7 +24,7 @@ from moesim.energy.account import (
     switch_ports,
 )
 from moesim.energy.power import MEASUREMENT_FILE, STATES, DevicePower, State, device_power
-from moesim.engine.layer_workload import LayerRecords
+from moesim.engine.layer_sim import LayerRecords
 from moesim.loader import scenario_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -636,7 +636,7 @@ def test_training_link_energy_is_the_all_to_all_bytes_times_pj_per_bit() -> None
     assert expected > 0
     assert e["energy_j_by_component"]["network_links"] == pytest.approx(expected, rel=1e-6)
     # per step: layers x (forward + backward) x micro-batches x one layer's bytes
-    from moesim.engine.layer_cost import MoELayerCost
+    from moesim.engine.layer_sim import simulated_layer_cost
 
-    one_layer = MoELayerCost(result.system).link_bytes(256 * 16)
+    one_layer = simulated_layer_cost(result.system).link_bytes(256 * 16)
     assert np.allclose(rec.moe_link_bytes, one_layer * 2 * 2 * 2)

@@ -73,7 +73,7 @@ def test_node_token_counts_counts_each_token_once_per_node() -> None:
     """A token with two experts on one node counts once there; dropped slots not at all."""
     import numpy as np
 
-    from moesim.engine.moe_layer import node_token_counts
+    from moesim.routing.route import node_token_counts
 
     expert_node = np.array([0, 0, 1, 1])  # experts 0-1 on node 0, 2-3 on node 1
     expert = np.array([[2, 3], [0, 2], [1, -1], [-1, -1]])

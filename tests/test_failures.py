@@ -14,7 +14,12 @@ import pytest
 
 import moesim
 from moesim.config.failures import FailuresConfig
-from moesim.engine.failures import (
+from moesim.cost.iteration import IterationCost
+from moesim.engine.layer_sim import simulate_routed_layer, simulated_layer_cost
+from moesim.engine.serving import simulate_serving
+from moesim.engine.training import simulate_training
+from moesim.errors import ScenarioError
+from moesim.failures.core import (
     FailedMoECost,
     FailureState,
     ServingFailures,
@@ -23,13 +28,7 @@ from moesim.engine.failures import (
     device_events,
     unreachable,
 )
-from moesim.engine.iteration_cost import IterationCost
-from moesim.engine.layer_workload import simulate_routed_layer
-from moesim.engine.moe_layer import route_layer
-from moesim.engine.serving import simulate_serving
-from moesim.engine.training import simulate_training
-from moesim.engine.training_run import checkpoint_bytes, expected, simulate_training_run
-from moesim.errors import ScenarioError
+from moesim.failures.training_run import checkpoint_bytes, expected, simulate_training_run
 from moesim.loader import load_scenario, scenario_from_dict
 from moesim.report.failures import (
     PHASES,
@@ -40,6 +39,7 @@ from moesim.report.failures import (
 )
 from moesim.report.serving import serving_summary, serving_table
 from moesim.routing.distributions import popularity
+from moesim.routing.route import route_layer
 from moesim.system import build_system
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
@@ -220,7 +220,7 @@ def test_a_straggler_slows_the_lock_step_iteration_by_its_factor() -> None:
             "failures": {"stragglers": [{"device": 0, "slowdown": 1.5}]},
         }
         system = build_system(scenario_from_dict(d))
-        base = IterationCost(system)
+        base = IterationCost(system, simulated_layer_cost(system))
         sf = ServingFailures(system, base, 10.0)
         assert sf.plan.states[0].slow == ((0, 1.5),)
         n = par["dp"]
@@ -437,7 +437,7 @@ def test_a_training_straggler_stretches_every_step() -> None:
     run_l, _ = _training_run(slow_links, step_s=2.0)
     base = simulate_training(system, system.scenario.workload).step_s
     d = {**TRAIN, "failures": slow_links}
-    from moesim.engine.failures import FailureState as FS
+    from moesim.failures.core import FailureState as FS
 
     degraded = degraded_system(
         build_system(scenario_from_dict(d)), FS(links=((0, "scale_up", 0.25),))

@@ -13,11 +13,12 @@ import simpy
 from moesim import rng
 from moesim.cost.fluid import batch_finish_s
 from moesim.engine.bulk_exchange import BulkExchange
-from moesim.engine.layer_workload import simulate_routed_layer
-from moesim.engine.moe_layer import critical_path, route_layer
+from moesim.engine.layer_sim import simulate_routed_layer
+from moesim.engine.moe_layer import critical_path
 from moesim.engine.network import FlowNetwork
 from moesim.loader import load_scenario, scenario_from_dict
 from moesim.routing.distributions import popularity
+from moesim.routing.route import route_layer
 from moesim.system import System, build_system
 
 DGX = {

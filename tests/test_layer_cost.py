@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from moesim.engine.layer_cost import MoELayerCost, bucket_points
+from moesim.cost.layer_cost import bucket_points
+from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.loader import scenario_from_dict
 from moesim.system import build_system
 
@@ -32,7 +33,7 @@ def test_bucket_points_bracket_the_size() -> None:
 
 def test_cost_is_memoized_and_grows_with_tokens() -> None:
     """Repeated sizes reuse their simulation; more tokens never cost less (on average)."""
-    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    cost = simulated_layer_cost(build_system(scenario_from_dict(SCENARIO)))
     t1 = cost.time_s(512)
     evaluated = cost.evaluations
     assert cost.time_s(512) == t1 and cost.evaluations == evaluated
@@ -47,14 +48,14 @@ def test_matches_the_layer_workload_at_a_bucket() -> None:
     import moesim
 
     scenario = scenario_from_dict({**SCENARIO, "workload": {"kind": "layer", "tokens": 64}})
-    cost = MoELayerCost(build_system(scenario), samples=8)
+    cost = simulated_layer_cost(build_system(scenario), samples=8)
     single = moesim.run(scenario).summary["time_ms"] * 1e-3
     assert cost.time_s(64) == pytest.approx(single, rel=0.2)
 
 
 def test_interpolated_sizes_keep_the_communication_share() -> None:
     """Between buckets, time and all-to-all share are interpolated, never dropped."""
-    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    cost = simulated_layer_cost(build_system(scenario_from_dict(SCENARIO)))
     lo, hi = bucket_points(1000)
     assert lo < 1000 < hi
     a, b, mid = cost.sample(lo), cost.sample(hi), cost.sample(1000)
@@ -68,7 +69,7 @@ def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPa
     layer simulations run."""
     from moesim.engine import layer_cost
 
-    cost = MoELayerCost(build_system(scenario_from_dict(SCENARIO)))
+    cost = simulated_layer_cost(build_system(scenario_from_dict(SCENARIO)))
     budget = layer_cost.SAMPLE_TOKENS
     assert cost.samples_for(1) == cost.samples_for(budget // 3) == 3
     assert cost.samples_for(budget // 2) == 2

@@ -7,8 +7,8 @@ import pytest
 
 from moesim import rng
 from moesim.config.routing import DirichletRouting, UniformRouting, ZipfRouting
-from moesim.engine.layer_cost import MoELayerCost
-from moesim.engine.offload import ExpertOffload, touched_experts
+from moesim.cost.offload import ExpertOffload, touched_experts
+from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.loader import scenario_from_dict
 from moesim.routing.distributions import layer_popularities, popularity
 from moesim.system import build_system
@@ -54,14 +54,14 @@ def _scenario(layers: str, extra: dict | None = None):  # type: ignore[no-untype
 
 
 def test_layer_cost_spreads_samples_over_the_layers() -> None:
-    same = MoELayerCost(build_system(_scenario("same")))
-    ind = MoELayerCost(build_system(_scenario("independent")))
+    same = simulated_layer_cost(build_system(_scenario("same")))
+    ind = simulated_layer_cost(build_system(_scenario("independent")))
     assert same.samples_for(1024) == 3 and ind.samples_for(1024) == 8
     picked = {int(np.argmax(ind.sample_popularity(i, 8))) for i in range(8)}
     assert len(picked) > 1  # different layers, different hot experts
     assert len({int(np.argmax(same.sample_popularity(i, 3))) for i in range(3)}) == 1
     # deterministic, and the same expected work: only which expert is hot moves
-    again = MoELayerCost(build_system(_scenario("independent")))
+    again = simulated_layer_cost(build_system(_scenario("independent")))
     assert ind.sample(1024).time_s == again.sample(1024).time_s
     assert ind.sample(1024).time_s == pytest.approx(same.sample(1024).time_s, rel=0.25)
 

@@ -9,7 +9,7 @@ import pytest
 
 import moesim
 from moesim.catalog import hardware
-from moesim.engine.offload import (
+from moesim.cost.offload import (
     ExpertOffload,
     optimizer_offload,
     pageable_fraction,
@@ -153,7 +153,7 @@ def test_lfu_admits_only_more_frequent_experts(write) -> None:
     """Unit: a one-slot LFU part keeps its expert against a newcomer used no more often,
     and lets it in once the newcomer's count (kept while it is not resident) is higher;
     LRU always admits."""
-    from moesim.engine.offload import Tier
+    from moesim.cost.offload import Tier
 
     lfu, lru = Tier("lfu", 1, [], [0]), Tier("lru", 1, [], [0])
     for tier in (lfu, lru):
@@ -270,7 +270,7 @@ def test_touched_experts_limits() -> None:
 def test_touched_tail_estimate_matches_exact_sampling(monkeypatch) -> None:
     """Beyond EXACT_TOKENS the rare experts' inclusion estimate gives the same expected
     number of touched experts as sampling every token (skewed: Dirichlet(0.3))."""
-    import moesim.engine.offload as off
+    import moesim.cost.offload as off
 
     p = np.random.default_rng(5).dirichlet(np.full(64, 0.3))
     hybrid = touched_experts(np.random.default_rng(1), p, 1000, 4, 300).sum(axis=1).mean()

@@ -4,7 +4,7 @@ Source: moesim/catalog/measurements/h200_offload_2026-11-22.jsonl, measured by
 ``python3 -m moesim.calibrate.torch_offload`` on one H200 SXM (PCIe Gen5 x16 host link):
 host-to-device copies of one Mixtral-8x7B expert (352 MB), one expert's forward, and a
 decode MoE layer of 8 experts with 0-8 of them copied in from pinned host memory while the
-resident ones compute (the ``overlap`` rule of :mod:`moesim.engine.offload`). The catalog's
+resident ones compute (the ``overlap`` rule of :mod:`moesim.cost.offload`). The catalog's
 pinned rate (55 GB/s) was measured on a different machine (an H100 host), so this is a
 held-out check; docs/fidelity.md tabulates it.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from moesim.cost.offload import tier_rates
 from moesim.derived.model_figures import figures
-from moesim.engine.offload import tier_rates
 from moesim.loader import scenario_from_dict
 from moesim.system import build_system
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from moesim.engine.layer_cost import MoELayerCost
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.serving import ServingRecords, arrival_times, simulate_serving
 from moesim.errors import ScenarioError
 from moesim.loader import load_scenario, scenario_from_dict
@@ -46,7 +47,7 @@ def _workload(**over: Any) -> dict[str, Any]:
 def _moe_cost(key: str) -> MoELayerCost:
     """One memoized MoE cost per (cluster, model, layout, routing, seed): shared by runs."""
     base = json.loads(key)
-    return MoELayerCost(build_system(scenario_from_dict({**base, "workload": _workload()})))
+    return simulated_layer_cost(build_system(scenario_from_dict({**base, "workload": _workload()})))
 
 
 def simulate(base: dict[str, Any] = ONE_GPU, **workload: Any) -> tuple[ServingRecords, dict]:

@@ -8,7 +8,8 @@ import pytest
 from moesim.config.training import TrainingWorkload
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import training_memory
-from moesim.engine.training import StageCost, run_pipeline, schedule, simulate_training
+from moesim.cost.training import StageCost
+from moesim.engine.training import run_pipeline, schedule, simulate_training
 from moesim.loader import scenario_from_dict
 from moesim.system import build_system
 

@@ -67,7 +67,7 @@ def scenario_for(
 
 def predict_sampled_s(scenario: Scenario) -> float:
     """The simulator's own prediction: routing sampled from the scenario's distribution."""
-    from moesim.engine.layer_workload import simulate_layer
+    from moesim.engine.layer_sim import simulate_layer
     from moesim.system import build_system
 
     return float(simulate_layer(build_system(scenario)).time_s)
@@ -75,8 +75,8 @@ def predict_sampled_s(scenario: Scenario) -> float:
 
 def predict_replayed_s(scenario: Scenario, counts: list[int]) -> float:
     """The simulator's cost path on the measured per-expert counts (used for fitting)."""
-    from moesim.engine.layer_workload import layer_tokens, simulate_routed_layer
-    from moesim.engine.moe_layer import LayerRouting
+    from moesim.engine.layer_sim import layer_tokens, simulate_routed_layer
+    from moesim.routing.route import LayerRouting
     from moesim.system import build_system
 
     system = build_system(scenario)

@@ -9,7 +9,7 @@ Three measurements, written as JSONL records:
 - ``layer``: a MoE layer on one device that uses ``experts`` experts, ``misses`` of them
   not resident: the misses are copied from pinned host memory one after another on a
   copy stream while the compute stream runs the resident experts, then each missing
-  expert as soon as its copy lands (the rule of :mod:`moesim.engine.offload` with
+  expert as soon as its copy lands (the rule of :mod:`moesim.cost.offload` with
   ``overlap``).
 
 Times are CUDA-event times, median over ``--reps`` after a warm-up. Imports only torch,

@@ -14,7 +14,7 @@
   checkpoint-restart.
 
 Cross-field checks (device indices, replicas that must fit the device memory, a
-checkpoint that needs a training workload) are in :mod:`moesim.config.rules`.
+checkpoint that needs a training workload) are in :mod:`moesim.loader.rules`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ optimizer states of training kept on the host (ZeRO-Offload).
 
 Experts live in tiers: a per-device HBM expert cache, host DRAM and NVMe. A token routed
 to an expert that is not in HBM stalls its layer until the expert's weights arrive over the
-device's host link (PCIe); see :mod:`moesim.engine.offload` for the timing model and the
+device's host link (PCIe); see :mod:`moesim.cost.offload` for the timing model and the
 catalog values it uses.
 """
 

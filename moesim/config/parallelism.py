@@ -13,6 +13,10 @@ from pydantic import Field
 
 from moesim.config.base import Frozen
 
+A2AAlgorithm = Literal["direct", "hierarchical", "deepep"]
+"""How an all-to-all is sent: directly, relayed through one device per node, or relayed
+with each token sent once per node (DeepEP)."""
+
 
 class ParallelismConfig(Frozen):
     """Degrees of parallelism and how experts map to expert-parallel ranks."""
@@ -27,7 +31,7 @@ class ParallelismConfig(Frozen):
     """Expert-parallel degree: ranks the experts of one layer are spread over."""
     etp: int = Field(default=1, ge=1)
     """Expert tensor parallelism: ranks each expert's FFN is split over."""
-    a2a: Literal["direct", "hierarchical", "deepep"] = "direct"
+    a2a: A2AAlgorithm = "direct"
     """All-to-all algorithm: every pair directly; hierarchical (over the scale-up fabric to
     the source node's GPU on the destination's rail, then across nodes on that rail); or
     deepep (across nodes first, each token once per destination node, then to its experts

@@ -24,7 +24,7 @@ the blocks of the stage, at the model's dtype:
 plus an expert cache of ``cache_experts`` experts (or ``cache_gib`` rounded down to whole
 experts) and staging buffers for streamed experts, one block's experts of the device (two
 with prefetch), never more than the device's own experts in all; the rest of the device's
-experts live in host DRAM / NVMe (:mod:`moesim.engine.offload`).
+experts live in host DRAM / NVMe (:mod:`moesim.cost.offload`).
 
 **KV capacity** per device = ``kv_cache_fraction x (memory - weights per device)``; a
 data-parallel rank's TP group holds one cache, each device its share of every token.

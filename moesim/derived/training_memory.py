@@ -26,7 +26,7 @@ optimizer states move to the host: ``optimizer`` is 0 on the device and
 ``offloaded_optimizer`` holds the bytes the host keeps for the device. With expert
 offloading as well (``policies.offload.experts``), the device holds the weights and
 gradients of its cached and staged experts only; the others stream in from the host
-(:func:`moesim.engine.offload.offload_stages`).
+(:func:`moesim.cost.offload.offload_stages`).
 """
 
 from __future__ import annotations

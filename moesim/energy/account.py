@@ -50,7 +50,7 @@ from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
 from moesim.cost.compute import Roofline
 from moesim.energy.power import STATES, DevicePower, State, device_power
-from moesim.engine.layer_workload import LayerRecords
+from moesim.engine.layer_sim import LayerRecords
 from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
 from moesim.system import System

@@ -18,10 +18,10 @@ from moesim.energy.account import (
     serving_account,
     training_account,
 )
-from moesim.engine.layer_workload import LayerRecords, layer_tokens
+from moesim.engine.layer_sim import LayerRecords, layer_tokens
 from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
-from moesim.engine.training_run import TrainingRunRecords
+from moesim.failures.training_run import TrainingRunRecords
 from moesim.system import System
 
 

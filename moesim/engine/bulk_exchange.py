@@ -16,7 +16,7 @@ Only the ``direct`` algorithm is modelled this way; relayed exchanges (hierarchi
 deepep) keep their per-flow delivery events (a relay forwards once its contributions are
 in) but, above the same size, the network prices their flows in per-instant batches
 (:attr:`moesim.engine.network.FlowNetwork.bulk`). The MoE layer switches to this exchange
-above a message count (:attr:`moesim.engine.moe_layer.LayerCosts.bulk_a2a_min_flows`);
+above a message count (:attr:`moesim.cost.layer_inputs.LayerCosts.bulk_a2a_min_flows`);
 ``tests/test_fluid.py`` compares the two where both run.
 """
 

@@ -28,9 +28,8 @@ from typing import Literal
 
 import simpy
 
+from moesim.config.parallelism import A2AAlgorithm
 from moesim.engine.network import FlowNetwork
-
-A2AAlgorithm = Literal["direct", "hierarchical", "deepep"]
 
 
 class _Deliveries:

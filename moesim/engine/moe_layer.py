@@ -25,96 +25,13 @@ from typing import Any
 import numpy as np
 import simpy
 
-from moesim.config.model import ModelConfig
-from moesim.config.policies import PoliciesConfig
-from moesim.cost.compute import ExpertKernel, Roofline
+from moesim.config.parallelism import A2AAlgorithm
+from moesim.cost.layer_inputs import LayerCosts
 from moesim.engine.bulk_exchange import BulkExchange
-from moesim.engine.exchange import A2AAlgorithm, DedupExchange, Exchange
+from moesim.engine.exchange import DedupExchange, Exchange
 from moesim.engine.network import FlowNetwork
 from moesim.layout import Layout
-from moesim.routing.assignment import assign, capacity_for
-from moesim.routing.distributions import sample_choices
-from moesim.topology.graph import Topology
-
-BULK_A2A_MIN_FLOWS = 2048
-"""Direct all-to-all phases with this many messages or more are priced in batches."""
-
-
-@dataclass(frozen=True)
-class LayerRouting:
-    """The outcome of routing one layer's tokens, per source rank."""
-
-    tokens_per_rank: np.ndarray
-    """Tokens held by each stage-local rank."""
-    counts: np.ndarray
-    """Slots kept per (source rank, expert), int64 (ranks x experts)."""
-    dropped: int
-    """Slots (token, choice) dropped to the residual by capacity."""
-    rerouted: int
-    """Slots processed by an expert other than their original choice."""
-    fully_dropped: int
-    """Tokens that lost every one of their top_k slots (pass through on the residual only)."""
-    capacity: int | None
-    """Per-expert capacity of the largest routing group (None = unlimited)."""
-    node_tokens: np.ndarray | None = None
-    """Distinct tokens of each rank with at least one kept slot on each node (ranks x
-    nodes), for all-to-alls that send a token once per node; None when not computed."""
-
-
-def node_token_counts(expert: np.ndarray, expert_node: np.ndarray, nodes: int) -> np.ndarray:
-    """For a group's (tokens x top_k) kept experts (-1 dropped), the distinct tokens per node."""
-    where = np.where(expert >= 0, expert_node[np.maximum(expert, 0)], -1)
-    return np.array([int((where == n).any(axis=1).sum()) for n in range(nodes)], dtype=np.int64)
-
-
-def route_layer(
-    rng: np.random.Generator,
-    popularity: np.ndarray,
-    layout: Layout,
-    tokens: int,
-    model: ModelConfig,
-    policies: PoliciesConfig,
-    expert_node: np.ndarray | None = None,
-) -> LayerRouting:
-    """Sample every token's choices and apply capacity per rank (each rank is a group).
-
-    With ``expert_node`` (the node of each expert, per expert-data-parallel group), also
-    count each rank's distinct tokens per node (see ``LayerRouting.node_tokens``).
-    """
-    per_rank = layout.tokens_per_rank(tokens)
-    experts, k = model.experts, model.top_k
-    depth = experts if policies.overflow == "reroute" else k
-    ranking, scores = sample_choices(rng, popularity, tokens, depth)
-    counts = np.zeros((len(per_rank), experts), dtype=np.int64)
-    dropped = rerouted = fully = 0
-    cap_max: int | None = None
-    nodes = int(expert_node.max()) + 1 if expert_node is not None else 0
-    node_tokens = np.zeros((len(per_rank), nodes), dtype=np.int64)
-    start = 0
-    for r, n in enumerate(per_rank):
-        rk, sc = ranking[start : start + n], scores[start : start + n]
-        start += n
-        cap = capacity_for(int(n), k, experts, policies.capacity_factor)
-        if policies.overflow == "dropless":
-            cap = None
-        a = assign(rk, k, experts, cap, policies.overflow, policies.priority, sc)
-        counts[r] = a.counts
-        dropped += a.dropped
-        rerouted += a.rerouted(rk)
-        fully += int((a.expert < 0).all(axis=1).sum())
-        if expert_node is not None:
-            node_tokens[r] = node_token_counts(a.expert, expert_node[layout.edp_group(r)], nodes)
-        if cap is not None:
-            cap_max = max(cap_max or 0, cap)
-    return LayerRouting(
-        per_rank,
-        counts,
-        dropped,
-        rerouted,
-        fully,
-        cap_max,
-        node_tokens if expert_node is not None else None,
-    )
+from moesim.routing.route import LayerRouting
 
 
 @dataclass(frozen=True)
@@ -145,31 +62,6 @@ class LayerTimeline:
     """For each source rank, the expert device whose result arrived last."""
     senders_of: dict[int, list[int]] = field(default_factory=dict)
     """For each expert device, the source ranks that sent it tokens."""
-
-
-@dataclass(frozen=True)
-class LayerCosts:
-    """Per-device cost inputs of a layer: the device roofline and the model shape."""
-
-    roofline: Roofline
-    model: ModelConfig
-    dispatch_bytes_per_token: int
-    combine_bytes_per_token: int
-    expert_kernel: ExpertKernel = "grouped"
-    a2a_overhead_s: float = 0.0
-    """Fixed cost of one all-to-all phase (a measured collective's alpha), on top of the
-    links' own latencies."""
-    ep_host_overhead_s: float = 0.0
-    """Host-side cost of an eager expert-parallel layer (reading the split sizes), spent by
-    every rank between its gate and its dispatch (the device profile's
-    ``ep_host_overhead_us``; 0 with one expert-parallel rank or CUDA graphs)."""
-    a2a: A2AAlgorithm = "direct"
-    """All-to-all algorithm: direct or hierarchical (see moesim.engine.exchange)."""
-    topology: Topology | None = None
-    """The cluster (device -> node and local index) for hierarchical exchanges."""
-    bulk_a2a_min_flows: int = BULK_A2A_MIN_FLOWS
-    """A direct all-to-all phase with at least this many messages is priced in batches
-    (:class:`moesim.engine.bulk_exchange.BulkExchange`) instead of flow by flow."""
 
 
 def traffic_arrays(

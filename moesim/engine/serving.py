@@ -1,6 +1,6 @@
 """The ``serving`` workload: requests arrive, DP ranks batch them, iterations run in SimPy.
 
-Mapping onto the layout (see :mod:`moesim.engine.iteration_cost`): the server is ``dp``
+Mapping onto the layout (see :mod:`moesim.cost.iteration`): the server is ``dp``
 data-parallel attention ranks (each a TP group of ``tp`` devices with its own scheduler
 and KV cache) sharing expert-parallel MoE layers. Requests are spread round-robin over
 the DP ranks in arrival order (vLLM's DP front-end balances load; round-robin is its
@@ -40,16 +40,17 @@ from moesim.config.serving import (
     TraceArrival,
     UniformLength,
 )
+from moesim.cost.iteration import IterationCost
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.cost.offload import ExpertOffload, expert_offload
 from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
-from moesim.engine.failures import (
+from moesim.engine.layer_sim import simulated_layer_cost
+from moesim.failures.core import (
     ServingFailureRecords,
     ServingFailures,
     kv_blocks_with_replicas,
 )
-from moesim.engine.iteration_cost import IterationCost
-from moesim.engine.layer_cost import MoELayerCost
-from moesim.engine.offload import ExpertOffload, expert_offload
 from moesim.system import System
 
 DRAIN_CAP = 10.0
@@ -126,7 +127,7 @@ class ServingRecords:
     durations include the stalls)."""
     failures: ServingFailureRecords | None = None
     """Failure events, the state of each iteration and the requests moved or lost
-    (scenarios with a ``failures`` section; see :mod:`moesim.engine.failures`)."""
+    (scenarios with a ``failures`` section; see :mod:`moesim.failures.core`)."""
     moe_link_bytes: np.ndarray | None = None
     """Bytes each topology edge carried in the MoE all-to-alls of the whole run (every
     iteration's MoE layers at its batch size, the healthy system's expected traffic)."""
@@ -196,7 +197,9 @@ class _Server:
         self.ranks = [
             RankScheduler(self.state, w.scheduler, self.kv_blocks) for _ in range(self.dp)
         ]
-        self.cost = IterationCost(system, moe_cost)
+        self.cost = IterationCost(
+            system, moe_cost if moe_cost is not None else simulated_layer_cost(system)
+        )
         self.offload = expert_offload(system)
         self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
         self.faults = (

@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from moesim.config import rules
 from moesim.config.scenario import Scenario
 from moesim.config.workload import AVAILABLE_WORKLOADS, PLANNED_WORKLOADS
 from moesim.errors import Issue, Location, ScenarioError, dotted
+from moesim.loader import rules
 from moesim.loader.yamlpos import Path, Positions
 
 

@@ -32,7 +32,7 @@ before the run stopped, ``simulated_s``, count):
 
 Training: the run's time split (train, checkpoint, lost, down, restart), availability
 (time the job was working / wall time), goodput (useful steps x step time / wall time),
-work lost, and the closed forms of :mod:`moesim.engine.training_run` next to them.
+work lost, and the closed forms of :mod:`moesim.failures.training_run` next to them.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import numpy as np
 
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
-from moesim.engine.failures import FailurePlan, ServingFailureRecords
 from moesim.engine.serving import ServingRecords
-from moesim.engine.training_run import TrainingRunRecords, expected
+from moesim.failures.core import FailurePlan, ServingFailureRecords
+from moesim.failures.training_run import TrainingRunRecords, expected
 from moesim.report.serving import _r, _stats_ms, latencies_s, measured_mask
 from moesim.system import System
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.engine.layer_workload import LayerRecords, layer_tokens
+from moesim.engine.layer_sim import LayerRecords, layer_tokens
 from moesim.engine.moe_layer import critical_path
 from moesim.system import System
 

@@ -74,7 +74,7 @@ def training_summary(system: System, w: TrainingWorkload, rec: TrainingRecords) 
 def _stream_summary(system: System, rec: TrainingRecords) -> dict[str, Any]:
     """Expert streaming per micro-batch pass (its excess over the pass's own time is
     inside the breakdown's ``compute``)."""
-    from moesim.engine.offload import expert_stream
+    from moesim.cost.offload import expert_stream
 
     st = expert_stream(system.scenario)
     if st is None:
@@ -91,8 +91,8 @@ def optimizer_offload_summary(
     system: System, w: TrainingWorkload, rec: TrainingRecords
 ) -> dict[str, Any]:
     """ZeRO-Offload's part of the step (its total is the breakdown's ``other``)."""
+    from moesim.cost.offload import optimizer_offload
     from moesim.derived.serving_memory import GIB
-    from moesim.engine.offload import optimizer_offload
 
     host = rec.memory.offloaded_optimizer
     params = host / w.optimizer_bytes_per_param if w.optimizer_bytes_per_param else 0.0

@@ -87,7 +87,7 @@ def find_capacity(
     """Search the highest feasible ``workload.arrival.rate_per_s`` (see the module)."""
     from moesim.api import run
     from moesim.config.serving import GammaArrival, PoissonArrival, ServingWorkload
-    from moesim.engine.layer_cost import MoELayerCost
+    from moesim.engine.layer_sim import simulated_layer_cost
     from moesim.loader import load_scenario
     from moesim.system import build_system
 
@@ -108,7 +108,7 @@ def find_capacity(
         raise ValueError(f"target must be in (0, 1], got {target}")
     result = CapacityResult(target, None, None)
     # every probe differs only in its arrival rate: the MoE layer costs are shared
-    shared = MoELayerCost(build_system(base))
+    shared = simulated_layer_cost(build_system(base))
 
     def probe(rate: float) -> Probe:
         worst: tuple[bool, float, dict[str, Any]] | None = None

@@ -146,7 +146,7 @@ def _run_point(
     serving points' MoE layer costs by the sections they depend on (in-process runs)."""
     from moesim.api import run
     from moesim.config.serving import ServingWorkload
-    from moesim.engine.layer_cost import MoELayerCost
+    from moesim.engine.layer_sim import simulated_layer_cost
     from moesim.loader import load_scenario
     from moesim.system import build_system
 
@@ -157,7 +157,7 @@ def _run_point(
         dump = scenario.model_dump(mode="json", include=set(LAYER_COST_KEYS))
         key = hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
         if key not in costs:
-            costs[key] = MoELayerCost(build_system(scenario))
+            costs[key] = simulated_layer_cost(build_system(scenario))
         moe_cost = costs[key]
     result = run(scenario, moe_cost=moe_cost)
     return result.summary, time.perf_counter() - t0

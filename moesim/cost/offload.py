@@ -96,19 +96,19 @@ from moesim.catalog import hardware
 from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.scenario import Scenario
 from moesim.config.training import TrainingWorkload
+from moesim.cost.iteration import IterationTime
 from moesim.derived.serving_memory import (
     GIB,
     ServingMemory,
     devices_per_host,
     serving_memory,
 )
-from moesim.engine.iteration_cost import IterationTime
 from moesim.routing.distributions import layer_popularities, popularity_at
 from moesim.system import System
 from moesim.topology.graph import rate
 
 if TYPE_CHECKING:
-    from moesim.engine.training import StageCost
+    from moesim.cost.training import StageCost
 
 MEASUREMENTS = "h100_sxm_primitives.jsonl"
 """The catalog measurement file with pinned and pageable host-to-device copies."""

@@ -71,19 +71,19 @@ from moesim.config.failures import (
 )
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
+from moesim.cost.layer_cost import LayerSample, MoELayerCost, bucket_points
 from moesim.derived.replica_memory import replica_bytes, replica_experts, replica_owner
 from moesim.derived.serving_memory import ServingMemory
-from moesim.engine.layer_cost import LayerSample, MoELayerCost, bucket_points
-from moesim.engine.layer_workload import simulate_routed_layer
-from moesim.engine.moe_layer import LayerRouting, route_layer
+from moesim.engine.layer_sim import layer_run, simulate_routed_layer
 from moesim.layout import Layout
+from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
 from moesim.topology.graph import Topology
 from moesim.topology.paths import PathTable
 
 if TYPE_CHECKING:
+    from moesim.cost.iteration import IterationCost, IterationTime
     from moesim.engine.batching import RankScheduler, RequestState
-    from moesim.engine.iteration_cost import IterationCost, IterationTime
 
 HOUR = 3600.0
 
@@ -740,7 +740,7 @@ class ServingFailures:
         self.pending.append(rid)
 
     def _cost(self, state: FailureState) -> IterationCost:
-        from moesim.engine.iteration_cost import IterationCost
+        from moesim.cost.iteration import IterationCost
 
         if state.healthy:
             return self.base
@@ -748,7 +748,11 @@ class ServingFailures:
         if cost is None:
             sys_ = degraded_system(self.system, state)
             moe = FailedMoECost(
-                sys_, dead=state.dead, mode=self.cfg.recovery.on_expert_loss, slow=state.slow
+                sys_,
+                layer_run,
+                dead=state.dead,
+                mode=self.cfg.recovery.on_expert_loss,
+                slow=state.slow,
             )
             cost = IterationCost(sys_, moe)
             self.costs[state] = cost
@@ -762,7 +766,7 @@ class ServingFailures:
         sampled: list[int],
     ) -> IterationTime:
         """The iteration's time in the current state (stragglers applied), logged."""
-        from moesim.engine.iteration_cost import IterationTime
+        from moesim.cost.iteration import IterationTime
 
         st = self.plan.states[self.index]
         cost = self._cost(st)

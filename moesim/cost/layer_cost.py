@@ -1,11 +1,13 @@
 """The expected cost of one MoE layer for a batch of N tokens, memoized for workloads that
 run many layers (serving iterations, training micro-batches).
 
-It runs the same per-layer path as the ``layer`` workload (route -> dispatch -> experts ->
-combine on the cluster, :func:`moesim.engine.layer_workload.simulate_routed_layer`) for a
-few routing samples and averages them, so a change to how an MoE layer is costed reaches
-every workload. Batch sizes are bucketed (exact up to 64 tokens, then geometric steps of
-1/8) and interpolated linearly between buckets, so a long run evaluates each bucket once.
+It routes a few samples (:func:`moesim.routing.route.route_layer`) and prices each with a
+``LayerSimulator``, the same per-layer path as the ``layer`` workload (dispatch -> experts ->
+combine on the cluster: :func:`moesim.engine.layer_sim.layer_run`, given by the engine,
+which sits above this package), and averages them, so a change to how an MoE layer is
+costed reaches every workload. Batch sizes are bucketed (exact up to 64 tokens, then
+geometric steps of 1/8) and interpolated linearly between buckets, so a long run evaluates
+each bucket once.
 
 Very large batches need fewer samples: their layer time varies little from one routing
 sample to the next (GLaM, 262,144 tokens over 512 TPU v4 chips: 1.3% between the extremes
@@ -16,14 +18,14 @@ never fewer than one; up to 43,690 tokens that is all three.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moesim import rng
-from moesim.engine.layer_workload import simulate_routed_layer
-from moesim.engine.moe_layer import critical_path, route_layer
 from moesim.routing.distributions import layer_popularities
+from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
 
 EXACT_UP_TO = 64
@@ -44,6 +46,23 @@ class LayerSample:
     """Bytes each topology edge carried (mean over the samples), for network energy."""
 
 
+@dataclass(frozen=True)
+class LayerRun:
+    """One routed layer priced on the cluster: what a ``LayerSimulator`` returns."""
+
+    time_s: float
+    comm_s: float
+    """The all-to-all part of the layer's critical path (dispatch + combine)."""
+    link_bytes: np.ndarray
+    """Bytes each topology edge carried."""
+    sim_events: int = 0
+    network_events: int = 0
+
+
+LayerSimulator = Callable[[System, LayerRouting], LayerRun]
+"""Prices one routed layer on a system (the engine's flow-level layer simulation)."""
+
+
 def bucket_points(tokens: int) -> tuple[int, int]:
     """The two bucket sizes around ``tokens`` (equal when it is a bucket itself)."""
     if tokens <= EXACT_UP_TO:
@@ -59,6 +78,8 @@ class MoELayerCost:
     """Memoized expected time and drop rate of one MoE layer by batch size."""
 
     system: System
+    simulate: LayerSimulator
+    """How one routed sample is priced (``moesim.engine.layer_sim.layer_run``)."""
     samples: int = 3
     _cache: dict[int, LayerSample] = field(default_factory=dict)
     sim_events: int = 0
@@ -108,12 +129,11 @@ class MoELayerCost:
                     s.policies,
                     self.system.expert_node,
                 )
-                rec = simulate_routed_layer(self.system, routing)
+                rec = self.simulate(self.system, routing)
                 self.sim_events += rec.sim_events
                 self.network_events += rec.network_events
-                path = critical_path(rec.timeline)
                 times.append(rec.time_s)
-                comms.append(path["dispatch"] + path["combine"])
+                comms.append(rec.comm_s)
                 drops.append(routing.dropped / max(1, tokens * s.model.top_k))
                 links.append(rec.link_bytes)
             self._cache[tokens] = LayerSample(

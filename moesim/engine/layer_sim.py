@@ -1,4 +1,6 @@
-"""The ``layer`` workload: one MoE layer forward pass over T tokens, simulated once."""
+"""One MoE layer forward pass simulated on the cluster: the ``layer`` workload's run, and
+the ``LayerSimulator`` that prices each routing sample of
+:class:`moesim.cost.layer_cost.MoELayerCost`."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import simpy
 from moesim import rng
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
-from moesim.engine.moe_layer import LayerRouting, LayerTimeline, route_layer, run_layer
+from moesim.cost.layer_cost import LayerRun, MoELayerCost
+from moesim.engine.moe_layer import LayerTimeline, critical_path, run_layer
 from moesim.engine.network import FlowNetwork
 from moesim.routing.distributions import popularity
+from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
 
 
@@ -83,3 +87,21 @@ def simulate_routed_layer(
         network_events=net.events,
         sim_events=steps,
     )
+
+
+def layer_run(system: System, routing: LayerRouting) -> LayerRun:
+    """One routed layer simulated and reduced to what a layer cost needs."""
+    rec = simulate_routed_layer(system, routing)
+    path = critical_path(rec.timeline)
+    return LayerRun(
+        rec.time_s,
+        path["dispatch"] + path["combine"],
+        rec.link_bytes,
+        rec.sim_events,
+        rec.network_events,
+    )
+
+
+def simulated_layer_cost(system: System, samples: int = 3) -> MoELayerCost:
+    """The memoized MoE layer cost of a system, each sample simulated on its network."""
+    return MoELayerCost(system, layer_run, samples)

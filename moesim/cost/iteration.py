@@ -22,7 +22,7 @@ runs dummy batches on idle ranks for this reason), and an iteration takes
   FLOPs are counted in the un-absorbed form (model_figures' convention). With tp > 1 the
   output projection ends in an all-reduce of the rank's hidden states (ring, over the
   topology: :func:`moesim.cost.collectives.all_reduce_s`).
-- **MoE blocks**: :class:`moesim.engine.layer_cost.MoELayerCost` at the iteration's total
+- **MoE blocks**: :class:`moesim.cost.layer_cost.MoELayerCost` at the iteration's total
   tokens (routing, capacity, dispatch/combine over the topology, grouped expert GEMMs);
   it spreads the tokens evenly over the DP ranks, so imbalance between ranks' batch sizes
   is seen by attention but not by the MoE layer.
@@ -45,8 +45,8 @@ from functools import partial
 import numpy as np
 
 from moesim.cost.collectives import all_gather_s, all_reduce_s
+from moesim.cost.layer_cost import MoELayerCost
 from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
-from moesim.engine.layer_cost import MoELayerCost
 from moesim.system import System
 
 
@@ -75,11 +75,11 @@ def _affine(cost: Callable[..., float]) -> tuple[float, float]:
 class IterationCost:
     """Iteration times of one system: projections and collectives are memoized by size."""
 
-    def __init__(self, system: System, moe_cost: MoELayerCost | None = None) -> None:
+    def __init__(self, system: System, moe_cost: MoELayerCost) -> None:
         s = system.scenario
         m, p = s.model, s.parallelism
         self.rf = system.layer_costs.roofline
-        self.moe_cost = moe_cost if moe_cost is not None else MoELayerCost(system)
+        self.moe_cost = moe_cost
         self.model = m
         self.tp = p.tp
         self.layers = m.layers

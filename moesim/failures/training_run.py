@@ -3,7 +3,7 @@ restarts (the ``failures`` section and ``workload.duration_s``).
 
 The step itself comes from :func:`moesim.engine.training.simulate_training` (one step,
 simulated); this module plays the run around it, a plain event loop over the failure
-plan of :mod:`moesim.engine.failures` (no SimPy: nothing here shares a resource):
+plan of :mod:`moesim.failures.core` (no SimPy: nothing here shares a resource):
 
 - the job runs steps of ``step_s`` (times the slowest straggler's factor: the data-
   parallel ranks synchronize every step; with degraded links the step is simulated again
@@ -42,8 +42,8 @@ from moesim.config.failures import ExponentialFailures, FailuresConfig, WeibullF
 from moesim.config.training import TrainingWorkload
 from moesim.derived.model_figures import figures
 from moesim.derived.training_memory import WEIGHT_BYTES
-from moesim.engine.failures import HOUR, FailurePlan, FailureState, build_plan, degraded_system
 from moesim.engine.training import TrainingRecords, simulate_training
+from moesim.failures.core import HOUR, FailurePlan, FailureState, build_plan, degraded_system
 from moesim.system import System
 
 
