@@ -222,9 +222,6 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from moesim.api import run
-    from moesim.report.serving import serving_table
-    from moesim.report.table import layer_table
-    from moesim.report.training import training_table
 
     scenario = _load(args)
     result = run(scenario)
@@ -232,18 +229,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.report and run_dir is None:
         print("moesim: --report needs a run folder; ignored with --no-write", file=sys.stderr)
     if run_dir is not None and args.report:
-        from moesim.report.document import write_report
-
-        write_report(result, run_dir)
+        result.write_report(run_dir)
     if args.json:
         print(json.dumps(result.summary, indent=2, sort_keys=True))
         if run_dir is not None:
             print(f"run folder: {run_dir}", file=sys.stderr)
     else:
-        table = {"serving": serving_table, "training": training_table}.get(
-            result.summary["workload"], layer_table
-        )
-        print(table(result.summary))
+        print(result.table())
         from moesim.energy.summary import energy_lines
 
         if result.summary.get("energy"):

@@ -16,11 +16,7 @@ from moesim.cost.layer_inputs import LayerCosts
 from moesim.layout import Layout
 from moesim.topology.graph import Topology, build
 from moesim.topology.paths import PathTable
-
-#: bytes per activation element sent between devices, by model dtype: fp8 models dispatch
-#: in fp8 and combine in bf16 (DeepSeek-V3 report, Sec. 3.3); others use their own dtype.
-_DISPATCH_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
-_COMBINE_BYTES = {"fp8": 2, "bf16": 2, "fp16": 2, "fp32": 4}
+from moesim.units import COMBINE_BYTES, DISPATCH_BYTES, US
 
 
 def _a2a_alpha_s(s: Scenario) -> float:
@@ -32,7 +28,7 @@ def _a2a_alpha_s(s: Scenario) -> float:
     if not fits:
         return 0.0
     ep = s.parallelism.ep * s.parallelism.etp
-    return min(fits, key=lambda c: abs(c.world - ep)).alpha_us * 1e-6
+    return min(fits, key=lambda c: abs(c.world - ep)).alpha_us * US
 
 
 def _ep_host_overhead_s(s: Scenario) -> float:
@@ -45,7 +41,7 @@ def _ep_host_overhead_s(s: Scenario) -> float:
     dropless = pol.capacity_factor is None or pol.overflow == "dropless"
     if profile is None or profile.ep_host_overhead_us is None or ep < 2 or not dropless:
         return 0.0
-    return profile.ep_host_overhead_us * 1e-6 if s.cluster.launch == "eager" else 0.0
+    return profile.ep_host_overhead_us * US if s.cluster.launch == "eager" else 0.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +83,8 @@ def build_system(s: Scenario) -> System:
     costs = LayerCosts(
         roofline=roofline,
         model=m,
-        dispatch_bytes_per_token=m.d_model * _DISPATCH_BYTES[m.dtype],
-        combine_bytes_per_token=m.d_model * _COMBINE_BYTES[m.dtype],
+        dispatch_bytes_per_token=m.d_model * DISPATCH_BYTES[m.dtype],
+        combine_bytes_per_token=m.d_model * COMBINE_BYTES[m.dtype],
         expert_kernel=s.cluster.expert_kernel,
         a2a_overhead_s=_a2a_alpha_s(s),
         ep_host_overhead_s=_ep_host_overhead_s(s),

@@ -10,7 +10,6 @@ import pytest
 from moesim.api import run
 from moesim.cli import main
 from moesim.loader import load_scenario
-from moesim.report.document import write_report
 
 SCENARIOS = Path(__file__).parent.parent / "scenarios"
 
@@ -42,7 +41,7 @@ def test_report_has_figures_plots_and_sources(
     tmp_path: Path, file: str, overrides: list[str], plots: set[str]
 ) -> None:
     result = run(load_scenario(SCENARIOS / file, overrides))
-    path = write_report(result, tmp_path)
+    path = result.write_report(tmp_path)
     text = path.read_text()
     assert text.startswith(f"# {result.scenario.name}")
     assert plots <= {p.name for p in (tmp_path / "plots").glob("*.png")}

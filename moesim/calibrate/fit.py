@@ -12,8 +12,9 @@ import numpy as np
 
 from moesim.calibrate.records import Record, measured_s, of_kind
 from moesim.config.profile import CollectiveFit, DeviceProfile, FitQuality, GemmFit
+from moesim.units import BYTES_PER_ELEMENT
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+BYTES = BYTES_PER_ELEMENT
 TILES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 

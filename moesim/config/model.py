@@ -27,12 +27,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moesim.config.base import Frozen
+from moesim.units import BYTES_PER_ELEMENT
 
 Activation = Literal["swiglu", "geglu", "gelu", "relu"]
 """FFN activation: the gated ones (swiglu, geglu) use three matrices, the others two."""
 
 _GATED: frozenset[str] = frozenset({"swiglu", "geglu"})
-_BYTES_PER_PARAM: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
 
 class ModelConfig(Frozen):
@@ -263,7 +263,7 @@ class ModelConfig(Frozen):
     @property
     def bytes_per_param(self) -> int:
         """Bytes per stored weight for ``dtype`` (fp8 1, bf16/fp16 2, fp32 4)."""
-        return _BYTES_PER_PARAM[self.dtype]
+        return BYTES_PER_ELEMENT[self.dtype]
 
     @property
     def shared_d_ff(self) -> int:

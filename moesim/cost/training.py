@@ -25,6 +25,7 @@ from moesim.cost.collectives import all_gather_s, reduce_scatter_s
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.derived.model_figures import figures
 from moesim.system import System
+from moesim.units import BF16_BYTES, GB
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     if w.recompute == "selective":
         attn_bwd += scores
     tp_group = [system.layout.device(0, i) for i in range(p.tp)]
-    act = tokens * m.d_model * 2
+    act = tokens * m.d_model * BF16_BYTES
     tp_pair = (
         (all_gather_s(system.paths, tp_group, act) + reduce_scatter_s(system.paths, tp_group, act))
         if p.tp > 1
@@ -107,14 +108,14 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
         layout = system.layout
         dense_group = [layout.device(0, d * p.tp) for d in range(p.dp)]
         expert_group = [layout.device(0, g * p.ep * p.etp) for g in range(layout.edp)]
-        attn_bytes = 2 * attn_params / p.tp
-        expert_bytes = 2 * (m.experts // p.ep) * f.expert_params / p.etp
-        shared_bytes = 2 * f.shared_expert_params * m.shared_experts / p.tp
+        attn_bytes = BF16_BYTES * attn_params / p.tp
+        expert_bytes = BF16_BYTES * (m.experts // p.ep) * f.expert_params / p.etp
+        shared_bytes = BF16_BYTES * f.shared_expert_params * m.shared_experts / p.tp
         gather["moe"] = all_gather_s(system.paths, dense_group, attn_bytes + shared_bytes) + (
             all_gather_s(system.paths, expert_group, expert_bytes)
         )
         gather["dense"] = all_gather_s(
-            system.paths, dense_group, attn_bytes + 2 * f.dense_ffn_params / p.tp
+            system.paths, dense_group, attn_bytes + BF16_BYTES * f.dense_ffn_params / p.tp
         )
     out = {}
     for kind, (fwd, bwd, a2a, tp) in {
@@ -145,7 +146,7 @@ def stage_costs(
     per_stage = math.ceil(m.layers / p.pp)
     moe = set(m.moe_layer_indices)
     head = float(rf.gemm_s(tokens, m.d_model, math.ceil(m.vocab_size / p.tp)))
-    act_bytes = tokens * m.d_model * 2 / p.tp
+    act_bytes = tokens * m.d_model * BF16_BYTES / p.tp
     out = []
     for stage in range(p.pp):
         layers = range(stage * per_stage, min(m.layers, (stage + 1) * per_stage))
@@ -160,7 +161,7 @@ def stage_costs(
             src = system.layout.device(stage, 0)
             dst = system.layout.device(stage + 1, 0)
             path = system.paths.edge_ids(src, dst)
-            bw = float(system.paths.bandwidth_gbps[path].min()) * 1e9 if len(path) else math.inf
+            bw = float(system.paths.bandwidth_gbps[path].min()) * GB if len(path) else math.inf
             p2p = act_bytes / bw + system.paths.latency_s(src, dst)
         out.append(
             StageCost(

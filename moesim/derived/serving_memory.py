@@ -41,8 +41,7 @@ from moesim.config.model import ModelConfig
 from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.derived.model_figures import figures
-
-GIB = 1024**3
+from moesim.units import GIB
 
 
 @dataclass(frozen=True)

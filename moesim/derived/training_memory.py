@@ -39,10 +39,11 @@ from moesim.config.model import ModelConfig
 from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.config.training import TrainingWorkload
-from moesim.derived.serving_memory import GIB, serving_memory
+from moesim.derived.serving_memory import serving_memory
+from moesim.units import BF16_BYTES, GIB
 
-WEIGHT_BYTES = 2  # bf16 weights in mixed-precision training
-GRAD_BYTES = 2  # bf16 gradients
+WEIGHT_BYTES = BF16_BYTES  # bf16 weights in mixed-precision training
+GRAD_BYTES = BF16_BYTES  # bf16 gradients
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def training_memory(
     in_flight = w.microbatches if w.schedule == "gpipe" else min(p.pp, w.microbatches)
     activations = blocks * per_block * in_flight
     tokens_local = w.seq_len * w.micro_batch_sequences / p.tp
-    comm = 2 * 2 * tokens_local * m.top_k * m.d_model  # a2a send + receive buffers, bf16
+    comm = 2 * BF16_BYTES * tokens_local * m.top_k * m.d_model  # a2a send + receive buffers
     return TrainingMemory(
         device_bytes=sm.device_bytes,
         weights=int(weights),

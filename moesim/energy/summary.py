@@ -18,7 +18,7 @@ from moesim.energy.account import (
     serving_account,
     training_account,
 )
-from moesim.engine.layer_sim import LayerRecords, layer_tokens
+from moesim.engine.layer_sim import LayerRecords
 from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
 from moesim.failures.training_run import TrainingRunRecords
@@ -59,42 +59,47 @@ def account_summary(account: EnergyAccount, system: System) -> dict[str, Any]:
     }
 
 
-def energy_summary(
+def serving_energy(system: System, records: ServingRecords) -> dict[str, Any]:
+    """The ``energy`` section of a serving run (the whole run: warm-up and drain too)."""
+    account = serving_account(system, records)
+    out = account_summary(account, system)
+    total = facility(account, system.scenario.energy).total_j
+    r = records.requests
+    # energy covers the whole run (warm-up and drain included), so do these counts;
+    # the summary's top-level counts cover the measured requests only
+    out["run_output_tokens"] = int(r.generated_tokens.sum())
+    out["run_completed_requests"] = int(np.isfinite(r.finish_s).sum())
+    out["energy_per_token_j"] = _per(total, out["run_output_tokens"])
+    out["energy_per_request_j"] = _per(total, out["run_completed_requests"])
+    return out
+
+
+def training_energy(
     system: System,
-    records: LayerRecords | TrainingRecords | ServingRecords,
+    w: TrainingWorkload,
+    records: TrainingRecords,
     training_run: TrainingRunRecords | None = None,
 ) -> dict[str, Any]:
-    """The ``energy`` section for a run's records, whatever the workload; with a
-    ``training_run`` (``workload.duration_s``), the whole run's wall clock."""
-    if isinstance(records, ServingRecords):
-        account = serving_account(system, records)
-        out = account_summary(account, system)
-        total = facility(account, system.scenario.energy).total_j
-        r = records.requests
-        # energy covers the whole run (warm-up and drain included), so do these counts;
-        # the summary's top-level counts cover the measured requests only
-        out["run_output_tokens"] = int(r.generated_tokens.sum())
-        out["run_completed_requests"] = int(np.isfinite(r.finish_s).sum())
-        out["energy_per_token_j"] = _per(total, out["run_output_tokens"])
-        out["energy_per_request_j"] = _per(total, out["run_completed_requests"])
-        return out
-    if isinstance(records, TrainingRecords):
-        w = system.scenario.workload
-        assert isinstance(w, TrainingWorkload)
-        step = training_account(system, w, records)
-        step_j = facility(step, system.scenario.energy).total_j
-        if training_run is not None:
-            return _run_summary(system, step, step_j, training_run)
-        account = step.scaled(w.steps)
-        out = account_summary(account, system)
-        out["steps"] = w.steps
-        out["energy_per_step_j"] = _sig(step_j)
-        out["energy_per_token_j"] = _per(step_j, records.tokens_per_step)
-        return out
+    """The ``energy`` section of ``workload.steps`` training steps; with a
+    ``training_run`` (``workload.duration_s``), of the whole run's wall clock."""
+    step = training_account(system, w, records)
+    step_j = facility(step, system.scenario.energy).total_j
+    if training_run is not None:
+        return _run_summary(system, step, step_j, training_run)
+    account = step.scaled(w.steps)
+    out = account_summary(account, system)
+    out["steps"] = w.steps
+    out["energy_per_step_j"] = _sig(step_j)
+    out["energy_per_token_j"] = _per(step_j, records.tokens_per_step)
+    return out
+
+
+def layer_energy(system: System, records: LayerRecords, tokens: int) -> dict[str, Any]:
+    """The ``energy`` section of one simulated layer over ``tokens`` tokens."""
     account = layer_account(system, records)
     out = account_summary(account, system)
     total = facility(account, system.scenario.energy).total_j
-    out["energy_per_token_j"] = _per(total, layer_tokens(system.scenario))
+    out["energy_per_token_j"] = _per(total, tokens)
     return out
 
 

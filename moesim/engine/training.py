@@ -20,12 +20,19 @@ import simpy
 
 from moesim.config.training import TrainingWorkload
 from moesim.cost.collectives import all_reduce_s
-from moesim.cost.offload import offload_stages, optimizer_offload
+from moesim.cost.offload import (
+    ExpertStream,
+    OptimizerOffload,
+    expert_stream,
+    offload_stages,
+    optimizer_offload,
+)
 from moesim.cost.training import StageCost, block_costs, stage_costs
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import TrainingMemory, training_memory
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.system import System
+from moesim.units import BF16_BYTES
 
 
 @dataclass
@@ -51,6 +58,10 @@ class TrainingRecords:
     dispatch and combine, forward and backward (and the recomputed forward with full
     recomputation), per micro-batch; each stage's layers on stage 0's links (the stages'
     fabrics are alike)."""
+    expert_stream: ExpertStream | None = None
+    """Expert streaming per micro-batch pass (expert offloading), else None."""
+    optimizer_offload: OptimizerOffload | None = None
+    """ZeRO-Offload's host-side optimizer work for the device's shard, else None."""
 
 
 def schedule(kind: str, stages: int, stage: int, microbatches: int) -> list[tuple[str, int]]:
@@ -127,8 +138,8 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
     # bf16 gradients of this device's parameters (ZeRO 1-2 reduce-scatter then all-gather
     # them, which moves the bytes of one all-reduce)
     sm = serving_memory(m, p, s.cluster.accelerator)
-    expert_grad = 2 * sm.expert_weight_bytes // m.bytes_per_param
-    dense_grad = 2 * sm.other_weight_bytes // m.bytes_per_param
+    expert_grad = BF16_BYTES * sm.expert_weight_bytes // m.bytes_per_param
+    dense_grad = BF16_BYTES * sm.other_weight_bytes // m.bytes_per_param
     sync = all_reduce_s(system.paths, dense_group, dense_grad, _algo(w, len(dense_group)))
     sync += all_reduce_s(system.paths, expert_group, expert_grad, _algo(w, len(expert_group)))
     # optimizer: read weights, gradients and states, write weights and states, per shard
@@ -138,9 +149,17 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         else (expert_grad + dense_grad) / 2
     )
     rf = system.layer_costs.roofline
-    per_param = 2 + 2 + 2 * w.optimizer_bytes_per_param + 2
+    # read weight and gradient, read and write the states, write the weight (bf16)
+    per_param = 3 * BF16_BYTES + 2 * w.optimizer_bytes_per_param
     optimizer = float(rf.memory_s(shard_params * per_param))
+    host_opt = None
     if s.policies.offload.optimizer:  # ZeRO-Offload: the step runs on the host
+        host_params = (
+            memory.offloaded_optimizer / w.optimizer_bytes_per_param
+            if w.optimizer_bytes_per_param
+            else 0.0
+        )
+        host_opt = optimizer_offload(s, w, host_params)
         optimizer = optimizer_offload(s, w, shard_params).total_s
     tokens = p.dp * w.micro_batch_sequences * w.microbatches * w.seq_len
     moe_tokens = w.seq_len * w.micro_batch_sequences * p.dp
@@ -161,6 +180,8 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         * len(m.moe_layer_indices)
         * (3 if w.recompute == "full" else 2)
         * w.microbatches,
+        expert_stream=expert_stream(s),
+        optimizer_offload=host_opt,
     )
 
 

@@ -13,6 +13,13 @@ from moesim.config.cluster import NodesCluster, TorusCluster
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
+from moesim.config.workload import LayerWorkload
+from moesim.derived import replica_memory
+from moesim.derived.model_figures import figures
+from moesim.derived.serving_memory import devices_per_host, serving_memory
+from moesim.derived.training_memory import training_memory
+from moesim.units import GIB
+from moesim.workloads import kind_of
 
 Rule = Iterator[tuple[str, str]]
 
@@ -24,74 +31,15 @@ def check(s: Scenario) -> list[tuple[str, str]]:
         *_policies(s),
         *_catalog_refs(s),
         *_hardware(s),
-        *_serving(s),
+        *kind_of(s).rules(s),
         *_offload(s),
         *_failures(s),
     ]
 
 
-def _serving(s: Scenario) -> Rule:
-    """A served model must be decoder-only, on one pipeline stage, shardable over tp, and
-    its weights must fit each device with room for KV blocks."""
-    from moesim.derived.serving_memory import GIB, serving_memory
-
-    w, m, p = s.workload, s.model, s.parallelism
-    if not isinstance(w, ServingWorkload):
-        return
-    if m.architecture != "decoder":
-        yield "model.architecture", "serving simulates decoder-only models, got encoder_decoder"
-    if p.pp != 1:
-        yield "parallelism.pp", f"serving with pipeline parallelism is not modelled, got {p.pp}"
-    if m.heads % p.tp:
-        yield (
-            "parallelism.tp",
-            f"must divide model.heads ({m.heads}) to split attention, got {p.tp}",
-        )
-    kv = m.kv_heads_resolved
-    if m.attention != "mla" and kv % p.tp and p.tp % kv:
-        yield (
-            "parallelism.tp",
-            f"must divide model kv_heads ({kv}) or be a multiple of it, got {p.tp}",
-        )
-    if m.experts % p.ep or p.pp != 1:
-        return
-    off = s.policies.offload.experts
-    mem = serving_memory(m, p, s.cluster.accelerator, off)
-    acc = s.cluster.accelerator
-    if off is not None and (mem.cache_experts or 0) > mem.device_experts:
-        return  # the offload rule says the cache is larger than the device's experts
-    if off is not None and mem.weight_bytes >= mem.device_bytes:
-        field = "cache_experts" if off.cache_experts is not None else "cache_gib"
-        yield (
-            f"policies.offload.experts.{field}",
-            f"the expert cache does not fit in HBM: {mem.cache_experts} experts (+ "
-            f"{mem.staging_experts} staging) x {mem.expert_bytes / GIB:.3f} GiB = "
-            f"{mem.expert_weight_bytes / GIB:.1f} GiB plus "
-            f"{mem.other_weight_bytes / GIB:.1f} GiB of other weights exceed the "
-            f"{mem.device_bytes / GIB:.1f} GiB of each {acc.name}; use a smaller cache",
-        )
-    elif mem.weight_bytes >= mem.device_bytes:
-        yield (
-            "parallelism",
-            f"the weights do not fit: each {acc.name} needs {mem.weight_bytes / GIB:.1f} GiB "
-            f"({mem.expert_weight_bytes / GIB:.1f} GiB of experts over ep={p.ep}"
-            f"{f' x etp={p.etp}' if p.etp > 1 else ''}, {mem.other_weight_bytes / GIB:.1f} "
-            f"GiB of the rest over tp={p.tp}) but has {mem.device_bytes / GIB:.1f} GiB; "
-            "raise ep or tp, or use a larger device",
-        )
-    elif mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens) < 1:
-        yield (
-            "workload.kv_cache_fraction",
-            f"leaves no KV block: {mem.kv_bytes(w.kv_cache_fraction) / GIB:.3f} GiB per "
-            f"{acc.name} for {mem.kv_bytes_per_token} bytes per token x "
-            f"{w.scheduler.block_tokens} tokens per block",
-        )
-
-
 def _offload(s: Scenario) -> Rule:
     """Offloading needs a host link and room below HBM; expert offloading is modelled for
     serving and training, optimizer offloading (ZeRO-Offload) for training."""
-    from moesim.derived.serving_memory import GIB, devices_per_host, serving_memory
 
     off, w, m, p = s.policies.offload, s.workload, s.model, s.parallelism
     acc, host = s.cluster.accelerator, s.cluster.host
@@ -101,8 +49,6 @@ def _offload(s: Scenario) -> Rule:
     if off.optimizer and not isinstance(w, TrainingWorkload):
         yield f"{where}.optimizer", f"optimizer offloading applies to training, not {w.kind}"
     if off.optimizer and isinstance(w, TrainingWorkload) and m.experts % p.ep == 0:
-        from moesim.derived.training_memory import training_memory
-
         states = training_memory(m, p, acc, w).optimizer * devices_per_host(s.cluster)
         if states > host.dram_gib * GIB:
             yield (
@@ -155,7 +101,6 @@ def _cache_size(s: Scenario) -> Rule:
     device's experts (``blocks x experts / ep``: that many keeps every one resident);
     a larger one is rejected, not clamped (it usually means a cache sized for the whole
     model rather than one device)."""
-    from moesim.derived.serving_memory import GIB, serving_memory
 
     e, m, p, acc = s.policies.offload.experts, s.model, s.parallelism, s.cluster.accelerator
     if e is None or m.experts % p.ep:
@@ -198,7 +143,6 @@ def _cache_size(s: Scenario) -> Rule:
 def _offload_training(s: Scenario, w: TrainingWorkload) -> Rule:
     """Training streams every uncached expert each pass from host DRAM, and updates the
     streamed experts there: it needs ZeRO-Offload, and no NVMe tier or prefetch."""
-    from moesim.derived.serving_memory import GIB, devices_per_host, serving_memory
 
     e, m, p = s.policies.offload.experts, s.model, s.parallelism
     assert e is not None
@@ -352,12 +296,6 @@ def _failures(s: Scenario) -> Rule:
         return
     import math
 
-    from moesim.config.cluster import NodesCluster as _Nodes
-    from moesim.config.training import TrainingWorkload
-    from moesim.config.workload import LayerWorkload
-    from moesim.derived import replica_memory
-    from moesim.derived.serving_memory import GIB, serving_memory
-
     w, m, p = s.workload, s.model, s.parallelism
     n = s.cluster.devices
     if isinstance(w, LayerWorkload):
@@ -374,7 +312,7 @@ def _failures(s: Scenario) -> Rule:
         elif proc.devices is not None:
             for j, d in enumerate(proc.devices):
                 yield from device(f"failures.devices[{i}].devices[{j}]", d)
-    has_nic = isinstance(s.cluster, _Nodes) and s.cluster.fabric.kind != "none"
+    has_nic = isinstance(s.cluster, NodesCluster) and s.cluster.fabric.kind != "none"
     for i, link in enumerate(f.links):
         yield from device(f"failures.links[{i}].device", link.device)
         if link.link == "nic" and not has_nic:
@@ -496,8 +434,6 @@ def _failures(s: Scenario) -> Rule:
 def _expert_stack_bytes(s: Scenario) -> int:
     """One expert's weights over the MoE blocks of a stage, on one device."""
     import math
-
-    from moesim.derived.model_figures import figures
 
     f, p = figures(s.model), s.parallelism
     blocks = math.ceil(f.moe_layers / p.pp)

@@ -8,6 +8,7 @@ from moesim.config.training import TrainingWorkload
 from moesim.derived.model_figures import figures
 from moesim.engine.training import TrainingRecords
 from moesim.system import System
+from moesim.units import BF16_BYTES, GIB
 
 
 def _ms(seconds: float) -> float:
@@ -74,9 +75,7 @@ def training_summary(system: System, w: TrainingWorkload, rec: TrainingRecords) 
 def _stream_summary(system: System, rec: TrainingRecords) -> dict[str, Any]:
     """Expert streaming per micro-batch pass (its excess over the pass's own time is
     inside the breakdown's ``compute``)."""
-    from moesim.cost.offload import expert_stream
-
-    st = expert_stream(system.scenario)
+    st = rec.expert_stream
     if st is None:
         return {}
     passes = [x for stage in rec.stages for x in (stage.fwd_s, stage.bwd_s)]
@@ -91,18 +90,16 @@ def optimizer_offload_summary(
     system: System, w: TrainingWorkload, rec: TrainingRecords
 ) -> dict[str, Any]:
     """ZeRO-Offload's part of the step (its total is the breakdown's ``other``)."""
-    from moesim.cost.offload import optimizer_offload
-    from moesim.derived.serving_memory import GIB
-
     host = rec.memory.offloaded_optimizer
     params = host / w.optimizer_bytes_per_param if w.optimizer_bytes_per_param else 0.0
-    o = optimizer_offload(system.scenario, w, params)
+    o = rec.optimizer_offload
+    assert o is not None  # the summary asks for this section only with optimizer offload
     return {
         "optimizer_on_host_gib": round(host / GIB, 3),
         "grad_d2h_ms": _ms(o.grad_d2h_s),
         "cpu_step_ms": _ms(o.cpu_step_s),
         "param_h2d_ms": _ms(o.param_h2d_s),
-        "bytes_over_host_link_gib": round(2 * 2 * params / GIB, 3),
+        "bytes_over_host_link_gib": round(2 * BF16_BYTES * params / GIB, 3),
         **_stream_summary(system, rec),
     }
 

@@ -145,15 +145,15 @@ def _run_point(
     """One point's summary and wall time (runs in a worker process). ``costs`` memoizes
     serving points' MoE layer costs by the sections they depend on (in-process runs)."""
     from moesim.api import run
-    from moesim.config.serving import ServingWorkload
     from moesim.engine.layer_sim import simulated_layer_cost
     from moesim.loader import load_scenario
     from moesim.system import build_system
+    from moesim.workloads import kind_of
 
     t0 = time.perf_counter()
     scenario = load_scenario(base, list(overrides))
     moe_cost = None
-    if costs is not None and isinstance(scenario.workload, ServingWorkload):
+    if costs is not None and kind_of(scenario).shares_layer_cost():
         dump = scenario.model_dump(mode="json", include=set(LAYER_COST_KEYS))
         key = hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
         if key not in costs:

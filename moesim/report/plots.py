@@ -1,0 +1,136 @@
+"""The workload plots of ``report.md``: pure functions of a run's summary and records that
+draw onto figures handed to them (``add(name, title, draw)``), so they never write files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moesim.engine.serving import ServingRecords
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+AddPlot = Callable[[str, str, "Callable[[Figure], None]"], None]
+
+
+def layer_plots(s: dict[str, Any], add: AddPlot) -> None:
+    """Expert load and busy time per device of one layer."""
+    load = s["expert_load"]
+    cap = s.get("capacity_per_expert")
+
+    def experts(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        ax.bar(range(len(load)), load, color="C0")
+        if cap:
+            ax.axhline(cap, color="C3", ls="--", label=f"capacity {cap}")
+            ax.legend()
+        ax.set_xlabel("expert")
+        ax.set_ylabel("token choices processed")
+
+    add("expert_load", "Expert load (what each expert processed)", experts)
+    busy = s["device_time_ms"]
+
+    def devices(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        ax.bar(range(len(busy)), busy, color="C1")
+        ax.axhline(s["time_ms"], color="k", ls=":", label="layer time")
+        ax.set_xlabel("device")
+        ax.set_ylabel("busy time (ms)")
+        ax.legend()
+
+    add("device_time", "Busy time per device", devices)
+
+
+def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) -> None:
+    """Batch size over time, TTFT over time around failure windows, the TTFT CDF."""
+    it, req = rec.iterations, rec.requests
+    if len(it.start_s):
+        end = it.start_s + it.duration_s
+
+        bins = np.linspace(0.0, float(end[-1]), min(200, len(end)) + 1)
+        mid = (bins[:-1] + bins[1:]) / 2
+        count = np.histogram(end, bins)[0]
+        seen = count > 0
+
+        def mean_per_bin(values: np.ndarray) -> np.ndarray:
+            total = np.histogram(end, bins, weights=values.astype(float))[0]
+            return np.asarray(total[seen] / count[seen])
+
+        def batches(fig: Figure) -> None:
+            ax = fig.add_subplot()
+            ax.plot(mid[seen], mean_per_bin(it.batch_tokens), lw=1, label="tokens")
+            ax.plot(mid[seen], mean_per_bin(it.running_seqs), lw=1, label="sequences")
+            ax.set_xlabel("simulated time (s)")
+            ax.set_ylabel("per iteration (mean)")
+            ax.legend()
+
+        add("batches", "Batch size over time", batches)
+    done = np.isfinite(req.first_token_s)
+    windows = (summary.get("failures") or {}).get("windows") or []
+    if windows and done.any():
+        arrival = req.arrival_s[done]
+        first = (req.first_token_s[done] - arrival) * 1e3
+
+        def over_time(fig: Figure) -> None:
+            ax = fig.add_subplot()
+            colors = {"device_failure": "C3", "straggler": "C1", "link": "C4"}
+            for wdw in windows:
+                ax.axvspan(
+                    wdw["start_s"],
+                    wdw["end_s"],
+                    color=colors.get(wdw["kind"], "0.6"),
+                    alpha=0.2,
+                    label=wdw["kind"].replace("_", " "),
+                )
+            ax.scatter(arrival, first, s=3, color="C0", label="requests")
+            ax.set_yscale("log")
+            ax.set_xlabel("arrival (simulated s)")
+            ax.set_ylabel("time to first token (ms)")
+            handles, labels = ax.get_legend_handles_labels()
+            unique = dict(zip(labels, handles))
+            ax.legend(unique.values(), unique.keys(), fontsize=7)
+
+        add("ttft_over_time", "Time to first token over the run, failure windows shaded", over_time)
+    ttft = (req.first_token_s - req.arrival_s)[done] * 1e3
+    if len(ttft):
+
+        def latency(fig: Figure) -> None:
+            ax = fig.add_subplot()
+            x = np.sort(ttft)
+            ax.plot(x, np.arange(1, len(x) + 1) / len(x))
+            ax.set_xscale("log")
+            ax.set_xlabel("time to first token (ms)")
+            ax.set_ylabel("fraction of requests")
+            ax.grid(alpha=0.3)
+
+        add("ttft_cdf", "Time to first token (CDF, all requests)", latency)
+
+
+def training_plots(s: dict[str, Any], add: AddPlot) -> None:
+    """Where a step goes, and per-stage times with pipeline parallelism."""
+    parts = s["breakdown_ms"]
+
+    def breakdown(fig: Figure) -> None:
+        ax = fig.add_subplot()
+        ax.barh(list(parts), list(parts.values()), color="C2")
+        ax.set_xlabel("ms per step")
+
+    add("breakdown", "Where a training step goes", breakdown)
+    stages = s.get("stage_ms") or []
+    if len(stages) > 1:
+
+        def per_stage(fig: Figure) -> None:
+            ax = fig.add_subplot()
+            x = np.arange(len(stages))
+            fwd = [st["forward"] for st in stages]
+            bwd = [st["backward"] for st in stages]
+            ax.bar(x, fwd, label="forward")
+            ax.bar(x, bwd, bottom=fwd, label="backward")
+            ax.set_xlabel("pipeline stage")
+            ax.set_ylabel("ms per micro-batch")
+            ax.legend()
+
+        add("stages", "Per-stage time of one micro-batch", per_stage)

@@ -1,0 +1,55 @@
+"""The ``layer`` workload kind: one MoE layer forward pass over T tokens, simulated once
+(teaching and calibration)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moesim.config.scenario import Scenario
+from moesim.config.workload import LayerWorkload
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.energy.summary import layer_energy
+from moesim.engine.layer_sim import LayerRecords, simulate_layer
+from moesim.report.plots import layer_plots
+from moesim.report.summary import layer_summary
+from moesim.report.table import layer_table
+from moesim.report.trace import chrome_trace
+from moesim.system import System
+from moesim.workloads.base import AddPlot, Rule, Simulated
+
+
+def _tokens(scenario: Scenario) -> int:
+    w = scenario.workload
+    assert isinstance(w, LayerWorkload)  # the registry picked this kind by its type
+    return w.tokens
+
+
+class LayerKind:
+    """One MoE layer on stage 0's devices."""
+
+    name = "layer"
+
+    def rules(self, scenario: Scenario) -> Rule:
+        yield from ()
+
+    def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
+        return Simulated(simulate_layer(system))
+
+    def shares_layer_cost(self) -> bool:
+        return False
+
+    def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
+        return layer_summary(system, sim.records)
+
+    def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
+        return layer_energy(system, sim.records, _tokens(system.scenario))
+
+    def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
+        rec: LayerRecords = sim.records
+        return {"trace.json": chrome_trace(rec.timeline.intervals, system.topology.devices)}
+
+    def table(self, summary: dict[str, Any]) -> str:
+        return layer_table(summary)
+
+    def plots(self, summary: dict[str, Any], sim: Simulated, add: AddPlot) -> None:
+        layer_plots(summary, add)

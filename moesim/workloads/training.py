@@ -1,0 +1,67 @@
+"""The ``training`` workload kind: one simulated training step, scaled to ``steps``, or a
+run over ``duration_s`` with checkpoints, failures and restarts around that step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moesim.config.scenario import Scenario
+from moesim.config.training import TrainingWorkload
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.energy.summary import training_energy
+from moesim.engine.training import TrainingRecords, simulate_training
+from moesim.failures.training_run import simulate_training_run
+from moesim.report.failures import training_failure_trace, training_failures_summary
+from moesim.report.plots import training_plots
+from moesim.report.trace import pipeline_trace
+from moesim.report.training import training_summary, training_table
+from moesim.system import System
+from moesim.workloads.base import AddPlot, Rule, Simulated
+
+
+def _workload(scenario: Scenario) -> TrainingWorkload:
+    w = scenario.workload
+    assert isinstance(w, TrainingWorkload)  # the registry picked this kind by its type
+    return w
+
+
+class TrainingKind:
+    """DP/TP/PP/EP training steps (see moesim.engine.training)."""
+
+    name = "training"
+
+    def rules(self, scenario: Scenario) -> Rule:
+        yield from ()
+
+    def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
+        w = _workload(system.scenario)
+        records = simulate_training(system, w)
+        run = simulate_training_run(system, w, records) if w.duration_s is not None else None
+        return Simulated(records, run)
+
+    def shares_layer_cost(self) -> bool:
+        return False
+
+    def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
+        w = _workload(system.scenario)
+        summary = training_summary(system, w, sim.records)
+        if sim.run is not None:
+            summary["failures"] = training_failures_summary(system, w, sim.run)
+        return summary
+
+    def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
+        return training_energy(system, _workload(system.scenario), sim.records, sim.run)
+
+    def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
+        r: TrainingRecords = sim.records
+        step = pipeline_trace(r.ops, len(r.stages), r.grad_sync_s, r.optimizer_s, r.pipeline_s)
+        if sim.run is None:
+            return {"trace.json": step}
+        devices = system.topology.devices
+        return {"step_trace.json": step, "trace.json": training_failure_trace(sim.run, devices)}
+
+    def table(self, summary: dict[str, Any]) -> str:
+        return training_table(summary)
+
+    def plots(self, summary: dict[str, Any], sim: Simulated, add: AddPlot) -> None:
+        training_plots(summary, add)
