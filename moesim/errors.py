@@ -56,3 +56,7 @@ def dotted(path: Iterable[object]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+EXIT_SCENARIO_ERROR = 2
+"""Exit status of a command that met bad input (the located errors are on stderr)."""

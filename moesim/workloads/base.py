@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moesim.config.scenario import Scenario
-from moesim.cost.layer_cost import MoELayerCost
-from moesim.system import System
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from moesim.cost.layer_cost import MoELayerCost
+    from moesim.system import System
 
 Rule = Iterator[tuple[str, str]]
 """Cross-field problems as ``(field path, message)``; the loader locates them."""

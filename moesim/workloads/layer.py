@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
-from moesim.cost.layer_cost import MoELayerCost
-from moesim.energy.summary import layer_energy
-from moesim.engine.layer_sim import LayerRecords, simulate_layer
-from moesim.report.plots import layer_plots
-from moesim.report.summary import layer_summary
-from moesim.report.table import layer_table
-from moesim.report.trace import chrome_trace
-from moesim.system import System
 from moesim.workloads.base import AddPlot, Rule, Simulated
+
+if TYPE_CHECKING:
+    from moesim.cost.layer_cost import MoELayerCost
+    from moesim.system import System
 
 
 def _tokens(scenario: Scenario) -> int:
@@ -33,23 +29,36 @@ class LayerKind:
         yield from ()
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
+        from moesim.engine.layer_sim import simulate_layer
+
         return Simulated(simulate_layer(system))
 
     def shares_layer_cost(self) -> bool:
         return False
 
     def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.report.summary import layer_summary
+
         return layer_summary(system, sim.records)
 
     def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.energy.summary import layer_energy
+
         return layer_energy(system, sim.records, _tokens(system.scenario))
 
     def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
+        from moesim.engine.layer_sim import LayerRecords
+        from moesim.report.trace import chrome_trace
+
         rec: LayerRecords = sim.records
         return {"trace.json": chrome_trace(rec.timeline.intervals, system.topology.devices)}
 
     def table(self, summary: dict[str, Any]) -> str:
+        from moesim.report.table import layer_table
+
         return layer_table(summary)
 
     def plots(self, summary: dict[str, Any], sim: Simulated, add: AddPlot) -> None:
+        from moesim.report.plots import layer_plots
+
         layer_plots(summary, add)

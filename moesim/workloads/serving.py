@@ -3,20 +3,17 @@ arrivals, with expert offloading and failures where the scenario has them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
-from moesim.cost.layer_cost import MoELayerCost
 from moesim.derived.serving_memory import serving_memory
-from moesim.energy.summary import serving_energy
-from moesim.engine.serving import ServingRecords, simulate_serving
-from moesim.report.failures import serving_failure_trace, serving_failures_summary
-from moesim.report.plots import serving_plots
-from moesim.report.serving import serving_summary, serving_table
-from moesim.system import System
 from moesim.units import GIB
 from moesim.workloads.base import AddPlot, Rule, Simulated
+
+if TYPE_CHECKING:
+    from moesim.cost.layer_cost import MoELayerCost
+    from moesim.system import System
 
 
 class ServingKind:
@@ -80,21 +77,31 @@ class ServingKind:
             )
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
+        from moesim.engine.serving import simulate_serving
+
         return Simulated(simulate_serving(system, moe_cost))
 
     def shares_layer_cost(self) -> bool:
         return True
 
     def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.report.failures import serving_failures_summary
+        from moesim.report.serving import serving_summary
+
         summary = serving_summary(system, sim.records)
         if sim.records.failures is not None:
             summary["failures"] = serving_failures_summary(system, sim.records)
         return summary
 
     def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.energy.summary import serving_energy
+
         return serving_energy(system, sim.records)
 
     def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
+        from moesim.engine.serving import ServingRecords
+        from moesim.report.failures import serving_failure_trace
+
         rec: ServingRecords = sim.records
         if rec.failures is None:
             return {}
@@ -104,7 +111,11 @@ class ServingKind:
         return {"trace.json": trace}
 
     def table(self, summary: dict[str, Any]) -> str:
+        from moesim.report.serving import serving_table
+
         return serving_table(summary)
 
     def plots(self, summary: dict[str, Any], sim: Simulated, add: AddPlot) -> None:
+        from moesim.report.plots import serving_plots
+
         serving_plots(summary, sim.records, add)

@@ -3,20 +3,15 @@ run over ``duration_s`` with checkpoints, failures and restarts around that step
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesim.config.scenario import Scenario
 from moesim.config.training import TrainingWorkload
-from moesim.cost.layer_cost import MoELayerCost
-from moesim.energy.summary import training_energy
-from moesim.engine.training import TrainingRecords, simulate_training
-from moesim.failures.training_run import simulate_training_run
-from moesim.report.failures import training_failure_trace, training_failures_summary
-from moesim.report.plots import training_plots
-from moesim.report.trace import pipeline_trace
-from moesim.report.training import training_summary, training_table
-from moesim.system import System
 from moesim.workloads.base import AddPlot, Rule, Simulated
+
+if TYPE_CHECKING:
+    from moesim.cost.layer_cost import MoELayerCost
+    from moesim.system import System
 
 
 def _workload(scenario: Scenario) -> TrainingWorkload:
@@ -34,6 +29,9 @@ class TrainingKind:
         yield from ()
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
+        from moesim.engine.training import simulate_training
+        from moesim.failures.training_run import simulate_training_run
+
         w = _workload(system.scenario)
         records = simulate_training(system, w)
         run = simulate_training_run(system, w, records) if w.duration_s is not None else None
@@ -43,6 +41,9 @@ class TrainingKind:
         return False
 
     def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.report.failures import training_failures_summary
+        from moesim.report.training import training_summary
+
         w = _workload(system.scenario)
         summary = training_summary(system, w, sim.records)
         if sim.run is not None:
@@ -50,9 +51,15 @@ class TrainingKind:
         return summary
 
     def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
+        from moesim.energy.summary import training_energy
+
         return training_energy(system, _workload(system.scenario), sim.records, sim.run)
 
     def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
+        from moesim.engine.training import TrainingRecords
+        from moesim.report.failures import training_failure_trace
+        from moesim.report.trace import pipeline_trace
+
         r: TrainingRecords = sim.records
         step = pipeline_trace(r.ops, len(r.stages), r.grad_sync_s, r.optimizer_s, r.pipeline_s)
         if sim.run is None:
@@ -61,7 +68,11 @@ class TrainingKind:
         return {"step_trace.json": step, "trace.json": training_failure_trace(sim.run, devices)}
 
     def table(self, summary: dict[str, Any]) -> str:
+        from moesim.report.training import training_table
+
         return training_table(summary)
 
     def plots(self, summary: dict[str, Any], sim: Simulated, add: AddPlot) -> None:
+        from moesim.report.plots import training_plots
+
         training_plots(summary, add)

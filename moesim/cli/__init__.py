@@ -1,0 +1,213 @@
+"""The ``moesim`` command line: run, check, schema, presets, show.
+
+Heavy libraries (simpy, scipy, networkx, matplotlib) are imported only by the commands that
+need them, so ``--help``, ``check`` and ``schema`` answer quickly. Scenario errors print as
+``file:line:col: field.path: message`` on stderr and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from moesim import __version__
+from moesim.cli import calibrate, catalog, simulate
+from moesim.cli.calibrate import FIT_MODELS
+from moesim.errors import EXIT_SCENARIO_ERROR, ScenarioError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moesim",
+        description="A discrete-event simulator of Mixture-of-Experts systems.",
+    )
+    p.add_argument("--version", action="version", version=f"moesim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def scenario_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("scenario", help="scenario YAML file")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override a field, e.g. --set model.top_k=1 (repeatable; YAML values)",
+        )
+        sp.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+
+    r = sub.add_parser("run", help="simulate a scenario and write a run folder")
+    scenario_args(r)
+    r.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="parent of run folders (default: the scenario's output.dir, 'reports')",
+    )
+    r.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
+    r.add_argument("--no-write", action="store_true", help="do not write a run folder")
+    r.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.md with plots and the inputs' sources into the run folder",
+    )
+
+    cmp = sub.add_parser("compare", help="run two scenarios and show their summaries side by side")
+    cmp.add_argument("a", help="scenario A")
+    cmp.add_argument("b", help="scenario B")
+    cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="F=V",
+        help="override applied to both scenarios (repeatable)",
+    )
+    cmp.add_argument("--seed", type=int, default=None)
+    cmp.add_argument("--json", action="store_true", help="print both summaries as JSON")
+
+    c = sub.add_parser("check", help="validate a scenario without running it")
+    scenario_args(c)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the scenario language")
+    sc.add_argument(
+        "--resolved",
+        action="store_true",
+        help="the schema of a resolved scenario (a run folder's scenario.yaml) instead of "
+        "the one of files as written (presets by name, include, hf_config)",
+    )
+
+    pr = sub.add_parser("presets", help="list the built-in presets")
+    pr.add_argument(
+        "kind", nargs="?", choices=["accelerators", "links", "switches", "clusters", "models"]
+    )
+
+    ca = sub.add_parser("calibrate", help="measure a device and fit a cost-model profile")
+    ca.add_argument(
+        "--backend",
+        choices=["numpy", "torch"],
+        help="measure this host (numpy) or a CUDA GPU (torch)",
+    )
+    ca.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.jsonl",
+        help="fit from measurements taken elsewhere (e.g. on a GPU machine)",
+    )
+    ca.add_argument(
+        "--size",
+        choices=["ci", "full"],
+        default="full",
+        help="numpy: how much to measure (ci: under a minute)",
+    )
+    ca.add_argument("--out", metavar="PROFILE.yaml", help="where to write the profile")
+    ca.add_argument("--measurements", metavar="FILE.jsonl", help="also keep the raw records")
+    ca.add_argument(
+        "--fit-models",
+        default=",".join(FIT_MODELS),
+        help="models whose measured layers fit the routing glue (held out of the fidelity report)",
+    )
+    ca.add_argument(
+        "--collectives",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="measured collectives to fit as well (repeatable)",
+    )
+    ca.add_argument("--seed", type=int, default=0, help="seed of the measured inputs")
+
+    fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
+    fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")
+    fi.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.jsonl",
+        help="use layers measured elsewhere (moesim.calibrate.torch_bench)",
+    )
+    fi.add_argument(
+        "--size",
+        choices=["ci", "full"],
+        default="full",
+        help="numpy: how many held-out layers to measure (ci: under a minute)",
+    )
+    fi.add_argument(
+        "--profile",
+        metavar="PROFILE.yaml",
+        help="the profile to predict with (default: the device's shipped one)",
+    )
+    fi.add_argument(
+        "--exclude", default=",".join(FIT_MODELS), help="models to leave out (the calibration set)"
+    )
+    fi.add_argument("--markdown", metavar="FILE.md", help="write the table as Markdown")
+    fi.add_argument("--measurements", metavar="FILE.jsonl", help="keep the raw records")
+    fi.add_argument("--title", help="title of the Markdown section")
+    fi.add_argument(
+        "--seed", type=int, default=0, help="first seed of the simulator's routing samples"
+    )
+
+    sh = sub.add_parser("show", help="show one preset with its derived figures")
+    sh.add_argument("kind", choices=["accelerator", "link", "switch", "cluster", "model"])
+    sh.add_argument("name")
+
+    sw = sub.add_parser(
+        "sweep", help="run many variants of a scenario (resumable), with a Pareto front"
+    )
+    sw.add_argument("sweep", help="sweep file (YAML): base scenario, grid/zip, metrics")
+    sw.add_argument("--workers", type=int, help="runs at once (default: the file's workers)")
+    sw.add_argument("--out", help="parent of sweeps/<name>/ (default: the file's output_dir)")
+    sw.add_argument("--fresh", action="store_true", help="rerun points already finished")
+    sw.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    cap = sub.add_parser(
+        "capacity", help="the highest arrival rate a serving scenario sustains within its SLO"
+    )
+    scenario_args(cap)
+    cap.add_argument("--target", type=float, default=0.99, help="share of requests within SLO")
+    cap.add_argument("--start-rate", type=float, help="first rate tried (default: the file's)")
+    cap.add_argument("--max-rate", type=float, default=1e4, help="stop growing at this rate")
+    cap.add_argument("--tolerance", type=float, default=0.05, help="relative bracket width")
+    cap.add_argument(
+        "--seeds", type=int, default=1, help="arrival samples a rate must pass (worst counts)"
+    )
+    cap.add_argument("--json", action="store_true", help="print the probes as JSON")
+
+    im = sub.add_parser(
+        "import-model",
+        help="turn a Hugging Face config.json into a model definition (YAML) with its figures",
+    )
+    im.add_argument(
+        "config",
+        help="path to a config.json (mixtral, qwen2_moe, qwen3_moe, "
+        "deepseek_v2, deepseek_v3, olmoe, dbrx)",
+    )
+    im.add_argument("--name", help="model name (default: the config's folder name)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = {
+            "run": simulate.run,
+            "check": simulate.check,
+            "schema": catalog.schema,
+            "presets": catalog.presets,
+            "show": catalog.show,
+            "calibrate": calibrate.calibrate,
+            "compare": simulate.compare,
+            "fidelity": calibrate.fidelity,
+            "import-model": catalog.import_model,
+            "sweep": simulate.sweep,
+            "capacity": simulate.capacity,
+        }[args.command]
+        return handler(args)
+    except ScenarioError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    except BrokenPipeError:  # e.g. `moesim schema | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The simulating commands: run, compare, check, capacity, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from moesim.errors import EXIT_SCENARIO_ERROR
+
+
+def load(args: argparse.Namespace) -> Any:
+    from moesim.loader import load_scenario
+
+    return load_scenario(args.scenario, args.overrides, args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.api import run
+
+    scenario = load(args)
+    result = run(scenario)
+    run_dir = None if args.no_write else result.write(args.out)
+    if args.report and run_dir is None:
+        print("moesim: --report needs a run folder; ignored with --no-write", file=sys.stderr)
+    if run_dir is not None and args.report:
+        result.write_report(run_dir)
+    if args.json:
+        print(json.dumps(result.summary, indent=2, sort_keys=True))
+        if run_dir is not None:
+            print(f"run folder: {run_dir}", file=sys.stderr)
+    else:
+        print(result.table())
+        from moesim.energy.summary import energy_lines
+
+        if result.summary.get("energy"):
+            print(energy_lines(result.summary))
+        if result.summary.get("failures"):
+            from moesim.report.failures import failures_lines
+
+            print(failures_lines(result.summary))
+        if run_dir is not None:
+            print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from moesim.api import run
+    from moesim.loader import load_scenario
+    from moesim.report.compare import compare_table
+
+    a = load_scenario(args.a, args.overrides, args.seed)
+    b = load_scenario(args.b, args.overrides, args.seed)
+    sa, sb = run(a).summary, run(b).summary
+    if args.json:
+        print(json.dumps({"a": sa, "b": sb}, indent=2, sort_keys=True))
+    else:
+        print(compare_table(sa, sb, f"A: {args.a}", f"B: {args.b}"))
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    s = load(args)
+    print(f"{args.scenario}: ok ({s.model.name} on {s.cluster.name}, workload {s.workload.kind})")
+    return 0
+
+
+def capacity(args: argparse.Namespace) -> int:
+    from moesim.sweep.capacity import Probe, capacity_table, find_capacity
+
+    if not 0 < args.target <= 1 or args.tolerance <= 0 or args.seeds < 1:
+        print(
+            "moesim: --target must be in (0, 1], --tolerance > 0 and --seeds >= 1",
+            file=sys.stderr,
+        )
+        return EXIT_SCENARIO_ERROR
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+
+    def progress(p: Probe) -> None:
+        if not args.json:
+            state = "ok" if p.feasible else "misses the SLO"
+            print(
+                f"  {p.rate_per_s:.4g} req/s: {p.attainment:.1%} within SLO, {state}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result = find_capacity(
+        args.scenario,
+        overrides,
+        args.target,
+        args.start_rate,
+        args.max_rate,
+        args.tolerance,
+        progress,
+        args.seeds,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "target": result.target,
+                    "capacity_rate_per_s": result.best.rate_per_s if result.best else None,
+                    "probes": [
+                        {
+                            "rate_per_s": p.rate_per_s,
+                            "feasible": p.feasible,
+                            "slo_attainment": p.attainment,
+                            "summary": p.summary,
+                        }
+                        for p in result.probes
+                    ],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        print(capacity_table(result))
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from moesim.sweep import run_sweep
+    from moesim.sweep.report import pareto_plot, sweep_table
+
+    if args.workers is not None and args.workers < 1:
+        print("moesim: --workers must be >= 1", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = run_sweep(
+            args.sweep, args.workers, args.out, args.fresh, None if args.quiet else progress
+        )
+    except KeyboardInterrupt:
+        print(
+            "\nmoesim: interrupted; finished points are saved, run again to resume", file=sys.stderr
+        )
+        return 130
+    print(sweep_table(result))
+    if pareto_plot(result, result.folder / "pareto.png"):
+        print(f"Pareto plot: {result.folder / 'pareto.png'}")
+    return 0
