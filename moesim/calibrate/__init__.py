@@ -1,1 +1,2 @@
-"""Measurement harnesses that calibrate moesim against real hardware."""
+"""Measuring and fitting: harnesses on this host and on GPUs, profiles fitted from records, and
+fidelity tables. Uses api, loader, system, engine, cost, reference, catalog, config."""

@@ -1,2 +1,2 @@
-"""Energy and carbon: per-device power by state (``power``), energy of a run's timeline
-(``account``) and the summary section (``summary``)."""
+"""Energy and carbon, pure functions of records: power by state, device-seconds and joules,
+the summary section. Uses failures, engine records, system, cost, catalog, config."""

@@ -1,4 +1,5 @@
-"""From files to a validated Scenario: read, include, override, expand presets, validate."""
+"""From files to a validated Scenario: read, include, override, expand presets, validate, run the
+cross-field rules. Uses workloads (their rules), derived, catalog, config, errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Sweeps: many runs of one base scenario, executed in parallel, resumable, with Pareto
-fronts (:mod:`moesim.config.sweep` describes the file)."""
+"""Sweeps: many runs of one base scenario, in parallel, resumable, with Pareto fronts and capacity
+searches (:mod:`moesim.config.sweep` describes the file). Uses api, loader, workloads, report."""
 
 from moesim.sweep.runner import SweepResult, load_sweep, run_sweep
 
