@@ -16,18 +16,13 @@ import moesim
 from moesim.config.failures import FailuresConfig
 from moesim.cost.iteration import IterationCost
 from moesim.engine.layer_sim import simulate_routed_layer, simulated_layer_cost
-from moesim.engine.serving import simulate_serving
 from moesim.engine.training import simulate_training
 from moesim.errors import ScenarioError
-from moesim.failures.core import (
-    FailedMoECost,
-    FailureState,
-    ServingFailures,
-    build_plan,
-    degraded_system,
-    device_events,
-    unreachable,
-)
+from moesim.failures.cost import FailedMoECost
+from moesim.failures.degraded import degraded_system, unreachable
+from moesim.failures.plan import build_plan, device_events
+from moesim.failures.serving import ServingFailures, simulate_serving_with_failures
+from moesim.failures.state import FailureState
 from moesim.failures.training_run import checkpoint_bytes, expected, simulate_training_run
 from moesim.loader import load_scenario, scenario_from_dict
 from moesim.report.failures import (
@@ -146,7 +141,8 @@ def test_reroute_drops_nothing_and_moves_load_to_the_live_experts() -> None:
     d = {**PAIR, "failures": _fail_one("reroute")}
     system = build_system(scenario_from_dict(d))
     dead = frozenset({1})
-    cost = FailedMoECost(degraded_system(system, FailureState(dead)), dead=dead, mode="reroute")
+    sys_f = degraded_system(system, FailureState(dead))
+    cost = FailedMoECost(sys_f, simulated_layer_cost(system), dead=dead, mode="reroute")
     tokens, k = 512, system.scenario.model.top_k
     routing, over, rer, lost = cost.route(tokens, 0)
     owner = system.layout.owner
@@ -167,7 +163,7 @@ def test_replica_conserves_slots_and_loads_the_replica_device() -> None:
     system = build_system(scenario_from_dict(d))
     dead = frozenset({1})
     sys_f = degraded_system(system, FailureState(dead))
-    cost = FailedMoECost(sys_f, dead=dead, mode="replica")
+    cost = FailedMoECost(sys_f, simulated_layer_cost(system), dead=dead, mode="replica")
     routing, over, _, lost = cost.route(256, 0)
     lay = sys_f.layout
     assert lost == 0 and over > 0
@@ -196,7 +192,7 @@ def test_requests_wait_for_a_recovery_when_every_rank_is_down() -> None:
             "recovery": {"repair_s": 2.0},
         },
     }
-    rec = simulate_serving(build_system(scenario_from_dict(one)))
+    rec = simulate_serving_with_failures(build_system(scenario_from_dict(one)))
     starts = rec.iterations.start_s
     assert not np.any((starts >= 1.0) & (starts < 3.0))
     assert np.any(starts < 1.0) and np.any(starts >= 3.0)
@@ -221,11 +217,11 @@ def test_a_straggler_slows_the_lock_step_iteration_by_its_factor() -> None:
         }
         system = build_system(scenario_from_dict(d))
         base = IterationCost(system, simulated_layer_cost(system))
-        sf = ServingFailures(system, base, 10.0)
+        sf = ServingFailures(system, 10.0)
         assert sf.plan.states[0].slow == ((0, 1.5),)
         n = par["dp"]
         args = ([2048] * n, [2048.0 * 2049 / 2] * n, [2048] * n, [1] * n)
-        slow = sf.time(*args).total_s
+        slow = sf.iteration_time(base, *args).total_s
         ref = base.time(*args).total_s
         if exact:
             assert slow == pytest.approx(1.5 * ref, rel=1e-12)
@@ -365,7 +361,7 @@ def test_serving_stalls_until_the_failure_is_noticed() -> None:
     """No iteration starts between the failure (2 s) and its detection (2.5 s)."""
     f = _fail_one("drop")
     f["recovery"]["detect_s"] = 0.5
-    rec = simulate_serving(build_system(scenario_from_dict({**PAIR, "failures": f})))
+    rec = simulate_serving_with_failures(build_system(scenario_from_dict({**PAIR, "failures": f})))
     starts = rec.iterations.start_s
     assert not np.any((starts >= 2.0) & (starts < 2.5))
     assert rec.failures is not None
@@ -437,10 +433,8 @@ def test_a_training_straggler_stretches_every_step() -> None:
     run_l, _ = _training_run(slow_links, step_s=2.0)
     base = simulate_training(system, system.scenario.workload).step_s
     d = {**TRAIN, "failures": slow_links}
-    from moesim.failures.core import FailureState as FS
-
     degraded = degraded_system(
-        build_system(scenario_from_dict(d)), FS(links=((0, "scale_up", 0.25),))
+        build_system(scenario_from_dict(d)), FailureState(links=((0, "scale_up", 0.25),))
     )
     slow_step = simulate_training(degraded, degraded.scenario.workload).step_s
     assert slow_step >= base
@@ -685,7 +679,7 @@ def test_a_cut_off_device_in_a_tp_group_is_dead_not_a_crash() -> None:
             "recovery": {"on_expert_loss": "reroute"},
         },
     }
-    rec = simulate_serving(build_system(scenario_from_dict(d)))
+    rec = simulate_serving_with_failures(build_system(scenario_from_dict(d)))
     assert rec.failures is not None
     assert [st.dead for st in rec.failures.plan.states] == [frozenset(), {3}, frozenset()]
     assert rec.failures.rerouted_fraction.max() > 0 and rec.failures.lost_fraction.max() == 0
@@ -736,7 +730,7 @@ def test_serving_phases_follow_the_failure_window_not_the_state() -> None:
     f = _fail_one("drop")
     f["stragglers"] = [{"device": 0, "slowdown": 2.0, "from_s": 4.0, "until_s": 4.5}]
     system = build_system(scenario_from_dict({**PAIR, "failures": f}))
-    rec = simulate_serving(system)
+    rec = simulate_serving_with_failures(system)
     summary = serving_failures_summary(system, rec)
     assert summary["windows"] == [
         {
@@ -778,7 +772,7 @@ def test_goodput_counts_slo_meeting_requests_within_the_window() -> None:
         if slo is not None:
             d["workload"] = {**base["workload"], "slo": {"ttft_ms": slo[0], "tpot_ms": slo[1]}}
         system = build_system(scenario_from_dict(d))
-        rec = simulate_serving(system)
+        rec = simulate_serving_with_failures(system)
         runs[name] = (rec, serving_summary(system, rec), serving_failures_summary(system, rec))
     rec, top, f = runs["none"]
     r = rec.requests
@@ -795,7 +789,7 @@ def test_goodput_counts_slo_meeting_requests_within_the_window() -> None:
     d = {**base, "failures": _fail_one("drop")}
     d["workload"] = {**base["workload"], "slo": {"ttft_ms": target_s * 1e3, "tpot_ms": 1e6}}
     system = build_system(scenario_from_dict(d))
-    rec = simulate_serving(system)
+    rec = simulate_serving_with_failures(system)
     r = rec.requests
     good = (
         (r.arrival_s >= 0.5) & (r.finish_s <= 5.0) & ((r.first_token_s - r.arrival_s) <= target_s)

@@ -471,6 +471,11 @@ class ExpertOffload:
         t.stall_s.append(stall)
         return stall
 
+    @property
+    def records(self) -> ExpertOffload:
+        """What a serving run's records keep: the caches and their totals (this object)."""
+        return self
+
     def stall_for(self, now_s: float, tokens: int, it: IterationTime) -> float:
         """:meth:`step` with the per-layer times of a costed serving iteration."""
         n_moe = len(self.moe_layers)
@@ -567,10 +572,22 @@ class ExpertOffload:
         }
 
 
-def expert_offload(system: System) -> ExpertOffload | None:
-    """The scenario's expert offloading, or None when every expert stays in HBM."""
+class NoOffload:
+    """Every expert stays in HBM: nothing is copied, no iteration stalls (the serving
+    loop's no-op in place of an :class:`ExpertOffload`)."""
+
+    records: None = None
+    """Nothing for a serving run's records."""
+
+    def stall_for(self, now_s: float, tokens: int, it: IterationTime) -> float:
+        return 0.0
+
+
+def expert_offload(system: System) -> ExpertOffload | NoOffload:
+    """The scenario's expert offloading: its caches, or :class:`NoOffload` when every
+    expert stays in HBM."""
     cfg = system.scenario.policies.offload.experts
-    return None if cfg is None else ExpertOffload(system, cfg)
+    return NoOffload() if cfg is None else ExpertOffload(system, cfg)
 
 
 # --- training: streamed experts and ZeRO-Offload ------------------------------------

@@ -46,11 +46,7 @@ from moesim.cost.offload import ExpertOffload, expert_offload
 from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
 from moesim.engine.layer_sim import simulated_layer_cost
-from moesim.failures.core import (
-    ServingFailureRecords,
-    ServingFailures,
-    kv_blocks_with_replicas,
-)
+from moesim.engine.serving_hooks import HealthyServing, ServingHooks
 from moesim.system import System
 
 DRAIN_CAP = 10.0
@@ -125,9 +121,11 @@ class ServingRecords:
     offload: ExpertOffload | None = None
     """The expert caches and their totals when experts are offloaded (``iterations``'
     durations include the stalls)."""
-    failures: ServingFailureRecords | None = None
-    """Failure events, the state of each iteration and the requests moved or lost
-    (scenarios with a ``failures`` section; see :mod:`moesim.failures.core`)."""
+    failures: Any = None
+    """What the serving hooks recorded: with failures, a
+    :class:`moesim.failures.serving.ServingFailureRecords` (failure events, the state of
+    each iteration and the requests moved or lost); None without. Typed loosely because
+    the engine sits below the failures package."""
     moe_link_bytes: np.ndarray | None = None
     """Bytes each topology edge carried in the MoE all-to-alls of the whole run (every
     iteration's MoE layers at its batch size, the healthy system's expected traffic)."""
@@ -180,7 +178,7 @@ def arrival_times(w: ServingWorkload, seed: int) -> tuple[np.ndarray, np.ndarray
 class _Server:
     """The SimPy side: arrivals feed the ranks' queues; the server loop runs iterations."""
 
-    def __init__(self, system: System, moe_cost: MoELayerCost | None) -> None:
+    def __init__(self, system: System, moe_cost: MoELayerCost | None, hooks: ServingHooks) -> None:
         s = system.scenario
         w = s.workload
         assert isinstance(w, ServingWorkload)
@@ -189,9 +187,10 @@ class _Server:
         mem = serving_memory(
             s.model, s.parallelism, s.cluster.accelerator, s.policies.offload.experts
         )
-        self.kv_blocks = mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens)
-        if s.failures is not None:  # standby expert replicas take KV memory
-            self.kv_blocks = kv_blocks_with_replicas(s, mem)
+        self.hooks = hooks
+        self.kv_blocks = hooks.kv_blocks(
+            mem, mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens)
+        )
         t, prompt, output = arrival_times(w, s.seed)
         self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
         self.ranks = [
@@ -202,11 +201,6 @@ class _Server:
         )
         self.offload = expert_offload(system)
         self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
-        self.faults = (
-            ServingFailures(system, self.cost, DRAIN_CAP * w.duration_s)
-            if s.failures is not None
-            else None
-        )
         self.rejected = np.zeros(len(t), dtype=bool)
         self.env = simpy.Environment()
         self.wake: simpy.Event | None = None
@@ -219,14 +213,13 @@ class _Server:
         for rid, t in enumerate(st.arrival_s):
             if t > env.now:
                 yield env.timeout(t - env.now)
-            r = self.faults.rank_for(env.now) if self.faults is not None else rid % self.dp
+            r = self.hooks.rank_for(rid, env.now)
             rank = self.ranks[r if r is not None else 0]
             if rank.blocks_for(st.prompt[rid] + st.output[rid]) > self.kv_blocks:
                 self.rejected[rid] = True
                 continue
-            if r is None:  # failures left no live rank: it waits for a recovery
-                assert self.faults is not None
-                self.faults.hold(rid)
+            if r is None:  # no rank can take it now (failures): the hooks hold it
+                self.hooks.hold(rid)
             else:
                 self.rank_of[rid] = r
                 self.ranks[r].waiting.append(rid)
@@ -239,13 +232,12 @@ class _Server:
     def serve(self, cap_s: float) -> Generator[simpy.Event, Any, None]:
         env = self.env
         while env.now < cap_s:
-            if self.faults is not None:
-                wait = self.faults.advance(env.now, self.ranks, self.state, self.rank_of)
-                if wait > 0:  # every rank is down: wait for a recovery
-                    if env.now + wait >= cap_s:
-                        return
-                    yield env.timeout(wait)
-                    continue
+            wait = self.hooks.advance(env.now, self.ranks, self.state, self.rank_of)
+            if wait > 0:  # no rank can run (failures): wait for a recovery
+                if env.now + wait >= cap_s:
+                    return
+                yield env.timeout(wait)
+                continue
             if not any(r.busy for r in self.ranks):
                 if self.arrivals_done:
                     return
@@ -257,14 +249,15 @@ class _Server:
             tokens = [b.tokens for b in batches]
             if not any(tokens):  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
-            it = (self.faults.time if self.faults is not None else self.cost.time)(
+            it = self.hooks.iteration_time(
+                self.cost,
                 tokens,
                 [b.keys for b in batches],
                 [b.kv_read_tokens for b in batches],
                 [b.sampled for b in batches],
             )
             used = [r.used_blocks for r in self.ranks]
-            stall = self.offload.stall_for(start, sum(tokens), it) if self.offload else 0.0
+            stall = self.offload.stall_for(start, sum(tokens), it)
             yield env.timeout(it.total_s + stall)
             sampled = sum(r.complete(b, env.now) for r, b in zip(self.ranks, batches))
             decodes = sum(b.decodes for b in batches)
@@ -339,8 +332,8 @@ class _Server:
             drained=bool(np.all(np.isfinite(req.finish_s[served]))),
             sim_events=events,
             moe_evaluations=self.cost.moe_cost.evaluations,
-            offload=self.offload,
-            failures=self.faults.records(n) if self.faults is not None else None,
+            offload=self.offload.records,
+            failures=self.hooks.records(n),
             moe_link_bytes=self._moe_link_bytes(it.batch_tokens),
         )
 
@@ -356,7 +349,14 @@ class _Server:
         return np.asarray(total * self.cost.n_moe)
 
 
-def simulate_serving(system: System, moe_cost: MoELayerCost | None = None) -> ServingRecords:
+def simulate_serving(
+    system: System, moe_cost: MoELayerCost | None = None, hooks: ServingHooks | None = None
+) -> ServingRecords:
     """Run a ``serving`` scenario. ``moe_cost`` may be shared between runs of systems whose
-    cluster, model, layout, routing, policies and seed agree (its memo stays valid)."""
-    return _Server(system, moe_cost).run()
+    cluster, model, layout, routing, policies and seed agree (its memo stays valid).
+    ``hooks``: what fails during the run (:mod:`moesim.engine.serving_hooks`; nothing when
+    None). A scenario's ``failures`` section is played by
+    :func:`moesim.failures.serving.simulate_serving_with_failures`, which builds them."""
+    if hooks is None:
+        hooks = HealthyServing(system.scenario.parallelism.dp)
+    return _Server(system, moe_cost, hooks).run()

@@ -3,7 +3,7 @@ restarts (the ``failures`` section and ``workload.duration_s``).
 
 The step itself comes from :func:`moesim.engine.training.simulate_training` (one step,
 simulated); this module plays the run around it, a plain event loop over the failure
-plan of :mod:`moesim.failures.core` (no SimPy: nothing here shares a resource):
+plan of :mod:`moesim.failures.plan` (no SimPy: nothing here shares a resource):
 
 - the job runs steps of ``step_s`` (times the slowest straggler's factor: the data-
   parallel ranks synchronize every step; with degraded links the step is simulated again
@@ -43,7 +43,9 @@ from moesim.config.training import TrainingWorkload
 from moesim.derived.model_figures import figures
 from moesim.derived.training_memory import WEIGHT_BYTES
 from moesim.engine.training import TrainingRecords, simulate_training
-from moesim.failures.core import HOUR, FailurePlan, FailureState, build_plan, degraded_system
+from moesim.failures.degraded import degraded_system
+from moesim.failures.plan import HOUR, build_plan
+from moesim.failures.state import FailurePlan, FailureState
 from moesim.system import System
 
 

@@ -44,7 +44,8 @@ import numpy as np
 from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
 from moesim.engine.serving import ServingRecords
-from moesim.failures.core import FailurePlan, ServingFailureRecords
+from moesim.failures.serving import ServingFailureRecords
+from moesim.failures.state import FailurePlan
 from moesim.failures.training_run import TrainingRunRecords, expected
 from moesim.report.serving import _r, _stats_ms, latencies_s, measured_mask
 from moesim.system import System

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from moesim.engine.moe_layer import Interval
 
 if TYPE_CHECKING:
-    from moesim.failures.core import FailurePlan
+    from moesim.failures.state import FailurePlan
 
 
 def chrome_trace(intervals: list[Interval], device_names: tuple[str, ...]) -> dict[str, Any]:
