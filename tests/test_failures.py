@@ -172,6 +172,25 @@ def test_replica_conserves_slots_and_loads_the_replica_device() -> None:
     assert routing.tokens_per_rank[1] == 0  # the dead DP rank holds no tokens
 
 
+def test_failure_cost_link_bytes_are_the_degraded_routings() -> None:
+    """The failure cost's link bytes come from the failed-over routing on the degraded
+    system: with device 1 dead and its experts dropped, rank 0 keeps every token and
+    sends none (its experts are local), where the healthy layer crosses the link."""
+    d = {**PAIR, "failures": _fail_one("drop")}
+    system = build_system(scenario_from_dict(d))
+    dead = frozenset({1})
+    sys_f = degraded_system(system, FailureState(dead))
+    healthy = simulated_layer_cost(system)
+    cost = FailedMoECost(sys_f, healthy, dead=dead, mode="drop")
+    for tokens in (64, 300):  # a bucket, and between two buckets
+        bytes_f = cost.link_bytes(tokens)
+        assert bytes_f.shape == (sys_f.paths.bandwidth_gbps.shape[0],)
+        assert bytes_f.sum() == 0.0
+        assert healthy.link_bytes(tokens).sum() > 0.0
+    assert cost.evaluations == 3 and cost.sim_events > 0  # 64, and the two around 300
+    assert cost.time_s(256) == cost.sample(256).time_s > 0
+
+
 def test_without_replicas_drop_loses_tokens_and_lose_loses_requests() -> None:
     """on_rank_loss: lose drops the failed rank's requests; requeue keeps them all."""
     lose = _fail_one("drop")
