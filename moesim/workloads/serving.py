@@ -77,9 +77,9 @@ class ServingKind:
             )
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
-        from moesim.engine.serving import simulate_serving
+        from moesim.failures.serving import simulate_serving_with_failures
 
-        return Simulated(simulate_serving(system, moe_cost))
+        return Simulated(simulate_serving_with_failures(system, moe_cost))
 
     def shares_layer_cost(self) -> bool:
         return True
