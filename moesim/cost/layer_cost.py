@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -61,6 +62,29 @@ class LayerRun:
 
 LayerSimulator = Callable[[System, LayerRouting], LayerRun]
 """Prices one routed layer on a system (the engine's flow-level layer simulation)."""
+
+
+class LayerCostModel(Protocol):
+    """What workloads ask of an MoE layer's cost: the interface an engine preset, a padded
+    expert kernel, a routing trace or a failure state plugs into (``MoELayerCost`` is the
+    simulated one; ``moesim.failures.cost.FailedMoECost`` wraps it for a failure state)."""
+
+    def sample(self, tokens: int) -> LayerSample:
+        """Expected time, dropped fraction and all-to-all share of one layer of ``tokens``."""
+        ...
+
+    def time_s(self, tokens: int) -> float:
+        """Expected time of one layer of ``tokens`` tokens."""
+        ...
+
+    def link_bytes(self, tokens: int) -> np.ndarray:
+        """Expected bytes per topology edge of one layer of ``tokens`` tokens."""
+        ...
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct batch sizes priced so far."""
+        ...
 
 
 def bucket_points(tokens: int) -> tuple[int, int]:

@@ -1,101 +1,18 @@
-"""Offloading: an HBM expert cache per device fed from host DRAM / NVMe (serving; streamed
-experts in training), and the optimizer step on the host (ZeRO-Offload, training).
-
-**Tiers and rates.** Each device owns ``experts / ep`` experts of every MoE block (its etp
-shard of each). An HBM cache holds ``cache`` of them (``policies.offload.experts``; at most
-all of them, which the config rules enforce, and then nothing is ever copied); every
-expert also lives in host DRAM, or, when ``dram_gib`` caps the DRAM given to experts, on
-NVMe with DRAM caching the rest under the same policy. Copying one expert takes
-
-``latency + expert_bytes / rate``
-
-with the host link's one-hop latency (``latency_us`` of the accelerator's ``host_link``
-preset) and per-device rates (all devices of a host load in the same layer, since EP
-ranks run in lock-step, so they share the host's DRAM and NVMe bandwidth):
-
-- DRAM -> HBM: ``min(link, host.dram_bandwidth_gbps / devices_per_host)``, where ``link``
-  is the host link's measured rate where the catalog has it, else its datasheet rate
-  (:func:`moesim.topology.graph.rate`; PCIe Gen5 x16: 55 GB/s measured pinned on H100),
-  times :func:`pageable_fraction` for pageable host buffers;
-- NVMe -> HBM: ``min(the DRAM rate, host.nvme_read_gbps / devices_per_host)``.
-
-**Which experts an iteration touches.** For each MoE block in order, the iteration's
-tokens (split evenly over the expert-data-parallel groups; one group is simulated, the
-others behave alike) choose ``top_k`` experts each by Gumbel-top-k from the run's
-popularity (the same ``"popularity"`` stream as the expected layer cost), rotated by the
-routing ``drift`` at the iteration's start time. Sampling is vectorized over blocks and
-stops as soon as every expert of a block is touched (more tokens cannot change the set);
-beyond 128 tokens a block's still-untouched (rare) experts are drawn from their per-token
-inclusion probability (:func:`touched_experts`).
-
-**Cache policies.** The cache is split evenly over the MoE blocks (as Mixtral-
-offloading, Eliseev & Mazur 2023, keeps k experts per layer: one cache over all blocks,
-visited cyclically, would evict each block's experts just before they come round again).
-At start-up each part is filled hottest first (a server loads its weights before
-serving), so a cache that holds every expert never misses. ``lru`` admits every miss
-and evicts the block's least recently used expert. ``lfu`` counts the layer executions
-that used each expert over the whole run, resident or not ("perfect" LFU), and admits a
-miss only when its count exceeds that of the block's least frequently used resident
-expert (ties by recency), which it evicts: admitting every miss would, in a part of one
-or two slots, evict a hot expert for each cold one a layer touches (the hot one is
-fetched back the next time), so LFU would thrash like LRU; with the admission test the
-cache converges to each block's most used experts, i.e. to ``static`` under stationary
-routing (under drift it follows the moving hot set only as the new hot experts' run
-counts overtake the old ones'). ``static`` pins each block's hottest experts
-(popularity at time 0) and never evicts. Misses that do not stay (static, an LFU miss
-not admitted, or a part smaller than the layer's need) stream through staging buffers
-of one block's experts (two with prefetch: the current and the next block), which
-:mod:`moesim.derived.serving_memory` counts in HBM. Experts the current layer needs are
-not evicted for its own misses or prefetches while others can go; the DRAM tier under a
-``dram_gib`` cap is split and managed the same way.
-
-**Timing of one iteration** (per device; the layer ends on the slowest device, as the EP
-all-to-all couples them). Layer ``l`` starts its MoE part at ``c`` (after attention), and
-its MoE time ``m`` is that of the expected-cost model, split evenly over the experts it
-touches on the device. Misses are copied one after another on the copy engine from
-``max(c, copy engine free)``; a resident expert is ready at ``c`` (or when its prefetch
-lands). With ``overlap``, experts compute in order of readiness, each as soon as it is
-ready and the previous one is done, so resident experts hide the misses' copies; without
-it, the layer computes only once all have arrived. With ``prefetch``, at ``c`` the device
-also queues copies of the experts it predicts for the next MoE block (each used expert is
-predicted with probability ``accuracy``; the wrong guesses are other experts of the
-device), which land in the cache behind this layer's misses; the first MoE block's
-predictions are queued at the start of the iteration, during the first attention. The
-stall of a layer is its end minus ``c + m``; the iteration's stall is the sum over
-layers, added to its time.
-
-**Counting uses.** Each use (one expert of one layer on one device) is exactly one of: an
-HBM hit (the expert is in HBM at ``c``: resident, or prefetched and landed), in flight (a
-prefetch of it is still being copied at ``c``: the use waits for it, so it is no hit),
-a DRAM miss or an NVMe miss (a demand copy); ``hit_rate`` gives their shares, which add
-to 1, and only the last three can stall a layer.
-
-**Training.** A micro-batch of thousands of tokens uses every expert, so a stage's device
-copies all its uncached experts in for each forward and each backward pass (their bf16
-gradients leave over the other direction of the link meanwhile); with ``overlap`` only the
-copy time beyond the pass's own time adds (:func:`offload_stages`). The streamed experts'
-optimizer states and update live on the host, so this requires ZeRO-Offload
-(:func:`optimizer_offload`): gradients out, a CPU Adam step at host DRAM bandwidth,
-weights back in, once per step.
-"""
+"""Serving with offloaded experts: per-device HBM expert caches (static / LRU / LFU) over host
+DRAM and NVMe, the experts each iteration touches, copies overlapped with compute and
+prefetch, and the stall each iteration pays (``NoOffload`` when nothing is offloaded)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim import rng
-from moesim.catalog import hardware
 from moesim.config.offload import ExpertOffloadConfig
-from moesim.config.scenario import Scenario
-from moesim.config.training import TrainingWorkload
 from moesim.cost.iteration import IterationTime
 from moesim.derived.serving_memory import (
     GIB,
@@ -105,56 +22,11 @@ from moesim.derived.serving_memory import (
 )
 from moesim.routing.distributions import layer_popularities, popularity_at
 from moesim.system import System
-from moesim.topology.graph import rate
 
 if TYPE_CHECKING:
-    from moesim.cost.training import StageCost
+    pass
 
-MEASUREMENTS = "h100_sxm_primitives.jsonl"
-"""The catalog measurement file with pinned and pageable host-to-device copies."""
-
-
-@cache
-def pageable_fraction() -> float:
-    """Pageable / pinned host-to-device copy rate: the ratio of the largest measured copies
-    of each kind in ``moesim/catalog/measurements/h100_sxm_primitives.jsonl`` (1 GiB:
-    19.06 / 54.88 GB/s = 0.347 on an H100's PCIe Gen5 x16)."""
-    path = resources.files("moesim.catalog") / "measurements" / MEASUREMENTS
-    best: dict[str, tuple[int, float]] = {}
-    for line in path.read_text("utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if rec.get("kind") != "h2d":
-            continue
-        mem, size = str(rec["mem"]), int(rec["bytes"])
-        if mem not in best or size > best[mem][0]:
-            best[mem] = (size, float(rec["gbps"]))
-    return best["pageable"][1] / best["pinned"][1]
-
-
-@dataclass(frozen=True)
-class TierRates:
-    """Copy rates into one device's HBM, bytes/s, and the per-copy latency, s."""
-
-    dram_bps: float
-    nvme_bps: float
-    latency_s: float
-
-
-def tier_rates(s: Scenario, host_memory: str = "pinned") -> TierRates:
-    """Per-device DRAM -> HBM and NVMe -> HBM rates (see the module docstring)."""
-    acc = s.cluster.accelerator
-    if acc.host_link is None:
-        raise ValueError(f"{acc.name} has no host_link: offloading needs one")
-    link = hardware.link(acc.host_link)
-    share = devices_per_host(s.cluster)
-    pcie = rate(link) * (pageable_fraction() if host_memory == "pageable" else 1.0)
-    host = s.cluster.host
-    dram = min(pcie, host.dram_bandwidth_gbps / share)
-    nvme = min(dram, host.nvme_read_gbps / share)
-    return TierRates(dram * 1e9, nvme * 1e9, link.latency_us * 1e-6)
-
+from moesim.cost.offload.tiers import tier_rates
 
 EXACT_TOKENS = 128
 """Tokens per block sampled exactly (Gumbel-top-k) before the tail estimate takes over."""
@@ -591,86 +463,3 @@ def expert_offload(system: System) -> ExpertOffload | NoOffload:
 
 
 # --- training: streamed experts and ZeRO-Offload ------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertStream:
-    """Experts a training stage streams per micro-batch pass, and the copy time, seconds."""
-
-    streamed_experts: int
-    """Experts of the stage's device outside its cache (a training micro-batch of
-    thousands of tokens uses every expert, so every one of them is copied in each pass)."""
-    copy_s: float
-    """Copying them in once (forward; in backward the same, with their bf16 gradients going
-    out over the other direction of the full-duplex link at the same time)."""
-
-
-def expert_stream(s: Scenario) -> ExpertStream | None:
-    """The per-pass expert streaming of a training scenario, None without expert offload."""
-    cfg = s.policies.offload.experts
-    if cfg is None:
-        return None
-    mem = serving_memory(s.model, s.parallelism, s.cluster.accelerator, cfg)
-    n = mem.device_experts - min(mem.device_experts, mem.cache_experts or 0)
-    r = tier_rates(s, cfg.host_memory)
-    return ExpertStream(n, n * (r.latency_s + mem.expert_bytes / r.dram_bps))
-
-
-def offload_stages(system: System, stages: list[StageCost]) -> list[StageCost]:
-    """Training stage costs with expert streaming: each forward and backward pass of a
-    micro-batch copies the stage's uncached experts in (:func:`expert_stream`); with
-    ``overlap`` the copies run under the pass's compute and only the excess adds, else
-    they add in full."""
-    s = system.scenario
-    stream = expert_stream(s)
-    cfg = s.policies.offload.experts
-    if stream is None or cfg is None:
-        return stages
-    c = stream.copy_s
-
-    def extra(pass_s: float) -> float:
-        return max(0.0, c - pass_s) if cfg.overlap else c
-
-    return [
-        replace(st, fwd_s=st.fwd_s + extra(st.fwd_s), bwd_s=st.bwd_s + extra(st.bwd_s))
-        for st in stages
-    ]
-
-
-@dataclass(frozen=True)
-class OptimizerOffload:
-    """One training step's optimizer work on the host (ZeRO-Offload), seconds."""
-
-    grad_d2h_s: float
-    """bf16 gradients of the device's optimizer shard, device to host over the host link."""
-    cpu_step_s: float
-    """The CPU Adam step over the host's shards at host DRAM bandwidth."""
-    param_h2d_s: float
-    """Updated bf16 weights of the shard, host to device."""
-    host_bytes: float
-    """Host DRAM holding the optimizer states of one host's devices."""
-
-    @property
-    def total_s(self) -> float:
-        """Costed one after another (conservative: ZeRO-Offload overlaps the gradient
-        copy with the backward pass, which this does not model)."""
-        return self.grad_d2h_s + self.cpu_step_s + self.param_h2d_s
-
-
-def optimizer_offload(s: Scenario, w: TrainingWorkload, shard_params: float) -> OptimizerOffload:
-    """ZeRO-Offload costs of one step for a device whose optimizer shard has
-    ``shard_params`` parameters (Ren et al., "ZeRO-Offload", USENIX ATC 2021): gradients
-    out (2 bytes per parameter), a CPU Adam step reading the fp32 states and the gradient
-    and writing the states and the bf16 weights (``2 x optimizer_bytes_per_param + 2 + 2``
-    bytes per parameter, over the host's devices, at ``host.dram_bandwidth_gbps``), and
-    the weights back in (2 bytes per parameter); transfers at the host link's rate."""
-    rates = tier_rates(s)
-    share = devices_per_host(s.cluster)
-    grad_bytes = 2.0 * shard_params
-    cpu_bytes = share * shard_params * (2 * w.optimizer_bytes_per_param + 4)
-    return OptimizerOffload(
-        grad_d2h_s=rates.latency_s + grad_bytes / rates.dram_bps,
-        cpu_step_s=cpu_bytes / (s.cluster.host.dram_bandwidth_gbps * 1e9),
-        param_h2d_s=rates.latency_s + grad_bytes / rates.dram_bps,
-        host_bytes=share * shard_params * w.optimizer_bytes_per_param,
-    )
