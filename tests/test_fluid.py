@@ -1,5 +1,6 @@
-"""The analytic all-to-all for large exchanges (moesim.cost.fluid, FlowNetwork.transfer_bulk,
-moesim.engine.bulk_exchange) against closed forms and the exact flow-by-flow simulation."""
+"""The analytic all-to-all for large exchanges (moesim.cost.fluid, the networks' batch
+pricing, BatchedFlowNetwork, moesim.engine.bulk_exchange) against closed forms and the exact
+flow-by-flow simulation; the network back-end chosen per layer."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import simpy
 from moesim import rng
 from moesim.cost.fluid import batch_finish_s
 from moesim.engine.bulk_exchange import BulkExchange
-from moesim.engine.layer_sim import simulate_routed_layer
-from moesim.engine.moe_layer import critical_path
-from moesim.engine.network import FlowNetwork
+from moesim.engine.layer_sim import layer_network, simulate_routed_layer
+from moesim.engine.moe_layer import critical_path, dispatch_messages, traffic_arrays
+from moesim.engine.network import EXACT_FLOWS, BatchedFlowNetwork, FlowNetwork
 from moesim.loader import load_scenario, scenario_from_dict
 from moesim.routing.distributions import popularity
 from moesim.routing.route import route_layer
@@ -209,7 +210,7 @@ def test_large_layers_use_the_bulk_exchange_by_default() -> None:
 @pytest.mark.parametrize("a2a", ["deepep", "hierarchical"])
 def test_relayed_all_to_all_in_batches_agrees_with_exact(a2a: str) -> None:
     """Hierarchical and DeepEP-style exchanges priced in per-instant batches
-    (``FlowNetwork.bulk``) against the flow-by-flow simulation: DeepSeek-V3, EP 32 over 4
+    (``BatchedFlowNetwork``) against the flow-by-flow simulation: DeepSeek-V3, EP 32 over 4
     H800 nodes (rail-optimized IB). Layer time within 2%, each phase within 3% (measured
     0.3-1.5% when written)."""
     from moesim.loader import load_scenario
@@ -236,3 +237,72 @@ def test_relayed_all_to_all_in_batches_agrees_with_exact(a2a: str) -> None:
     for phase in ("dispatch", "combine"):
         assert p_bulk[phase] == pytest.approx(p_exact[phase], rel=0.03)
     assert ev_bulk < ev_exact  # batches, not a re-rating per flow
+
+
+def _arrivals(net: FlowNetwork | BatchedFlowNetwork, flows: list[tuple[int, int, float]]):
+    env = net.env
+    arrived = np.zeros(len(flows))
+    for i, ev in enumerate(net.transfer_many(flows)):
+        ev.callbacks.append(lambda _, i=i: arrived.__setitem__(i, env.now))
+    env.run()
+    return arrived
+
+
+def test_batched_network_prices_an_instant_as_one_batch() -> None:
+    """Flows started at one instant (over several calls) on a ``BatchedFlowNetwork`` are one
+    batch: one pricing, each delivery at its batch-priced arrival (``transfer_bulk``)."""
+    system = build_system(scenario_from_dict(DGX))
+    flows = [(s, d, 1e5 * (1 + s + d)) for s, d in itertools.permutations(range(8), 2)]
+    env = simpy.Environment()
+    net = BatchedFlowNetwork(env, system.paths)
+    arrived = np.zeros(len(flows))
+    half = len(flows) // 2
+    for part, offset in ((flows[:half], 0), (flows[half:], half)):
+        for i, ev in enumerate(net.transfer_many(part), start=offset):
+            ev.callbacks.append(lambda _, i=i: arrived.__setitem__(i, env.now))
+    env.run()
+    assert net.events == 1
+    np.testing.assert_allclose(arrived, _bulk_arrivals(system, flows), rtol=1e-12)
+    assert net.sent_bytes == pytest.approx(sum(b for _, _, b in flows))
+
+
+def test_flow_network_batching_window_is_relative_to_its_start() -> None:
+    """More than ``EXACT_FLOWS`` flows in flight: completions are batched within a window
+    that is a fraction of the network's elapsed time, not of the absolute clock, so the
+    same flows started an hour into a run arrive after the same delays: to the clock's
+    resolution there (a float at 3600 s is 4.5e-13 s apart; an absolute window of 1% of
+    3600 s would finish every flow in the first round)."""
+    system = build_system(scenario_from_dict(DGX))
+    gen = np.random.default_rng(7)
+    pairs = list(itertools.permutations(range(8), 2)) * 6
+    flows = [(s, d, float(gen.uniform(0.5e6, 2e6))) for s, d in pairs]
+    assert len(flows) > EXACT_FLOWS
+    delays, events = [], []
+    for start in (0.0, 3600.0):
+        env = simpy.Environment(initial_time=start)
+        env.run(until=start + 1e-3)  # the network is built, and used, later than t = start
+        net = FlowNetwork(env, system.paths)
+        env.run(until=start + 2e-3)
+        delays.append(_arrivals(net, flows) - (start + 2e-3))
+        events.append(net.events)
+    np.testing.assert_allclose(delays[1], delays[0], rtol=0, atol=16 * np.spacing(3600.0))
+    assert delays[1].max() == pytest.approx(delays[0].max(), rel=1e-9)
+    assert events[0] == events[1] < len(flows)  # the window did batch completions
+
+
+def test_layer_network_is_chosen_by_message_count() -> None:
+    """Each simulated layer builds its own network: batched from ``bulk_a2a_min_flows``
+    messages a phase, flow by flow below; ``dispatch_messages`` counts without building
+    the message arrays."""
+    s = load_scenario("scenarios/deepseek-v3-ep32-h800.yaml", ["parallelism.a2a=hierarchical"])
+    system = build_system(s)
+    pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+    routing = route_layer(
+        rng.stream(s.seed, "routing", 0), pop, system.layout, 2048, s.model, s.policies
+    )
+    n = dispatch_messages(routing, system.layout)
+    assert n == len(traffic_arrays(routing, system.layout, 0)[0])
+    for min_flows, kind in ((n, BatchedFlowNetwork), (n + 1, FlowNetwork)):
+        costs = dataclasses.replace(system.layer_costs, bulk_a2a_min_flows=min_flows)
+        chosen = dataclasses.replace(system, layer_costs=costs)
+        assert type(layer_network(simpy.Environment(), chosen, routing)) is kind

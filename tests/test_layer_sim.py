@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moesim
+from moesim import rng
 from moesim.catalog import hardware
+from moesim.engine.layer_sim import simulate_routed_layer
+from moesim.engine.moe_layer import critical_path
 from moesim.loader import load_scenario
+from moesim.routing.distributions import popularity
+from moesim.routing.route import route_layer
+from moesim.system import build_system
 from moesim.topology.graph import rate
 
 QUICK = Path(__file__).resolve().parent.parent / "scenarios" / "quickstart.yaml"
@@ -152,3 +160,42 @@ def test_run_folder_reproduces(tmp_path: Path) -> None:
     assert again == json.loads((run_dir / "summary.json").read_text())
     trace = json.loads((run_dir / "trace.json").read_text())
     assert any(e.get("name") == "experts" for e in trace["traceEvents"])
+
+
+@pytest.mark.parametrize(
+    ("a2a", "min_flows"),
+    [("direct", None), ("hierarchical", 0)],
+    ids=["flow-by-flow", "batched"],
+)
+def test_layer_time_does_not_depend_on_when_it_starts(a2a: str, min_flows: int | None) -> None:
+    """A layer simulated from t = 0 and the same layer an hour into a run (t = 3600 s) take
+    the same time and critical path, within 1e-9 relative: DeepSeek-V3 EP 32 (1,024 messages
+    a phase; flow by flow, with more than ``EXACT_FLOWS`` in flight so completions are
+    batched, and on the batched network)."""
+    s = load_scenario("scenarios/deepseek-v3-ep32-h800.yaml", [f"parallelism.a2a={a2a}"])
+    system = build_system(s)
+    if min_flows is not None:
+        costs = dataclasses.replace(system.layer_costs, bulk_a2a_min_flows=min_flows)
+        system = dataclasses.replace(system, layer_costs=costs)
+    pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+    routing = route_layer(
+        rng.stream(s.seed, "routing", 0),
+        pop,
+        system.layout,
+        1024,
+        s.model,
+        s.policies,
+        system.expert_node,
+    )
+    at_0 = simulate_routed_layer(system, routing)
+    later = simulate_routed_layer(system, routing, start_s=3600.0)
+    assert later.time_s == pytest.approx(at_0.time_s, rel=1e-9)
+    assert later.network_events == at_0.network_events
+    # each phase is a difference of two clock readings, exact to the clock's resolution
+    # at 3600 s (4.5e-13 s)
+    path_0, path_later = critical_path(at_0.timeline), critical_path(later.timeline)
+    for phase, seconds in path_0.items():
+        tol = 16 * np.spacing(3600.0)
+        assert path_later[phase] == pytest.approx(seconds, rel=1e-9, abs=tol), phase
+    assert min(at_0.timeline.gate_end_s.values()) > 0.0  # the clock did start at 0 ...
+    assert min(later.timeline.gate_end_s.values()) > 3600.0  # ... and an hour later

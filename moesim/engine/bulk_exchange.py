@@ -8,16 +8,17 @@ receiver waits for all its messages) but prices the messages analytically:
 
 - the sources that send at the same simulated instant form one batch (an all-to-all's
   sources usually start together, right after their gates), priced in one vectorized pass
-  of :meth:`moesim.engine.network.FlowNetwork.transfer_bulk` (per-link fair sharing,
+  of :meth:`moesim.engine.netapi.Network.transfer_routed` (per-link fair sharing,
   :mod:`moesim.cost.fluid`); later batches queue behind the links' backlog;
 - each receiver gets one event, at the arrival of its last message.
 
 Only the ``direct`` algorithm is modelled this way; relayed exchanges (hierarchical,
 deepep) keep their per-flow delivery events (a relay forwards once its contributions are
-in) but, above the same size, the network prices their flows in per-instant batches
-(:attr:`moesim.engine.network.FlowNetwork.bulk`). The MoE layer switches to this exchange
-above a message count (:attr:`moesim.cost.layer_inputs.LayerCosts.bulk_a2a_min_flows`);
-``tests/test_fluid.py`` compares the two where both run.
+in) but, above the same size, run on a network built to price their flows in per-instant
+batches (:class:`moesim.engine.network.BatchedFlowNetwork`). The MoE layer switches to
+this exchange above a message count
+(:attr:`moesim.cost.layer_inputs.LayerCosts.bulk_a2a_min_flows`); ``tests/test_fluid.py``
+compares the two where both run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import simpy
 
-from moesim.engine.network import FlowNetwork
+from moesim.engine.netapi import Network
 
 
 class BulkExchange:
@@ -36,7 +37,7 @@ class BulkExchange:
     def __init__(
         self,
         env: simpy.Environment,
-        net: FlowNetwork,
+        net: Network,
         src: np.ndarray,
         dst: np.ndarray,
         nbytes: np.ndarray,

@@ -1,4 +1,5 @@
-"""One all-to-all phase over the network: direct or hierarchical.
+"""One all-to-all phase over the network, message by message: direct, hierarchical or
+DeepEP-style, on any back-end of :class:`moesim.engine.netapi.Network`.
 
 Messages are ``(src, dst, bytes)``; each has a delivery event. A source starts sending when
 it calls :meth:`Exchange.send` (when its data is ready), so sources that finish early send
@@ -29,7 +30,7 @@ from typing import Literal
 import simpy
 
 from moesim.config.parallelism import A2AAlgorithm
-from moesim.engine.network import FlowNetwork
+from moesim.engine.netapi import Network
 
 
 class _Deliveries:
@@ -77,7 +78,7 @@ class Exchange(_Deliveries):
     def __init__(
         self,
         env: simpy.Environment,
-        net: FlowNetwork,
+        net: Network,
         messages: Sequence[tuple[int, int, float]],
         algorithm: A2AAlgorithm,
         node_of: Sequence[int],
@@ -145,7 +146,7 @@ class DedupExchange(_Deliveries):
     def __init__(
         self,
         env: simpy.Environment,
-        net: FlowNetwork,
+        net: Network,
         messages: Sequence[tuple[int, int, float]],
         direction: Literal["dispatch", "combine"],
         node_of: Sequence[int],

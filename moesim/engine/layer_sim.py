@@ -1,6 +1,10 @@
 """One MoE layer forward pass simulated on the cluster: the ``layer`` workload's run, and
 the ``LayerSimulator`` that prices each routing sample of
-:class:`moesim.cost.layer_cost.MoELayerCost`."""
+:class:`moesim.cost.layer_cost.MoELayerCost`.
+
+Each simulated layer gets its own network, whose back-end is chosen here by the layer's
+message count (:func:`layer_network`): flow by flow, or in per-instant batches for
+exchanges of ``LayerCosts.bulk_a2a_min_flows`` messages or more."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from moesim import rng
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
 from moesim.cost.layer_cost import LayerRun, MoELayerCost
-from moesim.engine.moe_layer import LayerTimeline, critical_path, run_layer
-from moesim.engine.network import FlowNetwork
+from moesim.engine.moe_layer import LayerTimeline, critical_path, dispatch_messages, run_layer
+from moesim.engine.netapi import Network
+from moesim.engine.network import BatchedFlowNetwork, FlowNetwork
 from moesim.routing.distributions import popularity
 from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
@@ -59,12 +64,29 @@ def simulate_layer(system: System) -> LayerRecords:
     return simulate_routed_layer(system, routing, pop)
 
 
+def layer_network(env: simpy.Environment, system: System, routing: LayerRouting) -> Network:
+    """The network one simulated layer runs on, built now: a :class:`BatchedFlowNetwork`
+    when an all-to-all phase of the layer has at least ``bulk_a2a_min_flows`` messages
+    (relayed exchanges of that size are priced in per-instant batches; direct ones use
+    :class:`moesim.engine.bulk_exchange.BulkExchange` on either back-end), else a
+    flow-by-flow :class:`FlowNetwork`."""
+    if dispatch_messages(routing, system.layout) >= system.layer_costs.bulk_a2a_min_flows:
+        return BatchedFlowNetwork(env, system.paths)
+    return FlowNetwork(env, system.paths)
+
+
 def simulate_routed_layer(
-    system: System, routing: LayerRouting, pop: np.ndarray | None = None
+    system: System,
+    routing: LayerRouting,
+    pop: np.ndarray | None = None,
+    start_s: float = 0.0,
 ) -> LayerRecords:
-    """Simulate one layer whose routing outcome is given (sampled, or measured elsewhere)."""
-    env = simpy.Environment()
-    net = FlowNetwork(env, system.paths)
+    """Simulate one layer whose routing outcome is given (sampled, or measured elsewhere).
+
+    ``start_s`` is when on the simulated clock the layer starts (as deep in a long run);
+    the layer's time and critical path do not depend on it."""
+    env = simpy.Environment(initial_time=start_s)
+    net = layer_network(env, system, routing)
     compute = [simpy.Resource(env, capacity=1) for _ in system.topology.devices]
     timeline = LayerTimeline(devices=len(system.topology.devices))
     done = env.process(
@@ -78,7 +100,7 @@ def simulate_routed_layer(
         raise RuntimeError("layer simulation ended before every rank combined its tokens")
     experts = system.scenario.model.experts
     return LayerRecords(
-        time_s=max(timeline.rank_done_s.values(), default=0.0),
+        time_s=max(timeline.rank_done_s.values(), default=start_s) - start_s,
         routing=routing,
         timeline=timeline,
         link_bytes=net.link_bytes.copy(),

@@ -10,10 +10,12 @@ sends results back; the layer ends when every rank has combined its tokens.
 A direct all-to-all phase with at least ``LayerCosts.bulk_a2a_min_flows`` messages (an
 expert-parallel group of 64 ranks or more) is priced in batches by
 :class:`moesim.engine.bulk_exchange.BulkExchange` (one event per receiver, per-link fair
-sharing) instead of flow by flow; relayed algorithms (hierarchical, deepep) of that size
-run on a network in ``bulk`` mode (each instant's flows priced as one batch, a delivery
-event per flow, within 2% of flow by flow on DeepSeek-V3 EP 32, ``tests/test_fluid.py``);
-smaller phases are simulated flow by flow.
+sharing) instead of flow by flow. Relayed algorithms (hierarchical, deepep) use whichever
+network back-end they are given (:class:`moesim.engine.netapi.Network`); the layer
+simulation builds one that prices each instant's flows as one batch for layers of that
+size (:func:`moesim.engine.layer_sim.layer_network`, by :func:`dispatch_messages`; within
+2% of flow by flow on DeepSeek-V3 EP 32, ``tests/test_fluid.py``), and a flow-by-flow one
+for smaller layers. :func:`run_layer` never changes the network it is given.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from moesim.config.parallelism import A2AAlgorithm
 from moesim.cost.layer_inputs import LayerCosts
 from moesim.engine.bulk_exchange import BulkExchange
 from moesim.engine.exchange import DedupExchange, Exchange
-from moesim.engine.network import FlowNetwork
+from moesim.engine.netapi import Network
 from moesim.layout import Layout
 from moesim.routing.route import LayerRouting
 
@@ -62,6 +64,8 @@ class LayerTimeline:
     """For each source rank, the expert device whose result arrived last."""
     senders_of: dict[int, list[int]] = field(default_factory=dict)
     """For each expert device, the source ranks that sent it tokens."""
+    start_s: float = 0.0
+    """When the layer started (simulated clock); the times above are absolute."""
 
 
 def traffic_arrays(
@@ -101,6 +105,15 @@ def traffic_arrays(
     )
 
 
+def dispatch_messages(routing: LayerRouting, layout: Layout) -> int:
+    """How many messages one all-to-all phase of the layer has: the length of
+    :func:`traffic_arrays`' message arrays (non-empty (source rank, expert device) pairs),
+    without building them."""
+    onehot = np.zeros((layout.experts, layout.ep), dtype=np.int64)
+    onehot[np.arange(layout.experts), layout.owner] = 1
+    return int(np.count_nonzero(routing.counts @ onehot)) * layout.etp
+
+
 def traffic(
     routing: LayerRouting, layout: Layout, stage: int
 ) -> tuple[dict[int, list[tuple[int, int]]], dict[int, np.ndarray]]:
@@ -128,7 +141,7 @@ def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, list[int]]:
 
 def run_layer(
     env: simpy.Environment,
-    net: FlowNetwork,
+    net: Network,
     compute: list[simpy.Resource],
     costs: LayerCosts,
     routing: LayerRouting,
@@ -136,7 +149,12 @@ def run_layer(
     stage: int,
     timeline: LayerTimeline,
 ) -> Generator[simpy.Event, Any, None]:
-    """SimPy process: one MoE layer forward pass on one stage, from now until combined."""
+    """SimPy process: one MoE layer forward pass on one stage, from now until combined.
+
+    The exchanges run on ``net`` as built (flow by flow or in per-instant batches, the
+    caller's choice by the layer's size; :func:`moesim.engine.layer_sim.layer_network`).
+    """
+    timeline.start_s = float(env.now)
     m = costs.model
     rf = costs.roofline
     src_a, dst_a, tok_a, loads = traffic_arrays(routing, layout, stage)
@@ -173,8 +191,8 @@ def run_layer(
         )
     else:
         # relayed exchanges need per-flow delivery events (a relay forwards once its
-        # contributions are in); large ones are priced in per-instant batches
-        net.bulk = net.bulk or len(src_a) >= costs.bulk_a2a_min_flows
+        # contributions are in); large ones run on a network that prices them in
+        # per-instant batches (chosen where the network is built)
         triples = list(zip(src_a.tolist(), dst_a.tolist(), tok_a.tolist()))
         dispatch_msgs = [(s, d, n * costs.dispatch_bytes_per_token) for s, d, n in triples]
         combine_msgs = [(d, s, n * costs.combine_bytes_per_token) for s, d, n in triples]
@@ -283,15 +301,22 @@ def critical_path(tl: LayerTimeline) -> dict[str, float]:
     rank = max(tl.rank_done_s, key=lambda d: (tl.rank_done_s[d], -d))
     done = tl.rank_done_s[rank]
     x = tl.last_combine_from.get(rank)
+    t0 = tl.start_s
     if x is None:
-        gate = tl.gate_end_s.get(rank, 0.0)
-        return {"gate": gate, "dispatch": 0.0, "queue": 0.0, "compute": 0.0, "combine": done - gate}
+        gate = tl.gate_end_s.get(rank, t0)
+        return {
+            "gate": gate - t0,
+            "dispatch": 0.0,
+            "queue": 0.0,
+            "compute": 0.0,
+            "combine": done - gate,
+        }
     # the senders to x finished their gates before dispatching to it, so ready >= gate
-    gate = max((tl.gate_end_s[s] for s in tl.senders_of.get(x, [])), default=0.0)
+    gate = max((tl.gate_end_s[s] for s in tl.senders_of.get(x, [])), default=t0)
     ready = tl.ready_s[x]
     start, end = tl.expert_start_s[x], tl.expert_end_s[x]
     return {
-        "gate": gate,
+        "gate": gate - t0,
         "dispatch": ready - gate,
         "queue": start - ready,
         "compute": end - start,

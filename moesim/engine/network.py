@@ -1,17 +1,21 @@
-"""The network as a SimPy component: flows share links max-min fairly as they come and go.
+"""The network back-ends as SimPy components (the API is :mod:`moesim.engine.netapi`).
 
-A transfer is a flow of bytes along a path. Whenever a flow starts or ends, the rates of
-all active flows are recomputed (:func:`moesim.cost.fairshare.max_min_rates`); the next
-event is the earliest completion. A flow's delivery event fires after its last byte has
-left plus the path's latency. One event per flow start/end, never per byte or token.
+A transfer is a flow of bytes along a path; its delivery event fires after its last byte
+has left plus the path's latency. Two back-ends, chosen when the network is built:
 
-For exchanges too large to simulate flow by flow, :meth:`FlowNetwork.transfer_bulk`
-prices a whole batch of flows that start together analytically from the links' loads
-(:mod:`moesim.cost.fluid`): no event per flow, one vectorized pass per batch. Bulk and
-per-flow transfers keep separate state and do not see each other, so one simulation uses
-one or the other for a given exchange (the MoE layer picks by the exchange's size). In
-``bulk`` mode :meth:`FlowNetwork.transfer_many` itself is priced that way, batch by batch,
-with a delivery event per flow (relayed all-to-alls forward on them).
+- :class:`FlowNetwork`, flow by flow: whenever a flow starts or ends, the rates of all
+  active flows are recomputed (:func:`moesim.cost.fairshare.max_min_rates`); the next event
+  is the earliest completion. One event per flow start/end, never per byte or token.
+- :class:`BatchedFlowNetwork`, for exchanges too large to simulate flow by flow: the flows
+  started at one simulated instant form one batch priced analytically from the links'
+  loads (:mod:`moesim.cost.fluid`), and each delivery event fires at its priced arrival
+  (relayed all-to-alls forward on them).
+
+Both price a batch given as arrays (:meth:`transfer_bulk`, :meth:`transfer_routed`: no
+event per flow, one vectorized pass per batch; later batches queue behind the links'
+backlog). In a :class:`FlowNetwork` these batches and the per-flow transfers keep separate
+state and do not see each other, so one simulation uses one or the other for a given
+exchange (the MoE layer picks by the exchange's size).
 """
 
 from __future__ import annotations
@@ -30,80 +34,28 @@ from moesim.topology.paths import PathTable
 EXACT_FLOWS = 256
 """Up to this many flows in flight, every completion re-rates the others exactly."""
 BATCH_WINDOW = 0.01
-"""Above it, completions due within this fraction of the elapsed time are batched."""
+"""Above it, completions due within this fraction of the network's elapsed time (since it
+was built, i.e. since its layer started) are batched."""
 
 
 @dataclass
-class FlowNetwork:
-    """Bytes in flight over a topology, with max-min fair link sharing.
-
-    Active flows are kept as parallel arrays (remaining bytes, size, latency) plus their
-    paths and delivery events, so advancing time and finding finished flows are vector
-    operations.
-    """
+class _BatchPricing:
+    """Link counters and the analytic pricing of batches of flows, common to both
+    back-ends."""
 
     env: simpy.Environment
     paths: PathTable
     link_bytes: np.ndarray = field(init=False)
     """Bytes carried by each directed edge so far."""
     events: int = 0
-    """Rate recomputations performed (for benchmarks)."""
+    """Rate recomputations or batch pricings performed (for benchmarks)."""
     sent_bytes: float = 0.0
     """Bytes of every flow injected between distinct devices (each hop of a relay counts)."""
-    bulk: bool = False
-    """Price :meth:`transfer_many` in batches too: the flows started at one simulated
-    instant form one :meth:`transfer_bulk` batch, and each delivery event fires at its
-    priced arrival (one timeout per distinct arrival time, no re-rating). Used for large
-    relayed all-to-alls (hierarchical, deepep), whose forwarding needs per-flow events."""
 
     def __post_init__(self) -> None:
         self.capacity = self.paths.bandwidth_gbps * 1e9
         self.link_bytes = np.zeros(len(self.capacity))
-        self._paths: list[np.ndarray] = []
-        self._done: list[simpy.Event] = []
-        self._remaining = np.zeros(0)
-        self._size = np.zeros(0)
-        self._latency = np.zeros(0)
-        self._rates = np.zeros(0)
-        self._last = 0.0
-        self._version = 0
         self._free_s = np.zeros(len(self.capacity))
-        self._pending: list[tuple[int, int, float, float, simpy.Event]] = []
-
-    @property
-    def active(self) -> int:
-        """Flows in flight."""
-        return len(self._paths)
-
-    def transfer_many(
-        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
-    ) -> list[simpy.Event]:
-        """Start flows ``(src device, dst device, bytes)`` now; one delivery event each.
-
-        ``extra_latency_s`` is a fixed cost added to every flow's delivery (a collective's
-        launch and synchronisation, as measured)."""
-        out, remote = self._delivery_events(flows)
-        if self.bulk:
-            if remote and not self._pending:
-                self.env.timeout(0).callbacks.append(self._flush_batch)
-            self._pending += [(s, d, b, extra_latency_s, ev) for s, d, b, ev in remote]
-            return out
-        self._advance()
-        sizes, latencies = [], []
-        for src, dst, nbytes, ev in remote:
-            path = self.paths.edge_ids(src, dst)
-            self.link_bytes[path] += nbytes
-            self.sent_bytes += nbytes
-            self._paths.append(path)
-            self._done.append(ev)
-            sizes.append(nbytes)
-            latencies.append(self.paths.latency_s(src, dst) + extra_latency_s)
-        if sizes:
-            self._remaining = np.concatenate([self._remaining, sizes])
-            self._size = np.concatenate([self._size, sizes])
-            self._latency = np.concatenate([self._latency, latencies])
-            self._reschedule()
-        return out
 
     def _delivery_events(
         self, flows: Sequence[tuple[int, int, float]]
@@ -121,27 +73,6 @@ class FlowNetwork:
                 remote.append((src, dst, float(nbytes), ev))
         return out, remote
 
-    def _flush_batch(self, _: simpy.Event) -> None:
-        batch, self._pending = self._pending, []
-        src = np.array([f[0] for f in batch], dtype=np.int64)
-        dst = np.array([f[1] for f in batch], dtype=np.int64)
-        nbytes = np.array([f[2] for f in batch])
-        extra = np.array([f[3] for f in batch])
-        arrive = self.transfer_bulk(src, dst, nbytes) + extra
-        order = np.argsort(arrive, kind="stable")
-        times = arrive[order]
-        starts = np.flatnonzero(np.concatenate([[True], times[1:] != times[:-1]]))
-        ends = np.concatenate([starts[1:], [len(times)]])
-        now = float(self.env.now)
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            events = [batch[int(i)][4] for i in order[a:b]]
-
-            def fire(_: simpy.Event, events: list[simpy.Event] = events) -> None:
-                for ev in events:
-                    ev.succeed()
-
-            self.env.timeout(max(float(times[a]) - now, 0.0)).callbacks.append(fire)
-
     def transfer_bulk(
         self,
         src: np.ndarray,
@@ -152,7 +83,7 @@ class FlowNetwork:
         """Flows ``(src[i], dst[i], nbytes[i])`` starting now, priced as one batch.
 
         Returns each flow's absolute delivery time: when its busiest link is done with it
-        (fair sharing within the batch, after the links' backlog from earlier bulk batches;
+        (fair sharing within the batch, after the links' backlog from earlier batches;
         see :func:`moesim.cost.fluid.batch_finish_s`) plus its route's latency and
         ``extra_latency_s``. Local copies (``src == dst``) and empty flows arrive now.
         Counts one network event per call and adds the bytes to ``link_bytes``.
@@ -191,6 +122,58 @@ class FlowNetwork:
         arrive[remote] = times.done_s[remote] + latency_s[remote] + extra_latency_s
         return arrive
 
+
+@dataclass
+class FlowNetwork(_BatchPricing):
+    """Bytes in flight over a topology, flow by flow, with max-min fair link sharing.
+
+    Active flows are kept as parallel arrays (remaining bytes, size, latency) plus their
+    paths and delivery events, so advancing time and finding finished flows are vector
+    operations.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._paths: list[np.ndarray] = []
+        self._done: list[simpy.Event] = []
+        self._remaining = np.zeros(0)
+        self._size = np.zeros(0)
+        self._latency = np.zeros(0)
+        self._rates = np.zeros(0)
+        self._epoch = float(self.env.now)
+        self._last = self._epoch
+        self._version = 0
+
+    @property
+    def active(self) -> int:
+        """Flows in flight."""
+        return len(self._paths)
+
+    def transfer_many(
+        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
+    ) -> list[simpy.Event]:
+        """Start flows ``(src device, dst device, bytes)`` now; one delivery event each.
+
+        ``extra_latency_s`` is a fixed cost added to every flow's delivery (a collective's
+        launch and synchronisation, as measured)."""
+        out, remote = self._delivery_events(flows)
+        self._advance()
+        sizes, latencies = [], []
+        for src, dst, nbytes, ev in remote:
+            path = self.paths.edge_ids(src, dst)
+            self.link_bytes[path] += nbytes
+            self.sent_bytes += nbytes
+            self._paths.append(path)
+            self._done.append(ev)
+            sizes.append(nbytes)
+            latencies.append(self.paths.latency_s(src, dst) + extra_latency_s)
+        if sizes:
+            self._remaining = np.concatenate([self._remaining, sizes])
+            self._size = np.concatenate([self._size, sizes])
+            self._latency = np.concatenate([self._latency, latencies])
+            self._reschedule()
+        return out
+
     def _advance(self) -> None:
         dt = self.env.now - self._last
         if dt > 0 and self._paths:
@@ -213,13 +196,16 @@ class FlowNetwork:
             return  # a newer flow changed the rates; a newer wake-up is pending
         self._advance()
         # Flows due within a hair of now finish together (equal sizes, same rate). With
-        # many flows in flight, those due within a small relative window of the earliest
-        # also finish in this round, each at its own time at its current rate: the rates
-        # are then recomputed once per window instead of once per flow, an error bounded
-        # by the window on those flows' last stretch.
+        # many flows in flight, those due within a small window of the earliest also
+        # finish in this round, each at its own time at its current rate: the rates are
+        # then recomputed once per window instead of once per flow, an error bounded by
+        # the window on those flows' last stretch. The window is a fraction of the time
+        # the network has carried traffic for its simulation (since it was built: one
+        # network per layer), never of the absolute clock, so a layer priced an hour into
+        # a run takes what it takes at t = 0.
         left = np.maximum(self._remaining, 0.0) / self._rates
         window = BATCH_WINDOW if len(self._paths) > EXACT_FLOWS else 0.0
-        horizon = self.env.now * window
+        horizon = (self.env.now - self._epoch) * window
         finished = (self._remaining <= 1e-9 * self._size + 1e-6) | (left <= 1e-12 + horizon)
         for i in np.flatnonzero(finished):
             self._deliver(self._done[i], float(self._latency[i] + left[i]))
@@ -240,3 +226,51 @@ class FlowNetwork:
             done.succeed()
 
         self.env.timeout(latency_s).callbacks.append(fire)
+
+
+@dataclass
+class BatchedFlowNetwork(_BatchPricing):
+    """Bytes in flight priced in per-instant batches, with a delivery event per flow.
+
+    The flows :meth:`transfer_many` starts at one simulated instant form one
+    :meth:`transfer_bulk` batch, and each delivery event fires at its priced arrival (one
+    timeout per distinct arrival time, no re-rating). Used for large relayed all-to-alls
+    (hierarchical, deepep), whose forwarding needs per-flow events; within 2% of
+    :class:`FlowNetwork` on DeepSeek-V3 EP 32 (``tests/test_fluid.py``).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._pending: list[tuple[int, int, float, float, simpy.Event]] = []
+
+    def transfer_many(
+        self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
+    ) -> list[simpy.Event]:
+        """Start flows ``(src device, dst device, bytes)`` now, priced with every other flow
+        started at this instant; one delivery event each."""
+        out, remote = self._delivery_events(flows)
+        if remote and not self._pending:
+            self.env.timeout(0).callbacks.append(self._flush_batch)
+        self._pending += [(s, d, b, extra_latency_s, ev) for s, d, b, ev in remote]
+        return out
+
+    def _flush_batch(self, _: simpy.Event) -> None:
+        batch, self._pending = self._pending, []
+        src = np.array([f[0] for f in batch], dtype=np.int64)
+        dst = np.array([f[1] for f in batch], dtype=np.int64)
+        nbytes = np.array([f[2] for f in batch])
+        extra = np.array([f[3] for f in batch])
+        arrive = self.transfer_bulk(src, dst, nbytes) + extra
+        order = np.argsort(arrive, kind="stable")
+        times = arrive[order]
+        starts = np.flatnonzero(np.concatenate([[True], times[1:] != times[:-1]]))
+        ends = np.concatenate([starts[1:], [len(times)]])
+        now = float(self.env.now)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            events = [batch[int(i)][4] for i in order[a:b]]
+
+            def fire(_: simpy.Event, events: list[simpy.Event] = events) -> None:
+                for ev in events:
+                    ev.succeed()
+
+            self.env.timeout(max(float(times[a]) - now, 0.0)).callbacks.append(fire)
