@@ -10,18 +10,15 @@ runs dummy batches on idle ranks for this reason), and an iteration takes
 ``layers x max_r attention_r + n_dense x max_r dense_r + n_moe x moe(sum_r tokens_r)
 + max_r head_r``
 
-- **Attention of one block on one device** (heads split over tp): the QKV and output
-  projections (``Roofline.gemm_s`` over the rank's batch tokens; MLA: its low-rank q and
-  kv projections), then one fused attention kernel over the mixed batch, as vLLM v1 runs
-  prefill chunks and decodes together: FLOPs ``2 x heads x (qk_dim + v_dim)`` per
-  (query, key) pair with a causal mask, i.e. a chunk of ``n`` new tokens after ``c``
-  cached ones attends ``n c + n (n + 1) / 2`` keys (FlashAttention skips masked
-  blocks; Dao et al. 2022); bytes: the KV of every key read once (``c + n`` tokens x KV
-  bytes per token, :mod:`moesim.derived.serving_memory`) plus queries and outputs; timed
-  by ``Roofline.product_s`` (decodes come out memory-bound, prefills compute-bound). MLA's
-  FLOPs are counted in the un-absorbed form (model_figures' convention). With tp > 1 the
-  output projection ends in an all-reduce of the rank's hidden states (ring, over the
-  topology: :func:`moesim.cost.collectives.all_reduce_s`).
+- **Attention of one block on one device** (heads split over tp): the one attention cost
+  training uses too, :class:`moesim.cost.attention.AttentionCost`: the QKV and output
+  projections (MLA: its low-rank q and kv projections) over the rank's batch tokens, then
+  one fused causal attention kernel over the mixed batch, as vLLM v1 runs prefill chunks
+  and decodes together (a chunk of ``n`` new tokens after ``c`` cached ones attends
+  ``n c + n (n + 1) / 2`` keys and reads ``c + n`` tokens' KV; decodes come out
+  memory-bound, prefills compute-bound). With tp > 1 the output projection ends in an
+  all-reduce of the rank's hidden states (ring, over the topology:
+  :func:`moesim.cost.collectives.all_reduce_s`).
 - **MoE blocks**: :class:`moesim.cost.layer_cost.MoELayerCost` at the iteration's total
   tokens (routing, capacity, dispatch/combine over the topology, grouped expert GEMMs);
   it spreads the tokens evenly over the DP ranks, so imbalance between ranks' batch sizes
@@ -44,9 +41,9 @@ from functools import partial
 
 import numpy as np
 
+from moesim.cost.attention import AttentionCost
 from moesim.cost.collectives import all_gather_s, all_reduce_s
 from moesim.cost.layer_cost import MoELayerCost
-from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
 from moesim.system import System
 
 
@@ -73,7 +70,8 @@ def _affine(cost: Callable[..., float]) -> tuple[float, float]:
 
 
 class IterationCost:
-    """Iteration times of one system: projections and collectives are memoized by size."""
+    """Iteration times of one system: projections, FFNs, heads and collectives are memoized
+    by size."""
 
     def __init__(self, system: System, moe_cost: MoELayerCost) -> None:
         s = system.scenario
@@ -85,16 +83,8 @@ class IterationCost:
         self.layers = m.layers
         self.n_moe = len(m.moe_layer_indices)
         self.n_dense = m.layers - self.n_moe
-        self.heads = m.heads // p.tp
-        if m.attention == "mla":
-            assert m.qk_nope_head_dim and m.qk_rope_head_dim and m.v_head_dim
-            self.qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
-            self.v_dim = m.v_head_dim
-        else:
-            self.qk_dim = self.v_dim = m.head_dim_resolved
-        self.kv_layer_bytes = kv_bytes_per_token_per_layer(m, p.tp)
+        self.attention = AttentionCost(self.rf, m, p.tp)
         self.act_bytes = system.layer_costs.combine_bytes_per_token // m.d_model
-        self._proj: dict[int, float] = {}
         self._dense: dict[int, float] = {}
         self._head: dict[int, float] = {}
         # the devices of each DP rank's TP group (tp fastest in the rank order)
@@ -121,28 +111,7 @@ class IterationCost:
     # --- memoized per-size costs of one device ------------------------------------------
     def projections_s(self, tokens: int) -> float:
         """QKV (or MLA q/kv) and output projections of one block over ``tokens``."""
-        if tokens <= 0:
-            return 0.0
-        t = self._proj.get(tokens)
-        if t is None:
-            m, rf, h = self.model, self.rf, self.heads
-            if m.attention == "mla":
-                assert m.kv_lora_rank and m.qk_rope_head_dim and m.qk_nope_head_dim
-                q = (
-                    rf.gemm_s(tokens, m.d_model, m.q_lora_rank)
-                    + rf.gemm_s(tokens, m.q_lora_rank, h * self.qk_dim)
-                    if m.q_lora_rank
-                    else rf.gemm_s(tokens, m.d_model, h * self.qk_dim)
-                )
-                kv = rf.gemm_s(tokens, m.d_model, m.kv_lora_rank + m.qk_rope_head_dim)
-                kv += rf.gemm_s(tokens, m.kv_lora_rank, h * (m.qk_nope_head_dim + self.v_dim))
-                qkv = q + kv
-            else:
-                kv_heads = max(1, m.kv_heads_resolved // self.tp)
-                qkv = rf.gemm_s(tokens, m.d_model, (h + 2 * kv_heads) * self.qk_dim)
-            t = float(qkv + rf.gemm_s(tokens, h * self.v_dim, m.d_model))
-            self._proj[tokens] = t
-        return t
+        return self.attention.projections_s(tokens)
 
     def dense_ffn_s(self, tokens: int) -> float:
         """One dense FFN block's shard over ``tokens``."""
@@ -183,15 +152,11 @@ class IterationCost:
         """
         n = np.asarray(tokens, dtype=float)
         busy = n > 0
-        w = self.heads * (self.qk_dim + self.v_dim)
-        core = self.rf.product_s(
-            2.0 * w * np.asarray(keys, dtype=float),
-            np.asarray(kv_read_tokens, dtype=float) * self.kv_layer_bytes
-            + n * w * self.rf.bytes_per_element,
-        )
+        attn = self.attention
+        core = attn.scores_s(n, keys, kv_read_tokens)
         hidden = n * self.model.d_model * self.act_bytes
         reduce = np.where(busy & (self.tp > 1), self.ar[:, 0] + self.ar[:, 1] * hidden, 0.0)
-        proj = np.array([self.projections_s(t) for t in tokens])
+        proj = np.array([attn.projections_s(t) for t in tokens])
         attention = float(np.max(np.where(busy, core + proj + reduce, 0.0)))
         dense = 0.0
         if self.n_dense:

@@ -2,17 +2,20 @@
 block per micro-batch (forward and backward, their all-to-all, tensor-parallel and ZeRO-3
 gather shares), and each pipeline stage's sum with its activation send.
 
-Attention and dense FFNs come from the device's cost model
-(:class:`moesim.cost.compute.Roofline`), MoE blocks from the per-layer path
-(:class:`moesim.cost.layer_cost.MoELayerCost`: routing, all-to-all over the topology,
-experts, combine), tensor-parallel collectives from :mod:`moesim.cost.collectives`.
+Attention comes from the one attention cost serving uses too
+(:func:`moesim.cost.attention.attention_forward_s`: projections, then a fused causal
+kernel over the micro-batch's sequences of ``seq_len`` new tokens each), dense FFNs from
+the device's cost model (:class:`moesim.cost.compute.Roofline`), MoE blocks from the
+per-layer path (:class:`moesim.cost.layer_cost.MoELayerCost`: routing, all-to-all over the
+topology, experts, combine), tensor-parallel collectives from
+:mod:`moesim.cost.collectives`.
 
 Conventions: backward costs twice the forward's products (input and weight gradients) and
 the same all-to-all bytes as the forward (dispatch and combine, reversed); attention scores
-cost 2.5x in backward (FlashAttention-2, Dao 2023); causal attention computes half the
-score matrix. Full recomputation reruns each block's forward during backward; selective
-reruns the attention scores. With ``overlap_a2a`` a block's all-to-all (a) and compute (c)
-run as a two-stage pipeline over two half micro-batches: (a + c) / 2 + max(a, c) / 2.
+cost 2.5x in backward (FlashAttention-2, Dao 2023). Full recomputation reruns each block's
+forward during backward; selective reruns the attention scores. With ``overlap_a2a`` a
+block's all-to-all (a) and compute (c) run as a two-stage pipeline over two half
+micro-batches: (a + c) / 2 + max(a, c) / 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from moesim.config.training import TrainingWorkload
+from moesim.cost.attention import attention_forward_s
 from moesim.cost.collectives import all_gather_s, reduce_scatter_s
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.derived.model_figures import figures
@@ -65,21 +69,11 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     m, p = s.model, s.parallelism
     rf = system.layer_costs.roofline
     tokens = w.seq_len * w.micro_batch_sequences  # per data-parallel rank
-    f0 = figures(m)
-    attn_params = f0.attention_params_per_layer
-    n_attn = max(1, m.layers)
-    scores_per_token = (
-        (figures(m, w.seq_len).flops_per_token_forward - f0.flops_per_token_forward) / n_attn / 2
-    )  # causal: half the matrix
-    b = rf.bytes_per_element
-    proj = float(
-        rf.product_s(
-            2.0 * tokens * attn_params / p.tp, b * (attn_params / p.tp + 4 * tokens * m.d_model)
-        )
-    )
-    scores = float(
-        rf.product_s(scores_per_token * tokens / p.tp, b * 4 * tokens * m.d_model / p.tp)
-    )
+    f = figures(m)
+    attn_params = f.attention_params_per_layer
+    # the one attention cost serving uses too: every sequence computes seq_len new tokens
+    attn = attention_forward_s(rf, m, p.tp, [(w.seq_len, 0)] * w.micro_batch_sequences)
+    proj, scores = attn.projections_s, attn.scores_s
     attn_fwd = proj + scores
     attn_bwd = 2 * proj + 2.5 * scores
     if w.recompute == "selective":
@@ -104,7 +98,6 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     # traffic); dense parameters over dp, experts over the expert-data-parallel group
     gather = {"moe": 0.0, "dense": 0.0}
     if w.zero_stage == 3:
-        f = figures(m)
         layout = system.layout
         dense_group = [layout.device(0, d * p.tp) for d in range(p.dp)]
         expert_group = [layout.device(0, g * p.ep * p.etp) for g in range(layout.edp)]

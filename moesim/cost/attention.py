@@ -1,0 +1,156 @@
+"""The one attention cost: one self-attention block's forward on one device, for a batch of
+sequences each computing ``n`` new tokens after ``c`` cached ones.
+
+Serving (:mod:`moesim.cost.iteration`, a mixed batch of prefill chunks and decodes) and
+training (:mod:`moesim.cost.training`, a micro-batch of whole sequences: ``n = seq_len``,
+``c = 0``) both price attention here, so the two workloads cannot drift apart.
+
+- **Projections**: the QKV and output projections as ``Roofline.gemm_s`` over the batch's
+  new tokens, heads split over ``tp`` (GQA/MQA: ``max(1, kv_heads / tp)`` KV heads per
+  device); MLA: its low-rank q projection (or the full one without ``q_lora_rank``), the
+  kv down-projection to ``kv_lora_rank + qk_rope_head_dim`` and the up-projection to
+  every head's nope-key and value, then the output projection. Memoized by token count.
+- **Scores**: one fused causal attention kernel over the whole batch (FlashAttention,
+  Dao et al. 2022; FlashAttention-2, Dao 2023), as vLLM v1 runs prefill chunks and decodes
+  together: FLOPs ``2 x heads x (qk_dim + v_dim)`` per (query, key) pair, and under the
+  causal mask a chunk of ``n`` new tokens after ``c`` cached ones attends
+  ``n c + n (n + 1) / 2`` keys (the kernel skips fully masked blocks); bytes: the KV of
+  every key read once (``c + n`` tokens x KV bytes per token per layer,
+  :func:`moesim.derived.serving_memory.kv_bytes_per_token_per_layer`) plus the queries
+  and outputs (``n x heads x (qk_dim + v_dim)`` elements); timed by
+  ``Roofline.product_s``, so decodes come out memory-bound and long prefills
+  compute-bound. MLA is counted in its un-absorbed form (per-head qk width
+  ``nope + rope``, v width ``v_head_dim``), the convention of
+  :mod:`moesim.derived.model_figures`.
+
+Not here: the tensor-parallel all-reduce after the output projection (the callers price
+it over the topology), the backward pass (training's conventions: 2x projections, 2.5x
+scores), norms, rotary embeddings and residual adds. Causal self-attention only: an
+encoder-decoder's bidirectional encoder blocks are priced as causal, and its decoder's
+cross-attention is not priced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from moesim.config.model import ModelConfig
+from moesim.cost.compute import Roofline
+from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
+
+
+@dataclass(frozen=True)
+class AttentionTime:
+    """One attention block's forward on one device, seconds."""
+
+    projections_s: float
+    """QKV (MLA: low-rank q and kv) and output projections."""
+    scores_s: float
+    """The fused causal attention kernel (QK^T, softmax, AV)."""
+
+    @property
+    def total_s(self) -> float:
+        return self.projections_s + self.scores_s
+
+
+def causal_keys(new_tokens: int, cached_tokens: int) -> int:
+    """(query, key) pairs of ``new_tokens`` queries after ``cached_tokens`` under a causal
+    mask: ``n c + n (n + 1) / 2``."""
+    n, c = new_tokens, cached_tokens
+    return n * c + n * (n + 1) // 2
+
+
+def head_dims(model: ModelConfig) -> tuple[int, int]:
+    """Per-head query/key and value widths (MLA un-absorbed: ``nope + rope``, ``v_head_dim``)."""
+    m = model
+    if m.attention == "mla":
+        assert m.qk_nope_head_dim and m.qk_rope_head_dim and m.v_head_dim
+        return m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    d = m.head_dim_resolved
+    return d, d
+
+
+class AttentionCost:
+    """Attention of one block on one device of a ``tp``-way tensor-parallel group.
+
+    Cheap enough for a serving iteration: projections are memoized by token count and the
+    scores are one roofline evaluation over per-rank totals (vectorized over ranks).
+    """
+
+    def __init__(self, rf: Roofline, model: ModelConfig, tp: int) -> None:
+        self.rf = rf
+        self.model = model
+        self.tp = tp
+        self.heads = model.heads // tp
+        self.qk_dim, self.v_dim = head_dims(model)
+        self.width = self.heads * (self.qk_dim + self.v_dim)
+        """Query plus output elements of one token, and score FLOPs / 2 per (query, key)."""
+        self.kv_bytes = kv_bytes_per_token_per_layer(model, tp)
+        """KV bytes of one token in one block on this device."""
+        self._proj: dict[int, float] = {}
+
+    def projections_s(self, tokens: int) -> float:
+        """QKV (or MLA q/kv) and output projections over ``tokens`` new tokens."""
+        if tokens <= 0:
+            return 0.0
+        t = self._proj.get(tokens)
+        if t is None:
+            m, rf, h = self.model, self.rf, self.heads
+            if m.attention == "mla":
+                assert m.kv_lora_rank and m.qk_rope_head_dim and m.qk_nope_head_dim
+                q = (
+                    rf.gemm_s(tokens, m.d_model, m.q_lora_rank)
+                    + rf.gemm_s(tokens, m.q_lora_rank, h * self.qk_dim)
+                    if m.q_lora_rank
+                    else rf.gemm_s(tokens, m.d_model, h * self.qk_dim)
+                )
+                kv = rf.gemm_s(tokens, m.d_model, m.kv_lora_rank + m.qk_rope_head_dim)
+                kv += rf.gemm_s(tokens, m.kv_lora_rank, h * (m.qk_nope_head_dim + self.v_dim))
+                qkv = q + kv
+            else:
+                kv_heads = max(1, m.kv_heads_resolved // self.tp)
+                qkv = rf.gemm_s(tokens, m.d_model, (h + 2 * kv_heads) * self.qk_dim)
+            t = float(qkv + rf.gemm_s(tokens, h * self.v_dim, m.d_model))
+            self._proj[tokens] = t
+        return t
+
+    def scores_s(
+        self,
+        tokens: ArrayLike,
+        keys: ArrayLike,
+        kv_read_tokens: ArrayLike,
+    ) -> np.ndarray:
+        """The fused causal kernel over batches of ``tokens`` new tokens attending ``keys``
+        (query, key) pairs and reading the KV of ``kv_read_tokens`` tokens (arrays: one
+        batch each; an empty batch still counts one kernel launch, callers mask it)."""
+        w = self.width
+        return self.rf.product_s(
+            2.0 * w * np.asarray(keys, dtype=float),
+            np.asarray(kv_read_tokens, dtype=float) * self.kv_bytes
+            + np.asarray(tokens, dtype=float) * w * self.rf.bytes_per_element,
+        )
+
+    def forward(self, sequences: Iterable[tuple[int, int]]) -> AttentionTime:
+        """One block's forward over ``sequences`` of ``(new_tokens, cached_tokens)``."""
+        tokens = keys = kv_read = 0
+        for n, c in sequences:
+            tokens += n
+            keys += causal_keys(n, c)
+            kv_read += c + n
+        if tokens <= 0:
+            return AttentionTime(0.0, 0.0)
+        return AttentionTime(
+            self.projections_s(tokens), float(self.scores_s(tokens, keys, kv_read))
+        )
+
+
+def attention_forward_s(
+    rf: Roofline, model: ModelConfig, tp: int, sequences: Iterable[tuple[int, int]]
+) -> AttentionTime:
+    """One attention block's forward on one device over ``sequences`` of
+    ``(new_tokens, cached_tokens)`` (see the module docstring)."""
+    return AttentionCost(rf, model, tp).forward(sequences)

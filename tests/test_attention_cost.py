@@ -1,0 +1,143 @@
+"""The one attention cost (moesim.cost.attention): decodes memory-bound and linear in the
+cache, prefills paying the causal pairs, tensor parallelism splitting heads, and training
+pricing its blocks' attention with the same function serving uses."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+
+from moesim.catalog import raw_preset
+from moesim.config.model import ModelConfig
+from moesim.config.training import TrainingWorkload
+from moesim.cost.attention import AttentionCost, attention_forward_s, causal_keys
+from moesim.cost.compute import Roofline
+from moesim.cost.layer_cost import MoELayerCost
+from moesim.cost.training import block_costs
+from moesim.loader import scenario_from_dict
+from moesim.system import build_system
+
+#: an H100-like hard-max roofline with a fixed launch cost
+RF = Roofline(
+    flops_per_s=800e12,
+    bytes_per_s=3e12,
+    overhead_s=5e-6,
+    bytes_per_element=2,
+    memory_bytes_per_s=3e12,
+)
+OH = 5e-6
+
+
+def _model(name: str) -> ModelConfig:
+    return ModelConfig(**raw_preset("models", name))
+
+
+MIXTRAL = _model("mixtral-8x7b")
+
+
+def test_decode_is_memory_bound_and_linear_in_cached_tokens() -> None:
+    """A one-token decode reads every cached token's KV once: memory-bound, and its kernel
+    time grows by exactly the KV bytes of a token per cached token."""
+    a = AttentionCost(RF, MIXTRAL, tp=1)
+    caches = [1024, 2048, 4096, 8192]
+    t = [a.forward([(1, c)]).scores_s for c in caches]
+    for c, tc in zip(caches, t):
+        flops = 2 * a.width * causal_keys(1, c)
+        nbytes = (c + 1) * a.kv_bytes + a.width * RF.bytes_per_element
+        assert flops / RF.flops_per_s < nbytes / RF.bytes_per_s  # memory-bound
+        assert tc == pytest.approx(OH + nbytes / RF.bytes_per_s, rel=1e-12)
+    slope = a.kv_bytes / RF.bytes_per_s
+    for (c0, t0), (c1, t1) in zip(zip(caches, t), zip(caches[1:], t[1:])):
+        assert (t1 - t0) / (c1 - c0) == pytest.approx(slope, rel=1e-9)
+
+
+def test_prefill_pays_the_causal_pairs() -> None:
+    """A prefill of n tokens after c cached ones costs the FLOPs of n c + n (n + 1) / 2
+    (query, key) pairs, so doubling a long prompt roughly quadruples its score FLOPs."""
+    a = AttentionCost(RF, MIXTRAL, tp=1)
+    assert causal_keys(4, 0) == 10 and causal_keys(3, 5) == 3 * 5 + 6
+
+    def flops_s(n: int, c: int = 0) -> float:
+        return a.forward([(n, c)]).scores_s - OH
+
+    for n in (4096, 8192):
+        assert flops_s(n) == pytest.approx(
+            2 * a.width * n * (n + 1) / 2 / RF.flops_per_s, rel=1e-12
+        )
+    assert flops_s(16384) / flops_s(8192) == pytest.approx(4.0, rel=1e-3)
+    # a chunk after a cache pays the rectangle plus the triangle; two sequences add
+    assert flops_s(2048, 6144) == pytest.approx(
+        2 * a.width * (2048 * 6144 + 2048 * 2049 / 2) / RF.flops_per_s, rel=1e-12
+    )
+    both = a.forward([(4096, 0), (4096, 0)]).scores_s - OH
+    assert both == pytest.approx(2 * flops_s(4096), rel=1e-12)
+
+
+def test_tp_splits_heads() -> None:
+    """With tp devices each holds heads / tp query heads (and KV heads for GQA, while MLA's
+    latent is replicated): a compute-bound prefill's scores and projections halve at tp=2."""
+    rf = Roofline(
+        flops_per_s=800e12,
+        bytes_per_s=3e12,
+        overhead_s=0.0,
+        bytes_per_element=2,
+        memory_bytes_per_s=3e12,
+    )
+    one, two = AttentionCost(rf, MIXTRAL, 1), AttentionCost(rf, MIXTRAL, 2)
+    assert two.heads == MIXTRAL.heads // 2 and two.width * 2 == one.width
+    assert two.kv_bytes * 2 == one.kv_bytes
+    big = [(8192, 0)]
+    assert two.forward(big).scores_s == pytest.approx(one.forward(big).scores_s / 2, rel=1e-12)
+    assert two.forward(big).projections_s == pytest.approx(
+        one.forward(big).projections_s / 2, rel=1e-12
+    )
+    v3 = _model("deepseek-v3")
+    mla1, mla8 = AttentionCost(rf, v3, 1), AttentionCost(rf, v3, 8)
+    assert mla8.heads * 8 == v3.heads and mla8.kv_bytes == mla1.kv_bytes
+
+
+class _FixedMoE:
+    """A stand-in MoE layer cost: every sample takes 1 ms of which 0.25 ms all-to-all."""
+
+    class _Sample:
+        time_s, comm_s, dropped_fraction = 1e-3, 0.25e-3, 0.0
+
+    def sample(self, tokens: int) -> _FixedMoE._Sample:
+        return self._Sample()
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_training_blocks_price_attention_with_the_shared_function(recompute: str) -> None:
+    """A training block's attention is attention_forward_s over its micro-batch (sequences
+    of seq_len new tokens, none cached): forward = projections + scores, backward = 2x
+    projections + 2.5x scores (+ the scores again under selective recompute)."""
+    system = build_system(
+        scenario_from_dict(
+            {
+                "name": "attn",
+                "cluster": "h200x2",
+                "model": "mixtral-8x7b",
+                "parallelism": {"dp": 2, "ep": 2},
+                "workload": {"kind": "layer", "tokens": 1},
+            }
+        )
+    )
+    m = system.scenario.model
+    rf = system.layer_costs.roofline
+    w = TrainingWorkload(
+        kind="training",
+        seq_len=1536,
+        micro_batch_sequences=3,
+        microbatches=2,
+        recompute=recompute,
+    )
+    blocks = block_costs(system, w, cast(MoELayerCost, _FixedMoE()))
+    attn = attention_forward_s(rf, m, 1, [(1536, 0)] * 3)
+    bwd = 2 * attn.projections_s + (3.5 if recompute == "selective" else 2.5) * attn.scores_s
+    # the MoE block without overlap: attention + the layer's sample (fwd), 2x its compute
+    assert blocks["moe"].fwd_s - 1e-3 == pytest.approx(attn.total_s, rel=1e-12)
+    assert blocks["moe"].bwd_s - (0.25e-3 + 2 * 0.75e-3) == pytest.approx(bwd, rel=1e-12)
+    ffn = rf.dense_ffn_s(3 * 1536, m.d_model, m.dense_d_ff or m.expert_d_ff, m.activation)
+    assert blocks["dense"].fwd_s - ffn == pytest.approx(attn.total_s, rel=1e-12)
+    assert blocks["dense"].bwd_s - 2 * ffn == pytest.approx(bwd, rel=1e-12)
