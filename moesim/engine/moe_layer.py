@@ -64,6 +64,12 @@ class LayerTimeline:
     """For each source rank, the expert device whose result arrived last."""
     senders_of: dict[int, list[int]] = field(default_factory=dict)
     """For each expert device, the source ranks that sent it tokens."""
+    expert_loads: dict[int, np.ndarray] = field(default_factory=dict)
+    """Tokens each expert device processed per local expert (every etp shard of an
+    expert processes all of that expert's tokens)."""
+    remote_tokens: int = 0
+    """Token slots dispatched to another device (a slot whose expert is on its own device
+    moves nothing); the combine returns as many."""
     start_s: float = 0.0
     """When the layer started (simulated clock); the times above are absolute."""
 
@@ -114,23 +120,6 @@ def dispatch_messages(routing: LayerRouting, layout: Layout) -> int:
     return int(np.count_nonzero(routing.counts @ onehot)) * layout.etp
 
 
-def traffic(
-    routing: LayerRouting, layout: Layout, stage: int
-) -> tuple[dict[int, list[tuple[int, int]]], dict[int, np.ndarray]]:
-    """Dispatch destinations per source device and expert loads per expert device.
-
-    Returns ``sends[src] = [(dst, tokens), ...]`` and ``loads[dst] = tokens per local
-    expert`` (every etp shard of an expert receives all of that expert's tokens).
-    """
-    src, dst, tokens, loads = traffic_arrays(routing, layout, stage)
-    sends: dict[int, list[tuple[int, int]]] = {
-        layout.device(stage, r): [] for r in range(layout.stage_ranks)
-    }
-    for s, d, n in zip(src.tolist(), dst.tolist(), tokens.tolist()):
-        sends[s].append((d, n))
-    return sends, loads
-
-
 def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, list[int]]:
     """``values`` listed under their ``keys``, in order."""
     order = np.argsort(keys, kind="stable")
@@ -158,6 +147,8 @@ def run_layer(
     m = costs.model
     rf = costs.roofline
     src_a, dst_a, tok_a, loads = traffic_arrays(routing, layout, stage)
+    timeline.expert_loads = loads
+    timeline.remote_tokens = int(tok_a[src_a != dst_a].sum())
     d_ff_shard = m.expert_d_ff // layout.etp
     senders = _group_by(dst_a, src_a)
     timeline.senders_of = {d: senders.get(d, []) for d in loads}

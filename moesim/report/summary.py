@@ -75,18 +75,12 @@ def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
 
 
 def _expert_device_loads(system: System, rec: LayerRecords) -> dict[int, np.ndarray]:
-    from moesim.engine.moe_layer import traffic
-
-    _, loads = traffic(rec.routing, system.layout, 0)
-    return loads
+    return rec.timeline.expert_loads
 
 
 def _a2a_bytes(system: System, rec: LayerRecords) -> dict[str, int]:
     """Bytes sent between distinct devices (tokens that stay on their device move nothing)."""
-    from moesim.engine.moe_layer import traffic
-
-    sends, _ = traffic(rec.routing, system.layout, 0)
-    remote = sum(n for src, out in sends.items() for dst, n in out if dst != src)
+    remote = rec.timeline.remote_tokens
     c = system.layer_costs
     return {
         "dispatch": int(remote * c.dispatch_bytes_per_token),
