@@ -379,14 +379,12 @@ def _moe_link_energy(system: System, link_bytes: np.ndarray | None, what: str) -
 
 def layer_account(system: System, rec: LayerRecords) -> EnergyAccount:
     """Every device over the layer time (see the module docstring)."""
-    from moesim.engine.moe_layer import traffic
-
     s = system.scenario
     m = s.model
     rf = system.layer_costs.roofline
     layout = system.layout
     n_dev = len(system.topology.devices)
-    _, loads = traffic(rec.routing, layout, 0)
+    loads = rec.timeline.expert_loads
     local_of = {layout.device(0, local): local for local in range(layout.stage_ranks)}
     up_n = (2 if m.activation in ("swiglu", "geglu") else 1) * (m.expert_d_ff // layout.etp)
     b = rf.bytes_per_element
