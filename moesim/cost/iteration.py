@@ -43,7 +43,7 @@ import numpy as np
 
 from moesim.cost.attention import AttentionCost
 from moesim.cost.collectives import all_gather_s, all_reduce_s
-from moesim.cost.layer_cost import MoELayerCost
+from moesim.cost.layer_cost import LayerCostModel
 from moesim.system import System
 
 
@@ -73,7 +73,7 @@ class IterationCost:
     """Iteration times of one system: projections, FFNs, heads and collectives are memoized
     by size."""
 
-    def __init__(self, system: System, moe_cost: MoELayerCost) -> None:
+    def __init__(self, system: System, moe_cost: LayerCostModel) -> None:
         s = system.scenario
         m, p = s.model, s.parallelism
         self.rf = system.layer_costs.roofline

@@ -179,6 +179,7 @@ class _Server:
     """The SimPy side: arrivals feed the ranks' queues; the server loop runs iterations."""
 
     def __init__(self, system: System, moe_cost: MoELayerCost | None, hooks: ServingHooks) -> None:
+        self.system = system
         s = system.scenario
         w = s.workload
         assert isinstance(w, ServingWorkload)
@@ -341,7 +342,7 @@ class _Server:
         """Expected all-to-all bytes per edge over every iteration (memoized buckets)."""
         cost = self.cost.moe_cost
         sizes, counts = np.unique(batch_tokens, return_counts=True)
-        total = np.zeros(cost.system.paths.bandwidth_gbps.shape[0])
+        total = np.zeros(self.system.paths.bandwidth_gbps.shape[0])
         if not self.cost.n_moe:
             return total
         for size, count in zip(sizes.tolist(), counts.tolist()):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 
@@ -174,15 +173,17 @@ class ServingFailures:
         hit = self.costs.get(state)
         if hit is None:
             sys_ = degraded_system(self.system, state)
+            healthy = base.moe_cost
+            if not isinstance(healthy, MoELayerCost):  # pragma: no cover - wiring error
+                raise TypeError("a failure state's cost wraps the simulated MoELayerCost")
             moe = FailedMoECost(
                 sys_,
-                base.moe_cost,
+                healthy,
                 dead=state.dead,
                 mode=self.cfg.recovery.on_expert_loss,
                 slow=state.slow,
             )
-            # IterationCost is typed against MoELayerCost but calls only sample()
-            hit = (IterationCost(sys_, cast(MoELayerCost, moe)), moe)
+            hit = (IterationCost(sys_, moe), moe)
             self.costs[state] = hit
         return hit[0]
 
