@@ -1,7 +1,10 @@
 """Typed access to the hardware presets: accelerators, links and switches.
 
 Each function reads one preset from the catalog data files, validates it against its
-schema in ``moesim.config.hardware`` and caches the result.
+schema in ``moesim.config.hardware`` and caches the result. A run does not look links and
+switches up here: the loader copies the presets a cluster names into the scenario
+(``cluster.links`` / ``cluster.switches``, overridable), and the topology and the energy
+account read them from there.
 """
 
 from __future__ import annotations

@@ -2,18 +2,25 @@
 
 Two shapes cover the catalog: ``kind: nodes`` (GPU servers with a scale-up domain such as
 NVSwitch, and a scale-out fabric such as a fat-tree or rail-optimized InfiniBand) and
-``kind: torus`` (TPU slices: chips on a 2-D/3-D torus of ICI links). Link and switch
-names refer to the catalog (``moesim presets links``).
+``kind: torus`` (TPU slices: chips on a 2-D/3-D torus of ICI links).
+
+Fields name links and switches by name (``accelerator.ports[].link``,
+``accelerator.host_link``, ``scale_up.switch``, ``fabric.nic``, ``fabric.switch``, a
+torus's ``link``); the cluster's ``links`` and ``switches`` hold the spec of every name it
+uses. The loader fills them from the catalog presets of those names (``moesim presets
+links``), merged with what the scenario gives there, so a resolved scenario holds every
+figure the topology and the energy account use, and a user can override one
+(``--set cluster.links.nvlink4.effective_bandwidth_gbps=20``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from moesim.config.base import Frozen
-from moesim.config.hardware import AcceleratorSpec
+from moesim.config.hardware import AcceleratorSpec, LinkSpec, SwitchSpec
 from moesim.config.profile import DeviceProfile
 
 
@@ -66,7 +73,8 @@ class ScaleUp(Frozen):
     mesh: every pair of GPUs is joined directly (the GPU's ports split evenly over peers);
     pcie: GPUs talk through the host's PCIe switch (no NVLink)."""
     switch: str | None = None
-    """Switch preset for ``nvswitch`` and ``pcie`` (e.g. nvswitch-gen3)."""
+    """Switch for ``nvswitch`` and ``pcie`` (e.g. nvswitch-gen3): a key of
+    ``cluster.switches``, which the loader fills from the preset of that name."""
 
 
 class Fabric(Frozen):
@@ -76,13 +84,54 @@ class Fabric(Frozen):
     """none: a single node; fat_tree: NICs to leaf switches, leaves to spines;
     rail_optimized: NIC i of every node goes to rail switch i, rails joined by spines."""
     nic: str | None = None
-    """Link preset of each NIC (e.g. ib-ndr)."""
+    """Link of each NIC (e.g. ib-ndr): a key of ``cluster.links``."""
     nics_per_node: int = Field(default=0, ge=0)
     """NICs per node (one per GPU on DGX-class servers)."""
     switch: str | None = None
-    """Switch preset for leaves and spines (e.g. ib-quantum2-ndr)."""
+    """Switch of leaves and spines (e.g. ib-quantum2-ndr): a key of ``cluster.switches``."""
     oversubscription: float = Field(default=1.0, ge=1.0)
     """Leaf downlink:uplink bandwidth ratio (1 = non-blocking)."""
+
+
+def _spec(table: dict[str, Any], field: str, name: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        have = ", ".join(table) or "nothing"
+        raise KeyError(f"no spec named {name!r} in cluster.{field} (it holds: {have})") from None
+
+
+def _check_specs(
+    named_links: list[tuple[str, str]],
+    named_switches: list[tuple[str, str]],
+    links: dict[str, LinkSpec],
+    switches: dict[str, SwitchSpec],
+) -> None:
+    """Every named link and switch has a spec, under its own name, and every spec is named."""
+    problems: list[str] = []
+    for table, what, named, specs in (
+        ("links", "link", named_links, links),
+        ("switches", "switch", named_switches, switches),
+    ):
+        used = {name for _, name in named}
+        for where, name in named:
+            if name not in specs:
+                problems.append(f"{table}: no spec for the {what} {name!r} that {where} names")
+        for key, spec in specs.items():
+            if spec.name != key:
+                problems.append(f"{table}: the entry {key!r} has name {spec.name!r}; use its key")
+            if key not in used:
+                names = ", ".join(sorted(used)) or "none"
+                problems.append(f"{table}: the cluster names no {what} {key!r} (it names: {names})")
+    if problems:
+        raise ValueError("\n".join(dict.fromkeys(problems)))
+
+
+def _accelerator_links(acc: AcceleratorSpec) -> list[tuple[str, str]]:
+    out = [(f"accelerator.ports[{i}].link", p.link) for i, p in enumerate(acc.ports)]
+    if acc.host_link is not None:
+        out.append(("accelerator.host_link", acc.host_link))
+    return out
 
 
 class NodesCluster(Frozen):
@@ -114,10 +163,49 @@ class NodesCluster(Frozen):
     launch: Literal["eager", "graph"] = "eager"
     """How kernels are launched: one by one from the host (eager, as in training), or
     replayed from a captured CUDA graph (as inference servers run decode steps)."""
+    links: dict[str, LinkSpec] = Field(default_factory=dict)
+    """The spec of every link the cluster's fields name, keyed by that name. The loader fills
+    it from the catalog's link presets; an entry the scenario gives overrides the preset of
+    its name (``nvlink4: {effective_bandwidth_gbps: 20}``), names another preset
+    (``{preset: NAME, ...overrides}``) or, under a name that is no preset, defines the link."""
+    switches: dict[str, SwitchSpec] = Field(default_factory=dict)
+    """The spec of every switch the cluster's fields name, keyed by that name (filled and
+    overridden as ``links`` are)."""
 
     @property
     def devices(self) -> int:
         return self.nodes * self.accelerators_per_node
+
+    def named_links(self) -> list[tuple[str, str]]:
+        """(field, link name) of every link the cluster's fields name."""
+        out = _accelerator_links(self.accelerator)
+        if self.fabric.nic is not None:
+            out.append(("fabric.nic", self.fabric.nic))
+        return out
+
+    def named_switches(self) -> list[tuple[str, str]]:
+        """(field, switch name) of every switch the cluster's fields name."""
+        out = []
+        if self.scale_up.switch is not None:
+            out.append(("scale_up.switch", self.scale_up.switch))
+        if self.fabric.switch is not None:
+            out.append(("fabric.switch", self.fabric.switch))
+        return out
+
+    def link_spec(self, name: str) -> LinkSpec:
+        """The spec of the link ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: LinkSpec = _spec(self.links, "links", name)
+        return spec
+
+    def switch_spec(self, name: str) -> SwitchSpec:
+        """The spec of the switch ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: SwitchSpec = _spec(self.switches, "switches", name)
+        return spec
+
+    @model_validator(mode="after")
+    def _specs_match_names(self) -> NodesCluster:
+        _check_specs(self.named_links(), self.named_switches(), self.links, self.switches)
+        return self
 
 
 class TorusCluster(Frozen):
@@ -131,7 +219,7 @@ class TorusCluster(Frozen):
     dims: tuple[int, ...] = Field(min_length=1, max_length=3)
     """Chips along each torus dimension, e.g. [4, 4] or [8, 8, 16]."""
     link: str
-    """ICI link preset between neighbouring chips."""
+    """ICI link between neighbouring chips: a key of ``cluster.links``."""
     links_per_neighbor: int = Field(default=1, ge=1)
     """Parallel ICI links between two neighbouring chips."""
     wraparound: bool = True
@@ -142,6 +230,14 @@ class TorusCluster(Frozen):
     profile: DeviceProfile | None = None
     expert_kernel: Literal["grouped", "loop"] = "grouped"
     launch: Literal["eager", "graph"] = "eager"
+    links: dict[str, LinkSpec] = Field(default_factory=dict)
+    """The spec of every link the cluster's fields name, keyed by that name. The loader fills
+    it from the catalog's link presets; an entry the scenario gives overrides the preset of
+    its name (``nvlink4: {effective_bandwidth_gbps: 20}``), names another preset
+    (``{preset: NAME, ...overrides}``) or, under a name that is no preset, defines the link."""
+    switches: dict[str, SwitchSpec] = Field(default_factory=dict)
+    """The spec of every switch the cluster's fields name, keyed by that name (filled and
+    overridden as ``links`` are)."""
 
     @property
     def devices(self) -> int:
@@ -149,6 +245,29 @@ class TorusCluster(Frozen):
         for d in self.dims:
             n *= d
         return n
+
+    def named_links(self) -> list[tuple[str, str]]:
+        """(field, link name) of every link the cluster's fields name."""
+        return [*_accelerator_links(self.accelerator), ("link", self.link)]
+
+    def named_switches(self) -> list[tuple[str, str]]:
+        """A torus names no switch."""
+        return []
+
+    def link_spec(self, name: str) -> LinkSpec:
+        """The spec of the link ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: LinkSpec = _spec(self.links, "links", name)
+        return spec
+
+    def switch_spec(self, name: str) -> SwitchSpec:
+        """The spec of the switch ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: SwitchSpec = _spec(self.switches, "switches", name)
+        return spec
+
+    @model_validator(mode="after")
+    def _specs_match_names(self) -> TorusCluster:
+        _check_specs(self.named_links(), self.named_switches(), self.links, self.switches)
+        return self
 
 
 ClusterConfig = Annotated[NodesCluster | TorusCluster, Field(discriminator="kind")]

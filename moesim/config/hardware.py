@@ -1,8 +1,9 @@
 """Typed schema of the hardware presets: accelerators, links and switches.
 
 These records are pure data: they hold datasheet and measured figures with their
-citations, and do no lookups between presets (a port names its link preset by string;
-resolving it is the job of the catalog or the topology builder).
+citations, and do no lookups between presets (a port names its link by string; the loader
+puts the spec of every link and switch a cluster names into the cluster's ``links`` and
+``switches``, see :mod:`moesim.config.cluster`).
 
 Units follow moesim's convention everywhere: ``_gbps`` is GB/s (gigabytes, 1e9 bytes,
 per second), ``_us`` is microseconds, ``_w`` is watts, ``_gib`` is GiB (2**30 bytes),
@@ -75,7 +76,8 @@ class LinkPort(Frozen):
     """A group of identical scale-up links leaving one chip."""
 
     link: str = Field(min_length=1)
-    """Name of the link preset (see ``links.yaml``) each of these ports uses."""
+    """Name of the link each of these ports uses (a key of the cluster's ``links``, a
+    preset of ``links.yaml`` unless the scenario defines it)."""
     count: int = Field(ge=1)
     """How many such links the chip has, count."""
 
@@ -137,7 +139,8 @@ class AcceleratorSpec(Frozen):
     ports: tuple[LinkPort, ...] = ()
     """Scale-up links per chip (NVLink / ICI / Infinity Fabric / bridge), by link preset."""
     host_link: str | None = None
-    """Link preset joining the chip to its host CPU, e.g. 'pcie-gen5-x16'; None if unknown."""
+    """Link joining the chip to its host CPU, e.g. 'pcie-gen5-x16' (a key of the cluster's
+    ``links``); None if unknown."""
     efficiency: Efficiency
     """Achievable fractions of peak compute and memory bandwidth."""
     kernel_overhead_us: float = Field(ge=0)
@@ -179,7 +182,7 @@ class LinkSpec(Frozen):
     """One point-to-point link (a single port): bandwidth, latency, energy."""
 
     name: str = Field(min_length=1)
-    """Preset name, filled from the catalog key."""
+    """Preset name, filled from the catalog key; in a cluster's ``links``, the entry's key."""
     kind: LinkKind
     """Link technology."""
     source: str = Field(min_length=1)
@@ -205,6 +208,12 @@ class LinkSpec(Frozen):
         for field in ("effective_bandwidth_gbps", "energy_pj_per_bit"):
             if getattr(self, field) is not None and field not in self.sources:
                 raise ValueError(f"{field} is given without a citation in sources[{field!r}]")
+        eff = self.effective_bandwidth_gbps
+        if eff is not None and eff > self.bandwidth_gbps:
+            raise ValueError(
+                f"effective_bandwidth_gbps: {eff:g} GB/s exceeds bandwidth_gbps "
+                f"({self.bandwidth_gbps:g} GB/s): a link delivers at most its datasheet rate"
+            )
         return self
 
 
@@ -212,7 +221,7 @@ class SwitchSpec(Frozen):
     """One switch ASIC or appliance: port count, port bandwidth, latency, power."""
 
     name: str = Field(min_length=1)
-    """Preset name, filled from the catalog key."""
+    """Preset name, filled from the catalog key; in a cluster's ``switches``, the entry's key."""
     kind: Literal["nvswitch", "infiniband", "ethernet", "pcie"]
     """Switch technology."""
     source: str = Field(min_length=1)

@@ -3,8 +3,10 @@
 The pydantic models describe a *resolved* scenario (presets expanded, files read). A file
 as written may also name presets (``cluster: dgx-h100``), refine them
 (``model: {preset: mixtral-8x7b, experts: 16}``), read a Hugging Face config
-(``model: {hf_config: config.json}``), name a device profile by path, and ``include``
-other files (which may supply any section, so none is required). :func:`authoring_schema`
+(``model: {hf_config: config.json}``), name a device profile by path, give only some
+fields of a cluster's link and switch specs (``links: {nvlink4: {latency_us: 1}}``, the
+rest from the preset of that name), and ``include`` other files (which may supply any
+section, so none is required). :func:`authoring_schema`
 widens the resolved schema accordingly, for editors' YAML plugins.
 """
 
@@ -29,20 +31,35 @@ def _preset_or(kind: catalog.Kind, full: dict[str, Any], *extra: dict[str, Any])
     """A preset name, a preset with overrides, any ``extra`` forms, or the full definition."""
     names = sorted(catalog.names(kind))
     description = full.get("description", "")
+    one = kind[:-2] if kind.endswith("ches") else kind[:-1]
     return {
         "description": description,
         "anyOf": [
-            {"type": "string", "enum": names, "description": f"a {kind[:-1]} preset"},
+            {"type": "string", "enum": names, "description": f"a {one} preset"},
             {
                 "type": "object",
                 "required": ["preset"],
                 "properties": {"preset": {"type": "string", "enum": names}},
                 "additionalProperties": True,
-                "description": f"a {kind[:-1]} preset with fields overridden",
+                "description": f"a {one} preset with fields overridden",
             },
             *extra,
             {k: v for k, v in full.items() if k != "description"},
         ],
+    }
+
+
+def _spec_table(kind: catalog.Kind, table: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """A cluster's ``links`` / ``switches`` as written: each entry a preset name, a preset
+    with overrides, or some fields of a spec (the rest from the preset of the entry's name)."""
+    some_fields = {k: v for k, v in spec.items() if k not in ("required", "description", "title")}
+    some_fields["description"] = "fields of the spec: over the preset of the entry's name, or all"
+    entry = _preset_or(kind, some_fields)
+    entry.pop("description", None)
+    return {
+        "description": table.get("description", ""),
+        "type": "object",
+        "additionalProperties": entry,
     }
 
 
@@ -76,6 +93,13 @@ def authoring_schema() -> dict[str, Any]:
             continue
         cp = cluster["properties"]
         cp["accelerator"] = _preset_or("accelerators", cp["accelerator"])
+        tables: tuple[tuple[catalog.Kind, str], ...] = (
+            ("links", "LinkSpec"),
+            ("switches", "SwitchSpec"),
+        )
+        for kind, spec in tables:
+            if kind in cp and spec in defs:
+                cp[kind] = _spec_table(kind, cp[kind], defs[spec])
         cp["profile"] = {
             "description": cp.get("profile", {}).get("description", ""),
             "anyOf": [

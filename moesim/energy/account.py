@@ -95,8 +95,6 @@ def switch_ports(system: System) -> dict[str, float]:
     from the built topology: an uplink edge carries ``uplinks x port_bandwidth_gbps``).
     A torus has no switch.
     """
-    from moesim.catalog.hardware import switch
-
     c = system.scenario.cluster
     out: dict[str, float] = {}
     if not isinstance(c, NodesCluster):
@@ -108,7 +106,7 @@ def switch_ports(system: System) -> dict[str, float]:
         out[c.scale_up.switch] = float(c.nodes * (c.accelerators_per_node + 1))
     fab = c.fabric
     if fab.kind != "none" and fab.switch:
-        sw = switch(fab.switch)
+        sw = c.switch_spec(fab.switch)
         ports = float(c.nodes * fab.nics_per_node)
         g = system.topology.graph
         for u, v, data in g.edges(data=True):
@@ -120,8 +118,6 @@ def switch_ports(system: System) -> dict[str, float]:
 
 def infrastructure(system: System) -> Infrastructure:
     """Host and switch power of the scenario's cluster, with notes on what is missing."""
-    from moesim.catalog.hardware import switch
-
     host = system.topology.host_spec
     notes: list[str] = []
     hosts = 0
@@ -143,7 +139,7 @@ def infrastructure(system: System) -> Infrastructure:
         notes.append("hosts: no power figure in the host preset; left out")
     switch_w = 0.0
     for name, ports in switch_ports(system).items():
-        sw = switch(name)
+        sw = system.scenario.cluster.switch_spec(name)
         if sw.power_w is None:
             notes.append(f"switches: {name} has no published power_w; left out")
             continue
@@ -314,20 +310,16 @@ def _product_state(rf: Roofline, m: float, k: int, n: int) -> State:
 
 def network_energy_j(system: System, link_bytes: np.ndarray) -> tuple[float, str]:
     """Joules of the bytes carried by each link with a published pJ/bit, and a note."""
-    from moesim.catalog.hardware import link
-
     g = system.topology.graph
+    specs = system.scenario.cluster.links
     joules = 0.0
     uncovered = 0.0
     for i, (u, v) in enumerate(system.paths.edges):
         nbytes = float(link_bytes[i])
         if nbytes <= 0:
             continue
-        name = g[u][v].get("link")
-        try:
-            pj = link(name).energy_pj_per_bit if name else None
-        except KeyError:
-            pj = None
+        spec = specs.get(g[u][v].get("link", ""))  # a spine uplink names its switch: none
+        pj = spec.energy_pj_per_bit if spec is not None else None
         if pj is None:
             uncovered += nbytes
         else:

@@ -1,13 +1,17 @@
 """The cluster as a directed networkx graph of devices, switches, NICs and hosts.
 
+It is built from the cluster configuration alone: the specs of the links and switches
+the cluster names are its ``links`` and ``switches`` (filled from the catalog by the
+loader, and overridable), so a resolved scenario rebuilds the same graph.
+
 Every physical connection becomes two directed edges (one per direction) carrying the
-link's per-direction bandwidth (GB/s) and ``latency_us``. The bandwidth is the link's
-measured achievable rate (``effective_bandwidth_gbps``) where the catalog has one, else
-its datasheet rate: a prediction should use what the hardware delivers. Switch tiers whose
-members are interchangeable for traffic (the NVSwitch chips of a node, the spine switches
-of a fabric, reached by ECMP) are folded into one logical switch whose edges carry the sum
-of the member links' bandwidth: the usual "big switch" abstraction, exact for
-non-blocking tiers and for perfectly balanced ECMP.
+link's per-direction bandwidth (GB/s), ``latency_us`` and the link's name (``link``). The
+bandwidth is the link's measured achievable rate (``effective_bandwidth_gbps``) where the
+spec has one, else its datasheet rate: a prediction should use what the hardware
+delivers. Switch tiers whose members are interchangeable for traffic (the NVSwitch chips
+of a node, the spine switches of a fabric, reached by ECMP) are folded into one logical
+switch whose edges carry the sum of the member links' bandwidth: the usual "big switch"
+abstraction, exact for non-blocking tiers and for perfectly balanced ECMP.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from moesim.catalog import hardware
 from moesim.config.cluster import ClusterConfig, HostSpec, NodesCluster, TorusCluster
 from moesim.config.hardware import LinkSpec
 
@@ -73,7 +76,7 @@ def _nodes(c: NodesCluster) -> Topology:
     g = nx.DiGraph()
     acc = c.accelerator
     per = c.accelerators_per_node
-    host_link = hardware.link(acc.host_link) if acc.host_link else None
+    host_link = c.link_spec(acc.host_link) if acc.host_link else None
     devices: list[str] = []
     hosts: list[str] = []
     host_of: list[int] = []
@@ -110,18 +113,18 @@ def _nodes(c: NodesCluster) -> Topology:
 def _scale_up(g: nx.DiGraph, c: NodesCluster, n: int, gpus: list[str]) -> None:
     acc = c.accelerator
     if c.scale_up.kind == "nvswitch" and c.scale_up.switch:
-        sw = hardware.switch(c.scale_up.switch)
+        sw = c.switch_spec(c.scale_up.switch)
         node = f"n{n}.nvswitch"
         g.add_node(node, kind="switch", node=n, latency_us=sw.latency_us)
         for gpu in gpus:
             for port in acc.ports:
-                ln = hardware.link(port.link)
+                ln = c.link_spec(port.link)
                 _connect(g, gpu, node, port.count * rate(ln), ln.latency_us, ln.name)
     elif c.scale_up.kind == "mesh" and len(gpus) > 1:
         peers = len(gpus) - 1
         for a, b in itertools.combinations(gpus, 2):
             for port in acc.ports:
-                ln = hardware.link(port.link)
+                ln = c.link_spec(port.link)
                 links = port.count / peers
                 _connect(g, a, b, links * rate(ln), ln.latency_us, ln.name)
     # 'pcie': GPUs reach each other through the node's PCIe switch, added with the host link
@@ -131,8 +134,8 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
     fab = c.fabric
     if fab.nic is None or fab.switch is None:  # the config rules reject this first
         raise ValueError("a fabric needs a NIC link and a switch preset")
-    nic = hardware.link(fab.nic)
-    sw = hardware.switch(fab.switch)
+    nic = c.link_spec(fab.nic)
+    sw = c.switch_spec(fab.switch)
     per = c.accelerators_per_node
     down = max(1, math.floor(sw.ports * fab.oversubscription / (1 + fab.oversubscription)))
     up = sw.ports - down
@@ -158,7 +161,7 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
         for i in range(per):
             # GPUDirect RDMA: the GPU reaches its NIC through the node's PCIe switch
             j = i * fab.nics_per_node // per
-            pcie = hardware.link(c.accelerator.host_link) if c.accelerator.host_link else nic
+            pcie = c.link_spec(c.accelerator.host_link) if c.accelerator.host_link else nic
             _connect(
                 g, devices[n * per + i], f"n{n}.nic{j}", rate(pcie), pcie.latency_us, pcie.name
             )
@@ -172,7 +175,7 @@ def _fabric(g: nx.DiGraph, c: NodesCluster, devices: list[str]) -> None:
 
 def _torus(c: TorusCluster) -> Topology:
     g = nx.DiGraph()
-    ln = hardware.link(c.link)
+    ln = c.link_spec(c.link)
     coords = list(itertools.product(*(range(d) for d in c.dims)))
     name = {xyz: "chip" + "_".join(map(str, xyz)) for xyz in coords}
     devices = [name[xyz] for xyz in coords]
@@ -193,7 +196,7 @@ def _torus(c: TorusCluster) -> Topology:
     hosts: list[str] = []
     host_of: list[int] = []
     acc = c.accelerator
-    host_link = hardware.link(acc.host_link) if acc.host_link else None
+    host_link = c.link_spec(acc.host_link) if acc.host_link else None
     for idx, dev in enumerate(devices):
         h = idx // c.chips_per_host
         if h == len(hosts):
