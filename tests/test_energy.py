@@ -410,19 +410,13 @@ def test_network_energy_is_bytes_times_8_times_pj_per_bit() -> None:
     assert links_j == pytest.approx(ib_bytes * 8 * 20.0e-12, rel=1e-8)
 
 
-def test_switch_power_is_charged_pro_rata_of_attached_ports(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A switch preset with power_w charges power_w / ports per attached port: dgx-h100
-    attaches 8 GPUs x 18 NVLink ports to the nvswitch-gen3 preset (64 ports)."""
-    import moesim.catalog.hardware as hw
-
-    result = _run({**ONE_GPU_LAYER, "cluster": "dgx-h100", "parallelism": {"dp": 8, "ep": 8}})
+def test_switch_power_is_charged_pro_rata_of_attached_ports() -> None:
+    """A switch spec with power_w charges power_w / ports per attached port: dgx-h100
+    attaches 8 GPUs x 18 NVLink ports to the nvswitch-gen3 switch (64 ports)."""
+    cluster = {"preset": "dgx-h100", "switches": {"nvswitch-gen3": {"power_w": 128.0}}}
+    result = _run({**ONE_GPU_LAYER, "cluster": cluster, "parallelism": {"dp": 8, "ep": 8}})
     system = result.system
     assert switch_ports(system) == {"nvswitch-gen3": 8 * 18}
-    real = hw.switch("nvswitch-gen3")
-    fake = real.model_copy(update={"power_w": 128.0, "sources": {"power_w": "test"}})
-    monkeypatch.setattr(hw, "switch", lambda name: fake if name == "nvswitch-gen3" else real)
     infra = infrastructure(system)
     assert infra.switch_w == pytest.approx(128.0 / 64 * 144)
     assert infra.hosts == 1 and infra.host_idle_w == infra.host_busy_w == 700.0

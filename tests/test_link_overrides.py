@@ -346,7 +346,7 @@ def test_authoring_schema_takes_spec_entries_and_refuses_misspelt_fields() -> No
 
     import jsonschema
 
-    from moesim.config.schema import authoring_schema
+    from moesim.loader.schema import authoring_schema
 
     schema = authoring_schema()
     cluster = scenario_from_dict(FAT_TREE).cluster.model_dump(mode="json")

@@ -13,7 +13,7 @@ from moesim.errors import EXIT_SCENARIO_ERROR
 
 
 def schema(args: argparse.Namespace) -> int:
-    from moesim.config.schema import authoring_schema, resolved_schema
+    from moesim.loader.schema import authoring_schema, resolved_schema
 
     schema = resolved_schema() if args.resolved else authoring_schema()
     print(json.dumps(schema, indent=2))

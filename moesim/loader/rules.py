@@ -228,8 +228,11 @@ def _policies(s: Scenario) -> Rule:
 
 
 def _catalog_refs(s: Scenario) -> Rule:
+    """Every link and switch the cluster names is a catalog preset or a spec the scenario
+    defines under that name (``cluster.links`` / ``cluster.switches``)."""
     c = s.cluster
-    links, switches = set(catalog.names("links")), set(catalog.names("switches"))
+    links = set(catalog.names("links")) | set(c.links)
+    switches = set(catalog.names("switches")) | set(c.switches)
     for i, port in enumerate(c.accelerator.ports):
         if port.link not in links:
             yield f"cluster.accelerator.ports[{i}].link", _unknown("link", port.link, links)

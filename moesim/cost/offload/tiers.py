@@ -9,7 +9,6 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from moesim.catalog import hardware
 from moesim.config.scenario import Scenario
 from moesim.derived.serving_memory import (
     devices_per_host,
@@ -56,7 +55,7 @@ def tier_rates(s: Scenario, host_memory: str = "pinned") -> TierRates:
     acc = s.cluster.accelerator
     if acc.host_link is None:
         raise ValueError(f"{acc.name} has no host_link: offloading needs one")
-    link = hardware.link(acc.host_link)
+    link = s.cluster.link_spec(acc.host_link)
     share = devices_per_host(s.cluster)
     pcie = rate(link) * (pageable_fraction() if host_memory == "pageable" else 1.0)
     host = s.cluster.host
