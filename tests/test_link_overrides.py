@@ -24,7 +24,7 @@ from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
 from moesim.energy.account import infrastructure, network_energy_j, switch_ports
 from moesim.errors import ScenarioError
 from moesim.loader import load_scenario, scenario_from_dict
-from moesim.loader.resolve import expand_presets
+from moesim.loader.presets import expand_presets
 from moesim.system import build_system
 from moesim.topology.graph import build
 

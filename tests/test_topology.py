@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 
 from moesim.catalog.hardware import link, switch
 from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
-from moesim.loader.resolve import expand_presets
+from moesim.loader.presets import expand_presets
 from moesim.topology import paths as paths_module
 from moesim.topology.graph import Topology, build, rate
 from moesim.topology.paths import PathTable

@@ -121,7 +121,7 @@ def show_cluster(name: str) -> None:
     from pydantic import TypeAdapter
 
     from moesim.config.cluster import ClusterConfig, NodesCluster, TorusCluster
-    from moesim.loader.resolve import expand_presets
+    from moesim.loader.presets import expand_presets
 
     data: dict[str, Any] = {"cluster": name}
     expand_presets(data, {})

@@ -9,14 +9,9 @@ from typing import Any
 
 from moesim.config.scenario import Scenario
 from moesim.errors import Issue, Location, ScenarioError
-from moesim.loader.resolve import (
-    apply_overrides,
-    expand_hf_models,
-    expand_presets,
-    expand_profiles,
-    expand_traces,
-    read_file,
-)
+from moesim.loader.attachments import expand_hf_models, expand_profiles, expand_traces
+from moesim.loader.presets import expand_presets
+from moesim.loader.resolve import apply_overrides, read_file
 from moesim.loader.validate import validate
 
 
