@@ -528,7 +528,8 @@ def test_training_step_charges_the_measured_communicating_power() -> None:
 def test_training_run_energy_covers_its_wall_clock() -> None:
     """A training run over ``duration_s``: computed steps at one step's energy, every other
     second (checkpoint writes, restarts) with devices and hosts idle; closed form."""
-    from moesim.energy.account import infrastructure, training_account
+    from moesim.energy.account import infrastructure
+    from moesim.energy.workload_accounts import training_account
 
     scenario = moesim.load_scenario(
         "scenarios/training-checkpoint-restart-h100.yaml",

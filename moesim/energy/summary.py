@@ -10,14 +10,8 @@ from typing import Any
 import numpy as np
 
 from moesim.config.training import TrainingWorkload
-from moesim.energy.account import (
-    EnergyAccount,
-    facility,
-    infrastructure,
-    layer_account,
-    serving_account,
-    training_account,
-)
+from moesim.energy.account import EnergyAccount, facility, infrastructure
+from moesim.energy.workload_accounts import layer_account, serving_account, training_account
 from moesim.engine.layer_sim import LayerRecords
 from moesim.engine.serving import ServingRecords
 from moesim.engine.training import TrainingRecords
