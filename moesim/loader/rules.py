@@ -11,13 +11,8 @@ from collections.abc import Iterator
 from moesim import catalog
 from moesim.config.cluster import NodesCluster, TorusCluster
 from moesim.config.scenario import Scenario
-from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
-from moesim.config.workload import LayerWorkload
-from moesim.derived import replica_memory
-from moesim.derived.model_figures import figures
 from moesim.derived.serving_memory import devices_per_host, serving_memory
-from moesim.derived.training_memory import training_memory
 from moesim.units import GIB
 from moesim.workloads import kind_of
 
@@ -31,113 +26,18 @@ def check(s: Scenario) -> list[tuple[str, str]]:
         *_policies(s),
         *_catalog_refs(s),
         *_hardware(s),
-        *kind_of(s).rules(s),
         *_offload(s),
         *_failures(s),
+        *kind_of(s).rules(s),
     ]
 
 
 def _offload(s: Scenario) -> Rule:
-    """Offloading needs a host link and room below HBM; expert offloading is modelled for
-    serving and training, optimizer offloading (ZeRO-Offload) for training."""
-
-    off, w, m, p = s.policies.offload, s.workload, s.model, s.parallelism
-    acc, host = s.cluster.accelerator, s.cluster.host
-    where = "policies.offload"
+    """Offloading needs a host link (which workloads model which offloading is each
+    workload kind's rule)."""
+    off, acc = s.policies.offload, s.cluster.accelerator
     if (off.experts is not None or off.optimizer) and acc.host_link is None:
         yield "cluster.accelerator.host_link", f"offloading needs {acc.name}'s host link, got none"
-    if off.optimizer and not isinstance(w, TrainingWorkload):
-        yield f"{where}.optimizer", f"optimizer offloading applies to training, not {w.kind}"
-    if off.optimizer and isinstance(w, TrainingWorkload) and m.experts % p.ep == 0:
-        states = training_memory(m, p, acc, w).optimizer * devices_per_host(s.cluster)
-        if states > host.dram_gib * GIB:
-            yield (
-                f"{where}.optimizer",
-                f"the optimizer states of a host's devices ({states / GIB:.1f} GiB) do not fit "
-                f"its {host.dram_gib} GiB of DRAM",
-            )
-    e = off.experts
-    if e is None:
-        return
-    at = f"{where}.experts"
-    if isinstance(w, (ServingWorkload, TrainingWorkload)):
-        yield from _cache_size(s)
-    if isinstance(w, TrainingWorkload):
-        yield from _offload_training(s, w)
-        return
-    if not isinstance(w, ServingWorkload):
-        yield at, f"expert offloading is modelled for serving and training, not {w.kind}"
-        return
-    if e.prefetch is not None and not e.overlap:
-        yield f"{at}.prefetch", "prefetching needs overlap: true (copies alongside compute)"
-    if m.experts % p.ep or p.pp != 1:
-        return
-    mem = serving_memory(m, p, acc, e)
-    # the host keeps the distinct experts of its devices (one EP group's worth at most)
-    groups = min(devices_per_host(s.cluster), p.ep * p.etp)
-    need = groups * mem.device_experts * mem.expert_bytes
-    if e.dram_gib is None:
-        if need > host.dram_gib * GIB:
-            yield (
-                at,
-                f"host DRAM is too small for the offloaded experts: {need / GIB:.1f} GiB per "
-                f"host > dram_gib {host.dram_gib} GiB; set dram_gib to keep the rest on NVMe",
-            )
-        return
-    if e.dram_gib > host.dram_gib:
-        yield f"{at}.dram_gib", f"exceeds the host's DRAM ({host.dram_gib} GiB), got {e.dram_gib}"
-    nvme_short = host.nvme_read_gbps <= 0 or need > host.nvme_tib * 1024 * GIB
-    if need > e.dram_gib * GIB and nvme_short:
-        yield (
-            f"{at}.dram_gib",
-            f"the {need / GIB:.1f} GiB of experts per host that do not all fit "
-            f"{e.dram_gib} GiB of DRAM need NVMe, but the host has {host.nvme_tib} TiB "
-            f"at {host.nvme_read_gbps} GB/s",
-        )
-
-
-def _cache_size(s: Scenario) -> Rule:
-    """The HBM expert cache is per device and holds between one expert and all the
-    device's experts (``blocks x experts / ep``: that many keeps every one resident);
-    a larger one is rejected, not clamped (it usually means a cache sized for the whole
-    model rather than one device)."""
-
-    e, m, p, acc = s.policies.offload.experts, s.model, s.parallelism, s.cluster.accelerator
-    if e is None or m.experts % p.ep:
-        return
-    mem = serving_memory(m, p, acc, e)
-    at = "policies.offload.experts"
-    field = f"{at}.cache_experts" if e.cache_experts is not None else f"{at}.cache_gib"
-    cached, most = mem.cache_experts, mem.device_experts
-    expert_gib = mem.expert_bytes / GIB
-    if cached is not None and cached < 1:
-        yield (
-            field,
-            f"holds no whole expert (an expert is {expert_gib:.3f} GiB on each "
-            f"{acc.name}), got {e.cache_gib} GiB",
-        )
-    if cached is None or cached <= most:
-        return
-    per = m.experts // p.ep
-    blocks = most // per
-    holds = (
-        f"the {most} experts each {acc.name} holds ({blocks} MoE blocks"
-        f"{' of its pipeline stage' if p.pp > 1 else ''} x {per}: {m.experts} experts / "
-        f"ep {p.ep}{f', each its 1/{p.etp} etp shard' if p.etp > 1 else ''})"
-    )
-    if e.cache_experts is not None:
-        yield (
-            field,
-            f"{cached} experts is more than {holds}; the cache is per device: at most "
-            f"{most} (which keeps every expert resident)",
-        )
-    else:
-        yield (
-            field,
-            f"{e.cache_gib} GiB holds {cached} experts of {expert_gib:.3f} GiB, more than "
-            f"{holds}; the cache is per device: at most {most * expert_gib:.2f} GiB (which "
-            "keeps every expert resident)",
-        )
 
 
 def _offload_training(s: Scenario, w: TrainingWorkload) -> Rule:
@@ -293,17 +193,14 @@ def _unknown(what: str, name: str, known: set[str]) -> str:
 
 
 def _failures(s: Scenario) -> Rule:
-    """Failures name real devices and experts, fit the workload, and replicas fit memory."""
+    """Failures name real devices and experts and happen within the run (what each workload
+    kind does with them is its own rule)."""
     f = s.failures
     if f is None:
         return
-    import math
 
-    w, m, p = s.workload, s.model, s.parallelism
+    w, m = s.workload, s.model
     n = s.cluster.devices
-    if isinstance(w, LayerWorkload):
-        yield "failures", "failures apply to serving and training workloads, not 'layer'"
-        return
 
     def device(path: str, d: int) -> Rule:
         if d >= n:
@@ -367,7 +264,6 @@ def _failures(s: Scenario) -> Rule:
                 f"{t0:g} s {why}",
             )
     reps = rec.replicas
-    n_reps = len(reps) if isinstance(reps, list) else reps
     if isinstance(reps, list):
         for j, e in enumerate(reps):
             if e >= m.experts:
@@ -377,67 +273,3 @@ def _failures(s: Scenario) -> Rule:
                 )
     elif reps > m.experts:
         yield "failures.recovery.replicas", f"must be <= model.experts ({m.experts}), got {reps}"
-    if isinstance(w, TrainingWorkload):
-        if w.duration_s is None:
-            yield (
-                "workload.duration_s",
-                "required with a failures section: the length of the training run, seconds",
-            )
-        if n_reps:
-            yield (
-                "failures.recovery.replicas",
-                "a training job restarts from its checkpoint after any failure; expert "
-                "replicas apply to serving",
-            )
-        ck = f.checkpoint
-        if ck is not None and ck.write_gbps is None and s.cluster.host.nvme_write_gbps <= 0:
-            yield (
-                "failures.checkpoint.write_gbps",
-                "required: the cluster's hosts have no NVMe to write checkpoints to "
-                "(host.nvme_write_gbps is 0)",
-            )
-        return
-    # serving
-    if f.checkpoint is not None:
-        yield "failures.checkpoint", "checkpoint-restart applies to training workloads"
-    if rec.on_expert_loss == "replica" and not n_reps:
-        yield (
-            "failures.recovery.replicas",
-            "on_expert_loss 'replica' needs replicas: a count of the most popular experts "
-            "or a list of expert ids",
-        )
-    if not n_reps:
-        return
-    if p.ep < 2:
-        yield (
-            "failures.recovery.replicas",
-            f"a replica lives on the next EP rank: needs parallelism.ep >= 2, got {p.ep}",
-        )
-        return
-    if m.experts % p.ep or p.pp != 1 or not isinstance(w, ServingWorkload):
-        return
-    replica_bytes = replica_memory.replica_bytes(s)
-    per_rank = replica_bytes // max(1, _expert_stack_bytes(s))
-    mem = serving_memory(m, p, s.cluster.accelerator, s.policies.offload.experts)
-    acc = s.cluster.accelerator
-    if mem.weight_bytes >= mem.device_bytes:
-        return  # reported by the serving rule
-    left = mem.device_bytes - mem.weight_bytes - replica_bytes
-    kv_tokens = math.floor(w.kv_cache_fraction * max(0, left)) // max(1, mem.kv_bytes_per_token)
-    if left <= 0 or kv_tokens < w.scheduler.block_tokens:
-        yield (
-            "failures.recovery.replicas",
-            f"the replicas do not fit: {per_rank} replica expert(s) per device take "
-            f"{replica_bytes / GIB:.1f} GiB on top of {mem.weight_bytes / GIB:.1f} GiB of "
-            f"weights, and each {acc.name} has {mem.device_bytes / GIB:.1f} GiB (no room "
-            "left for a KV block); replicate fewer experts or raise ep",
-        )
-
-
-def _expert_stack_bytes(s: Scenario) -> int:
-    """One expert's weights over the MoE blocks of a stage, on one device."""
-    import math
-
-    f, p = figures(s.model), s.parallelism
-    blocks = math.ceil(f.moe_layers / p.pp)
-    return blocks * math.ceil(f.expert_params / p.etp) * s.model.bytes_per_param

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
 from moesim.workloads.base import AddPlot, Rule, Simulated
+from moesim.workloads.offload_rules import not_offloaded
 
 if TYPE_CHECKING:
     from moesim.cost.layer_cost import MoELayerCost
@@ -26,7 +27,10 @@ class LayerKind:
     name = "layer"
 
     def rules(self, scenario: Scenario) -> Rule:
-        yield from ()
+        """One layer models neither offloading nor failures."""
+        yield from not_offloaded(scenario, self.name)
+        if scenario.failures is not None:
+            yield "failures", "failures apply to serving and training workloads, not 'layer'"
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.engine.layer_sim import simulate_layer

@@ -10,10 +10,66 @@ from moesim.config.serving import ServingWorkload
 from moesim.derived.serving_memory import serving_memory
 from moesim.units import GIB
 from moesim.workloads.base import AddPlot, Rule, Simulated
+from moesim.workloads.failure_rules import serving_failures
+from moesim.workloads.offload_rules import not_offloaded, serving_offload
 
 if TYPE_CHECKING:
     from moesim.cost.layer_cost import MoELayerCost
     from moesim.system import System
+
+
+def serving_shape(s: Scenario, w: ServingWorkload) -> Rule:
+    """A served model must be decoder-only, on one pipeline stage, shardable over tp,
+    and its weights must fit each device with room for KV blocks."""
+    m, p = s.model, s.parallelism
+    if m.architecture != "decoder":
+        yield "model.architecture", "serving simulates decoder-only models, got encoder_decoder"
+    if p.pp != 1:
+        yield "parallelism.pp", f"serving with pipeline parallelism is not modelled, got {p.pp}"
+    if m.heads % p.tp:
+        yield (
+            "parallelism.tp",
+            f"must divide model.heads ({m.heads}) to split attention, got {p.tp}",
+        )
+    kv = m.kv_heads_resolved
+    if m.attention != "mla" and kv % p.tp and p.tp % kv:
+        yield (
+            "parallelism.tp",
+            f"must divide model kv_heads ({kv}) or be a multiple of it, got {p.tp}",
+        )
+    if m.experts % p.ep or p.pp != 1:
+        return
+    off = s.policies.offload.experts
+    mem = serving_memory(m, p, s.cluster.accelerator, off)
+    acc = s.cluster.accelerator
+    if off is not None and (mem.cache_experts or 0) > mem.device_experts:
+        return  # the offload rule says the cache is larger than the device's experts
+    if off is not None and mem.weight_bytes >= mem.device_bytes:
+        field = "cache_experts" if off.cache_experts is not None else "cache_gib"
+        yield (
+            f"policies.offload.experts.{field}",
+            f"the expert cache does not fit in HBM: {mem.cache_experts} experts (+ "
+            f"{mem.staging_experts} staging) x {mem.expert_bytes / GIB:.3f} GiB = "
+            f"{mem.expert_weight_bytes / GIB:.1f} GiB plus "
+            f"{mem.other_weight_bytes / GIB:.1f} GiB of other weights exceed the "
+            f"{mem.device_bytes / GIB:.1f} GiB of each {acc.name}; use a smaller cache",
+        )
+    elif mem.weight_bytes >= mem.device_bytes:
+        yield (
+            "parallelism",
+            f"the weights do not fit: each {acc.name} needs "
+            f"{mem.weight_bytes / GIB:.1f} GiB ({mem.expert_weight_bytes / GIB:.1f} GiB "
+            f"of experts over ep={p.ep}{f' x etp={p.etp}' if p.etp > 1 else ''}, "
+            f"{mem.other_weight_bytes / GIB:.1f} GiB of the rest over tp={p.tp}) but "
+            f"has {mem.device_bytes / GIB:.1f} GiB; raise ep or tp, or use a larger device",
+        )
+    elif mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens) < 1:
+        yield (
+            "workload.kv_cache_fraction",
+            f"leaves no KV block: {mem.kv_bytes(w.kv_cache_fraction) / GIB:.3f} GiB per "
+            f"{acc.name} for {mem.kv_bytes_per_token} bytes per token x "
+            f"{w.scheduler.block_tokens} tokens per block",
+        )
 
 
 class ServingKind:
@@ -22,59 +78,13 @@ class ServingKind:
     name = "serving"
 
     def rules(self, scenario: Scenario) -> Rule:
-        """A served model must be decoder-only, on one pipeline stage, shardable over tp,
-        and its weights must fit each device with room for KV blocks."""
-        s = scenario
-        w, m, p = s.workload, s.model, s.parallelism
+        """Shape and memory (:func:`serving_shape`), expert offloading, failures."""
+        w = scenario.workload
         assert isinstance(w, ServingWorkload)
-        if m.architecture != "decoder":
-            yield "model.architecture", "serving simulates decoder-only models, got encoder_decoder"
-        if p.pp != 1:
-            yield "parallelism.pp", f"serving with pipeline parallelism is not modelled, got {p.pp}"
-        if m.heads % p.tp:
-            yield (
-                "parallelism.tp",
-                f"must divide model.heads ({m.heads}) to split attention, got {p.tp}",
-            )
-        kv = m.kv_heads_resolved
-        if m.attention != "mla" and kv % p.tp and p.tp % kv:
-            yield (
-                "parallelism.tp",
-                f"must divide model kv_heads ({kv}) or be a multiple of it, got {p.tp}",
-            )
-        if m.experts % p.ep or p.pp != 1:
-            return
-        off = s.policies.offload.experts
-        mem = serving_memory(m, p, s.cluster.accelerator, off)
-        acc = s.cluster.accelerator
-        if off is not None and (mem.cache_experts or 0) > mem.device_experts:
-            return  # the offload rule says the cache is larger than the device's experts
-        if off is not None and mem.weight_bytes >= mem.device_bytes:
-            field = "cache_experts" if off.cache_experts is not None else "cache_gib"
-            yield (
-                f"policies.offload.experts.{field}",
-                f"the expert cache does not fit in HBM: {mem.cache_experts} experts (+ "
-                f"{mem.staging_experts} staging) x {mem.expert_bytes / GIB:.3f} GiB = "
-                f"{mem.expert_weight_bytes / GIB:.1f} GiB plus "
-                f"{mem.other_weight_bytes / GIB:.1f} GiB of other weights exceed the "
-                f"{mem.device_bytes / GIB:.1f} GiB of each {acc.name}; use a smaller cache",
-            )
-        elif mem.weight_bytes >= mem.device_bytes:
-            yield (
-                "parallelism",
-                f"the weights do not fit: each {acc.name} needs "
-                f"{mem.weight_bytes / GIB:.1f} GiB ({mem.expert_weight_bytes / GIB:.1f} GiB "
-                f"of experts over ep={p.ep}{f' x etp={p.etp}' if p.etp > 1 else ''}, "
-                f"{mem.other_weight_bytes / GIB:.1f} GiB of the rest over tp={p.tp}) but "
-                f"has {mem.device_bytes / GIB:.1f} GiB; raise ep or tp, or use a larger device",
-            )
-        elif mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens) < 1:
-            yield (
-                "workload.kv_cache_fraction",
-                f"leaves no KV block: {mem.kv_bytes(w.kv_cache_fraction) / GIB:.3f} GiB per "
-                f"{acc.name} for {mem.kv_bytes_per_token} bytes per token x "
-                f"{w.scheduler.block_tokens} tokens per block",
-            )
+        yield from serving_shape(scenario, w)
+        yield from not_offloaded(scenario, self.name, experts=False)
+        yield from serving_offload(scenario)
+        yield from serving_failures(scenario, w)
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.failures.serving import simulate_serving_with_failures

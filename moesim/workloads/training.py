@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from moesim.config.scenario import Scenario
 from moesim.config.training import TrainingWorkload
 from moesim.workloads.base import AddPlot, Rule, Simulated
+from moesim.workloads.failure_rules import training_failures
+from moesim.workloads.offload_rules import training_offload
 
 if TYPE_CHECKING:
     from moesim.cost.layer_cost import MoELayerCost
@@ -26,7 +28,10 @@ class TrainingKind:
     name = "training"
 
     def rules(self, scenario: Scenario) -> Rule:
-        yield from ()
+        """Offloading (ZeRO-Offload, expert streaming) and checkpoint-restart failures."""
+        w = _workload(scenario)
+        yield from training_offload(scenario, w)
+        yield from training_failures(scenario, w)
 
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.engine.training import simulate_training
