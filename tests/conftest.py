@@ -1,4 +1,6 @@
-"""Shared fixtures: a temporary scenario writer and the repository's paths."""
+"""Shared fixtures (a temporary scenario writer, the repository's paths) and the Hypothesis
+profile: no test may depend on wall-clock speed, so no per-example deadline and no
+too-slow health check (a loaded CI host would fail them for nothing)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "moesim",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("moesim")
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"

@@ -12,7 +12,13 @@ import yaml
 from moesim.calibrate import fidelity
 from moesim.calibrate.commands import fit_from_records
 from moesim.calibrate.fit import collectives, fit_gemm, profile_yaml
-from moesim.calibrate.numpy_bench import SIZES, measure_env, measure_host, measure_layers
+from moesim.calibrate.numpy_bench import (
+    SIZES,
+    measure_env,
+    measure_host,
+    measure_layers,
+    scaled_model,
+)
 from moesim.calibrate.records import Writer
 from moesim.config.profile import DeviceProfile
 from moesim.cost.compute import Roofline
@@ -89,6 +95,140 @@ TINY = dataclasses.replace(
 )
 
 
+# -- the loop on a synthetic host: deterministic, whatever the machine's load ---------------
+
+#: the synthetic host's true per-layer routing glue, which the fit must recover
+TRUE_GLUE_US = 40.0
+
+
+def _synthetic_host_primitives() -> list:
+    """Records of a host that follows the cost model exactly: fp32 GEMMs on a known
+    roofline, 20 GB/s copies, 2 us calls, known activation / gather / scatter costs."""
+    mem, elems = 20e9, 1 << 21
+    recs: list = [
+        {"kind": "env", "backend": "numpy", "processor": "synthetic host"},
+        {"kind": "launch", "us_per_kernel": 2.0},
+    ]
+    for nbytes in (16 << 20, 64 << 20, 256 << 20):
+        recs.append(
+            {"kind": "copy", "bytes": nbytes, "ms": 2 * nbytes / mem * 1e3, "gbps_rw": 20.0}
+        )
+    for fn, ns in (("silu", 1.5), ("gelu", 3.0), ("relu", 0.2)):
+        ms = (2 * 4 * elems / mem + elems * ns * 1e-9) * 1e3
+        recs.append({"kind": "activation", "function": fn, "elements": elems, "ms": ms})
+    rows, width = 8192 * 4, 128
+    for kind, moved, ns in (("gather", 2, 0.5), ("scatter", 3, 1.0)):
+        ms = (moved * 4 * rows * width / mem + rows * width * ns * 1e-9) * 1e3
+        recs.append({"kind": kind, "rows": rows, "width": width, "ms": ms})
+    rf = Roofline(
+        flops_per_s=200e9,
+        bytes_per_s=15e9,
+        overhead_s=0.0,
+        bytes_per_element=4,
+        memory_bytes_per_s=15e9,
+        smoothness=2.0,
+        gemm_overhead_s=3e-6,
+        m_tile=8,
+    )
+    for k, n in ((128, 896), (448, 128), (64, 512), (256, 64), (128, 8)):
+        for m in (1, 8, 64, 512, 2048):
+            ms = float(rf.gemm_s(m, k, n)) * 1e3
+            recs.append({"kind": "gemm", "M": m, "K": k, "N": n, "dtype": "fp32", "ms": ms})
+    return recs
+
+
+def _synthetic_layer(name: str, tokens: int, routing: str, profile: DeviceProfile) -> dict:
+    """A layer record as the numpy harness writes it, timed by the simulator's own cost path
+    (``profile``) on per-expert counts drawn from the routing's popularity."""
+    from moesim.calibrate.predict import predict_replayed_s, scenario_for
+    from moesim.rng import stream
+
+    model = scaled_model(name, TINY.scale)
+    e, k = model.experts, model.top_k
+    p = np.ones(e) if routing == "uniform" else 1.0 / np.arange(1, e + 1)
+    rng = stream(7, "synthetic-layer", tokens, e)
+    counts = np.zeros(e, dtype=int)
+    for _ in range(tokens):
+        counts[rng.choice(e, size=k, replace=False, p=p / p.sum())] += 1
+    rec = {
+        "kind": "moe_layer",
+        "backend": "numpy",
+        "model": name,
+        "impl": "loop",
+        "tokens": tokens,
+        "routing": routing,
+        "seed": 7,
+        "scale": TINY.scale,
+        "experts": e,
+        "top_k": k,
+        "d_model": model.d_model,
+        "expert_d_ff": model.expert_d_ff,
+        "activation": model.activation,
+        "shared_experts": model.shared_experts,
+        "shared_expert_d_ff": model.shared_d_ff,
+        "counts": [int(c) for c in counts],
+    }
+    scen = scenario_for(rec, profile, "single-host-cpu", "numpy")
+    rec["ms"] = predict_replayed_s(scen, rec["counts"]) * 1e3
+    return rec
+
+
+@pytest.fixture(scope="module")
+def synthetic_loop() -> tuple[DeviceProfile, list[fidelity.Row]]:
+    """calibrate -> profile -> simulate -> compare on a synthetic host whose layers carry a
+    known glue of TRUE_GLUE_US: the fitted profile and the held-out rows."""
+    prims = _synthetic_host_primitives()
+    bare = fit_from_records(prims, "synthetic primitives", ())
+    true = bare.model_copy(update={"layer_overhead_us": TRUE_GLUE_US})
+
+    def layers(models: tuple[str, ...]) -> list:
+        return [
+            _synthetic_layer(m, t, r, true)
+            for m in models
+            for t in TINY.tokens
+            for r in ("uniform", "zipf1")
+        ]
+
+    profile = fit_from_records(
+        [*prims, *layers(TINY.fit_models)], "synthetic measurements", TINY.fit_models
+    )
+    rows = fidelity.compare(
+        layers(TINY.heldout_models),
+        profile,
+        backend="numpy",
+        cluster="single-host-cpu",
+        exclude_models=TINY.fit_models,
+    )
+    return profile, rows
+
+
+def test_loop_recovers_a_synthetic_host(synthetic_loop) -> None:
+    """On a host that follows the cost model, the fit recovers its GEMM rates, bandwidth and layer glue."""
+    profile, _ = synthetic_loop
+    assert profile.backend == "numpy" and profile.dtype == "fp32"
+    assert profile.device == "synthetic host"
+    assert profile.gemm.flops_per_s == pytest.approx(200e9, rel=0.02)
+    assert profile.gemm.bytes_per_s == pytest.approx(15e9, rel=0.02)
+    assert profile.gemm.m_tile == 8
+    assert profile.memory_bytes_per_s == pytest.approx(20e9)
+    assert profile.kernel_overhead_us == pytest.approx(2.0)
+    assert profile.activation_ns_per_element["gelu"] == pytest.approx(3.0)
+    assert profile.layer_overhead_us == pytest.approx(TRUE_GLUE_US, rel=1e-6)
+    assert profile.layer_fit is not None and profile.layer_fit.median_abs_error < 1e-4
+
+
+def test_loop_predicts_held_out_layers_of_a_synthetic_host(synthetic_loop) -> None:
+    """The fitted profile predicts every held-out layer of the synthetic host within 3% (median 1%)."""
+    _, rows = synthetic_loop
+    assert len(rows) == 2 * len(TINY.tokens) * len(TINY.heldout_models)
+    assert {r.model for r in rows} == set(TINY.heldout_models)  # the fit model is held out
+    s = fidelity.stats(rows)
+    assert s.median_abs <= 0.01 and s.worst_abs <= 0.03, fidelity.text_table(rows)
+
+
+# -- the loop on this host's real numpy timings: wall clock, so only on an idle machine ----
+
+
 @pytest.fixture(scope="module")
 def loop_result() -> tuple[DeviceProfile, list[fidelity.Row]]:
     w = Writer(None)
@@ -107,11 +247,14 @@ def loop_result() -> tuple[DeviceProfile, list[fidelity.Row]]:
     return profile, rows
 
 
+@pytest.mark.timing
 def test_numpy_loop_predicts_held_out_layers(loop_result) -> None:
-    """calibrate -> profile -> simulate -> compare on held-out shapes stays within the bound.
+    """calibrate -> profile -> simulate -> compare on this host's held-out shapes stays within the bound.
 
     The bound (median |error| <= 35%) is looser than the issue's 15% target for full runs:
-    this tiny CI size on a shared 2-vCPU machine has timing noise of that order.
+    this tiny CI size on a shared 2-vCPU machine has timing noise of that order. It times
+    real numpy work, so a loaded machine fails it: the `timing` marker keeps it out of the
+    default run and CI (`pytest -m timing` runs it).
     """
     _profile, rows = loop_result
     assert len(rows) == 2 * len(TINY.tokens) * len(TINY.heldout_models)
@@ -120,11 +263,11 @@ def test_numpy_loop_predicts_held_out_layers(loop_result) -> None:
     assert s.median_abs <= 0.35, fidelity.text_table(rows)
 
 
-def test_profile_round_trips_and_drives_the_cost_model(loop_result, tmp_path) -> None:
+def test_profile_round_trips_and_drives_the_cost_model(synthetic_loop, tmp_path) -> None:
     """The profile YAML reloads identically, and a scenario naming it uses its rates."""
     import moesim
 
-    profile, _ = loop_result
+    profile, _ = synthetic_loop
     path = tmp_path / "p.yaml"
     path.write_text(profile_yaml(profile, "test"))
     again = DeviceProfile.model_validate(yaml.safe_load(path.read_text()))

@@ -936,6 +936,10 @@ def test_service_availability_is_the_time_not_stalled() -> None:
             "failures.links=[]",
             "failures.stragglers=[]",
             "failures.recovery.detect_s=0.5",
+            # smaller and shorter requests (the closed form holds for any): quick to run
+            "model.layers=4",
+            "workload.prompt_tokens={kind: constant, value: 256}",
+            "workload.output_tokens={kind: constant, value: 16}",
         ],
     )
     summary = moesim.run(s).summary

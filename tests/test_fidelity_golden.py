@@ -47,6 +47,7 @@ BOUNDS = {
 }
 
 
+@pytest.mark.slow  # simulates a few hundred measured layers, three seeds each (~13 s each)
 @pytest.mark.parametrize(("acc", "file", "cluster"), CASES)
 def test_grouped_layers_within_target_median(acc: str, file: str, cluster: str) -> None:
     """Grouped-GEMM layers (eager and CUDA graph) are predicted within their median bound."""

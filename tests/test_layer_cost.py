@@ -67,7 +67,7 @@ def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPa
     """Up to SAMPLE_TOKENS / 3 tokens a bucket averages every sample; above, at most
     ceil(SAMPLE_TOKENS / tokens) of them, never fewer than one, and exactly that many
     layer simulations run."""
-    from moesim.engine import layer_cost
+    from moesim.cost import layer_cost
 
     cost = simulated_layer_cost(build_system(scenario_from_dict(SCENARIO)))
     budget = layer_cost.SAMPLE_TOKENS
@@ -75,14 +75,14 @@ def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPa
     assert cost.samples_for(budget // 2) == 2
     assert cost.samples_for(budget) == cost.samples_for(100 * budget) == 1
     calls = []
-    real = layer_cost.simulate_routed_layer
+    real = cost.simulate  # the injected layer simulator prices each routing sample
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(layer_cost, "SAMPLE_TOKENS", 32)
-    monkeypatch.setattr(layer_cost, "simulate_routed_layer", counting)
+    monkeypatch.setattr(cost, "simulate", counting)
     cost.time_s(64)  # sizes up to 64 are buckets of their own
     assert len(calls) == 1
     cost.time_s(16)

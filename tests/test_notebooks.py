@@ -19,7 +19,15 @@ def test_there_are_notebooks() -> None:
     assert len(NOTEBOOKS) >= 4
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+#: notebooks that simulate serving at length (30-50 s of CPU each): run by .ci/run only
+SLOW = {"03-serving-under-load", "04-offloading-and-failures"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nb = json.loads(path.read_text())
     assert nb["nbformat"] == 4

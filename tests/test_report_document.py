@@ -12,6 +12,12 @@ from moesim.cli import main
 from moesim.loader import load_scenario
 
 SCENARIOS = Path(__file__).parent.parent / "scenarios"
+#: serving reports are about their sections, not the load: four layers, short requests
+SMALL_REQUESTS = [
+    "model.layers=4",
+    "workload.prompt_tokens={kind: constant, value: 256}",
+    "workload.output_tokens={kind: constant, value: 16}",
+]
 
 
 @pytest.mark.parametrize(
@@ -20,7 +26,7 @@ SCENARIOS = Path(__file__).parent.parent / "scenarios"
         ("quickstart.yaml", ["workload.tokens=2048"], {"expert_load.png", "device_time.png"}),
         (
             "mixtral-serving-dgx-h100.yaml",
-            ["workload.duration_s=3", "workload.warmup_s=1"],
+            ["workload.duration_s=3", "workload.warmup_s=1", *SMALL_REQUESTS],
             {"batches.png", "ttft_cdf.png"},
         ),
         ("switch-base-training-tpu-v3.yaml", [], {"breakdown.png"}),
@@ -32,6 +38,7 @@ SCENARIOS = Path(__file__).parent.parent / "scenarios"
                 "failures.devices=[{kind: scheduled, device: 3, at_s: 1}]",
                 "failures.links=[]",
                 "failures.stragglers=[]",
+                *SMALL_REQUESTS,
             ],
             {"batches.png", "ttft_cdf.png", "ttft_over_time.png"},
         ),

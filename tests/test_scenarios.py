@@ -74,7 +74,15 @@ def test_there_is_a_serving_example() -> None:
     assert SERVING
 
 
-@pytest.mark.parametrize("path", SERVING, ids=lambda p: p.stem)
+#: serving examples that take over half a minute of CPU even reduced: run by .ci/run only
+SLOW_SERVING = {"deepseek-v3-serving-h800"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_SERVING else p for p in SERVING],
+    ids=lambda p: p.stem,
+)
 def test_serving_example_runs(path: Path) -> None:
     """The serving example runs at a reduced duration and serves every measured request."""
     ci = ["workload.duration_s=2", "workload.warmup_s=0.5", *SERVING_CI.get(path.stem, [])]

@@ -213,7 +213,27 @@ def test_running_a_sweep_file_as_a_scenario_says_so(tmp_path: Path) -> None:
         load_scenario(_files(tmp_path))
 
 
-def test_serving_points_share_layer_costs_without_changing_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "short",
+    [
+        pytest.param(
+            (
+                "workload.duration_s=3",
+                "workload.warmup_s=1",
+                "model.layers=4",
+                "workload.prompt_tokens={kind: constant, value: 256}",
+                "workload.output_tokens={kind: constant, value: 16}",
+            ),
+            id="small",
+        ),
+        pytest.param(
+            ("workload.duration_s=3", "workload.warmup_s=1"), id="full", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_serving_points_share_layer_costs_without_changing_results(
+    tmp_path: Path, short: tuple[str, ...]
+) -> None:
     """A rate sweep run in one process shares the MoE layer costs of points that differ
     only in their workload: the same summaries as running each point alone."""
     from moesim.api import run
@@ -221,16 +241,23 @@ def test_serving_points_share_layer_costs_without_changing_results(tmp_path: Pat
     from moesim.sweep.runner import _run_point
 
     base = Path(__file__).parent.parent / "scenarios" / "mixtral-serving-dgx-h100.yaml"
-    short = ("workload.duration_s=3", "workload.warmup_s=1")
     costs: dict[str, object] = {}
     shared = [
         _run_point(str(base), (*short, f"workload.arrival.rate_per_s={r}"), costs)[0]
         for r in (10, 40)
     ]
     assert len(costs) == 1  # one layer cost served both rates
+    evaluations = []
     for r, summary in zip((10, 40), shared):
         alone = run(load_scenario(base, [*short, f"workload.arrival.rate_per_s={r}"])).summary
         # the shared memo counts every bucket it has simulated, for either rate
-        summary["events"].pop("moe_cost_evaluations")
-        alone["events"].pop("moe_cost_evaluations")
+        evaluations.append(
+            (
+                summary["events"].pop("moe_cost_evaluations"),
+                alone["events"].pop("moe_cost_evaluations"),
+            )
+        )
         assert summary == alone
+    (first, first_alone), (both, second_alone) = evaluations
+    assert first == first_alone
+    assert both < first + second_alone  # the second rate reused buckets the first simulated

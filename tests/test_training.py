@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from moesim.config.training import TrainingWorkload
+from moesim.cost.training import StageCost
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import training_memory
-from moesim.cost.training import StageCost
 from moesim.engine.training import run_pipeline, schedule, simulate_training
 from moesim.loader import scenario_from_dict
 from moesim.system import build_system
