@@ -681,12 +681,6 @@ def test_failure_rules(
         assert item in got, got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="bug: the replica memory rule indexes the missing expert and raises IndexError "
-    "instead of reporting the located issue (reported; remove this mark once fixed)",
-)
 def test_replica_list_naming_a_missing_expert_is_a_located_error(issues: Issues) -> None:
     """A replica list naming an expert the model lacks is a located error at that list entry."""
     got = issues(

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from moesim import catalog
-from moesim.config.cluster import NodesCluster, TorusCluster
+from moesim.config.cluster import NodesCluster
 from moesim.config.scenario import Scenario
-from moesim.config.training import TrainingWorkload
-from moesim.derived.serving_memory import devices_per_host, serving_memory
-from moesim.units import GIB
 from moesim.workloads import kind_of
 
 Rule = Iterator[tuple[str, str]]
@@ -24,7 +20,7 @@ def check(s: Scenario) -> list[tuple[str, str]]:
     return [
         *_layout(s),
         *_policies(s),
-        *_catalog_refs(s),
+        *_wiring(s),
         *_hardware(s),
         *_offload(s),
         *_failures(s),
@@ -38,35 +34,6 @@ def _offload(s: Scenario) -> Rule:
     off, acc = s.policies.offload, s.cluster.accelerator
     if (off.experts is not None or off.optimizer) and acc.host_link is None:
         yield "cluster.accelerator.host_link", f"offloading needs {acc.name}'s host link, got none"
-
-
-def _offload_training(s: Scenario, w: TrainingWorkload) -> Rule:
-    """Training streams every uncached expert each pass from host DRAM, and updates the
-    streamed experts there: it needs ZeRO-Offload, and no NVMe tier or prefetch."""
-
-    e, m, p = s.policies.offload.experts, s.model, s.parallelism
-    assert e is not None
-    at = "policies.offload.experts"
-    if not s.policies.offload.optimizer:
-        yield (
-            "policies.offload.optimizer",
-            "expert offloading in training keeps the streamed experts' optimizer states and "
-            "their update on the host: set optimizer: true (ZeRO-Offload)",
-        )
-    if e.prefetch is not None:
-        yield f"{at}.prefetch", "training uses every expert each pass: nothing to predict"
-    if e.dram_gib is not None:
-        yield f"{at}.dram_gib", "the NVMe tier is modelled for serving; training streams from DRAM"
-    if m.experts % p.ep:
-        return
-    mem = serving_memory(m, p, s.cluster.accelerator, e)
-    need = devices_per_host(s.cluster) * mem.offloaded_expert_bytes
-    if need > s.cluster.host.dram_gib * GIB:
-        yield (
-            at,
-            f"host DRAM is too small for the streamed experts: {need / GIB:.1f} GiB per host "
-            f"> {s.cluster.host.dram_gib} GiB",
-        )
 
 
 def _hardware(s: Scenario) -> Rule:
@@ -127,31 +94,17 @@ def _policies(s: Scenario) -> Rule:
         )
 
 
-def _catalog_refs(s: Scenario) -> Rule:
-    """Every link and switch the cluster names is a catalog preset or a spec the scenario
-    defines under that name (``cluster.links`` / ``cluster.switches``)."""
-    c = s.cluster
-    links = set(catalog.names("links")) | set(c.links)
-    switches = set(catalog.names("switches")) | set(c.switches)
-    for i, port in enumerate(c.accelerator.ports):
-        if port.link not in links:
-            yield f"cluster.accelerator.ports[{i}].link", _unknown("link", port.link, links)
-    if c.accelerator.host_link is not None and c.accelerator.host_link not in links:
-        yield "cluster.accelerator.host_link", _unknown("link", c.accelerator.host_link, links)
-    if isinstance(c, TorusCluster):
-        if c.link not in links:
-            yield "cluster.link", _unknown("link", c.link, links)
-        return
-    yield from _nodes_refs(c, links, switches)
+def _wiring(s: Scenario) -> Rule:
+    """A node cluster's scale-up and fabric are complete and consistent. (Every link and
+    switch it names has a spec: the loader resolves them and the cluster type checks it.)"""
+    if isinstance(s.cluster, NodesCluster):
+        yield from _nodes_wiring(s.cluster)
 
 
-def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
+def _nodes_wiring(c: NodesCluster) -> Rule:
     su = c.scale_up
-    if su.kind in ("nvswitch", "pcie"):
-        if su.switch is None:
-            yield "cluster.scale_up.switch", f"required when scale_up.kind is {su.kind!r}"
-        elif su.switch not in switches:
-            yield "cluster.scale_up.switch", _unknown("switch", su.switch, switches)
+    if su.kind in ("nvswitch", "pcie") and su.switch is None:
+        yield "cluster.scale_up.switch", f"required when scale_up.kind is {su.kind!r}"
     if su.kind in ("nvswitch", "mesh") and not c.accelerator.ports and c.accelerators_per_node > 1:
         yield "cluster.scale_up.kind", f"{su.kind!r} needs accelerator ports (scale-up links)"
     if su.kind == "pcie" and c.accelerator.host_link is None:
@@ -162,8 +115,6 @@ def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
     if fab.kind != "none":
         if fab.nic is None:
             yield "cluster.fabric.nic", "required when the fabric is not 'none'"
-        elif fab.nic not in links:
-            yield "cluster.fabric.nic", _unknown("link", fab.nic, links)
         if fab.nics_per_node < 1:
             yield "cluster.fabric.nics_per_node", "must be >= 1 when the fabric is not 'none'"
         elif fab.nics_per_node > c.accelerators_per_node:
@@ -174,22 +125,12 @@ def _nodes_refs(c: NodesCluster, links: set[str], switches: set[str]) -> Rule:
             )
         if fab.switch is None:
             yield "cluster.fabric.switch", "required when the fabric is not 'none'"
-        elif fab.switch not in switches:
-            yield "cluster.fabric.switch", _unknown("switch", fab.switch, switches)
         if fab.kind == "rail_optimized" and fab.nics_per_node != c.accelerators_per_node:
             yield (
                 "cluster.fabric.nics_per_node",
                 f"a rail-optimized fabric needs one NIC per accelerator "
                 f"({c.accelerators_per_node}), got {fab.nics_per_node}",
             )
-
-
-def _unknown(what: str, name: str, known: set[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {what} preset {name!r}{hint}"
 
 
 def _failures(s: Scenario) -> Rule:

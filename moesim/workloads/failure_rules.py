@@ -62,6 +62,9 @@ def serving_failures(s: Scenario, w: ServingWorkload) -> Rule:
         )
     if not n_reps:
         return
+    ids = rec.replicas if isinstance(rec.replicas, list) else []
+    if any(e >= m.experts for e in ids) or n_reps > m.experts:
+        return  # reported by the common failure rule; no replica memory to price
     if p.ep < 2:
         yield (
             "failures.recovery.replicas",
