@@ -15,7 +15,7 @@ figure the topology and the energy account use, and a user can override one
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -134,7 +134,25 @@ def _accelerator_links(acc: AcceleratorSpec) -> list[tuple[str, str]]:
     return out
 
 
-class NodesCluster(Frozen):
+class _SpecTables:
+    """Lookups in a cluster's ``links`` and ``switches`` tables (both cluster kinds)."""
+
+    if TYPE_CHECKING:  # the fields themselves are declared by each cluster kind
+        links: dict[str, LinkSpec]
+        switches: dict[str, SwitchSpec]
+
+    def link_spec(self, name: str) -> LinkSpec:
+        """The spec of the link ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: LinkSpec = _spec(self.links, "links", name)
+        return spec
+
+    def switch_spec(self, name: str) -> SwitchSpec:
+        """The spec of the switch ``name`` (KeyError naming the ones the cluster holds)."""
+        spec: SwitchSpec = _spec(self.switches, "switches", name)
+        return spec
+
+
+class NodesCluster(_SpecTables, Frozen):
     """A cluster of GPU servers (one or more nodes)."""
 
     kind: Literal["nodes"] = "nodes"
@@ -192,23 +210,13 @@ class NodesCluster(Frozen):
             out.append(("fabric.switch", self.fabric.switch))
         return out
 
-    def link_spec(self, name: str) -> LinkSpec:
-        """The spec of the link ``name`` (KeyError naming the ones the cluster holds)."""
-        spec: LinkSpec = _spec(self.links, "links", name)
-        return spec
-
-    def switch_spec(self, name: str) -> SwitchSpec:
-        """The spec of the switch ``name`` (KeyError naming the ones the cluster holds)."""
-        spec: SwitchSpec = _spec(self.switches, "switches", name)
-        return spec
-
     @model_validator(mode="after")
     def _specs_match_names(self) -> NodesCluster:
         _check_specs(self.named_links(), self.named_switches(), self.links, self.switches)
         return self
 
 
-class TorusCluster(Frozen):
+class TorusCluster(_SpecTables, Frozen):
     """A TPU slice: chips on a 2-D or 3-D torus of ICI links, hosts with a few chips each."""
 
     kind: Literal["torus"]
@@ -253,16 +261,6 @@ class TorusCluster(Frozen):
     def named_switches(self) -> list[tuple[str, str]]:
         """A torus names no switch."""
         return []
-
-    def link_spec(self, name: str) -> LinkSpec:
-        """The spec of the link ``name`` (KeyError naming the ones the cluster holds)."""
-        spec: LinkSpec = _spec(self.links, "links", name)
-        return spec
-
-    def switch_spec(self, name: str) -> SwitchSpec:
-        """The spec of the switch ``name`` (KeyError naming the ones the cluster holds)."""
-        spec: SwitchSpec = _spec(self.switches, "switches", name)
-        return spec
 
     @model_validator(mode="after")
     def _specs_match_names(self) -> TorusCluster:
