@@ -26,6 +26,7 @@ import numpy as np
 
 from moesim.cost.fairshare import incidence, max_min_rates
 from moesim.topology.paths import PathTable
+from moesim.units import GB
 
 Algorithm = Literal["ring", "halving_doubling", "tree"]
 
@@ -39,7 +40,7 @@ def _step_s(
         return 0.0
     edge_paths = [paths.edge_ids(s, d) for s, d in flows]
     links, a = incidence(edge_paths)
-    rates = max_min_rates(a, paths.bandwidth_gbps[links] * 1e9)
+    rates = max_min_rates(a, paths.bandwidth_gbps[links] * GB)
     slowest = float(np.max(nbytes / rates))
     latency = max(paths.latency_s(s, d) for s, d in flows)
     return slowest + latency + alpha_s

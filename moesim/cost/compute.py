@@ -19,6 +19,7 @@ import numpy as np
 
 from moesim.config.hardware import AcceleratorSpec
 from moesim.config.profile import DeviceProfile
+from moesim.units import GB
 
 ExpertKernel = Literal["grouped", "loop"]
 _PROFILE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -127,7 +128,7 @@ class Roofline:
                     else ""
                 ),
             )
-        bw = acc.memory_bandwidth_gbps * 1e9 * acc.efficiency.memory
+        bw = acc.memory_bandwidth_gbps * GB * acc.efficiency.memory
         return cls(
             flops_per_s=acc.peak_tflops.for_dtype(dtype) * 1e12 * acc.efficiency.compute,
             bytes_per_s=bw,

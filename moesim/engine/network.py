@@ -30,6 +30,7 @@ import simpy
 from moesim.cost.fairshare import incidence_pairs, max_min_rates_coo
 from moesim.cost.fluid import batch_finish_s
 from moesim.topology.paths import PathTable
+from moesim.units import GB
 
 EXACT_FLOWS = 256
 """Up to this many flows in flight, every completion re-rates the others exactly."""
@@ -53,7 +54,7 @@ class _BatchPricing:
     """Bytes of every flow injected between distinct devices (each hop of a relay counts)."""
 
     def __post_init__(self) -> None:
-        self.capacity = self.paths.bandwidth_gbps * 1e9
+        self.capacity = self.paths.bandwidth_gbps * GB
         self.link_bytes = np.zeros(len(self.capacity))
         self._free_s = np.zeros(len(self.capacity))
 

@@ -47,6 +47,7 @@ from moesim.failures.degraded import degraded_system
 from moesim.failures.plan import HOUR, build_plan
 from moesim.failures.state import FailurePlan, FailureState
 from moesim.system import System
+from moesim.units import GB
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def checkpoint_write_s(system: System, w: TrainingWorkload) -> float:
         return 0.0
     gbps = ck.write_gbps or s.cluster.host.nvme_write_gbps
     hosts = len(system.topology.hosts)
-    return checkpoint_bytes(system, w) / (hosts * gbps * 1e9)
+    return checkpoint_bytes(system, w) / (hosts * gbps * GB)
 
 
 def job_mtbf_s(cfg: FailuresConfig, devices: int) -> float | None:

@@ -13,6 +13,7 @@ import numpy as np
 from moesim.engine.layer_sim import LayerRecords, layer_tokens
 from moesim.engine.moe_layer import critical_path
 from moesim.system import System
+from moesim.units import GB
 
 
 def _ms(seconds: float) -> float:
@@ -99,7 +100,7 @@ def _busiest_link(system: System, rec: LayerRecords) -> dict[str, Any] | None:
         "link": f"{u}->{v}",
         "bytes": int(rec.link_bytes[i]),
         "bandwidth_gbps": bw,
-        "utilization": round(float(rec.link_bytes[i]) / (bw * 1e9 * rec.time_s), 6),
+        "utilization": round(float(rec.link_bytes[i]) / (bw * GB * rec.time_s), 6),
     }
 
 

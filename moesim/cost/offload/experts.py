@@ -14,14 +14,10 @@ import numpy as np
 from moesim import rng
 from moesim.config.offload import ExpertOffloadConfig
 from moesim.cost.iteration import IterationTime
-from moesim.derived.serving_memory import (
-    GIB,
-    ServingMemory,
-    devices_per_host,
-    serving_memory,
-)
+from moesim.derived.serving_memory import ServingMemory, devices_per_host, serving_memory
 from moesim.routing.distributions import layer_popularities, popularity_at
 from moesim.system import System
+from moesim.units import GB, GIB
 
 if TYPE_CHECKING:
     pass
@@ -420,7 +416,7 @@ class ExpertOffload:
             "device_experts": self.mem.device_experts,
             "expert_mib": round(self.expert_bytes / 2**20, 3),
             "prefetch_accuracy": None if self.cfg.prefetch is None else self.cfg.prefetch.accuracy,
-            "copy_gbps": {"dram": round(r.dram_bps / 1e9, 3), "nvme": round(r.nvme_bps / 1e9, 3)},
+            "copy_gbps": {"dram": round(r.dram_bps / GB, 3), "nvme": round(r.nvme_bps / GB, 3)},
             "accesses": t.accesses,
             "hit_rate": {
                 "hbm": round(t.hbm_hits / n, 6),

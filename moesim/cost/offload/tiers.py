@@ -14,6 +14,7 @@ from moesim.derived.serving_memory import (
     devices_per_host,
 )
 from moesim.topology.graph import rate
+from moesim.units import GB, US
 
 if TYPE_CHECKING:
     pass
@@ -61,4 +62,4 @@ def tier_rates(s: Scenario, host_memory: str = "pinned") -> TierRates:
     host = s.cluster.host
     dram = min(pcie, host.dram_bandwidth_gbps / share)
     nvme = min(dram, host.nvme_read_gbps / share)
-    return TierRates(dram * 1e9, nvme * 1e9, link.latency_us * 1e-6)
+    return TierRates(dram * GB, nvme * GB, link.latency_us * US)

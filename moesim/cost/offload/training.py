@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from moesim.cost.training import StageCost
 
 from moesim.cost.offload.tiers import tier_rates
+from moesim.units import GB
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def optimizer_offload(s: Scenario, w: TrainingWorkload, shard_params: float) -> 
     cpu_bytes = share * shard_params * (2 * w.optimizer_bytes_per_param + 4)
     return OptimizerOffload(
         grad_d2h_s=rates.latency_s + grad_bytes / rates.dram_bps,
-        cpu_step_s=cpu_bytes / (s.cluster.host.dram_bandwidth_gbps * 1e9),
+        cpu_step_s=cpu_bytes / (s.cluster.host.dram_bandwidth_gbps * GB),
         param_h2d_s=rates.latency_s + grad_bytes / rates.dram_bps,
         host_bytes=share * shard_params * w.optimizer_bytes_per_param,
     )
