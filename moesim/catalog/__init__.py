@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-Kind = Literal["accelerators", "links", "switches", "clusters", "models"]
-KINDS: tuple[Kind, ...] = ("accelerators", "links", "switches", "clusters", "models")
+Kind = Literal["accelerators", "links", "switches", "clusters", "models", "engines"]
+KINDS: tuple[Kind, ...] = ("accelerators", "links", "switches", "clusters", "models", "engines")
 
 
 def data_path(kind: Kind) -> str:

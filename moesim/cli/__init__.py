@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list the built-in presets")
     pr.add_argument(
-        "kind", nargs="?", choices=["accelerators", "links", "switches", "clusters", "models"]
+        "kind",
+        nargs="?",
+        choices=["accelerators", "links", "switches", "clusters", "models", "engines"],
     )
 
     ca = sub.add_parser("calibrate", help="measure a device and fit a cost-model profile")

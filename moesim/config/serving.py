@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from moesim.config.base import Frozen
+from moesim.config.engine import EngineConfig
 
 # --- arrival processes ---------------------------------------------------------------------
 
@@ -222,8 +223,11 @@ class ServingWorkload(Frozen):
     """Prompt length distribution (required unless the arrival is a trace)."""
     output_tokens: LengthConfig | None = None
     """Output length distribution (required unless the arrival is a trace)."""
+    engine: EngineConfig = EngineConfig()
+    """The serving engine (a preset of ``moesim/catalog/data/engines.yaml``, default
+    ``ideal``): its scheduler defaults and host-side cost per iteration."""
     scheduler: SchedulerConfig = SchedulerConfig()
-    """The batching scheduler."""
+    """The batching scheduler (the engine's defaults, with the scenario's fields over them)."""
     slo: SloConfig | None = None
     """Latency targets for SLO attainment; None = not reported."""
     kv_cache_fraction: float = Field(default=0.9, gt=0, le=1)

@@ -41,10 +41,12 @@ from functools import partial
 
 import numpy as np
 
+from moesim.config.engine import HostCost
 from moesim.cost.attention import AttentionCost
 from moesim.cost.collectives import all_gather_s, all_reduce_s
 from moesim.cost.layer_cost import LayerCostModel
 from moesim.system import System
+from moesim.units import US
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class IterationTime:
     """Expected share of token-choice slots the MoE layers drop (capacity)."""
     moe_comm_s: float = 0.0
     """Of ``moe_s``, the all-to-all part of the MoE layers' critical paths."""
+    host_s: float = 0.0
+    """The engine's host-side time not hidden under the device's (0 for the ideal engine)."""
 
 
 def _affine(cost: Callable[..., float]) -> tuple[float, float]:
@@ -78,6 +82,8 @@ class IterationCost:
         m, p = s.model, s.parallelism
         self.rf = system.layer_costs.roofline
         self.moe_cost = moe_cost
+        engine = getattr(s.workload, "engine", None)
+        self.host: HostCost = engine.host if engine is not None else HostCost()
         self.model = m
         self.tp = p.tp
         self.layers = m.layers
@@ -174,6 +180,30 @@ class IterationCost:
             self.n_dense * dense,
             head,
         )
+        device = sum(parts)
+        host = self.host_s(tokens, sampled)
+        total = max(device, host) if self.host.overlap else device + host
         return IterationTime(
-            sum(parts), *parts, moe.dropped_fraction, self.n_moe * min(moe.comm_s, moe.time_s)
+            total,
+            *parts,
+            moe.dropped_fraction,
+            self.n_moe * min(moe.comm_s, moe.time_s),
+            total - device,
         )
+
+    def host_s(self, tokens: list[int], sampled: list[int]) -> float:
+        """The engine's host-side time of the iteration: the busiest DP rank's (each rank's
+        host process prepares its own batch), seconds."""
+        h = self.host
+        if h.zero:
+            return 0.0
+        per_iteration = h.fixed_us + h.per_layer_us * self.layers
+        worst = max(
+            (
+                per_iteration + h.per_sequence_us * k + h.per_token_us * t
+                for t, k in zip(tokens, sampled)
+                if t > 0
+            ),
+            default=0.0,
+        )
+        return worst * US

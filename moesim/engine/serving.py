@@ -100,6 +100,8 @@ class IterationRecords:
     """Expected share of MoE token-choice slots dropped by capacity."""
     moe_comm_s: np.ndarray
     """Of ``moe_s``, the all-to-all part (dispatch + combine on the critical path)."""
+    host_s: np.ndarray
+    """The engine's host-side time not hidden under the device's."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,7 @@ class _Server:
                     it.head_s,
                     it.dropped_fraction,
                     it.moe_comm_s,
+                    it.host_s,
                 )
             )
 
@@ -292,7 +295,7 @@ class _Server:
 
     def _records(self, events: int) -> ServingRecords:
         st = self.state
-        cols = np.array(self.rows, dtype=float).reshape(-1, 12)
+        cols = np.array(self.rows, dtype=float).reshape(-1, 13)
         it = IterationRecords(
             start_s=cols[:, 0],
             duration_s=cols[:, 1],
@@ -307,6 +310,7 @@ class _Server:
             head_s=cols[:, 9],
             dropped_fraction=cols[:, 10],
             moe_comm_s=cols[:, 11],
+            host_s=cols[:, 12],
         )
         n = len(st.arrival_s)
         req = RequestRecords(

@@ -208,8 +208,11 @@ class ServingFailures:
             f = max(
                 (st.slowdown(r * self.tp + x) for r in busy for x in range(self.tp)), default=1.0
             )
+            # a straggler slows the device's kernels; the host-side time is unchanged
             parts = (it.attention_s * f, it.moe_s, it.dense_s * f, it.head_s * f)
-            it = IterationTime(sum(parts), *parts, it.dropped_fraction, it.moe_comm_s)
+            device, host = sum(parts), now.host_s(tokens, sampled)
+            total = max(device, host) if now.host.overlap else device + host
+            it = IterationTime(total, *parts, it.dropped_fraction, it.moe_comm_s, total - device)
         self.rows.append((self.index, shares.failed_over, shares.rerouted, shares.lost))
         return it
 

@@ -15,6 +15,7 @@ PRESET_PATHS: tuple[tuple[Path, catalog.Kind], ...] = (
     (("cluster",), "clusters"),
     (("cluster", "accelerator"), "accelerators"),
     (("model",), "models"),
+    (("workload", "engine"), "engines"),
 )
 
 #: The cluster's tables of the specs of the links and switches its fields name; each entry

@@ -33,6 +33,9 @@ def _short_catalog_path(kind: catalog.Kind) -> str:
 def expand_presets(data: dict[str, Any], positions: Positions) -> None:
     """Replace preset names (and ``{preset: NAME, ...}``) by the preset's fields, merged."""
     issues: list[Issue] = []
+    workload = data.get("workload")
+    if isinstance(workload, dict) and workload.get("kind") == "serving":
+        workload.setdefault("engine", "ideal")
     for path, kind in PRESET_PATHS:
         parent: Any = data
         for part in path[:-1]:
@@ -55,10 +58,50 @@ def expand_presets(data: dict[str, Any], positions: Positions) -> None:
         expanded, expanded_pos = _with_preset(kind, name, overrides, over_pos, path)
         parent[path[-1]] = expanded
         _replace_positions(positions, path, expanded_pos)
+    _apply_engine(data, positions)
     _expand_catalog_profile(data, positions, issues)
     _expand_specs(data, positions, issues)
     if issues:
         raise ScenarioError(issues)
+
+
+def _from_catalog(section: dict[str, Any], positions: Positions, path: Path) -> bool:
+    """Whether the value at ``path`` (a key of ``section``) is not written at all (a
+    default) or came from a catalog preset, rather than from the user's files, ``--set`` or
+    a scenario given as data (which has no positions)."""
+    if path[-1] not in section:
+        return True
+    loc = positions.get(path)
+    return loc is not None and loc.file.startswith("moesim/catalog/")
+
+
+def _apply_engine(data: dict[str, Any], positions: Positions) -> None:
+    """A serving engine's defaults: its scheduler fields under the scenario's own
+    (``workload.scheduler``), and its launch mode and expert kernel where the scenario does
+    not set them (a cluster preset's value is a default too, so the engine's wins)."""
+    workload, cluster = data.get("workload"), data.get("cluster")
+    if not isinstance(workload, dict) or not isinstance(workload.get("engine"), dict):
+        return
+    engine = workload["engine"]
+    defaults = engine.get("scheduler")
+    if isinstance(defaults, dict) and defaults:
+        sched = workload.setdefault("scheduler", {})
+        if isinstance(sched, dict):
+            for key, value in defaults.items():
+                if key not in sched:
+                    sched[key] = copy.deepcopy(value)
+                    at: Path = ("workload", "engine", "scheduler", key)
+                    if at in positions:
+                        positions[("workload", "scheduler", key)] = positions[at]
+    if not isinstance(cluster, dict):
+        return
+    for key in ("launch", "expert_kernel"):
+        value = engine.get(key)
+        if value is not None and _from_catalog(cluster, positions, ("cluster", key)):
+            cluster[key] = value
+            src: Path = ("workload", "engine", key)
+            if src in positions:
+                positions[("cluster", key)] = positions[src]
 
 
 def _with_preset(

@@ -32,16 +32,17 @@ def _preset_or(kind: catalog.Kind, full: dict[str, Any], *extra: dict[str, Any])
     names = sorted(catalog.names(kind))
     description = full.get("description", "")
     one = kind[:-2] if kind.endswith("ches") else kind[:-1]
+    one = f"an {one}" if one[0] in "aeiou" else f"a {one}"
     return {
         "description": description,
         "anyOf": [
-            {"type": "string", "enum": names, "description": f"a {one} preset"},
+            {"type": "string", "enum": names, "description": f"{one} preset"},
             {
                 "type": "object",
                 "required": ["preset"],
                 "properties": {"preset": {"type": "string", "enum": names}},
                 "additionalProperties": True,
-                "description": f"a {one} preset with fields overridden",
+                "description": f"{one} preset with fields overridden",
             },
             *extra,
             {k: v for k, v in full.items() if k != "description"},
@@ -87,6 +88,9 @@ def authoring_schema() -> dict[str, Any]:
         },
     )
     defs = schema.get("$defs", {})
+    serving = defs.get("ServingWorkload", {}).get("properties", {})
+    if "engine" in serving:
+        serving["engine"] = _preset_or("engines", serving["engine"])
     for name in ("NodesCluster", "TorusCluster"):
         cluster = defs.get(name)
         if not cluster:

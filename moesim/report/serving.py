@@ -197,6 +197,9 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
         },
         "events": {"simulation": rec.sim_events, "moe_cost_evaluations": rec.moe_evaluations},
     }
+    if not w.engine.host.zero:  # a real engine: its host-side time and name
+        summary["engine"] = w.engine.name
+        summary["time_breakdown_s"]["host"] = _r(float(it.host_s.sum()))
     if rec.offload is not None:
         stall = rec.offload.summary(it.duration_s)
         summary["time_breakdown_s"]["offload_stall"] = stall["stall_s"]
@@ -204,7 +207,11 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
     if w.slo is not None:
         summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
         summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
-    summary["notes"] = sample_notes(summary["completed_requests"]) + window_notes(summary)
+    summary["notes"] = (
+        sample_notes(summary["completed_requests"])
+        + window_notes(summary)
+        + engine_notes(system)
+    )
     return summary
 
 
@@ -231,6 +238,22 @@ def window_notes(summary: dict[str, Any]) -> list[str]:
 
 #: below this many completed requests a p99 rests on a single request or none
 RELIABLE_P99 = 100
+
+
+def engine_notes(system: System) -> list[str]:
+    """Where the engine preset was not measured on this device and model, its host costs
+    are extrapolated: say from what."""
+    s = system.scenario
+    engine = getattr(s.workload, "engine", None)
+    if engine is None or engine.host.zero or not engine.measured_on:
+        return []
+    here = f"{s.cluster.accelerator.name}/{s.model.name}"
+    if here in engine.measured_on:
+        return []
+    return [
+        f"engine {engine.name}: host costs measured on {', '.join(engine.measured_on)}, "
+        f"extrapolated to {here} (per layer, sequence and token as fitted there)"
+    ]
 
 
 def sample_notes(completed: int) -> list[str]:

@@ -1,0 +1,67 @@
+"""A serving engine as a preset: its scheduler's defaults and the host-side cost of each
+iteration, measured on a real engine (``moesim/catalog/data/engines.yaml``).
+
+Real engines spend a large share of an iteration on the host: Python dispatch of every
+layer's kernels, scheduling, input preparation, sampling and cache bookkeeping. moesim's
+device cost model prices the kernels; an engine preset adds that host time, fitted on the
+engine's own iterations (``moesim calibrate --from`` on ``torch_serving`` records), and sets
+the defaults the engine runs with (its scheduler, eager launches or CUDA graphs, the expert
+kernel). The ``ideal`` engine has no host cost: a kernel-bound lower bound, moesim's
+behaviour before engines were presets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moesim.config.base import Frozen
+from moesim.config.profile import FitQuality
+
+
+class HostCost(Frozen):
+    """Host-side time of one iteration of one data-parallel rank, microseconds:
+    ``fixed_us + per_layer_us x layers + per_sequence_us x sequences + per_token_us x
+    tokens``, where sequences are those that sample a token this iteration."""
+
+    fixed_us: float = Field(default=0.0, ge=0)
+    """Per iteration: scheduling, input preparation, output handling."""
+    per_layer_us: float = Field(default=0.0, ge=0)
+    """Per decoder layer: dispatching its kernels from Python (eager engines)."""
+    per_sequence_us: float = Field(default=0.0, ge=0)
+    """Per sequence that samples a token: logits processing, sampling, bookkeeping."""
+    per_token_us: float = Field(default=0.0, ge=0)
+    """Per token in the batch: input and cache-index preparation."""
+    overlap: bool = False
+    """Whether the host prepares the next iteration while the device runs this one (then
+    an iteration takes max(host, device), else host + device)."""
+
+    @property
+    def zero(self) -> bool:
+        """No host cost at all (the ideal engine)."""
+        return not (self.fixed_us or self.per_layer_us or self.per_sequence_us or self.per_token_us)
+
+
+class EngineConfig(Frozen):
+    """A serving engine: scheduler defaults, host cost, launch and expert kernel defaults."""
+
+    name: str = "ideal"
+    source: str = "moesim: no host cost (a kernel-bound lower bound)"
+    version: str | None = None
+    """The engine and version the preset was measured on (e.g. transformers 5.17.0)."""
+    scheduler: dict[str, int | bool | str] = Field(default_factory=dict)
+    """Scheduler defaults (``workload.scheduler`` fields); the scenario's own scheduler
+    fields override them (the loader merges them into ``workload.scheduler``)."""
+    launch: Literal["eager", "graph"] | None = None
+    """Kernel launch mode the engine uses (``cluster.launch`` default); None: the cluster's."""
+    expert_kernel: Literal["grouped", "loop"] | None = None
+    """Expert kernel the engine uses (``cluster.expert_kernel`` default); None: the cluster's."""
+    host: HostCost = HostCost()
+    """The host-side cost of each iteration."""
+    fit: FitQuality | None = None
+    """How well the host cost plus the device model reproduce the engine's measured
+    iterations (those it was fitted on)."""
+    measured_on: tuple[str, ...] = ()
+    """``device/model`` pairs the preset was measured on; elsewhere it is extrapolated (said
+    in the summary's notes)."""

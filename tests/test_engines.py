@@ -1,0 +1,120 @@
+"""Serving engines as presets: located errors, defaults under the scenario's fields, the
+host-cost model in closed form, and the ideal engine leaving today's figures unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from moesim.api import run
+from moesim.errors import ScenarioError
+from moesim.loader import scenario_from_dict
+
+ONE_GPU: dict[str, Any] = {
+    "name": "eng",
+    "seed": 3,
+    "cluster": "single-h100",
+    "model": "olmoe-1b-7b",
+    "routing": {"kind": "uniform"},
+    "parallelism": {"dp": 1, "ep": 1},
+    "policies": {"capacity_factor": None, "overflow": "dropless"},
+}
+
+#: a closed system: every request arrives at once and decodes in lock-step (one batch of
+#: BATCH sequences, PROMPT-token prompts prefilled in the first iteration, OUT tokens each)
+BATCH, PROMPT, OUT = 8, 32, 64
+
+
+def _constant(engine: Any = None, **scheduler: Any) -> dict[str, Any]:
+    w: dict[str, Any] = {
+        "kind": "serving",
+        "duration_s": 1.0,
+        "arrival": {
+            "kind": "trace",
+            "arrival_s": [0.0] * BATCH,
+            "prompt_tokens": [PROMPT] * BATCH,
+            "output_tokens": [OUT] * BATCH,
+        },
+    }
+    if engine is not None:
+        w["engine"] = engine
+    if scheduler:
+        w["scheduler"] = scheduler
+    return {**ONE_GPU, "workload": w}
+
+
+def _summary(data: dict[str, Any]) -> dict[str, Any]:
+    return run(scenario_from_dict(data)).summary
+
+
+def _errors(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ScenarioError) as err:
+        scenario_from_dict(data)
+    return [f"{i.path}: {i.message}" for i in err.value.issues]
+
+
+def test_unknown_engine_is_a_located_error() -> None:
+    """An engine name the catalog lacks is reported at workload.engine with the choices."""
+    (msg,) = _errors(_constant("vllm-99"))
+    assert msg.startswith("workload.engine: unknown engine preset 'vllm-99'")
+    assert "ideal" in msg
+
+
+def test_a_field_an_engine_lacks_is_a_located_error() -> None:
+    """A misspelt engine field is reported at its path, not ignored."""
+    msgs = _errors(_constant({"preset": "ideal", "host": {"fixed_ms": 3}}))
+    assert any(m.startswith("workload.engine.host.fixed_ms") for m in msgs), msgs
+
+
+def test_serving_defaults_to_the_ideal_engine() -> None:
+    """A serving scenario without an engine runs the ideal one, stated in the resolved
+    scenario, and its summary equals the one with ``engine: ideal`` written out."""
+    implicit = scenario_from_dict(_constant())
+    assert implicit.workload.engine.name == "ideal"  # type: ignore[union-attr]
+    assert implicit.workload.engine.host.zero  # type: ignore[union-attr]
+    assert _summary(_constant()) | {"wall_s": 0} == _summary(_constant("ideal")) | {"wall_s": 0}
+    assert "engine" not in _summary(_constant())  # the kernel-bound default adds nothing
+
+
+def test_engine_scheduler_defaults_sit_under_the_scenario_fields() -> None:
+    """An engine's scheduler defaults apply where the scenario sets nothing; a scenario
+    field wins over the engine's."""
+    engine = {"preset": "ideal", "scheduler": {"max_seqs": 4, "block_tokens": 32}}
+    s = scenario_from_dict(_constant(engine, max_seqs=2))
+    sched = s.workload.scheduler  # type: ignore[union-attr]
+    assert (sched.max_seqs, sched.block_tokens) == (2, 32)
+
+
+def test_engine_launch_mode_is_a_default_the_scenario_may_override() -> None:
+    """The engine's launch mode replaces the cluster preset's, not one the user wrote."""
+    engine = {"preset": "ideal", "launch": "graph"}
+    assert scenario_from_dict(_constant(engine)).cluster.launch == "graph"
+    mine = {**_constant(engine), "cluster": {"preset": "single-h100", "launch": "eager"}}
+    assert scenario_from_dict(mine).cluster.launch == "eager"
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_cost_in_closed_form_on_a_constant_workload(overlap: bool) -> None:
+    """With a fixed batch and fixed lengths, every decode iteration costs the ideal
+    iteration plus the fitted host time (or the larger of the two when host work overlaps
+    the device's), so TPOT moves by exactly that."""
+    host = {"fixed_us": 2000.0, "per_layer_us": 30.0, "per_sequence_us": 50.0, "overlap": overlap}
+    layers = scenario_from_dict(_constant()).model.layers
+    host_s = (2000.0 + 30.0 * layers + 50.0 * BATCH) * 1e-6
+    ideal = _summary(_constant())
+    real = _summary(_constant({"preset": "ideal", "name": "slow-host", "host": host}))
+    tpot0, tpot1 = ideal["tpot_ms"]["p50"] / 1e3, real["tpot_ms"]["p50"] / 1e3
+    expected = max(tpot0, host_s) if overlap else tpot0 + host_s
+    assert tpot1 == pytest.approx(expected, rel=1e-6)
+    assert real["engine"] == "slow-host"
+    host_total = real["time_breakdown_s"]["host"]
+    iterations = real["iterations"]
+    assert host_total == pytest.approx(iterations * max(0.0, expected - tpot0), rel=1e-3)
+
+
+def test_an_engine_measured_elsewhere_says_it_extrapolates() -> None:
+    """An engine measured on another device or model notes the extrapolation."""
+    engine = {"preset": "ideal", "host": {"fixed_us": 100.0}, "measured_on": ["H200/mixtral-8x7b"]}
+    notes = _summary(_constant(engine))["notes"]
+    assert any("extrapolated to" in n and "H200/mixtral-8x7b" in n for n in notes), notes
