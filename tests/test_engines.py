@@ -115,6 +115,6 @@ def test_host_cost_in_closed_form_on_a_constant_workload(overlap: bool) -> None:
 
 def test_an_engine_measured_elsewhere_says_it_extrapolates() -> None:
     """An engine measured on another device or model notes the extrapolation."""
-    engine = {"preset": "ideal", "host": {"fixed_us": 100.0}, "measured_on": ["H200/mixtral-8x7b"]}
+    engine = {"preset": "ideal", "host": {"fixed_us": 100.0}, "measured_on": ["h200-sxm/mixtral-8x7b"]}
     notes = _summary(_constant(engine))["notes"]
-    assert any("extrapolated to" in n and "H200/mixtral-8x7b" in n for n in notes), notes
+    assert any("extrapolated to" in n and "h200-sxm/mixtral-8x7b" in n for n in notes), notes

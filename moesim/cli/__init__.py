@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         help="measured collectives to fit as well (repeatable)",
     )
     ca.add_argument("--seed", type=int, default=0, help="seed of the measured inputs")
+    ca.add_argument(
+        "--engine",
+        metavar="NAME",
+        help="with --from: fit a serving-engine preset NAME on torch_serving iterations",
+    )
 
     fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
     fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")
@@ -144,6 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--markdown", metavar="FILE.md", help="write the table as Markdown")
     fi.add_argument("--measurements", metavar="FILE.jsonl", help="keep the raw records")
     fi.add_argument("--title", help="title of the Markdown section")
+    fi.add_argument(
+        "--serving",
+        metavar="FILE.jsonl",
+        help="replay the online runs of a torch_serving file through moesim (with --engine)",
+    )
+    fi.add_argument(
+        "--engine",
+        default="ideal",
+        metavar="NAME|FILE.yaml",
+        help="with --serving: an engine preset, or a fitted entry written by calibrate --engine",
+    )
     fi.add_argument(
         "--seed", type=int, default=0, help="first seed of the simulator's routing samples"
     )

@@ -12,6 +12,12 @@ def split(text: str) -> list[str]:
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    if args.engine:
+        from moesim.calibrate.serving_commands import calibrate_engine
+
+        if not args.from_file:
+            raise SystemExit("moesim calibrate: --engine fits from --from FILE.jsonl")
+        return calibrate_engine(args.from_file, args.engine, args.out)
     from moesim.calibrate.commands import calibrate
 
     return calibrate(
@@ -27,6 +33,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def fidelity(args: argparse.Namespace) -> int:
+    if args.serving:
+        from moesim.calibrate.serving_commands import serving_fidelity
+
+        return serving_fidelity(args.serving, args.engine, args.markdown, args.seed)
     from moesim.calibrate.commands import fidelity
 
     return fidelity(

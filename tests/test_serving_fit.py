@@ -1,0 +1,97 @@
+"""Fitting an engine preset and replaying online runs, on records a known engine produced:
+the fit recovers the known host cost, and the replay of its own runs matches."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moesim.api import run
+from moesim.calibrate.serving_fidelity import replay, table
+from moesim.calibrate.serving_fit import fit_engine, predicted_device_s, serving_scenario
+from moesim.cost.iteration import IterationCost
+from moesim.engine.layer_sim import simulated_layer_cost
+from moesim.system import build_system
+
+ENV = {"kind": "env", "gpu": "NVIDIA H200", "model": "mixtral-8x7b"}
+KNOWN = {"fixed_us": 3000.0, "per_sequence_us": 40.0, "per_token_us": 2.0}
+ENGINE = {"preset": "ideal", "name": "known", "host": KNOWN}
+
+
+@cache
+def _grid() -> tuple[dict[str, Any], ...]:
+    """Iteration records as the known engine would time them (device + its host cost)."""
+    scenario = serving_scenario(ENV["gpu"], ENV["model"], ENGINE)
+    system = build_system(scenario)
+    cost = IterationCost(system, simulated_layer_cost(system))
+    out: list[dict[str, Any]] = [ENV]
+    for p in (16, 512, 4096, 12000):
+        rec: dict[str, Any] = {"kind": "serving_prefill", "prompt_tokens": p}
+        rec["ttft_ms"] = predicted_device_s(cost, rec, 8192)[0] * 1e3
+        out.append(rec)
+    for b in (1, 8, 64):
+        for c in (128, 2048):
+            rec = {"kind": "serving_decode", "batch": b, "context": c}
+            rec["step_ms"] = predicted_device_s(cost, rec, 8192)[0] * 1e3
+            out.append(rec)
+    return tuple(out)
+
+
+def test_fit_recovers_a_known_host_cost() -> None:
+    """Host costs fitted on a known engine's iterations are that engine's, and the fit
+    error on them is nil."""
+    preset, rows = fit_engine(list(_grid()), "known", "test", {})
+    host = preset["host"]
+    for key, value in KNOWN.items():
+        assert host[key] == pytest.approx(value, rel=1e-3), (key, host)
+    assert preset["fit"]["worst_abs_error"] < 1e-3
+    assert preset["measured_on"] == ["h200-sxm/mixtral-8x7b"]
+    assert len(rows) == len(_grid()) - 1
+
+
+def _online(rate: float, n: int, seed: int) -> list[dict[str, Any]]:
+    """serving_request records of one run of the known engine (moesim stands in for it)."""
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1 / rate, n))
+    prompt = rng.integers(100, 300, n)
+    workload = {
+        "kind": "serving",
+        "duration_s": float(arrival[-1]) + 1e-3,
+        "arrival": {
+            "kind": "trace",
+            "arrival_s": arrival.tolist(),
+            "prompt_tokens": prompt.tolist(),
+            "output_tokens": [16] * n,
+        },
+    }
+    rec = run(serving_scenario(ENV["gpu"], ENV["model"], ENGINE, workload)).records.requests
+    return [
+        {
+            "kind": "serving_request",
+            "run": f"r{rate:g}",
+            "rate_per_s": rate,
+            "arrival_s": float(rec.arrival_s[i]) + 5.0,  # any clock origin
+            "first_token_s": float(rec.first_token_s[i]) + 5.0,
+            "finish_s": float(rec.finish_s[i]) + 5.0,
+            "prompt_tokens": int(prompt[i]),
+            "output_tokens": 16,
+        }
+        for i in range(n)
+    ]
+
+
+def test_replay_of_the_engines_own_runs_matches_and_ideal_is_faster() -> None:
+    """Replaying a run with the engine that produced it predicts it exactly; the ideal
+    engine (no host cost) predicts a shorter TPOT."""
+    records = [ENV, *_online(4.0, 12, 1), *_online(20.0, 12, 2)]
+    rows = replay(records, ENGINE)
+    assert [r["rate_per_s"] for r in rows] == [4.0, 20.0]
+    for row in rows:
+        for key, m in row["measured"].items():
+            assert row["predicted"][key] == pytest.approx(m, rel=1e-6), key
+    ideal = replay(records, "ideal")
+    assert all(i["predicted"]["tpot_p50"] < r["measured"]["tpot_p50"] for i, r in zip(ideal, rows))
+    assert "tpot_p50" in table(rows) and table(rows, markdown=True).startswith("| run |")
