@@ -115,6 +115,67 @@ def test_host_cost_in_closed_form_on_a_constant_workload(overlap: bool) -> None:
 
 def test_an_engine_measured_elsewhere_says_it_extrapolates() -> None:
     """An engine measured on another device or model notes the extrapolation."""
-    engine = {"preset": "ideal", "host": {"fixed_us": 100.0}, "measured_on": ["h200-sxm/mixtral-8x7b"]}
+    engine = {
+        "preset": "ideal",
+        "host": {"fixed_us": 100.0},
+        "measured_on": ["h200-sxm/mixtral-8x7b"],
+    }
     notes = _summary(_constant(engine))["notes"]
     assert any("extrapolated to" in n and "h200-sxm/mixtral-8x7b" in n for n in notes), notes
+
+
+def test_packed_attention_grows_with_the_square_of_the_batch() -> None:
+    """transformers' packed SDPA scores every query against every gathered key of the
+    batch: a decode step of B sequences at context C costs B x B.C pairs, so once that is
+    compute-bound its time grows ~B^2 where the fused kernel's grows ~B (memory-bound: each
+    sequence's own KV); it is never cheaper than fused."""
+    from moesim.cost.attention import AttentionCost
+    from moesim.system import build_system
+
+    system = build_system(scenario_from_dict(_constant()))
+    rf, model = system.layer_costs.roofline, system.scenario.model
+    fused, packed = AttentionCost(rf, model, 1), AttentionCost(rf, model, 1, "packed")
+    c = 2048
+
+    def step(cost: AttentionCost, b: int) -> float:
+        return float(cost.scores_s(b, b * c, b * c))
+
+    for b in (1, 16, 256):
+        assert step(packed, b) >= step(fused, b)
+    assert step(packed, 4096) / step(packed, 2048) == pytest.approx(4.0, rel=0.1)
+    assert step(fused, 4096) / step(fused, 2048) == pytest.approx(2.0, rel=0.05)
+
+
+def test_admission_waits_while_the_cache_is_nearly_full() -> None:
+    """With ``admit_free_fraction`` a waiting prompt is not admitted beside running ones
+    once fewer blocks than that share are free; without it, it is."""
+    from moesim.config.serving import SchedulerConfig
+    from moesim.engine.batching import RankScheduler, RequestState
+
+    def admitted(fraction: float) -> list[int]:
+        state = RequestState([0.0, 0.0], [100, 16], [50, 4])
+        cfg = SchedulerConfig(block_tokens=16, admit_free_fraction=fraction)
+        ranks = RankScheduler(state, cfg, total_blocks=10)
+        ranks.waiting.extend([0, 1])
+        return ranks.schedule(0.0).ids
+
+    assert admitted(0.0) == [0, 1]  # 7 + 1 blocks of 10
+    assert admitted(0.5) == [0]  # after request 0, 3 of 10 blocks free < 5
+
+
+@pytest.mark.parametrize(("requeue", "expected"), [("front", [1, 0]), ("back", [0, 1])])
+def test_a_preempted_request_waits_where_its_engine_puts_it(requeue: str, expected: list) -> None:
+    """vLLM puts a preempted request first in line again; transformers last."""
+    from moesim.config.serving import SchedulerConfig
+    from moesim.engine.batching import RankScheduler, RequestState
+
+    state = RequestState([0.0, 0.0, 0.0], [16, 16, 16], [64, 64, 64])
+    ranks = RankScheduler(state, SchedulerConfig(block_tokens=16, requeue=requeue), 3)
+    ranks.waiting.append(0)
+    ranks.running = [2, 1]
+    state.computed[1] = state.computed[2] = 16
+    state.blocks[1] = state.blocks[2] = 1
+    ranks.free_blocks = 1
+    state.generated[1] = state.generated[2] = 1  # both need a second block
+    ranks.schedule(0.0)
+    assert list(ranks.waiting) == expected

@@ -57,6 +57,11 @@ class EngineConfig(Frozen):
     """Kernel launch mode the engine uses (``cluster.launch`` default); None: the cluster's."""
     expert_kernel: Literal["grouped", "loop"] | None = None
     """Expert kernel the engine uses (``cluster.expert_kernel`` default); None: the cluster's."""
+    attention: Literal["fused", "packed"] = "fused"
+    """How attention runs over a batch: one fused causal kernel skipping masked blocks
+    (FlashAttention, vLLM), or the batch packed as one sequence under a block-diagonal mask
+    with every request's KV gathered and repeated per head (transformers' paged SDPA);
+    see :meth:`moesim.cost.attention.AttentionCost.scores_s`."""
     host: HostCost = HostCost()
     """The host-side cost of each iteration."""
     fit: FitQuality | None = None

@@ -197,6 +197,13 @@ class SchedulerConfig(Frozen):
     prefilled whole, in one iteration, or waits."""
     block_tokens: int = Field(default=16, ge=1)
     """Tokens per KV-cache block (PagedAttention block size)."""
+    admit_free_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """A waiting request is admitted beside running ones only while at least this share
+    of the KV blocks is free (vLLM: 0; transformers' FIFO scheduler: 0.15, its
+    ``safety_margin``)."""
+    requeue: Literal["front", "back"] = "front"
+    """Where a preempted request waits again: first in line (vLLM) or last (transformers,
+    which re-creates it as a new request)."""
 
 
 class SloConfig(Frozen):

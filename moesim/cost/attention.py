@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -74,6 +75,10 @@ def head_dims(model: ModelConfig) -> tuple[int, int]:
     return d, d
 
 
+AttentionKernel = Literal["fused", "packed"]
+"""How an engine runs attention over a batch (see :meth:`AttentionCost.scores_s`)."""
+
+
 class AttentionCost:
     """Attention of one block on one device of a ``tp``-way tensor-parallel group.
 
@@ -81,8 +86,11 @@ class AttentionCost:
     scores are one roofline evaluation over per-rank totals (vectorized over ranks).
     """
 
-    def __init__(self, rf: Roofline, model: ModelConfig, tp: int) -> None:
+    def __init__(
+        self, rf: Roofline, model: ModelConfig, tp: int, kernel: AttentionKernel = "fused"
+    ) -> None:
         self.rf = rf
+        self.kernel = kernel
         self.model = model
         self.tp = tp
         self.heads = model.heads // tp
@@ -124,10 +132,30 @@ class AttentionCost:
         keys: ArrayLike,
         kv_read_tokens: ArrayLike,
     ) -> np.ndarray:
-        """The fused causal kernel over batches of ``tokens`` new tokens attending ``keys``
+        """The attention kernel over batches of ``tokens`` new tokens attending ``keys``
         (query, key) pairs and reading the KV of ``kv_read_tokens`` tokens (arrays: one
-        batch each; an empty batch still counts one kernel launch, callers mask it)."""
+        batch each; an empty batch still counts one kernel launch, callers mask it).
+
+        ``fused``: one causal kernel that skips masked blocks (FlashAttention). ``packed``:
+        the batch packed as one sequence with a block-diagonal causal mask, as transformers'
+        paged SDPA runs it (``integrations/sdpa_paged.py``, 5.17): the KV of every
+        scheduled request gathered from the cache (``index_select``: read and write),
+        repeated to every query head (a copy), then one dense masked attention over
+        ``tokens x kv_read_tokens`` scores (nothing skipped) reading the bf16 mask."""
         w = self.width
+        if self.kernel == "packed":
+            q = np.asarray(tokens, dtype=float)
+            kv = np.asarray(kv_read_tokens, dtype=float)
+            b = self.rf.bytes_per_element
+            expanded = kv * self.heads * (self.qk_dim + self.v_dim) * b  # K and V, all heads
+            moved = (
+                2 * kv * self.kv_bytes  # gather: read the cache, write the packed copy
+                + kv * self.kv_bytes  # repeat_kv reads the packed copy ...
+                + 2 * expanded  # ... writes it for every head; the kernel reads it
+                + q * kv * b  # the mask
+                + q * w * b  # queries and outputs
+            )
+            return self.rf.product_s(2.0 * w * q * kv, moved)
         return self.rf.product_s(
             2.0 * w * np.asarray(keys, dtype=float),
             np.asarray(kv_read_tokens, dtype=float) * self.kv_bytes

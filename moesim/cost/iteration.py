@@ -42,7 +42,7 @@ from functools import partial
 import numpy as np
 
 from moesim.config.engine import HostCost
-from moesim.cost.attention import AttentionCost
+from moesim.cost.attention import AttentionCost, AttentionKernel
 from moesim.cost.collectives import all_gather_s, all_reduce_s
 from moesim.cost.layer_cost import LayerCostModel
 from moesim.system import System
@@ -84,12 +84,13 @@ class IterationCost:
         self.moe_cost = moe_cost
         engine = getattr(s.workload, "engine", None)
         self.host: HostCost = engine.host if engine is not None else HostCost()
+        kernel: AttentionKernel = engine.attention if engine is not None else "fused"
         self.model = m
         self.tp = p.tp
         self.layers = m.layers
         self.n_moe = len(m.moe_layer_indices)
         self.n_dense = m.layers - self.n_moe
-        self.attention = AttentionCost(self.rf, m, p.tp)
+        self.attention = AttentionCost(self.rf, m, p.tp, kernel)
         self.act_bytes = system.layer_costs.combine_bytes_per_token // m.d_model
         self._dense: dict[int, float] = {}
         self._head: dict[int, float] = {}

@@ -102,6 +102,9 @@ class RankScheduler:
         self.max_seqs = cfg.max_seqs
         self.chunked = cfg.chunked_prefill
         self.block = cfg.block_tokens
+        self.reserve = math.ceil(cfg.admit_free_fraction * total_blocks)
+        """Blocks that must stay free for a waiting request to be admitted beside others."""
+        self.requeue_front = cfg.requeue == "front"
         self.total_blocks = total_blocks
         self.free_blocks = total_blocks
         self.waiting: deque[int] = deque()
@@ -127,7 +130,10 @@ class RankScheduler:
         st.recomputed[rid] += st.computed[rid]
         st.computed[rid] = 0
         st.preemptions[rid] += 1
-        self.waiting.appendleft(rid)
+        if self.requeue_front:
+            self.waiting.appendleft(rid)
+        else:
+            self.waiting.append(rid)
 
     def schedule(self, now_s: float) -> Batch:
         """Choose this iteration's work and allocate its KV blocks."""
@@ -183,6 +189,8 @@ class RankScheduler:
         st = self.st
         waiting, running = self.waiting, self.running
         while waiting and budget > 0 and len(running) < self.max_seqs:
+            if self.reserve and self.free_blocks < self.reserve and (running or batch.ids):
+                break  # the cache is nearly full: no new prompt beside the running ones
             rid = waiting[0]
             c = st.computed[rid]
             need = st.prompt[rid] + st.generated[rid] - c
