@@ -40,7 +40,7 @@ def test_deepseek_v3_notes_the_mtp_module() -> None:
 
 
 def test_unsupported_and_missing_keys_are_named() -> None:
-    with pytest.raises(HFConfigError, match="model_type 'llama' is not supported"):
+    with pytest.raises(HFConfigError, match="key 'model_type' is not a supported one"):
         model_from_hf_config({"model_type": "llama"}, "x", "t")
     cfg = json.loads((HF / "mixtral-8x7b" / "config.json").read_text())
     del cfg["num_local_experts"]

@@ -8,11 +8,34 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from moesim.errors import Issue, Location, ScenarioError, dotted
+from moesim.loader.files import (
+    MAX_JSON_BYTES,
+    MAX_TRACE_BYTES,
+    MAX_YAML_BYTES,
+    PathPolicy,
+    read_input,
+)
 from moesim.loader.presets import read_profile
 from moesim.loader.yamlpos import Path, Positions
 
 
-def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+def _source(
+    loc: Location, scenario_file: str, written: str, policy: PathPolicy | None, limit: int
+) -> tuple[FsPath, bytes]:
+    """The file a path names (relative to the file it is written in, to the working
+    directory when it comes from ``--set``) and its bytes, read under ``policy``."""
+    from_set = loc.file.startswith("--set")
+    base = FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent
+    file = base / written
+    return file, read_input(file, limit, loc, "", policy, from_set)
+
+
+def expand_profiles(
+    data: dict[str, Any],
+    positions: Positions,
+    scenario_file: str,
+    policy: PathPolicy | None = None,
+) -> None:
     """Read a device profile named by path (``cluster.profile``, relative to the file that
     names it; to the working directory when it comes from ``--set``) and embed its data,
     so the resolved scenario is self-contained."""
@@ -25,11 +48,10 @@ def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: s
         or positions.get(("cluster",))
         or Location(scenario_file)
     )
-    if loc.file.startswith("--set"):
-        base = FsPath.cwd()
-    else:
-        base = FsPath(loc.file or scenario_file).parent
-    file = base / cluster["profile"]
+    file, _ = _located(
+        lambda: _source(loc, scenario_file, cluster["profile"], policy, MAX_YAML_BYTES),
+        "cluster.profile",
+    )
     loaded = read_profile(file, loc, ("cluster",), issues)
     if issues:
         raise ScenarioError(issues)
@@ -39,7 +61,23 @@ def expand_profiles(data: dict[str, Any], positions: Positions, scenario_file: s
 TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 
-def expand_traces(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+def _located(read: Any, field_path: str) -> tuple[FsPath, bytes]:
+    """``read()``, with the field path put on its errors."""
+    try:
+        result: tuple[FsPath, bytes] = read()
+    except ScenarioError as exc:
+        raise ScenarioError(
+            [Issue(i.location, i.path or field_path, i.message) for i in exc.issues]
+        ) from None
+    return result
+
+
+def expand_traces(
+    data: dict[str, Any],
+    positions: Positions,
+    scenario_file: str,
+    policy: PathPolicy | None = None,
+) -> None:
     """Read a serving trace named by path (``workload.arrival.path``, relative to the
     scenario file) and embed its rows as columns, so the resolved scenario is
     self-contained; problems are located at the path, with the CSV row."""
@@ -57,50 +95,78 @@ def expand_traces(data: dict[str, Any], positions: Positions, scenario_file: str
         or positions.get(("workload",))
         or Location(scenario_file)
     )
-    from_set = loc.file.startswith("--set")
-    file = (FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent) / path
+    file, raw = _located(
+        lambda: _source(loc, scenario_file, path, policy, MAX_TRACE_BYTES), dotted(at)
+    )
     try:
-        columns = _read_trace(file)
-    except (OSError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ScenarioError([Issue(loc, dotted(at), f"trace {str(file)!r}: {why}")]) from None
+        columns = _read_trace(raw)
+    except ValueError as exc:
+        raise ScenarioError([Issue(loc, dotted(at), f"trace {str(file)!r}: {exc}")]) from None
     del arrival["path"]
     arrival["source"] = path
     arrival.update(columns)
 
 
-def _read_trace(file: FsPath) -> dict[str, list[float] | list[int]]:
-    """The three columns of a trace CSV (header row first); ValueError names the row."""
+def _read_trace(raw: bytes) -> dict[str, list[float] | list[int]]:
+    """The three columns of a trace CSV (header row first); ValueError names the row and
+    column, never the file's contents."""
     import csv
+    import io
+    import math
 
-    with file.open(newline="", encoding="utf-8") as fh:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"line {line}: not UTF-8 text") from None
+    if "\0" in text:
+        raise ValueError(f"line {text[: text.index(chr(0))].count(chr(10)) + 1}: a NUL byte")
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in reader.fieldnames or []]
+        try:
+            header = [str(h).strip() for h in reader.fieldnames or []]
+        except csv.Error:
+            raise ValueError("line 1: not a CSV header") from None
         missing = [c for c in TRACE_COLUMNS if c not in header]
         if missing:
             raise ValueError(
-                f"missing column(s) {', '.join(missing)}; the header must name "
-                f"{', '.join(TRACE_COLUMNS)}, got {', '.join(header) or 'nothing'}"
+                f"missing column(s) {', '.join(missing)}; the header (line 1) must name "
+                f"{', '.join(TRACE_COLUMNS)}"
             )
         reader.fieldnames = header
         arrival: list[float] = []
         prompt: list[int] = []
         output: list[int] = []
-        for row in reader:
-            line = reader.line_num
+        rows = iter(reader)
+        while True:
             try:
-                arrival.append(float(row["arrival_s"]))
-                prompt.append(int(row["prompt_tokens"]))
-                output.append(int(row["output_tokens"]))
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"line {line}: expected a number and two integers, got "
-                    f"{[row.get(c) for c in TRACE_COLUMNS]}"
-                ) from None
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error:
+                raise ValueError(f"line {reader.line_num}: not valid CSV") from None
+            line = reader.line_num
+            for column, kind in zip(TRACE_COLUMNS, (float, int, int)):
+                cell = str(row.get(column) or "").strip()
+                try:
+                    value = kind(cell) if len(cell) <= 30 else None
+                except ValueError:
+                    value = None
+                if value is None or not math.isfinite(value):
+                    want = "a finite number" if kind is float else "an integer"
+                    raise ValueError(f"line {line}: column {column} must be {want}")
+            arrival.append(float(row["arrival_s"]))
+            prompt.append(int(row["prompt_tokens"]))
+            output.append(int(row["output_tokens"]))
     return {"arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output}
 
 
-def expand_hf_models(data: dict[str, Any], positions: Positions, scenario_file: str) -> None:
+def expand_hf_models(
+    data: dict[str, Any],
+    positions: Positions,
+    scenario_file: str,
+    policy: PathPolicy | None = None,
+) -> None:
     """Read a Hugging Face ``config.json`` named by ``model.hf_config`` (relative to the file
     that names it; to the working directory when it comes from ``--set``) and replace it by
     the model fields it maps to (:mod:`moesim.loader.hf_model`); the mapping's other keys
@@ -121,19 +187,31 @@ def expand_hf_models(data: dict[str, Any], positions: Positions, scenario_file: 
         )
     if not isinstance(path, str):
         raise ScenarioError([Issue(loc, dotted(at), "expected a path to a config.json file")])
-    from_set = loc.file.startswith("--set")
-    base = FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent
-    file = base / path
+    file, raw = _located(
+        lambda: _source(loc, scenario_file, path, policy, MAX_JSON_BYTES), dotted(at)
+    )
     try:
-        cfg = json.loads(file.read_text("utf-8"))
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ScenarioError(
+            [Issue(loc, dotted(at), f"{str(file)!r}: not valid JSON{where}")]
+        ) from None
+    try:
         name = FsPath(path).parent.name or FsPath(path).stem
         fields, notes = model_from_hf_config(cfg, name, f"Hugging Face config.json: {path}")
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        raise ScenarioError([Issue(loc, dotted(at), f"{str(file)!r}: {why}")]) from None
-    except (ValueError, HFConfigError) as exc:
+    except HFConfigError as exc:
         raise ScenarioError([Issue(loc, dotted(at), f"{str(file)!r}: {exc}")]) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        raise ScenarioError(
+            [Issue(loc, dotted(at), f"{str(file)!r}: a key has a value of the wrong type")]
+        ) from None
     if notes:
         fields["source"] = f"{fields['source']} ({'; '.join(notes)})"
     fields.update({k: v for k, v in model.items() if k != "hf_config"})
     data["model"] = fields
+
+
+def _no_constant(name: str) -> Any:
+    """JSON's NaN and Infinity are not numbers a model has."""
+    raise ValueError(f"{name} is not a JSON number")

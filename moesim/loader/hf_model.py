@@ -34,14 +34,21 @@ def _get(cfg: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = int) 
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise HFConfigError(f"key {key!r} must be {want}, got {value!r}")
+        raise HFConfigError(f"key {key!r} must be {want}, got {_kind(value)}")
     return value
+
+
+def _kind(value: Any) -> str:
+    """What a value is, without echoing it (the file's contents stay out of messages)."""
+    return {bool: "a boolean", str: "a string", float: "a number", int: "an integer"}.get(
+        type(value), "a list" if isinstance(value, list) else "a mapping or null"
+    )
 
 
 def _activation(name: Any, key: str) -> str:
     if not isinstance(name, str) or name not in _GATED_ACT:
         raise HFConfigError(
-            f"key {key!r}: activation {name!r} is not one of {', '.join(sorted(_GATED_ACT))}"
+            f"key {key!r}: the activation is not one of {', '.join(sorted(_GATED_ACT))}"
         )
     return _GATED_ACT[name]
 
@@ -104,7 +111,7 @@ def _sparse_step(cfg: Mapping[str, Any], out: dict[str, Any], notes: list[str]) 
     if dense_only:
         if step != 1 or dense_only != list(range(len(dense_only))):
             raise HFConfigError(
-                f"mlp_only_layers {dense_only} with decoder_sparse_step {step}: only leading "
+                "mlp_only_layers with decoder_sparse_step: only leading "
                 "dense blocks (0, 1, ..., k-1) with every later block MoE can be represented"
             )
         out["first_dense_layers"] = len(dense_only)
@@ -231,9 +238,7 @@ def model_from_hf_config(
         raise HFConfigError("a config.json must hold a JSON object")
     kind = cfg.get("model_type")
     if kind not in _BUILDERS:
-        raise HFConfigError(
-            f"model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}"
-        )
+        raise HFConfigError(f"key 'model_type' is not a supported one: {', '.join(SUPPORTED)}")
     notes: list[str] = []
     out = _BUILDERS[kind](cfg, notes)
     data = {"name": name, "source": source, **out}

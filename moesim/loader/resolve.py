@@ -9,33 +9,46 @@ tables the same way, so the resolved scenario holds every hardware figure a run 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path as FsPath
 from typing import Any
 
 from moesim.errors import Issue, Location, ScenarioError, dotted
+from moesim.loader.files import MAX_YAML_BYTES, PathPolicy, read_input
 from moesim.loader.merge import is_preset_path, merge
-from moesim.loader.yamlpos import Positions, load_located, parse_value
+from moesim.loader.yamlpos import Positions, decode_text, is_valid_yaml, load_located, parse_value
 
 
-def read_mapping(path: str | FsPath, what: str = "a scenario") -> tuple[dict[str, Any], Positions]:
-    """One YAML file that must hold a mapping, with positions (located errors)."""
+def read_mapping(
+    path: str | FsPath,
+    what: str = "a scenario",
+    loc: Location | None = None,
+    policy: PathPolicy | None = None,
+    field_path: str = "",
+) -> tuple[dict[str, Any], Positions]:
+    """One YAML file that must hold a mapping, with positions (located errors). ``loc``:
+    where the path was written (an include), for errors about the file itself."""
     file = str(path)
-    try:
-        text = FsPath(path).read_text("utf-8")
-    except OSError as exc:
-        raise ScenarioError(
-            [Issue(Location(file), "", f"cannot read file: {exc.strerror}")]
-        ) from None
-    data, positions = load_located(text, file)
+    raw = read_input(FsPath(path), MAX_YAML_BYTES, loc or Location(file), field_path, policy)
+    data, positions = load_located(decode_text(raw, file), file)
     if not isinstance(data, dict):
         raise ScenarioError([Issue(positions[()], "", f"{what} must be a YAML mapping")])
     return data, positions
 
 
-def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str, Any], Positions]:
-    """Read a scenario file and the files it includes, merged, with positions."""
+def read_file(
+    path: str | FsPath,
+    stack: tuple[str, ...] = (),
+    policy: PathPolicy | None = None,
+    at: Location | None = None,
+) -> tuple[dict[str, Any], Positions]:
+    """Read a scenario file and the files it includes, merged, with positions. Includes
+    are relative to the including file and must lie where ``policy`` allows (by default
+    the folder of the top-level file)."""
     file = str(path)
-    data, positions = read_mapping(path)
+    if policy is None:
+        policy = PathPolicy.for_scenario(file)
+    data, positions = read_mapping(path, loc=at, field_path="include" if at else "")
     includes = data.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -45,20 +58,32 @@ def read_file(path: str | FsPath, stack: tuple[str, ...] = ()) -> tuple[dict[str
         )
     merged: dict[str, Any] = {}
     merged_pos: Positions = {}
+    here = os.path.realpath(file)
     for i, inc in enumerate(includes):
-        target = (FsPath(file).parent / inc).resolve()
-        if str(target) in stack:
-            loc = positions.get(("include", i), positions[("include",)])
+        target = FsPath(file).parent / inc
+        loc = positions.get(("include", i), positions[("include",)])
+        key = os.path.realpath(target)
+        if key in stack or key == here:
             raise ScenarioError([Issue(loc, "include", f"include cycle through {inc}")])
-        if not target.is_file():
-            loc = positions.get(("include", i), positions[("include",)])
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            raise ScenarioError(
+                [Issue(loc, "include", f"includes nest more than {MAX_INCLUDE_DEPTH} files deep")]
+            )
+        why = policy.problem(target, from_set=False)
+        if why:
+            raise ScenarioError([Issue(loc, "include", why)])
+        if not os.path.lexists(target):
             raise ScenarioError(
                 [Issue(loc, "include", f"no such file: {inc!r} (looked for {str(target)!r})")]
             )
-        sub, sub_pos = read_file(target, (*stack, str(FsPath(file).resolve())))
+        sub, sub_pos = read_file(target, (*stack, here), policy, loc)
         merge(merged, merged_pos, sub, sub_pos, ())
     merge(merged, merged_pos, data, positions, ())
     return merged, merged_pos
+
+
+MAX_INCLUDE_DEPTH = 16
+"""Files an include chain may nest."""
 
 
 def apply_overrides(
@@ -72,7 +97,7 @@ def apply_overrides(
             issues.append(Issue(loc, "", "expected FIELD.PATH=VALUE"))
             continue
         key, _, raw = text.partition("=")
-        parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+        parts: list[str | int] = [_part(p) for p in key.strip().split(".")]
         if not key.strip() or any(p == "" for p in parts):
             issues.append(Issue(loc, key, "expected a dotted field path such as model.top_k"))
             continue
@@ -91,7 +116,7 @@ def apply_overrides(
             node = child
         else:
             value = parse_value(raw)
-            if _unparsed_flow(raw):
+            if raw.strip()[:1] in ("{", "[") and not is_valid_yaml(raw):
                 issues.append(Issue(loc, key, "the value is not valid YAML (an unclosed { or [?)"))
                 continue
             if not _put(node, parts[-1], value):
@@ -111,17 +136,9 @@ def apply_overrides(
         raise ScenarioError(issues)
 
 
-def _unparsed_flow(raw: str) -> bool:
-    """Whether ``raw`` opens a YAML flow mapping or list that does not parse."""
-    import yaml
-
-    if raw.strip()[:1] not in ("{", "["):
-        return False
-    try:
-        yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return True
-    return False
+def _part(text: str) -> str | int:
+    """A list index (ASCII digits) or a key."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else text
 
 
 def _has(node: Any, part: str | int) -> bool:

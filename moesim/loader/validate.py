@@ -17,17 +17,25 @@ from pydantic import BaseModel, ValidationError
 from moesim.config.scenario import Scenario
 from moesim.config.workload import AVAILABLE_WORKLOADS, PLANNED_WORKLOADS
 from moesim.errors import Issue, Location, ScenarioError, dotted
-from moesim.loader import rules
+from moesim.loader import limits, rules
 from moesim.loader.yamlpos import Path, Positions
 
 
-def validate(data: dict[str, Any], positions: Positions, file: str) -> Scenario:
-    """Build the frozen Scenario or raise ScenarioError listing every problem."""
+def validate(
+    data: dict[str, Any], positions: Positions, file: str, enforce_limits: bool = True
+) -> Scenario:
+    """Build the frozen Scenario or raise ScenarioError listing every problem; the resource
+    bounds of :mod:`moesim.loader.limits` are checked first unless ``enforce_limits`` is off."""
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         issues = [i for err in exc.errors() for i in _issues(err, data, positions, file)]
         raise ScenarioError(_dedupe(issues)) from None
+    problems = limits.check(scenario) if enforce_limits else []
+    if problems:
+        raise ScenarioError(
+            [Issue(_locate(_parse_path(p), positions, file), p, m) for p, m in problems]
+        )
     problems = rules.check(scenario)
     if problems:
         raise ScenarioError(

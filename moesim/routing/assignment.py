@@ -60,7 +60,8 @@ def capacity_for(
     # exact arithmetic on the decimal as written: in floats, 1.1 x 100 x 4 / 8 is
     # 55.00000000000001 and would round up to 56
     cf = Fraction(str(float(capacity_factor)))
-    return math.ceil(cf * tokens * top_k / experts)
+    # beyond tokens x top_k slots a capacity never binds (and would overflow int64)
+    return min(math.ceil(cf * tokens * top_k / experts), max(1, tokens * top_k))
 
 
 def rank_within(groups: np.ndarray, n_groups: int) -> np.ndarray:
