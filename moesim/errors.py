@@ -58,5 +58,13 @@ def dotted(path: Iterable[object]) -> str:
     return out
 
 
+class OutputError(Exception):
+    """Results that cannot be written where asked (the folder is a file, no permission);
+    the command exits with EXIT_SCENARIO_ERROR."""
+
+
 EXIT_SCENARIO_ERROR = 2
 """Exit status of a command that met bad input (the located errors are on stderr)."""
+
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""

@@ -235,7 +235,8 @@ def test_serving_points_share_layer_costs_without_changing_results(
     tmp_path: Path, short: tuple[str, ...]
 ) -> None:
     """A rate sweep run in one process shares the MoE layer costs of points that differ
-    only in their workload: the same summaries as running each point alone."""
+    only in their workload: the same summaries as running each point alone, even the
+    count of layer-cost evaluations (so point files do not depend on --workers)."""
     from moesim.api import run
     from moesim.loader import load_scenario
     from moesim.sweep.runner import _run_point
@@ -247,17 +248,6 @@ def test_serving_points_share_layer_costs_without_changing_results(
         for r in (10, 40)
     ]
     assert len(costs) == 1  # one layer cost served both rates
-    evaluations = []
-    for r, summary in zip((10, 40), shared):
+    for r, outcome in zip((10, 40), shared):
         alone = run(load_scenario(base, [*short, f"workload.arrival.rate_per_s={r}"])).summary
-        # the shared memo counts every bucket it has simulated, for either rate
-        evaluations.append(
-            (
-                summary["events"].pop("moe_cost_evaluations"),
-                alone["events"].pop("moe_cost_evaluations"),
-            )
-        )
-        assert summary == alone
-    (first, first_alone), (both, second_alone) = evaluations
-    assert first == first_alone
-    assert both < first + second_alone  # the second rate reused buckets the first simulated
+        assert outcome["status"] == "ok" and outcome["summary"] == alone

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from moesim import __version__
 from moesim.cli import calibrate, catalog, simulate
 from moesim.cli.calibrate import FIT_MODELS
-from moesim.errors import EXIT_SCENARIO_ERROR, ScenarioError
+from moesim.errors import EXIT_INTERRUPTED, EXIT_SCENARIO_ERROR, OutputError, ScenarioError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +36,24 @@ def _parser() -> argparse.ArgumentParser:
             help="override a field, e.g. --set model.top_k=1 (repeatable; YAML values)",
         )
         sp.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+        input_args(sp)
+
+    def input_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--allow-path",
+            dest="allow_paths",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="also read files (includes, profiles, traces, hf_config) under DIR; by "
+            "default only the scenario's folder (and the working directory for --set paths)",
+        )
+        sp.add_argument(
+            "--no-limits",
+            dest="limits",
+            action="store_false",
+            help="lift the resource bounds checked at load time (tokens, devices, ...)",
+        )
 
     r = sub.add_parser("run", help="simulate a scenario and write a run folder")
     scenario_args(r)
@@ -65,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override applied to both scenarios (repeatable)",
     )
     cmp.add_argument("--seed", type=int, default=None)
+    input_args(cmp)
     cmp.add_argument("--json", action="store_true", help="print both summaries as JSON")
 
     c = sub.add_parser("check", help="validate a scenario without running it")
@@ -175,6 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, help="runs at once (default: the file's workers)")
     sw.add_argument("--out", help="parent of sweeps/<name>/ (default: the file's output_dir)")
     sw.add_argument("--fresh", action="store_true", help="rerun points already finished")
+    sw.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="rerun the points that failed before (by default they stay failed)",
+    )
+    input_args(sw)
     sw.add_argument("--quiet", action="store_true", help="no progress lines")
 
     cap = sub.add_parser(
@@ -223,8 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScenarioError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_SCENARIO_ERROR
+    except OutputError as exc:
+        print(f"moesim: {exc}", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
     except BrokenPipeError:  # e.g. `moesim schema | head`
         return 0
+    except KeyboardInterrupt:
+        print("\nmoesim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

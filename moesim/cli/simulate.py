@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from moesim.errors import EXIT_SCENARIO_ERROR
+from moesim.errors import EXIT_INTERRUPTED, EXIT_SCENARIO_ERROR
 
 
 def load(args: argparse.Namespace) -> Any:
     from moesim.loader import load_scenario
 
-    return load_scenario(args.scenario, args.overrides, args.seed)
+    return load_scenario(
+        args.scenario, args.overrides, args.seed, allow_paths=args.allow_paths, limits=args.limits
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.api import run
+    from pathlib import Path
+
+    from moesim.api import check_output_dir, run
+    from moesim.report.files import dumps
 
     scenario = load(args)
+    if not args.no_write:  # before the run, not after it
+        out = args.out if args.out is not None else scenario.output.dir
+        check_output_dir(Path(out), "--out" if args.out is not None else "output.dir")
     result = run(scenario)
-    run_dir = None if args.no_write else result.write(args.out)
+    run_dir = None if args.no_write else result.write(args.out, report=args.report)
     if args.report and run_dir is None:
         print("moesim: --report needs a run folder; ignored with --no-write", file=sys.stderr)
-    if run_dir is not None and args.report:
-        result.write_report(run_dir)
     if args.json:
-        print(json.dumps(result.summary, indent=2, sort_keys=True))
+        print(dumps(result.summary), end="")
         if run_dir is not None:
             print(f"run folder: {run_dir}", file=sys.stderr)
     else:
@@ -49,12 +54,14 @@ def compare(args: argparse.Namespace) -> int:
     from moesim.api import run
     from moesim.loader import load_scenario
     from moesim.report.compare import compare_table
+    from moesim.report.files import dumps
 
-    a = load_scenario(args.a, args.overrides, args.seed)
-    b = load_scenario(args.b, args.overrides, args.seed)
+    opts: dict[str, Any] = {"allow_paths": args.allow_paths, "limits": args.limits}
+    a = load_scenario(args.a, args.overrides, args.seed, **opts)
+    b = load_scenario(args.b, args.overrides, args.seed, **opts)
     sa, sb = run(a).summary, run(b).summary
     if args.json:
-        print(json.dumps({"a": sa, "b": sb}, indent=2, sort_keys=True))
+        print(dumps({"a": sa, "b": sb}), end="")
     else:
         print(compare_table(sa, sb, f"A: {args.a}", f"B: {args.b}"))
     return 0
@@ -95,27 +102,26 @@ def capacity(args: argparse.Namespace) -> int:
         args.tolerance,
         progress,
         args.seeds,
+        allow_paths=args.allow_paths,
+        limits=args.limits,
     )
     if args.json:
-        print(
-            json.dumps(
+        from moesim.report.files import dumps
+
+        doc = {
+            "target": result.target,
+            "capacity_rate_per_s": result.best.rate_per_s if result.best else None,
+            "probes": [
                 {
-                    "target": result.target,
-                    "capacity_rate_per_s": result.best.rate_per_s if result.best else None,
-                    "probes": [
-                        {
-                            "rate_per_s": p.rate_per_s,
-                            "feasible": p.feasible,
-                            "slo_attainment": p.attainment,
-                            "summary": p.summary,
-                        }
-                        for p in result.probes
-                    ],
-                },
-                indent=2,
-                sort_keys=True,
-            )
-        )
+                    "rate_per_s": p.rate_per_s,
+                    "feasible": p.feasible,
+                    "slo_attainment": p.attainment,
+                    "summary": p.summary,
+                }
+                for p in result.probes
+            ],
+        }
+        print(dumps(doc), end="")
     else:
         print(capacity_table(result))
     return 0
@@ -134,14 +140,27 @@ def sweep(args: argparse.Namespace) -> int:
 
     try:
         result = run_sweep(
-            args.sweep, args.workers, args.out, args.fresh, None if args.quiet else progress
+            args.sweep,
+            args.workers,
+            args.out,
+            args.fresh,
+            None if args.quiet else progress,
+            retry_failed=args.retry_failed,
+            allow_paths=args.allow_paths,
+            limits=args.limits,
         )
     except KeyboardInterrupt:
         print(
             "\nmoesim: interrupted; finished points are saved, run again to resume", file=sys.stderr
         )
-        return 130
+        return EXIT_INTERRUPTED
     print(sweep_table(result))
+    if result.errors:
+        print(
+            f"{len(result.errors)} point(s) failed (status and error in results.csv); "
+            "rerun with --retry-failed to try them again",
+            file=sys.stderr,
+        )
     if pareto_plot(result, result.folder / "pareto.png"):
         print(f"Pareto plot: {result.folder / 'pareto.png'}")
     return 0

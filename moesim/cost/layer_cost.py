@@ -110,6 +110,13 @@ class MoELayerCost:
     """SimPy events of every layer simulated so far (for benchmarks)."""
     network_events: int = 0
     """Network re-ratings (flow by flow) or batches (bulk) of those simulations."""
+    _used: set[int] = field(default_factory=set)
+
+    def sharing(self, system: System) -> MoELayerCost:
+        """A cost for another run of the same layer (same cluster, model, layout, routing,
+        policies and seed) that reuses this one's priced buckets; its ``evaluations`` count
+        the buckets that run asks for, as if it had priced them itself."""
+        return MoELayerCost(system, self.simulate, self.samples, self._cache)
 
     def __post_init__(self) -> None:
         s = self.system.scenario
@@ -135,10 +142,12 @@ class MoELayerCost:
 
     @property
     def evaluations(self) -> int:
-        """Distinct bucket sizes simulated so far."""
-        return len(self._cache)
+        """Distinct bucket sizes priced so far for this cost's runs (a shared bucket that
+        another run priced counts too: the figure does not depend on sharing)."""
+        return len(self._used)
 
     def _at(self, tokens: int) -> LayerSample:
+        self._used.add(tokens)
         if tokens not in self._cache:
             s = self.system.scenario
             times, drops, comms, links = [], [], [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,8 +16,26 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON (sorted keys, stable formatting) atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write JSON (sorted keys, stable formatting) atomically; a non-finite number is
+    written as null (JSON has no NaN or Infinity)."""
+    write_text_atomic(path, dumps(data))
+
+
+def dumps(data: Any) -> str:
+    """Strict JSON text (sorted keys, indented, a trailing newline): NaN and +/-inf
+    become null."""
+    return json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def json_safe(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None (numpy scalars too)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    return data
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -83,15 +83,18 @@ def find_capacity(
     tolerance: float = 0.05,
     progress: Callable[[Probe], None] | None = None,
     seeds: int = 1,
+    allow_paths: Sequence[str | Path] = (),
+    limits: bool = True,
 ) -> CapacityResult:
-    """Search the highest feasible ``workload.arrival.rate_per_s`` (see the module)."""
+    """Search the highest feasible ``workload.arrival.rate_per_s`` (see the module);
+    ``allow_paths`` and ``limits`` as for :func:`moesim.loader.load_scenario`."""
     from moesim.api import run
     from moesim.config.serving import GammaArrival, PoissonArrival, ServingWorkload
     from moesim.engine.layer_sim import simulated_layer_cost
     from moesim.loader import load_scenario
     from moesim.system import build_system
 
-    base = load_scenario(scenario, list(overrides))
+    base = load_scenario(scenario, list(overrides), allow_paths=allow_paths, limits=limits)
     w = base.workload
     where = Location(str(scenario))
     if not isinstance(w, ServingWorkload):
@@ -115,9 +118,12 @@ def find_capacity(
         for i in range(seeds):
             extra = [f"seed={base.seed + i}"] if i else []
             s = load_scenario(
-                scenario, [*overrides, *extra, f"workload.arrival.rate_per_s={rate!r}"]
+                scenario,
+                [*overrides, *extra, f"workload.arrival.rate_per_s={rate!r}"],
+                allow_paths=allow_paths,
+                limits=limits,
             )
-            summary = run(s, moe_cost=shared).summary
+            summary = run(s, moe_cost=shared.sharing(shared.system)).summary
             ok, both = _feasible(summary, target)
             if worst is None or (not ok, -both) > (not worst[0], -worst[1]):
                 worst = (ok, both, summary)

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class SweepResult:
     """Indices of the Pareto-optimal feasible points."""
     ran: int
     reused: int
+    errors: dict[int, str] = field(default_factory=dict)
+    """The error of each point that failed (by index); their metrics are None."""
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Positions]:
@@ -64,15 +66,21 @@ def _digest(scenario: Any) -> str:
     return hashlib.sha256(resolved.encode()).hexdigest()[:16]
 
 
-def plan(cfg: SweepConfig, base: Path, positions: Positions, file: str) -> list[tuple[Point, str]]:
+def plan(
+    cfg: SweepConfig, base: Path, positions: Positions, file: str, opts: Options | None = None
+) -> list[tuple[Point, str]]:
     """Every point validated (all problems at once, located at the sweep key that made
     them), with the digest of its resolved scenario."""
     from moesim.loader import load_scenario
 
+    opts = opts or Options()
     out, issues = [], []
     for p in expand(cfg):
         try:
-            out.append((p, _digest(load_scenario(base, list(p.overrides)))))
+            s = load_scenario(
+                base, list(p.overrides), allow_paths=opts.allow_paths, limits=opts.limits
+            )
+            out.append((p, _digest(s)))
         except ScenarioError as exc:
             point = ", ".join(f"{k}={json.dumps(v)}" for k, v in p.values.items())
             for i in exc.issues:
@@ -140,52 +148,108 @@ LAYER_COST_KEYS = ("seed", "cluster", "model", "routing", "parallelism", "polici
 
 
 def _run_point(
-    base: str, overrides: tuple[str, ...], costs: dict[str, Any] | None = None
+    base: str,
+    overrides: tuple[str, ...],
+    costs: dict[str, Any] | None = None,
+    allow_paths: tuple[str, ...] = (),
+    limits: bool = True,
 ) -> tuple[dict[str, Any], float]:
-    """One point's summary and wall time (runs in a worker process). ``costs`` memoizes
-    serving points' MoE layer costs by the sections they depend on (in-process runs)."""
+    """One point's outcome and wall time (runs in a worker process): ``{"status": "ok",
+    "summary": ...}`` or ``{"status": "failed", "error": ...}`` (a point that fails does
+    not stop the sweep). ``costs`` memoizes serving points' MoE layer costs by the sections
+    they depend on (in-process runs); a point's summary is the same with or without it."""
+    t0 = time.perf_counter()
+    try:
+        summary = _simulate_point(base, overrides, costs, allow_paths, limits)
+        outcome: dict[str, Any] = {"status": "ok", "summary": summary}
+    except ScenarioError as exc:
+        outcome = {"status": "failed", "error": "; ".join(str(i) for i in exc.issues)}
+    except Exception as exc:  # a crash of one point must not end the sweep
+        first = (str(exc).splitlines() or [""])[0][:300]
+        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {first}".rstrip(": ")}
+    return outcome, time.perf_counter() - t0
+
+
+def _simulate_point(
+    base: str,
+    overrides: tuple[str, ...],
+    costs: dict[str, Any] | None,
+    allow_paths: tuple[str, ...],
+    limits: bool,
+) -> dict[str, Any]:
     from moesim.api import run
     from moesim.engine.layer_sim import simulated_layer_cost
     from moesim.loader import load_scenario
     from moesim.system import build_system
     from moesim.workloads import kind_of
 
-    t0 = time.perf_counter()
-    scenario = load_scenario(base, list(overrides))
+    scenario = load_scenario(base, list(overrides), allow_paths=allow_paths, limits=limits)
     moe_cost = None
     if costs is not None and kind_of(scenario).shares_layer_cost():
         dump = scenario.model_dump(mode="json", include=set(LAYER_COST_KEYS))
         key = hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+        system = build_system(scenario)
         if key not in costs:
-            costs[key] = simulated_layer_cost(build_system(scenario))
-        moe_cost = costs[key]
-    result = run(scenario, moe_cost=moe_cost)
-    return result.summary, time.perf_counter() - t0
+            costs[key] = simulated_layer_cost(system)
+        moe_cost = costs[key].sharing(system)
+    return run(scenario, moe_cost=moe_cost).summary
+
+
+@dataclass(frozen=True)
+class Options:
+    """How points are loaded (as ``load_scenario``'s keywords)."""
+
+    allow_paths: tuple[str, ...] = ()
+    limits: bool = True
 
 
 Job = tuple[Point, str]
 Done = tuple[Point, str, dict[str, Any], float]
 
 
-def _in_process(base: str, jobs: list[Job], workers: int) -> Iterator[Done]:
+def _in_process(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Done]:
     costs: dict[str, Any] = {}  # shared MoE layer costs, for this sweep only
     for p, digest in jobs:
-        summary, wall = _run_point(base, p.overrides, costs)
-        yield p, digest, summary, wall
+        outcome, wall = _run_point(base, p.overrides, costs, opts.allow_paths, opts.limits)
+        yield p, digest, outcome, wall
 
 
-def _process_pool(base: str, jobs: list[Job], workers: int) -> Iterator[Done]:
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending = {pool.submit(_run_point, base, p.overrides): (p, d) for p, d in jobs}
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent (which stops them), so none prints a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _process_pool(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Done]:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
+        pending = {
+            pool.submit(_run_point, base, p.overrides, None, opts.allow_paths, opts.limits): (
+                p,
+                d,
+            )
+            for p, d in jobs
+        }
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
+            for fut in sorted(done, key=lambda f: pending[f][0].index):
                 p, digest = pending.pop(fut)
-                summary, wall = fut.result()
-                yield p, digest, summary, wall
+                try:
+                    outcome, wall = fut.result()
+                except Exception as exc:  # the worker died (out of memory, killed)
+                    outcome = {"status": "failed", "error": f"worker failed: {type(exc).__name__}"}
+                    wall = 0.0
+                yield p, digest, outcome, wall
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()  # an interrupted sweep stops its points now, not when they end
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
-def _ray(base: str, jobs: list[Job], workers: int) -> Iterator[Done]:
+def _ray(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Done]:
     try:
         import ray
     except ImportError:
@@ -194,16 +258,19 @@ def _ray(base: str, jobs: list[Job], workers: int) -> Iterator[Done]:
         ) from None
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     remote = ray.remote(_run_point)
-    pending = {remote.remote(base, p.overrides): (p, d) for p, d in jobs}
+    pending = {
+        remote.remote(base, p.overrides, None, opts.allow_paths, opts.limits): (p, d)
+        for p, d in jobs
+    }
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             p, digest = pending.pop(ref)
-            summary, wall = ray.get(ref)
-            yield p, digest, summary, wall
+            outcome, wall = ray.get(ref)
+            yield p, digest, outcome, wall
 
 
-EXECUTORS: dict[str, Callable[[str, list[Job], int], Iterator[Done]]] = {
+EXECUTORS: dict[str, Callable[[str, list[Job], int, Options], Iterator[Done]]] = {
     "process": _process_pool,
     "ray": _ray,
 }
@@ -215,71 +282,112 @@ def run_sweep(
     out: str | Path | None = None,
     fresh: bool = False,
     progress: Callable[[str], None] | None = None,
+    retry_failed: bool = False,
+    allow_paths: tuple[str, ...] | list[str] = (),
+    limits: bool = True,
 ) -> SweepResult:
-    """Run (or resume) the sweep in ``path``; ``fresh`` ignores finished points."""
+    """Run (or resume) the sweep in ``path``; ``fresh`` ignores finished points,
+    ``retry_failed`` reruns the points that failed (by default they stay failed);
+    ``allow_paths`` and ``limits`` as for :func:`moesim.loader.load_scenario`."""
+    opts = Options(tuple(str(a) for a in allow_paths), limits)
     cfg, positions = load_sweep(path)
     base = Path(path).parent / cfg.base
     if not base.is_file():
         loc = positions.get(("base",), Location(str(path)))
         raise ScenarioError([Issue(loc, "base", f"no such scenario file: {str(base)!r}")])
-    planned = plan(cfg, base, positions, str(path))
+    planned = plan(cfg, base, positions, str(path), opts)
     folder = Path(out if out is not None else cfg.output_dir) / "sweeps" / cfg.name
+    _check_folder(folder, "--out" if out is not None else "output_dir", positions, str(path))
     points_dir = folder / "points"
-    summaries: dict[int, dict[str, Any]] = {}
+    outcomes: dict[int, dict[str, Any]] = {}
     todo: list[Job] = []
     for p, digest in planned:
-        f = points_dir / f"{p.index:04d}.json"
-        if not fresh and f.is_file():
-            saved = json.loads(f.read_text("utf-8"))
-            if saved.get("scenario_sha256_16") == digest:
-                summaries[p.index] = saved["summary"]
+        saved = None if fresh else _saved(points_dir / f"{p.index:04d}.json")
+        if saved is not None and saved.get("scenario_sha256_16") == digest:
+            failed = saved.get("status") == "failed"
+            if not (failed and retry_failed):
+                outcomes[p.index] = saved
                 continue
         todo.append((p, digest))
-    reused = len(summaries)
+    reused = len(outcomes)
+    n_failed_before = sum(1 for o in outcomes.values() if o.get("status") == "failed")
     say = progress or (lambda _msg: None)
-    say(f"sweep {cfg.name}: {len(planned)} points, {reused} already done, {len(todo)} to run")
+    kept = f" ({n_failed_before} failed: --retry-failed reruns them)" if n_failed_before else ""
+    say(f"sweep {cfg.name}: {len(planned)} points, {reused} already done{kept}, {len(todo)} to run")
     n_workers = workers if workers is not None else cfg.workers
     runner = (
         _in_process if n_workers == 1 and cfg.executor == "process" else EXECUTORS[cfg.executor]
     )
     checked = False
-    for k, (p, digest, summary, wall) in enumerate(runner(str(base), todo, n_workers), 1):
-        write_json_atomic(
-            points_dir / f"{p.index:04d}.json",
-            {
-                "index": p.index,
-                "values": p.values,
-                "overrides": list(p.overrides),
-                "scenario_sha256_16": digest,
-                "wall_s": round(wall, 4),
-                "summary": summary,
-            },
-        )
-        summaries[p.index] = summary
-        if not checked:
-            _check_metrics(cfg, summary, positions, str(path))
+    for k, (p, digest, outcome, wall) in enumerate(runner(str(base), todo, n_workers, opts), 1):
+        record = {
+            "index": p.index,
+            "values": p.values,
+            "overrides": list(p.overrides),
+            "scenario_sha256_16": digest,
+            **outcome,
+        }
+        write_json_atomic(points_dir / f"{p.index:04d}.json", record)
+        outcomes[p.index] = record
+        if not checked and outcome["status"] == "ok":
+            _check_metrics(cfg, outcome["summary"], positions, str(path))
             checked = True
         point = ", ".join(f"{key}={json.dumps(v)}" for key, v in p.values.items())
-        say(f"[{k}/{len(todo)}] point {p.index} ({point}) {wall:.1f} s")
+        state = "" if outcome["status"] == "ok" else f" FAILED: {outcome['error']}"
+        say(f"[{k}/{len(todo)}] point {p.index} ({point}) {wall:.1f} s{state}")
     points = [p for p, _ in planned]
-    rows = [{m: metric(summaries[p.index], m) for m in cfg.metrics} for p in points]
-    ok = [feasible(r, cfg.constraints) for r in rows]
+    rows = [
+        {m: metric(outcomes[p.index].get("summary") or {}, m) for m in cfg.metrics} for p in points
+    ]
+    errors = {
+        p.index: str(outcomes[p.index].get("error", ""))
+        for p in points
+        if outcomes[p.index].get("status") == "failed"
+    }
+    ok = [feasible(r, cfg.constraints) and p.index not in errors for p, r in zip(points, rows)]
     best = front(
         rows,
         cfg.objectives.minimize,
         cfg.objectives.maximize,
         [i for i, f in enumerate(ok) if f],
     )
-    result = SweepResult(cfg, folder, points, rows, ok, best, len(todo), reused)
+    result = SweepResult(cfg, folder, points, rows, ok, best, len(todo), reused, errors)
     _write_tables(result)
     return result
+
+
+def _saved(f: Path) -> dict[str, Any] | None:
+    """A point file written earlier (None when missing or unreadable: rerun it)."""
+    try:
+        saved = json.loads(f.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("status", "ok") not in ("ok", "failed"):
+        return None
+    if saved.get("status", "ok") == "ok" and not isinstance(saved.get("summary"), dict):
+        return None
+    return {"status": "ok", **saved}
+
+
+def _check_folder(folder: Path, named: str, positions: Positions, file: str) -> None:
+    """The sweep folder (and every existing folder above it) must be a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                loc = (
+                    Location("--out")
+                    if named == "--out"
+                    else positions.get(("output_dir",), Location(file))
+                )
+                raise ScenarioError([Issue(loc, named, f"{str(p)!r} is a file, not a folder")])
+            return
 
 
 def _write_tables(r: SweepResult) -> None:
     keys = list(r.points[0].values) if r.points else []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["point", *keys, *r.config.metrics, "feasible", "pareto"])
+    w.writerow(["point", *keys, *r.config.metrics, "feasible", "pareto", "status", "error"])
     best = set(r.pareto)
     for p, row, ok in zip(r.points, r.rows, r.feasible):
         w.writerow(
@@ -289,6 +397,8 @@ def _write_tables(r: SweepResult) -> None:
                 *("" if row[m] is None else row[m] for m in r.config.metrics),
                 ok,
                 p.index in best,
+                "failed" if p.index in r.errors else "ok",
+                r.errors.get(p.index, ""),
             ]
         )
     write_text_atomic(r.folder / "results.csv", buf.getvalue())
@@ -297,7 +407,14 @@ def _write_tables(r: SweepResult) -> None:
         {
             "sweep": r.config.model_dump(mode="json"),
             "points": [
-                {"index": p.index, "values": p.values, "metrics": row, "feasible": ok}
+                {
+                    "index": p.index,
+                    "values": p.values,
+                    "metrics": row,
+                    "feasible": ok,
+                    "status": "failed" if p.index in r.errors else "ok",
+                    **({"error": r.errors[p.index]} if p.index in r.errors else {}),
+                }
                 for p, row, ok in zip(r.points, r.rows, r.feasible)
             ],
             "pareto": r.pareto,
