@@ -4,10 +4,13 @@ Ray cluster), write each result atomically as it finishes, then tabulate.
 Layout of ``<output_dir>/sweeps/<name>/``:
 
 - ``points/NNNN.json``: one finished point (its varied values, overrides, the digest of
-  its resolved scenario, wall time and full summary). A point whose file exists with the
-  same scenario digest is not run again, so an interrupted sweep resumes where it stopped,
-  and editing the base scenario reruns exactly the points it changes.
-- ``results.csv``: one row per point: varied fields, metrics, feasible, pareto.
+  its resolved scenario, ``status`` and its full summary, or ``status: failed`` and the
+  ``error``; no wall time, so the file does not depend on the machine or ``--workers``).
+  A point whose file exists with the same scenario digest is not run again, so an
+  interrupted sweep resumes where it stopped, and editing the base scenario reruns exactly
+  the points it changes.
+- ``results.csv``: one row per point: varied fields, metrics, feasible, pareto, status,
+  error. A failed point stays failed on a rerun unless ``retry_failed`` is set.
 - ``sweep.json``: the sweep as resolved, the rows and the Pareto front.
 """
 
