@@ -296,7 +296,7 @@ def test_missing_profile_file_is_a_located_error(write) -> None:
     with pytest.raises(ScenarioError) as info:
         moesim_load(p)
     (issue,) = info.value.issues
-    assert str(issue).startswith(f"{p}:2:36: cluster.profile: cannot read profile")
+    assert str(issue).startswith(f"{p}:2:36: cluster.profile: cannot read file")
 
 
 def moesim_load(p):

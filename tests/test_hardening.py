@@ -393,3 +393,20 @@ def test_sweep_point_files_identical_across_workers(tmp_path: Path) -> None:
     assert names == sorted(f.name for f in b.iterdir()) and len(names) == 2
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes()
+
+
+def test_sweep_values_that_are_yaml_dates_are_located(tmp_path: Path) -> None:
+    """A YAML date in a sweep's ``set`` (found by the fuzz) is a located error of the point,
+    not a TypeError from JSON."""
+    from moesim.sweep.runner import load_sweep, plan
+
+    base = _write(tmp_path, GOOD)
+    p = _write(
+        tmp_path,
+        f"name: s\nbase: {base.name}\nset:\n  energy.pue: 2001-02-03\nmetrics: [time_ms]\n",
+        "sweep.yaml",
+    )
+    cfg, positions = load_sweep(p)
+    with pytest.raises(ScenarioError) as exc:
+        plan(cfg, base, positions, str(p))
+    assert f"{p}:4:3: point 0" in str(exc.value) and "energy.pue" in str(exc.value)

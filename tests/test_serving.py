@@ -361,7 +361,7 @@ def test_missing_trace_file_is_located(write) -> None:
     )
     p = write("x.yaml", text)
     (err,) = _errors(p)
-    assert err.startswith(f"{p}:9:26: workload.arrival.path: trace ") and "nope.csv" in err
+    assert err.startswith(f"{p}:9:26: workload.arrival.path: cannot read file ") and "nope.csv" in err
 
 
 def test_small_samples_are_flagged() -> None:

@@ -60,8 +60,7 @@ def capacity_for(
     # exact arithmetic on the decimal as written: in floats, 1.1 x 100 x 4 / 8 is
     # 55.00000000000001 and would round up to 56
     cf = Fraction(str(float(capacity_factor)))
-    # beyond tokens x top_k slots a capacity never binds (and would overflow int64)
-    return min(math.ceil(cf * tokens * top_k / experts), max(1, tokens * top_k))
+    return math.ceil(cf * tokens * top_k / experts)
 
 
 def rank_within(groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -93,7 +92,8 @@ def assign(
     expert = ranking[:, :top_k].astype(np.int32).copy()
     if overflow == "dropless" or capacity is None or tokens == 0:
         return Assignment(expert, np.bincount(expert.ravel(), minlength=experts), None)
-    left = np.full(experts, capacity, dtype=np.int64)
+    # an expert takes at most every slot: a larger capacity never binds (nor overflows int64)
+    left = np.full(experts, min(capacity, tokens * top_k), dtype=np.int64)
     t, j = np.divmod(np.arange(tokens * top_k), top_k)
     pos = j.copy()  # ranking position of each pending slot's candidate expert
     pointer = np.full(tokens, top_k, dtype=np.int64)  # next unused ranking position per token

@@ -25,17 +25,23 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def plain(value: Any) -> Any:
+    """``value`` as JSON data: a YAML date becomes its text (a field expecting a number
+    then says so), so point files and ``--set`` texts can always be written."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def expand(cfg: SweepConfig) -> list[Point]:
     """Every point, grid-major in the file's key order, zipped lists fastest."""
-    fixed = tuple(_override(k, v) for k, v in cfg.set.items())
+    fixed = tuple(_override(k, plain(v)) for k, v in cfg.set.items())
     grid_keys = list(cfg.grid)
     combos = list(itertools.product(*(cfg.grid[k] for k in grid_keys))) if grid_keys else [()]
     n_zip = len(next(iter(cfg.zip.values()))) if cfg.zip else 1
     points: list[Point] = []
     for combo in combos:
         for j in range(n_zip):
-            values = dict(zip(grid_keys, combo))
-            values.update({k: v[j] for k, v in cfg.zip.items()})
+            values = {k: plain(v) for k, v in zip(grid_keys, combo)}
+            values.update({k: plain(v[j]) for k, v in cfg.zip.items()})
             overrides = fixed + tuple(_override(k, v) for k, v in values.items())
             points.append(Point(len(points), values, overrides))
     return points
