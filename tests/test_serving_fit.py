@@ -17,7 +17,7 @@ from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.system import build_system
 
 ENV = {"kind": "env", "gpu": "NVIDIA H200", "model": "mixtral-8x7b"}
-KNOWN = {"fixed_us": 3000.0, "per_sequence_us": 40.0, "per_token_us": 2.0}
+KNOWN = {"fixed_us": 3000.0, "per_sequence_us": 40.0, "per_token_us": 2.0, "per_kv_token_us": 0.5}
 ENGINE = {"preset": "ideal", "name": "known", "host": KNOWN}
 
 

@@ -28,7 +28,33 @@ def _engine_arg(engine: str) -> str | dict[str, Any]:
     return {"preset": "ideal", **fields, "name": name}
 
 
-def calibrate_engine(from_file: str, name: str, out: str | None) -> int:
+def engine_semantics(env: dict[str, Any]) -> dict[str, Any]:
+    """What a measured engine does, read from its resolved configuration (the ``env``
+    record of ``torch_serving``): scheduler defaults, launch mode, expert kernel, attention
+    kernel and whether host work overlaps the device's."""
+    cb = env.get("cb_config") or {}
+    graphs = cb.get("use_cuda_graph", env.get("use_cuda_graph"))
+    attn = str(env.get("attn_implementation") or "")
+    return {
+        "version": f"transformers {env.get('transformers', '?')}",
+        "scheduler": {
+            "block_tokens": int(env.get("block_size") or cb.get("block_size") or 16),
+            "max_batch_tokens": int(env.get("max_batch_tokens") or cb["max_batch_tokens"]),
+            "max_seqs": int(env.get("max_requests_per_batch") or cb["max_requests_per_batch"]),
+            "chunked_prefill": True,
+            "admit_free_fraction": float(env.get("safety_margin") or 0.0),
+            "requeue": "back",
+        },
+        "launch": "graph" if graphs and any(graphs) else "eager",
+        "expert_kernel": "grouped" if env.get("experts_implementation") == "grouped_mm" else "loop",
+        "attention": "fused" if "flash" in attn else "packed",
+        "host": {"overlap": bool(env.get("use_async_batching"))},
+    }
+
+
+def calibrate_engine(
+    from_file: str, name: str, out: str | None, fit_runs: list[str] | None = None
+) -> int:
     """Fit an engine preset and print (or write) it as a catalog entry."""
     from moesim.calibrate.serving_fit import fit_engine, fit_table
 
@@ -37,20 +63,16 @@ def calibrate_engine(from_file: str, name: str, out: str | None) -> int:
     if env is None:
         raise SystemExit(f"moesim: {from_file}: no env record (not a torch_serving file)")
     today = datetime.now(UTC).date().isoformat()
-    config = env.get("engine_config") or {}
-    base: dict[str, Any] = {"version": f"transformers {env.get('transformers', '?')}"}
-    for key in ("launch", "expert_kernel"):
-        if env.get(key):
-            base[key] = env[key]
-    if isinstance(config, dict) and config.get("scheduler"):
-        base["scheduler"] = config["scheduler"]
+    base = engine_semantics(env)
     source = (
-        f"{from_file}: {env.get('engine', 'engine')} measured {env.get('date', '?')} on "
+        f"{from_file}: {env.get('engine', 'engine')} measured {env.get('utc', '?')} on "
         f"{env.get('gpu')} (torch {env.get('torch')}, transformers {env.get('transformers')}) "
         f"by `python3 -m moesim.calibrate.torch_serving`; host cost fitted by "
-        f"`moesim calibrate --from {from_file} --engine {name}` on {today}"
+        f"`moesim calibrate --from {from_file} --engine {name}"
+        + (f" --fit-runs {','.join(fit_runs)}" if fit_runs else "")
+        + f"` on {today}"
     )
-    preset, rows = fit_engine(records, name, source, base)
+    preset, rows = fit_engine(records, name, source, base, fit_runs or ())
     print(fit_table(rows), file=sys.stderr)
     text = yaml.safe_dump({name: preset}, sort_keys=False, width=100)
     if out:

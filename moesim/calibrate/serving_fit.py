@@ -7,7 +7,7 @@ model (the ``ideal`` engine on the measured device and model) predicts the kerne
 what the engine spends beyond that is its host-side cost, fitted by non-negative least
 squares, relative to each measurement, as
 
-    host = fixed + per_sequence x sequences + per_token x tokens
+    host = fixed + per_sequence x sequences + per_token x tokens + per_kv_token x kv tokens
 
 (``per_layer_us`` stays 0: with one model measured, a per-layer term cannot be told apart
 from the fixed one; the fixed term then holds the per-layer dispatch of that model's
@@ -16,6 +16,7 @@ layers). The fit's error on the same measurements is recorded in the preset.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -75,20 +76,79 @@ def _chunks(prompt: int, budget: int) -> list[int]:
 
 def predicted_device_s(
     cost: IterationCost, rec: Record, budget: int
-) -> tuple[float, int, int, int]:
+) -> tuple[float, int, int, int, int]:
     """The device time of one measured record and its shape: (seconds, iterations,
-    sequences sampled over them, tokens over them)."""
+    sequences sampled over them, tokens over them, KV tokens read over them)."""
     if rec["kind"] == "serving_prefill":
-        done, total = 0, 0.0
+        done, total, kv = 0, 0.0, 0
         chunks = _chunks(int(rec["prompt_tokens"]), budget)
         for i, n in enumerate(chunks):
             last = int(i == len(chunks) - 1)  # the first token is sampled after the last chunk
             total += cost.time([n], [float(causal_keys(n, done))], [done + n], [last]).total_s
             done += n
-        return total, len(chunks), 1, int(rec["prompt_tokens"])
+            kv += done
+        return total, len(chunks), 1, int(rec["prompt_tokens"]), kv
+    if rec["kind"] == "serving_step":
+        prompts, contexts = list(rec["prompts"]), list(rec["contexts"])
+        tokens = sum(prompts) + len(contexts)
+        keys = sum(causal_keys(p, 0) for p in prompts) + sum(contexts)
+        kv = sum(prompts) + sum(contexts)
+        seqs = len(prompts) + len(contexts)
+        return cost.time([tokens], [float(keys)], [kv], [seqs]).total_s, 1, seqs, tokens, kv
     b, c = int(rec["batch"]), int(rec["context"])
     t = cost.time([b], [float(b * c)], [b * c], [b]).total_s
-    return t, 1, b, b
+    return t, 1, b, b, b * c
+
+
+STEP_GAP_S = 2e-3
+"""Token timestamps closer than this belong to one engine iteration (an iteration stamps
+its tokens one request after another on the host, microseconds apart; iterations of this
+engine take tens of milliseconds)."""
+
+
+IDLE_S = 5e-3
+"""A prompt scheduled this long after the previous step's end found the engine idle."""
+
+
+def online_iterations(records: Sequence[Record], run_ids: Sequence[str]) -> list[Record]:
+    """The engine iterations of measured online runs, rebuilt from every request's token
+    timestamps: an iteration ends where tokens were stamped together; the requests whose
+    first token it stamped had their prompts prefilled in it (whole: the prompts here are
+    shorter than the token budget), the others decoded one token at their context. The
+    first iteration after an idle gap is left out (its start is not known)."""
+    out: list[Record] = []
+    for run in run_ids:
+        reqs = [r for r in of_kind(records, "serving_request") if r["run"] == run]
+        stamps = sorted(
+            (float(t), i, k)
+            for i, r in enumerate(reqs)
+            if r.get("timestamps_complete", True)
+            for k, t in enumerate(r.get("token_s") or [])
+        )
+        groups: list[list[tuple[float, int, int]]] = []
+        for stamp in stamps:
+            if groups and stamp[0] - groups[-1][-1][0] < STEP_GAP_S:
+                groups[-1].append(stamp)
+            else:
+                groups.append([stamp])
+        for prev, group in itertools.pairwise(groups):
+            start, end = prev[-1][0], group[-1][0]
+            # a prompt first scheduled well after the previous step ended arrived into an
+            # idle engine: this step began later than that end
+            if any(float(reqs[i]["start_s"]) > start + IDLE_S for _, i, k in group if k == 0):
+                continue
+            prompts = [int(reqs[i]["prompt_tokens"]) for _, i, k in group if k == 0]
+            contexts = [int(reqs[i]["prompt_tokens"]) + k for _, i, k in group if k > 0]
+            out.append(
+                {
+                    "kind": "serving_step",
+                    "run": run,
+                    "step_ms": (end - start) * 1e3,
+                    "prompts": prompts,
+                    "contexts": contexts,
+                }
+            )
+    return out
 
 
 def measured_s(rec: Record) -> float:
@@ -97,10 +157,15 @@ def measured_s(rec: Record) -> float:
 
 
 def fit_engine(
-    records: Sequence[Record], name: str, source: str, base: dict[str, Any]
+    records: Sequence[Record],
+    name: str,
+    source: str,
+    base: dict[str, Any],
+    fit_runs: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The engine preset (catalog fields) fitted on the records, and one row per record
-    (measured, device, fitted)."""
+    """The engine preset (catalog fields) fitted on the records' iterations (and on the
+    iterations of the online runs ``fit_runs``), and one row per iteration (measured,
+    device, fitted)."""
     env = next(r for r in records if r.get("kind") == "env")
     device, model = str(env["gpu"]), str(env["model"])
     scenario = serving_scenario(device, model, {"preset": "ideal", **base})
@@ -113,21 +178,26 @@ def fit_engine(
     rows: list[dict[str, Any]] = []
     design: list[list[float]] = []
     target: list[float] = []
-    for rec in [*of_kind(records, "serving_prefill"), *of_kind(records, "serving_decode")]:
-        dev, iters, seqs, toks = predicted_device_s(cost, rec, budget)
+    measured = [
+        *of_kind(records, "serving_prefill"),
+        *of_kind(records, "serving_decode"),
+        *online_iterations(records, fit_runs),
+    ]
+    for rec in [r for r in measured if "ttft_ms" in r or "step_ms" in r]:
+        dev, iters, seqs, toks, kv = predicted_device_s(cost, rec, budget)
         meas = measured_s(rec)
         rows.append({"record": rec, "measured_s": meas, "device_s": dev})
         # relative least squares: each row scaled by 1 / measured
-        design.append([iters / meas, seqs / meas, toks / meas])
+        design.append([iters / meas, seqs / meas, toks / meas, kv / meas])
         target.append((meas - dev) / meas)
     if not rows:
         raise ValueError("no serving_prefill or serving_decode records to fit an engine on")
     coef, _ = nnls(np.array(design), np.array(target))
-    fixed_s, per_seq_s, per_tok_s = (float(x) for x in coef)
+    fixed_s, per_seq_s, per_tok_s, per_kv_s = (float(x) for x in coef)
     errors = []
     for row, d in zip(rows, design):
         meas = float(row["measured_s"])
-        host = (d[0] * fixed_s + d[1] * per_seq_s + d[2] * per_tok_s) * meas
+        host = (d[0] * fixed_s + d[1] * per_seq_s + d[2] * per_tok_s + d[3] * per_kv_s) * meas
         row["host_s"] = host
         row["predicted_s"] = float(row["device_s"]) + host
         errors.append(abs(row["predicted_s"] / meas - 1))
@@ -136,11 +206,12 @@ def fit_engine(
         **base,
         "source": source,
         "host": {
+            **base.get("host", {}),
             "fixed_us": round(fixed_s * 1e6, 3),
             "per_layer_us": 0.0,
             "per_sequence_us": round(per_seq_s * 1e6, 4),
             "per_token_us": round(per_tok_s * 1e6, 4),
-            "overlap": False,
+            "per_kv_token_us": round(per_kv_s * 1e6, 5),
         },
         "fit": {
             "samples": len(errors),
@@ -161,11 +232,12 @@ def fit_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         r = row["record"]
-        what = (
-            f"prefill {r['prompt_tokens']} tokens"
-            if r["kind"] == "serving_prefill"
-            else f"decode batch {r['batch']} ctx {r['context']}"
-        )
+        if r["kind"] == "serving_step":
+            what = f"{r['run']} step: {len(r['prompts'])} prompts, {len(r['contexts'])} decodes"
+        elif r["kind"] == "serving_prefill":
+            what = f"prefill {r['prompt_tokens']} tokens"
+        else:
+            what = f"decode batch {r['batch']} ctx {r['context']}"
         m, d, h, p = (row[k] * 1e3 for k in ("measured_s", "device_s", "host_s", "predicted_s"))
         err = p / m - 1 if m > 0 else math.nan
         lines.append(f"{what:<34} {m:>12.3f} {d:>10.3f} {h:>9.3f} {p:>9.3f} {err:>+7.1%}")

@@ -142,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="with --from: fit a serving-engine preset NAME on torch_serving iterations",
     )
+    ca.add_argument(
+        "--fit-runs",
+        default="",
+        metavar="RUN,RUN",
+        help="with --engine: online runs whose iterations join the fit (the rest stay held out)",
+    )
 
     fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
     fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")

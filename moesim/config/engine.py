@@ -23,7 +23,8 @@ from moesim.config.profile import FitQuality
 class HostCost(Frozen):
     """Host-side time of one iteration of one data-parallel rank, microseconds:
     ``fixed_us + per_layer_us x layers + per_sequence_us x sequences + per_token_us x
-    tokens``, where sequences are those that sample a token this iteration."""
+    tokens + per_kv_token_us x kv tokens``, where sequences are those that sample a token
+    this iteration and kv tokens those whose KV the batch's attention reads."""
 
     fixed_us: float = Field(default=0.0, ge=0)
     """Per iteration: scheduling, input preparation, output handling."""
@@ -32,7 +33,11 @@ class HostCost(Frozen):
     per_sequence_us: float = Field(default=0.0, ge=0)
     """Per sequence that samples a token: logits processing, sampling, bookkeeping."""
     per_token_us: float = Field(default=0.0, ge=0)
-    """Per token in the batch: input and cache-index preparation."""
+    """Per new token in the batch: input preparation."""
+    per_kv_token_us: float = Field(default=0.0, ge=0)
+    """Per cached token the batch's attention reads: engines that build the cache-read
+    index of every KV token on the host each iteration (transformers' paged attention
+    lists them in Python)."""
     overlap: bool = False
     """Whether the host prepares the next iteration while the device runs this one (then
     an iteration takes max(host, device), else host + device)."""
@@ -40,7 +45,13 @@ class HostCost(Frozen):
     @property
     def zero(self) -> bool:
         """No host cost at all (the ideal engine)."""
-        return not (self.fixed_us or self.per_layer_us or self.per_sequence_us or self.per_token_us)
+        return not (
+            self.fixed_us
+            or self.per_layer_us
+            or self.per_sequence_us
+            or self.per_token_us
+            or self.per_kv_token_us
+        )
 
 
 class EngineConfig(Frozen):
@@ -50,7 +61,7 @@ class EngineConfig(Frozen):
     source: str = "moesim: no host cost (a kernel-bound lower bound)"
     version: str | None = None
     """The engine and version the preset was measured on (e.g. transformers 5.17.0)."""
-    scheduler: dict[str, int | bool | str] = Field(default_factory=dict)
+    scheduler: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Scheduler defaults (``workload.scheduler`` fields); the scenario's own scheduler
     fields override them (the loader merges them into ``workload.scheduler``)."""
     launch: Literal["eager", "graph"] | None = None

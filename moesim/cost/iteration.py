@@ -182,7 +182,7 @@ class IterationCost:
             head,
         )
         device = sum(parts)
-        host = self.host_s(tokens, sampled)
+        host = self.host_s(tokens, sampled, kv_read_tokens)
         total = max(device, host) if self.host.overlap else device + host
         return IterationTime(
             total,
@@ -192,7 +192,7 @@ class IterationCost:
             total - device,
         )
 
-    def host_s(self, tokens: list[int], sampled: list[int]) -> float:
+    def host_s(self, tokens: list[int], sampled: list[int], kv_read: list[int]) -> float:
         """The engine's host-side time of the iteration: the busiest DP rank's (each rank's
         host process prepares its own batch), seconds."""
         h = self.host
@@ -201,8 +201,8 @@ class IterationCost:
         per_iteration = h.fixed_us + h.per_layer_us * self.layers
         worst = max(
             (
-                per_iteration + h.per_sequence_us * k + h.per_token_us * t
-                for t, k in zip(tokens, sampled)
+                per_iteration + h.per_sequence_us * k + h.per_token_us * t + h.per_kv_token_us * c
+                for t, k, c in zip(tokens, sampled, kv_read)
                 if t > 0
             ),
             default=0.0,
