@@ -63,6 +63,9 @@ def main(argv: list[str]) -> int:
         return 0
     found: list[str] = []
     for name, summary in summaries(only).items():
+        if not (target / f"{name}.json").is_file():
+            found.append(f"{name}: new scenario (no summary before)")
+            continue
         before = json.loads((target / f"{name}.json").read_text())
         _diff(before, json.loads(json.dumps(summary)), name, found)
     print("\n".join(found) if found else "all summaries identical")
