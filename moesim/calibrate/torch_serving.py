@@ -249,10 +249,50 @@ def _count(rate: float, span_s: float, lo: int, hi: int) -> int:
     return max(lo, min(hi, round(rate * span_s)))
 
 
-def online_plan(quick: bool, seed: int) -> list[RunSpec]:
+CB_OVERRIDES: dict[str, Any] = {}
+"""ContinuousBatchingConfig fields set by ``--cb KEY=VALUE`` (a second engine configuration)."""
+PLAN = ["default"]
+"""The online plan (``--plan``)."""
+
+
+def init_manager(model: Any) -> Any:
+    """The engine's manager: its default configuration, with the ``--cb`` overrides."""
+    if not CB_OVERRIDES:
+        return model.init_continuous_batching()
+    from transformers.generation import ContinuousBatchingConfig
+
+    return model.init_continuous_batching(
+        continuous_batching_config=ContinuousBatchingConfig(**CB_OVERRIDES)
+    )
+
+
+def online_plan(quick: bool, seed: int, plan: str = "default") -> list[RunSpec]:
     """The online runs: ~600-token prompts and 128 output tokens at 0.5..4 requests/s and one
     rate past saturation; then held-out runs (100..300-token prompts, 256 output tokens,
-    other seeds) at two other rates."""
+    other seeds) at two other rates. ``repeat``: the same shapes again with new seeds (the
+    engine's run-to-run variance) and longer runs near saturation (does it keep up?);
+    ``short``: four rates and one held-out run (a second engine configuration)."""
+    if plan == "repeat" and not quick:
+        return [
+            RunSpec("v2a-p600-o128", 2.0, seed * 1000 + 900, 20, (500, 700), 128, held_out=True),
+            RunSpec("v2b-p600-o128", 2.0, seed * 1000 + 901, 20, (500, 700), 128, held_out=True),
+            RunSpec("v4a-p600-o128", 4.0, seed * 1000 + 902, 40, (500, 700), 128, held_out=True),
+            RunSpec("k1.5-p600-o128", 1.5, seed * 1000 + 910, 60, (500, 700), 128, held_out=True),
+            RunSpec("k2.5-p600-o128", 2.5, seed * 1000 + 911, 90, (500, 700), 128, held_out=True),
+        ]
+    if plan == "short" and not quick:
+        return [
+            RunSpec(
+                f"s{r:g}-p600-o128",
+                r,
+                seed * 1000 + 50 + i,
+                _count(r, 10.0, 6, 40),
+                (500, 700),
+                128,
+                held_out=r in (2.0,),
+            )
+            for i, r in enumerate((1.0, 2.0, 4.0, 6.0))
+        ] + [RunSpec("sh3.5-p200-o256", 3.5, seed * 1000 + 550, 28, (100, 300), 256, True)]
     if quick:
         return [
             RunSpec("q-r4-p64-o16", 4.0, seed * 1000 + 1, 6, (48, 96), 16),
@@ -1138,7 +1178,7 @@ def restart_engine(c: Ctx) -> bool:
         import torch
 
         torch.cuda.empty_cache()
-        manager = c.model.init_continuous_batching()
+        manager = init_manager(c.model)
         manager.warmup()
         settings = engine_settings(manager, c.model)
         manager.start()
@@ -1209,16 +1249,18 @@ def _start(sink: Sink, quick: bool, seed: int, budget: Budget) -> Ctx | None:
         model = build_model(cfg)
         build_s = time.perf_counter() - t
         log(f"model built in {build_s:.1f} s")
-        manager = model.init_continuous_batching()
+        manager = init_manager(model)
         manager.warmup()  # builds the cache and static inputs; captures nothing by default
         settings = engine_settings(manager, model)
-        plan = online_plan(quick, seed)
+        plan = online_plan(quick, seed, PLAN[0])
         sink.write(
             "env",
             **env_record(torch, transformers, model, cfg, quick, build_s),
             **settings,
             weights=_weight_check(model),
             online_plan=[spec.__dict__ for spec in plan],
+            cb_overrides=dict(CB_OVERRIDES),
+            plan=PLAN[0],
             budget_s=budget.total_s,
         )
         manager.start()
@@ -1260,12 +1302,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument(
+        "--cb",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a ContinuousBatchingConfig field (JSON value), e.g. use_async_batching=true",
+    )
+    ap.add_argument("--plan", choices=["default", "repeat", "short"], default="default")
+    ap.add_argument(
         "--sections",
         default="prefill,decode,mixed,online",
         help="comma list of: prefill, decode, mixed, online",
     )
     args = ap.parse_args(argv)
     quick = bool(args.quick)
+    for item in args.cb:
+        key, _, raw = item.partition("=")
+        try:
+            CB_OVERRIDES[key] = json.loads(raw)
+        except ValueError:
+            CB_OVERRIDES[key] = raw
+    PLAN[0] = args.plan
     budget = Budget(args.budget_s if args.budget_s else (90.0 if quick else 530.0))
     wanted = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = wanted - {name for name, _ in SECTIONS}
