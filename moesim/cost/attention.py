@@ -162,6 +162,24 @@ class AttentionCost:
             + np.asarray(tokens, dtype=float) * w * self.rf.bytes_per_element,
         )
 
+    def score_s(self, tokens: int, keys: float, kv_read_tokens: int) -> float:
+        """:meth:`scores_s` of one batch as a float (plain arithmetic, the same operations
+        in the same order; serving calls it once per DP rank per iteration)."""
+        w = self.width
+        rf = self.rf
+        if self.kernel == "packed":
+            q, kv = float(tokens), float(kv_read_tokens)
+            b = rf.bytes_per_element
+            expanded = kv * self.heads * (self.qk_dim + self.v_dim) * b
+            moved = (
+                2 * kv * self.kv_bytes + kv * self.kv_bytes + 2 * expanded + q * kv * b + q * w * b
+            )
+            return rf.product_scalar_s(2.0 * w * q * kv, moved)
+        return rf.product_scalar_s(
+            2.0 * w * float(keys),
+            float(kv_read_tokens) * self.kv_bytes + float(tokens) * w * rf.bytes_per_element,
+        )
+
     def forward(self, sequences: Iterable[tuple[int, int]]) -> AttentionTime:
         """One block's forward over ``sequences`` of ``(new_tokens, cached_tokens)``."""
         tokens = keys = kv_read = 0

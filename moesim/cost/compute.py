@@ -154,6 +154,18 @@ class Roofline:
         t_m = np.asarray(nbytes, dtype=float) / self.bytes_per_s
         return self._blend(t_c, t_m) + overhead
 
+    def product_scalar_s(self, flops: float, nbytes: float) -> float:
+        """:meth:`product_s` of one kernel in plain float arithmetic (the same operations in
+        the same order, for hot loops over a handful of values)."""
+        overhead = self.overhead_s if self.gemm_overhead_s is None else self.gemm_overhead_s
+        t_c = flops / self.flops_per_s
+        t_m = nbytes / self.bytes_per_s
+        p = self.smoothness
+        if p == float("inf") or p > 1e6:
+            return (t_c if t_c >= t_m else t_m) + overhead
+        hi = max(t_c, t_m, 1e-30)
+        return hi * ((t_c / hi) ** p + (t_m / hi) ** p) ** (1.0 / p) + overhead
+
     def gemm_s(self, m: np.ndarray | int, k: int, n: int) -> np.ndarray:
         """``[m, k] @ [k, n]``: 2mkn FLOPs, reading both operands and writing the output."""
         m = np.asarray(m, dtype=float)

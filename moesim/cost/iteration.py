@@ -44,9 +44,13 @@ import numpy as np
 from moesim.config.engine import HostCost
 from moesim.cost.attention import AttentionCost, AttentionKernel
 from moesim.cost.collectives import all_gather_s, all_reduce_s
-from moesim.cost.layer_cost import LayerCostModel
+from moesim.cost.layer_cost import LayerCostModel, LayerSample
 from moesim.system import System
 from moesim.units import US
+
+SCALAR_RANKS = 64
+"""Up to this many DP ranks an iteration is priced in plain float arithmetic, beyond it
+with numpy arrays (the two agree to the last bit for the same inputs)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,9 @@ class IterationCost:
         self.ag = np.array(
             [_affine(partial(all_gather_s, paths, g, alpha_s=alpha)) for g in groups]
         )
+        self._ar = [(float(a), float(b)) for a, b in self.ar]
+        self._ag = [(float(a), float(b)) for a, b in self.ag]
+        self._moe: dict[int, LayerSample] = {}
 
     # --- memoized per-size costs of one device ------------------------------------------
     def projections_s(self, tokens: int) -> float:
@@ -157,6 +164,8 @@ class IterationCost:
         ``kv_read_tokens`` tokens whose KV the attention kernel reads, ``sampled``
         sequences that produce a token.
         """
+        if len(tokens) <= SCALAR_RANKS:
+            return self._time_scalar(tokens, keys, kv_read_tokens, sampled)
         n = np.asarray(tokens, dtype=float)
         busy = n > 0
         attn = self.attention
@@ -191,6 +200,71 @@ class IterationCost:
             self.n_moe * min(moe.comm_s, moe.time_s),
             total - device,
         )
+
+    def _time_scalar(
+        self,
+        tokens: list[int],
+        keys: list[float],
+        kv_read_tokens: list[int],
+        sampled: list[int],
+    ) -> IterationTime:
+        """:meth:`time` in plain float arithmetic, rank by rank: the same operations in the
+        same order as the vectorized form (numpy calls on a handful of elements cost more
+        than the arithmetic)."""
+        attn = self.attention
+        d_model, vocab, act = self.model.d_model, self.model.vocab_size, self.act_bytes
+        tp = self.tp > 1
+        ar, ag = self._ar, self._ag
+        attention = dense = head = 0.0
+        total_tokens = 0
+        for r, t in enumerate(tokens):
+            total_tokens += t
+            reduce = 0.0
+            if t > 0:
+                if tp:
+                    a0, a1 = ar[r]
+                    reduce = a0 + a1 * (float(t) * d_model * act)
+                a = attn.score_s(t, keys[r], kv_read_tokens[r]) + attn.projections_s(t) + reduce
+                if a > attention:
+                    attention = a
+            if self.n_dense:
+                d = self.dense_ffn_s(t) + reduce
+                if d > dense:
+                    dense = d
+            k = sampled[r]
+            h = self.head_s(k)
+            if tp:
+                logits = float(k) * vocab * act
+                if logits > 0:
+                    g0, g1 = ag[r]
+                    h = h + (g0 + g1 * logits)
+            if h > head:
+                head = h
+        moe = self._moe_sample(total_tokens)
+        parts = (
+            self.layers * attention,
+            self.n_moe * moe.time_s,
+            self.n_dense * dense,
+            head,
+        )
+        device = sum(parts)
+        host = self.host_s(tokens, sampled, kv_read_tokens)
+        total = max(device, host) if self.host.overlap else device + host
+        return IterationTime(
+            total,
+            *parts,
+            moe.dropped_fraction,
+            self.n_moe * min(moe.comm_s, moe.time_s),
+            total - device,
+        )
+
+    def _moe_sample(self, tokens: int) -> LayerSample:
+        """The MoE layer's sample at ``tokens``, memoized (the layer cost is deterministic
+        in the token count)."""
+        s = self._moe.get(tokens)
+        if s is None:
+            s = self._moe[tokens] = self.moe_cost.sample(tokens)
+        return s
 
     def host_s(self, tokens: list[int], sampled: list[int], kv_read: list[int]) -> float:
         """The engine's host-side time of the iteration: the busiest DP rank's (each rank's
