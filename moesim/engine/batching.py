@@ -21,6 +21,17 @@ manager of PagedAttention (Kwon et al., SOSP 2023):
 
 Per-request state lives in plain Python lists (fast to index one element at a time); the
 engine turns it into numpy records at the end.
+
+Steady decode runs (``RankScheduler(lazy=True)``, the serving engine's healthy runs): when
+after an iteration every running request decodes, nothing waits and the running requests
+fit the token budget, the next iterations are known in closed form until the first one
+that finishes a request: each request computes one token after ``c + j`` cached ones at
+step ``j`` (keys = KV tokens read = ``sum(c + 1) + j x running``), and a request needs a
+new KV block every ``block_tokens`` steps at its own phase. The rank then returns those
+batches without visiting its requests, counts the blocks from the phases, and applies
+the ``j`` steps to the per-request state in one pass (:meth:`RankScheduler.sync`) when a
+request arrives, the blocks run short (a preemption may follow), the horizon ends, or
+the run does. Exact: the same batches, blocks and state as iteration by iteration.
 """
 
 from __future__ import annotations
@@ -80,6 +91,10 @@ class Batch:
     """Requests that reach their last token and sample a new one."""
     decodes: int = 0
     """Requests past their prompt computing their one newest token."""
+    steady: bool = False
+    """A steady decode iteration (see :class:`RankScheduler`): ``ids`` is the running list,
+    ``new_tokens`` and ``cached_tokens`` are left empty (every request computes one
+    token)."""
 
     def add(self, rid: int, n: int, c: int, samples: bool, decode: bool) -> None:
         """Add ``n`` new tokens of request ``rid`` after ``c`` cached ones."""
@@ -96,8 +111,21 @@ class Batch:
 class RankScheduler:
     """The waiting queue, running list and KV block pool of one data-parallel rank."""
 
-    def __init__(self, state: RequestState, cfg: SchedulerConfig, total_blocks: int) -> None:
+    def __init__(
+        self, state: RequestState, cfg: SchedulerConfig, total_blocks: int, lazy: bool = False
+    ) -> None:
         self.st = state
+        self.lazy = lazy
+        """Run steady decode iterations without touching per-request state (see the class
+        docstring); the owner calls :meth:`sync` before reading or changing that state."""
+        self._horizon = 0
+        """Steady iterations allowed since the last sync (0: not steady)."""
+        self._lag = 0
+        """Steady iterations run since the last sync."""
+        self._keys0 = 0
+        """Keys (= KV tokens read) of the first steady iteration."""
+        self._phase: list[int] = []
+        """Running requests needing a new KV block at steady step ``j``, by ``j % block``."""
         self.budget = cfg.max_batch_tokens
         self.max_seqs = cfg.max_seqs
         self.chunked = cfg.chunked_prefill
@@ -135,8 +163,62 @@ class RankScheduler:
         else:
             self.waiting.append(rid)
 
+    def sync(self) -> None:
+        """Apply the steady decode iterations run so far to the per-request state and leave
+        steady mode."""
+        lag = self._lag
+        if lag:
+            st, bt = self.st, self.block
+            comp, gen, blocks = st.computed, st.generated, st.blocks
+            for rid in self.running:
+                c = comp[rid]
+                p = blocks[rid] * bt - c  # the first steady step that needed a new block
+                comp[rid] = c + lag
+                gen[rid] += lag
+                if lag > p:
+                    blocks[rid] += (lag - 1 - p) // bt + 1
+        self._horizon = self._lag = 0
+
+    def _enter_steady(self) -> None:
+        """After an iteration: enter steady mode if every running request decodes, nothing
+        waits and every request fits the token budget; the horizon stops before the first
+        iteration that finishes a request."""
+        running = self.running
+        m = len(running)
+        if self.waiting or not m or m > self.budget:
+            return
+        st, bt = self.st, self.block
+        prompt, gen, comp, out, blocks = st.prompt, st.generated, st.computed, st.output, st.blocks
+        horizon = 1 << 62
+        keys = 0
+        phase = [0] * bt
+        for rid in running:
+            g, c = gen[rid], comp[rid]
+            if g < 1 or prompt[rid] + g - c != 1:
+                return
+            left = out[rid] - g - 1
+            if left < horizon:
+                horizon = left
+            p = blocks[rid] * bt - c
+            if not 0 <= p < bt:  # pragma: no cover - blocks always cover the computed KV
+                return
+            phase[p] += 1
+            keys += c + 1
+        if horizon > 0:
+            self._horizon, self._lag, self._keys0, self._phase = horizon, 0, keys, phase
+
     def schedule(self, now_s: float) -> Batch:
         """Choose this iteration's work and allocate its KV blocks."""
+        if self._horizon:
+            j = self._lag
+            if j < self._horizon and not self.waiting:
+                want = self._phase[j % self.block]
+                if want <= self.free_blocks:
+                    self.free_blocks -= want
+                    m = len(self.running)
+                    k = self._keys0 + j * m
+                    return Batch(self.running, [], [], m, k, k, m, m, True)
+            self.sync()
         st = self.st
         prompt, gen, comp, blocks = st.prompt, st.generated, st.computed, st.blocks
         bt = self.block
@@ -214,6 +296,9 @@ class RankScheduler:
     def complete(self, batch: Batch, now_s: float) -> int:
         """Apply a finished iteration: KV computed, tokens sampled, requests finished;
         returns the tokens sampled."""
+        if batch.steady:
+            self._lag += 1
+            return batch.tokens
         st = self.st
         prompt, gen, comp, out = st.prompt, st.generated, st.computed, st.output
         emitted = 0
@@ -233,4 +318,6 @@ class RankScheduler:
         if done:
             gone = set(done)
             self.running = [r for r in self.running if r not in gone]
+        if self.lazy:
+            self._enter_steady()
         return emitted

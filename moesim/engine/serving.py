@@ -197,7 +197,11 @@ class _Server:
         t, prompt, output = arrival_times(w, s.seed)
         self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
         self.ranks = [
-            RankScheduler(self.state, w.scheduler, self.kv_blocks) for _ in range(self.dp)
+            # steady decode runs skip per-request work unless hooks may touch the state
+            RankScheduler(
+                self.state, w.scheduler, self.kv_blocks, lazy=isinstance(hooks, HealthyServing)
+            )
+            for _ in range(self.dp)
         ]
         self.cost = IterationCost(
             system, moe_cost if moe_cost is not None else simulated_layer_cost(system)
@@ -294,6 +298,8 @@ class _Server:
         return self._records(events)
 
     def _records(self, events: int) -> ServingRecords:
+        for r in self.ranks:
+            r.sync()
         st = self.state
         cols = np.array(self.rows, dtype=float).reshape(-1, 13)
         it = IterationRecords(
