@@ -115,3 +115,20 @@ def test_more_seeds_never_raise_capacity(tmp_path: Path) -> None:
             if p.feasible:
                 s = p.summary
                 assert s["throughput_tokens_per_s"] >= 0.95 * s["offered_tokens_per_s"]
+
+
+def test_capacity_table_shows_a_probe_that_measured_no_request() -> None:
+    """A probe whose window held no request (no attainment, no latencies) is infeasible and
+    tabled as NaN, not a crash."""
+    from moesim.sweep.capacity import CapacityResult, Probe, _feasible, capacity_table
+
+    empty = {
+        "slo_attainment": {"ttft": None, "tpot": None, "both": None},
+        "ttft_ms": {"p99": None},
+        "tpot_ms": {"p99": None},
+        "throughput_tokens_per_s": 0.0,
+    }
+    ok, both = _feasible(empty, 0.99)
+    assert (ok, both) == (False, 0.0)
+    table = capacity_table(CapacityResult(0.99, None, None, [Probe(0.01, ok, both, empty)]))
+    assert "nan" in table and "no probed rate met the SLO" in table

@@ -61,7 +61,7 @@ MIN_REQUESTS = 100
 
 def _feasible(summary: dict[str, Any], target: float) -> tuple[bool, float]:
     att = summary.get("slo_attainment") or {}
-    both = float(att.get("both", 0.0))
+    both = float(att.get("both") or 0.0)  # None: no request measured at this rate
     offered = float(summary.get("offered_tokens_per_s") or 0.0)
     keeps_up = float(summary.get("throughput_tokens_per_s") or 0.0) >= KEEP_UP * offered
     clean = (
@@ -169,6 +169,11 @@ def find_capacity(
     return result
 
 
+def _num(x: Any) -> float:
+    """A summary figure for the table: NaN where the probe measured none (no request)."""
+    return float("nan") if x is None else float(x)
+
+
 def capacity_table(r: CapacityResult) -> str:
     """The probes in rate order and the answer."""
     rows = ["  rate/s  feasible  SLO met  throughput tok/s  TTFT p99 ms  TPOT p99 ms  J/token"]
@@ -177,10 +182,10 @@ def capacity_table(r: CapacityResult) -> str:
         e = (s.get("energy") or {}).get("energy_per_token_j")
         rows.append(
             f"{p.rate_per_s:8.4g}  {'yes' if p.feasible else 'no':>8}  {p.attainment:7.1%}  "
-            f"{s.get('throughput_tokens_per_s', 0):16.1f}  "
-            f"{(s.get('ttft_ms') or {}).get('p99', float('nan')):11.1f}  "
-            f"{(s.get('tpot_ms') or {}).get('p99', float('nan')):11.2f}  "
-            f"{e if e is not None else float('nan'):7.3g}"
+            f"{_num(s.get('throughput_tokens_per_s')):16.1f}  "
+            f"{_num((s.get('ttft_ms') or {}).get('p99')):11.1f}  "
+            f"{_num((s.get('tpot_ms') or {}).get('p99')):11.2f}  "
+            f"{_num(e):7.3g}"
         )
     if r.best is None:
         rows.append(f"\nno probed rate met the SLO for {r.target:.0%} of requests")
