@@ -121,6 +121,23 @@ class IterationCost:
         self._ar = [(float(a), float(b)) for a, b in self.ar]
         self._ag = [(float(a), float(b)) for a, b in self.ag]
         self._moe: dict[int, LayerSample] = {}
+        rf, a = self.rf, self.attention
+        overhead = rf.overhead_s if rf.gemm_overhead_s is None else rf.gemm_overhead_s
+        self._fused_max = (
+            (
+                2.0 * a.width,
+                a.width,
+                a.kv_bytes,
+                rf.bytes_per_element,
+                rf.flops_per_s,
+                rf.bytes_per_s,
+                overhead,
+            )
+            if kernel == "fused" and (rf.smoothness == float("inf") or rf.smoothness > 1e6)
+            else None
+        )
+        """The fused attention kernel's constants when its roofline is a hard max (then
+        :meth:`_time_scalar` prices it inline)."""
 
     # --- memoized per-size costs of one device ------------------------------------------
     def projections_s(self, tokens: int) -> float:
@@ -215,6 +232,8 @@ class IterationCost:
         d_model, vocab, act = self.model.d_model, self.model.vocab_size, self.act_bytes
         tp = self.tp > 1
         ar, ag = self._ar, self._ag
+        proj, heads = attn._proj, self._head
+        fast = self._fused_max
         attention = dense = head = 0.0
         total_tokens = 0
         for r, t in enumerate(tokens):
@@ -224,7 +243,17 @@ class IterationCost:
                 if tp:
                     a0, a1 = ar[r]
                     reduce = a0 + a1 * (float(t) * d_model * act)
-                a = attn.score_s(t, keys[r], kv_read_tokens[r]) + attn.projections_s(t) + reduce
+                if fast is not None:  # AttentionCost.score_s inlined (fused, hard max)
+                    w2, w, kvb, bpe, fps, bps, ovh = fast
+                    tc = w2 * float(keys[r]) / fps
+                    tm = (float(kv_read_tokens[r]) * kvb + float(t) * w * bpe) / bps
+                    core = (tc if tc >= tm else tm) + ovh
+                else:
+                    core = attn.score_s(t, keys[r], kv_read_tokens[r])
+                pr = proj.get(t)
+                if pr is None:
+                    pr = attn.projections_s(t)
+                a = core + pr + reduce
                 if a > attention:
                     attention = a
             if self.n_dense:
@@ -232,7 +261,9 @@ class IterationCost:
                 if d > dense:
                     dense = d
             k = sampled[r]
-            h = self.head_s(k)
+            h = heads.get(k) if k > 0 else 0.0
+            if h is None:
+                h = self.head_s(k)
             if tp:
                 logits = float(k) * vocab * act
                 if logits > 0:

@@ -237,7 +237,7 @@ class _Server:
             self.wake.succeed()
 
     def serve(self, cap_s: float) -> Generator[simpy.Event, Any, None]:
-        env = self.env
+        env, ranks = self.env, self.ranks
         while env.now < cap_s:
             wait = self.hooks.advance(env.now, self.ranks, self.state, self.rank_of)
             if wait > 0:  # no rank can run (failures): wait for a recovery
@@ -252,30 +252,37 @@ class _Server:
                 yield self.wake
                 continue
             start = env.now
-            batches = [r.schedule(start) for r in self.ranks]
-            tokens = [b.tokens for b in batches]
-            if not any(tokens):  # pragma: no cover - would be a scheduler bug
+            batches = [r.schedule(start) for r in ranks]
+            # one pass over the ranks' batches (this loop runs once per iteration)
+            keys: list[float] = []
+            tokens, kv_read, samples, used = [], [], [], []
+            total = decodes = seqs = 0
+            for r, b in zip(ranks, batches):
+                tokens.append(b.tokens)
+                keys.append(b.keys)
+                kv_read.append(b.kv_read_tokens)
+                samples.append(b.sampled)
+                used.append(r.total_blocks - r.free_blocks)
+                total += b.tokens
+                decodes += b.decodes
+                seqs += len(b.ids)
+            if not total:  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
-            it = self.hooks.iteration_time(
-                self.cost,
-                tokens,
-                [b.keys for b in batches],
-                [b.kv_read_tokens for b in batches],
-                [b.sampled for b in batches],
-            )
-            used = [r.used_blocks for r in self.ranks]
-            stall = self.offload.stall_for(start, sum(tokens), it)
+            it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
+            stall = self.offload.stall_for(start, total, it)
             yield env.timeout(it.total_s + stall)
-            sampled = sum(r.complete(b, env.now) for r, b in zip(self.ranks, batches))
-            decodes = sum(b.decodes for b in batches)
+            now = env.now
+            sampled = 0
+            for r, b in zip(ranks, batches):
+                sampled += r.complete(b, now)
             self.kv_rows.append(used)
             self.rows.append(
                 (
                     start,
                     it.total_s + stall,
-                    sum(tokens),
-                    sum(tokens) - decodes,
-                    sum(len(b.ids) for b in batches),
+                    total,
+                    total - decodes,
+                    seqs,
                     sampled,
                     it.attention_s,
                     it.moe_s,
