@@ -17,8 +17,10 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import moesim
+from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.serving import simulate_serving
 from moesim.report.serving import serving_summary
 from moesim.system import build_system
@@ -40,7 +42,19 @@ def main() -> None:
     )
     t0, c0 = time.perf_counter(), time.process_time()
     system = build_system(scenario)
-    records = simulate_serving(system)
+    moe_cost = simulated_layer_cost(system)
+    moe_cpu = [0.0]
+    price = moe_cost._at  # time the MoE bucket pricing (each bucket once, then memoized)
+
+    def timed(tokens: int) -> Any:
+        c = time.process_time()
+        try:
+            return price(tokens)
+        finally:
+            moe_cpu[0] += time.process_time() - c
+
+    moe_cost._at = timed  # type: ignore[method-assign]
+    records = simulate_serving(system, moe_cost)
     t1, c1 = time.perf_counter(), time.process_time()
     summary = serving_summary(system, records)
     wall, cpu = t1 - t0, c1 - c0
@@ -54,7 +68,7 @@ def main() -> None:
     print(f"iterations           {summary['iterations']}")
     print(f"events               {events} ({events / wall:,.0f} per wall second)")
     print(f"simulated s / wall s {records.end_s / wall:.1f}")
-    print(f"MoE cost evaluations {records.moe_evaluations}")
+    print(f"MoE cost evaluations {records.moe_evaluations} ({moe_cpu[0]:.2f} s CPU pricing them)")
     print(f"throughput           {summary['throughput_tokens_per_s']} output tokens/s")
     print(f"TTFT p50 / TPOT p50  {summary['ttft_ms']['p50']} / {summary['tpot_ms']['p50']} ms")
 

@@ -126,6 +126,8 @@ class RankScheduler:
         """Keys (= KV tokens read) of the first steady iteration."""
         self._phase: list[int] = []
         """Running requests needing a new KV block at steady step ``j``, by ``j % block``."""
+        self._steady_batch = Batch()
+        """The batch of the current steady run (the owner completes each before the next)."""
         self.budget = cfg.max_batch_tokens
         self.max_seqs = cfg.max_seqs
         self.chunked = cfg.chunked_prefill
@@ -206,6 +208,7 @@ class RankScheduler:
             keys += c + 1
         if horizon > 0:
             self._horizon, self._lag, self._keys0, self._phase = horizon, 0, keys, phase
+            self._steady_batch = Batch(running, [], [], m, keys, keys, m, m, True)
 
     def schedule(self, now_s: float) -> Batch:
         """Choose this iteration's work and allocate its KV blocks."""
@@ -215,9 +218,10 @@ class RankScheduler:
                 want = self._phase[j % self.block]
                 if want <= self.free_blocks:
                     self.free_blocks -= want
-                    m = len(self.running)
-                    k = self._keys0 + j * m
-                    return Batch(self.running, [], [], m, k, k, m, m, True)
+                    b = self._steady_batch  # one object per steady run, updated in place
+                    k = self._keys0 + j * b.tokens
+                    b.keys = b.kv_read_tokens = k
+                    return b
             self.sync()
         st = self.st
         prompt, gen, comp, blocks = st.prompt, st.generated, st.computed, st.blocks
