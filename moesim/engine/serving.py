@@ -211,6 +211,10 @@ class _Server:
         self.rejected = np.zeros(len(t), dtype=bool)
         self.env = simpy.Environment()
         self.wake: simpy.Event | None = None
+        self.folded = 0
+        """Iterations finished in place, between two SimPy events (see :meth:`serve`)."""
+        self.catch_ups = 0
+        """Timeouts that moved SimPy's clock to the loop's time after such iterations."""
         self.arrivals_done = False
         self.rows: list[tuple[float, ...]] = []
         self.kv_rows: list[list[int]] = []
@@ -237,21 +241,32 @@ class _Server:
             self.wake.succeed()
 
     def serve(self, cap_s: float) -> Generator[simpy.Event, Any, None]:
+        """The server loop. ``t`` is the loop's time: with the healthy hooks an iteration
+        that ends before the next SimPy event (an arrival) is finished in place, without a
+        trip through the event queue, and the loop catches SimPy's clock up to ``t`` (one
+        timeout, checked to land exactly on ``t``) before anything else may happen. The
+        records are those of yielding once per iteration."""
         env, ranks = self.env, self.ranks
-        while env.now < cap_s:
-            wait = self.hooks.advance(env.now, self.ranks, self.state, self.rank_of)
+        fold = isinstance(self.hooks, HealthyServing)
+        t = env.now
+        while t < cap_s:
+            wait = self.hooks.advance(t, self.ranks, self.state, self.rank_of)
             if wait > 0:  # no rank can run (failures): wait for a recovery
-                if env.now + wait >= cap_s:
+                yield from self._catch_up(t)
+                if t + wait >= cap_s:
                     return
                 yield env.timeout(wait)
+                t = env.now
                 continue
             if not any(r.busy for r in self.ranks):
+                yield from self._catch_up(t)
                 if self.arrivals_done:
                     return
                 self.wake = env.event()
                 yield self.wake
+                t = env.now
                 continue
-            start = env.now
+            start = t
             batches = [r.schedule(start) for r in ranks]
             # one pass over the ranks' batches (this loop runs once per iteration)
             keys: list[float] = []
@@ -270,16 +285,22 @@ class _Server:
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
             stall = self.offload.stall_for(start, total, it)
-            yield env.timeout(it.total_s + stall)
+            delay = it.total_s + stall
+            t = start + delay  # where env.timeout(delay) from ``start`` lands
             now = env.now
+            if fold and t < cap_s and t < env.peek() and now + (t - now) == t:
+                self.folded += 1  # nothing else happens before it ends: finish it here
+            else:
+                yield from self._catch_up(start)
+                yield env.timeout(delay)
             sampled = 0
             for r, b in zip(ranks, batches):
-                sampled += r.complete(b, now)
+                sampled += r.complete(b, t)
             self.kv_rows.append(used)
             self.rows.append(
                 (
                     start,
-                    it.total_s + stall,
+                    delay,
                     total,
                     total - decodes,
                     seqs,
@@ -294,6 +315,14 @@ class _Server:
                 )
             )
 
+    def _catch_up(self, t: float) -> Generator[simpy.Event, Any, None]:
+        """Move SimPy's clock to the loop's time ``t`` (exact: an iteration is finished in
+        place only where ``now + (t - now) == t``; no event lies between)."""
+        if t > self.env.now:
+            self.catch_ups += 1
+            yield self.env.timeout(t - self.env.now)
+            assert self.env.now == t
+
     def run(self) -> ServingRecords:
         env = self.env
         env.process(self.arrivals())
@@ -302,7 +331,8 @@ class _Server:
         while env.peek() != float("inf"):
             env.step()
             events += 1
-        return self._records(events)
+        # each iteration counts as the one event it takes when yielded
+        return self._records(events + self.folded - self.catch_ups)
 
     def _records(self, events: int) -> ServingRecords:
         for r in self.ranks:
