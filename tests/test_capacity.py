@@ -132,3 +132,21 @@ def test_capacity_table_shows_a_probe_that_measured_no_request() -> None:
     assert (ok, both) == (False, 0.0)
     table = capacity_table(CapacityResult(0.99, None, None, [Probe(0.01, ok, both, empty)]))
     assert "nan" in table and "no probed rate met the SLO" in table
+
+
+def test_capacity_table_says_why_a_probe_fails() -> None:
+    """A probe that meets the SLO but falls behind the offered load is marked infeasible
+    with that reason, not as a bare 'no' beside 100% SLO attainment."""
+    from moesim.sweep.capacity import why_infeasible
+
+    behind = {
+        "slo_attainment": {"both": 1.0},
+        "offered_tokens_per_s": 1000.0,
+        "throughput_tokens_per_s": 800.0,
+        "window_completed_requests": 500,
+        "drained": True,
+    }
+    assert why_infeasible(behind, 0.99) == ["falls behind: serves 80% of the offered load"]
+    assert why_infeasible({**behind, "throughput_tokens_per_s": 990.0}, 0.99) == []
+    few = {**behind, "throughput_tokens_per_s": 990.0, "window_completed_requests": 40}
+    assert why_infeasible(few, 0.99) == ["40 requests in the window < 100 (too few for a p99)"]

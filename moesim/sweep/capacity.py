@@ -59,19 +59,31 @@ MIN_REQUESTS = 100
 """A feasible rate needs at least this many requests completed in the window (a p99)."""
 
 
-def _feasible(summary: dict[str, Any], target: float) -> tuple[bool, float]:
+def why_infeasible(summary: dict[str, Any], target: float) -> list[str]:
+    """Every reason a probe fails (empty: feasible), in the words the table prints."""
     att = summary.get("slo_attainment") or {}
     both = float(att.get("both") or 0.0)  # None: no request measured at this rate
     offered = float(summary.get("offered_tokens_per_s") or 0.0)
-    keeps_up = float(summary.get("throughput_tokens_per_s") or 0.0) >= KEEP_UP * offered
-    clean = (
-        bool(summary.get("drained"))
-        and not summary.get("rejected_requests")
-        and not summary.get("lost_requests")
-        and int(summary.get("window_completed_requests") or 0) >= MIN_REQUESTS
-        and keeps_up
-    )
-    return clean and both >= target, both
+    served = float(summary.get("throughput_tokens_per_s") or 0.0)
+    done = int(summary.get("window_completed_requests") or 0)
+    reasons = []
+    if both < target:
+        reasons.append(f"SLO met by {both:.1%} < {target:.0%}")
+    if served < KEEP_UP * offered:
+        reasons.append(f"falls behind: serves {served / offered:.0%} of the offered load")
+    if done < MIN_REQUESTS:
+        reasons.append(f"{done} requests in the window < {MIN_REQUESTS} (too few for a p99)")
+    if not summary.get("drained"):
+        reasons.append("not drained by the end of the run")
+    if summary.get("rejected_requests") or summary.get("lost_requests"):
+        reasons.append("requests rejected or lost")
+    return reasons
+
+
+def _feasible(summary: dict[str, Any], target: float) -> tuple[bool, float]:
+    att = summary.get("slo_attainment") or {}
+    both = float(att.get("both") or 0.0)
+    return not why_infeasible(summary, target), both
 
 
 def find_capacity(
@@ -176,7 +188,9 @@ def _num(x: Any) -> float:
 
 def capacity_table(r: CapacityResult) -> str:
     """The probes in rate order and the answer."""
-    rows = ["  rate/s  feasible  SLO met  throughput tok/s  TTFT p99 ms  TPOT p99 ms  J/token"]
+    rows = [
+        "  rate/s  feasible  SLO met  throughput tok/s  TTFT p99 ms  TPOT p99 ms  J/token  why not"
+    ]
     for p in sorted(r.probes, key=lambda p: p.rate_per_s):
         s = p.summary
         e = (s.get("energy") or {}).get("energy_per_token_j")
@@ -185,7 +199,7 @@ def capacity_table(r: CapacityResult) -> str:
             f"{_num(s.get('throughput_tokens_per_s')):16.1f}  "
             f"{_num((s.get('ttft_ms') or {}).get('p99')):11.1f}  "
             f"{_num((s.get('tpot_ms') or {}).get('p99')):11.2f}  "
-            f"{_num(e):7.3g}"
+            f"{_num(e):7.3g}  {'; '.join(why_infeasible(s, r.target))}"
         )
     if r.best is None:
         rows.append(f"\nno probed rate met the SLO for {r.target:.0%} of requests")
