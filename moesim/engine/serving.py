@@ -8,7 +8,11 @@ simplest form). All ranks step together, one iteration at a time, because every 
 layer's all-to-all couples them.
 
 SimPy holds two processes: arrivals (one event per request) and the server (one event
-per iteration, or a wake-up when it idles). Nothing is simulated per token.
+per iteration, or a wake-up when it idles). Nothing is simulated per token. Fast paths
+that change no figure (issue 15; ``tests/test_steady_decode.py``): an iteration that ends
+before the next arrival is finished in place, without the event queue (:meth:`_Server.serve`),
+and a rank whose running requests all decode serves them in closed form until one
+finishes or a request arrives (:mod:`moesim.engine.batching`, steady decode runs).
 
 Randomness: arrival times from the stream ``"arrivals"``, prompt lengths from
 ``("lengths", 0)`` and output lengths from ``("lengths", 1)``, so changing one
@@ -118,6 +122,8 @@ class ServingRecords:
     drained: bool
     """Whether every arrived request finished before the cap."""
     sim_events: int
+    """SimPy events of the run, each iteration counted as one event (also one finished in
+    place between two events)."""
     moe_evaluations: int
     """Distinct batch sizes the MoE layer cost was simulated at."""
     offload: ExpertOffload | None = None
