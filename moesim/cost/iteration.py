@@ -234,6 +234,9 @@ class IterationCost:
         ar, ag = self._ar, self._ag
         proj, heads = attn._proj, self._head
         fast = self._fused_max
+        if fast is not None:
+            w2, w, kvb, bpe, fps, bps, ovh = fast
+        n_dense = self.n_dense
         attention = dense = head = 0.0
         total_tokens = 0
         for r, t in enumerate(tokens):
@@ -244,7 +247,6 @@ class IterationCost:
                     a0, a1 = ar[r]
                     reduce = a0 + a1 * (float(t) * d_model * act)
                 if fast is not None:  # AttentionCost.score_s inlined (fused, hard max)
-                    w2, w, kvb, bpe, fps, bps, ovh = fast
                     tc = w2 * float(keys[r]) / fps
                     tm = (float(kv_read_tokens[r]) * kvb + float(t) * w * bpe) / bps
                     core = (tc if tc >= tm else tm) + ovh
@@ -256,7 +258,7 @@ class IterationCost:
                 a = core + pr + reduce
                 if a > attention:
                     attention = a
-            if self.n_dense:
+            if n_dense:
                 d = self.dense_ffn_s(t) + reduce
                 if d > dense:
                     dense = d

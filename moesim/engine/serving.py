@@ -264,7 +264,10 @@ class _Server:
                 yield env.timeout(wait)
                 t = env.now
                 continue
-            if not any(r.busy for r in self.ranks):
+            for r in ranks:
+                if r.running or r.waiting:
+                    break
+            else:  # no rank has work
                 yield from self._catch_up(t)
                 if self.arrivals_done:
                     return
