@@ -224,3 +224,18 @@ def test_hf_transformers_engine_on_held_out_runs() -> None:
         assert abs(p["tpot_p50"] / m["tpot_p50"] - 1) < 0.30, name
         assert abs(p["ttft_p50"] / m["ttft_p50"] - 1) < 0.20, name
         assert ideal[name]["predicted"]["tpot_p50"] < 0.4 * m["tpot_p50"], name
+
+
+def test_host_time_leaves_the_device_idle_in_the_energy_account() -> None:
+    """The engine's host-side time is device idle time: a slow host adds its whole host
+    time to the idle device-seconds and none to the busy states."""
+    host = {"fixed_us": 20000.0}
+    ideal = _summary(_constant())["energy"]["device_seconds_by_state"]
+    slow = _summary(_constant({"preset": "ideal", "name": "slow", "host": host}))
+    busy = ("compute", "memory", "communicating")
+    assert sum(slow["energy"]["device_seconds_by_state"][k] for k in busy) == pytest.approx(
+        sum(ideal[k] for k in busy), rel=1e-6
+    )
+    # one device: idle is the run's whole span less the (unchanged) busy seconds
+    idle = slow["energy"]["device_seconds_by_state"]["idle"]
+    assert idle >= slow["time_breakdown_s"]["host"]

@@ -11,7 +11,7 @@ import pytest
 
 from moesim.api import run
 from moesim.calibrate.serving_fidelity import replay, table
-from moesim.calibrate.serving_fit import fit_engine, predicted_device_s, serving_scenario
+from moesim.calibrate.serving_fit import fit_engine, predicted_s, serving_scenario
 from moesim.cost.iteration import IterationCost
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.system import build_system
@@ -30,12 +30,12 @@ def _grid() -> tuple[dict[str, Any], ...]:
     out: list[dict[str, Any]] = [ENV]
     for p in (16, 512, 4096, 12000):
         rec: dict[str, Any] = {"kind": "serving_prefill", "prompt_tokens": p}
-        rec["ttft_ms"] = predicted_device_s(cost, rec, 8192)[0] * 1e3
+        rec["ttft_ms"] = predicted_s(cost, rec, 8192)[0] * 1e3
         out.append(rec)
     for b in (1, 8, 64):
         for c in (128, 2048):
             rec = {"kind": "serving_decode", "batch": b, "context": c}
-            rec["step_ms"] = predicted_device_s(cost, rec, 8192)[0] * 1e3
+            rec["step_ms"] = predicted_s(cost, rec, 8192)[0] * 1e3
             out.append(rec)
     return tuple(out)
 
@@ -43,7 +43,7 @@ def _grid() -> tuple[dict[str, Any], ...]:
 def test_fit_recovers_a_known_host_cost() -> None:
     """Host costs fitted on a known engine's iterations are that engine's, and the fit
     error on them is nil."""
-    preset, rows = fit_engine(list(_grid()), "known", "test", {})
+    preset, rows = fit_engine(list(_grid()), "test", {})
     host = preset["host"]
     for key, value in KNOWN.items():
         assert host[key] == pytest.approx(value, rel=1e-3), (key, host)

@@ -72,7 +72,7 @@ def calibrate_engine(
         + (f" --fit-runs {','.join(fit_runs)}" if fit_runs else "")
         + f"` on {today}"
     )
-    preset, rows = fit_engine(records, name, source, base, fit_runs or ())
+    preset, rows = fit_engine(records, source, base, fit_runs or ())
     print(fit_table(rows), file=sys.stderr)
     text = yaml.safe_dump({name: preset}, sort_keys=False, width=100)
     if out:

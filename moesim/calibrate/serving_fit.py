@@ -29,9 +29,6 @@ from moesim.config.scenario import Scenario
 from moesim.cost.attention import causal_keys
 from moesim.cost.iteration import IterationCost
 
-MODEL_OF = {"mixtral-8x7b": "mixtral-8x7b"}
-"""Harness model names -> catalog presets."""
-
 
 def serving_scenario(
     device: str,
@@ -59,7 +56,7 @@ def serving_scenario(
         "name": "engine-fit",
         "seed": seed,
         "cluster": cluster_for(device, "torch"),
-        "model": MODEL_OF.get(model, model),
+        "model": model,
         "routing": {"kind": "uniform"},
         "parallelism": {"dp": 1, "ep": 1},
         "policies": {"capacity_factor": None, "overflow": "dropless"},
@@ -74,10 +71,11 @@ def _chunks(prompt: int, budget: int) -> list[int]:
     return [budget] * full + ([rest] if rest else [])
 
 
-def predicted_device_s(
+def predicted_s(
     cost: IterationCost, rec: Record, budget: int
 ) -> tuple[float, int, int, int, int]:
-    """The device time of one measured record and its shape: (seconds, iterations,
+    """The iteration cost model's time for one measured record (the device alone when
+    ``cost``'s engine has no host cost, as in a fit) and its shape: (seconds, iterations,
     sequences sampled over them, tokens over them, KV tokens read over them)."""
     if rec["kind"] == "serving_prefill":
         done, total, kv = 0, 0.0, 0
@@ -158,7 +156,6 @@ def measured_s(rec: Record) -> float:
 
 def fit_engine(
     records: Sequence[Record],
-    name: str,
     source: str,
     base: dict[str, Any],
     fit_runs: Sequence[str] = (),
@@ -184,7 +181,7 @@ def fit_engine(
         *online_iterations(records, fit_runs),
     ]
     for rec in [r for r in measured if "ttft_ms" in r or "step_ms" in r]:
-        dev, iters, seqs, toks, kv = predicted_device_s(cost, rec, budget)
+        dev, iters, seqs, toks, kv = predicted_s(cost, rec, budget)
         meas = measured_s(rec)
         rows.append({"record": rec, "measured_s": meas, "device_s": dev})
         # relative least squares: each row scaled by 1 / measured
@@ -220,7 +217,6 @@ def fit_engine(
         },
         "measured_on": [f"{scenario.cluster.accelerator.name}/{scenario.model.name}"],
     }
-    del name
     return preset, rows
 
 

@@ -200,23 +200,7 @@ class IterationCost:
             logits = np.asarray(sampled, dtype=float) * self.model.vocab_size * self.act_bytes
             head_each = head_each + np.where(logits > 0, self.ag[:, 0] + self.ag[:, 1] * logits, 0)
         head = float(np.max(head_each))
-        moe = self.moe_cost.sample(int(n.sum()))
-        parts = (
-            self.layers * attention,
-            self.n_moe * moe.time_s,
-            self.n_dense * dense,
-            head,
-        )
-        device = sum(parts)
-        host = self.host_s(tokens, sampled, kv_read_tokens)
-        total = max(device, host) if self.host.overlap else device + host
-        return IterationTime(
-            total,
-            *parts,
-            moe.dropped_fraction,
-            self.n_moe * min(moe.comm_s, moe.time_s),
-            total - device,
-        )
+        return self._compose(attention, dense, head, int(n.sum()), tokens, sampled, kv_read_tokens)
 
     def _time_scalar(
         self,
@@ -273,23 +257,42 @@ class IterationCost:
                     h = h + (g0 + g1 * logits)
             if h > head:
                 head = h
+        return self._compose(attention, dense, head, total_tokens, tokens, sampled, kv_read_tokens)
+
+    def _compose(
+        self,
+        attention: float,
+        dense: float,
+        head: float,
+        total_tokens: int,
+        tokens: list[int],
+        sampled: list[int],
+        kv_read: list[int],
+    ) -> IterationTime:
+        """The iteration from the busiest rank's block costs: every layer's attention, the
+        MoE layers at the iteration's total tokens, the dense FFNs, the head, and the
+        engine's host time (see :meth:`with_host`)."""
         moe = self._moe_sample(total_tokens)
-        parts = (
-            self.layers * attention,
-            self.n_moe * moe.time_s,
-            self.n_dense * dense,
-            head,
-        )
-        device = sum(parts)
-        host = self.host_s(tokens, sampled, kv_read_tokens)
-        total = max(device, host) if self.host.overlap else device + host
-        return IterationTime(
-            total,
-            *parts,
+        parts = (self.layers * attention, self.n_moe * moe.time_s, self.n_dense * dense, head)
+        return self.with_host(
+            parts,
             moe.dropped_fraction,
             self.n_moe * min(moe.comm_s, moe.time_s),
-            total - device,
+            self.host_s(tokens, sampled, kv_read),
         )
+
+    def with_host(
+        self,
+        parts: tuple[float, float, float, float],
+        dropped_fraction: float,
+        moe_comm_s: float,
+        host_s: float,
+    ) -> IterationTime:
+        """An iteration of device ``parts`` (attention, MoE, dense, head) and ``host_s`` of
+        the engine's host work: serial, or hidden under the device's where it overlaps."""
+        device = sum(parts)
+        total = max(device, host_s) if self.host.overlap else device + host_s
+        return IterationTime(total, *parts, dropped_fraction, moe_comm_s, total - device)
 
     def _moe_sample(self, tokens: int) -> LayerSample:
         """The MoE layer's sample at ``tokens``, memoized (the layer cost is deterministic

@@ -19,8 +19,10 @@ counted, per workload:
 - ``serving``: every device is busy during each iteration (the ranks step in lock-step),
   its MoE part compute- or memory-bound by the roofline of the expert product at the
   iteration's tokens per expert, the rest by a ``tokens-per-rank x d_model x d_model``
-  product; idle between iterations up to the end of the run (warm-up and drain included;
-  at least ``duration_s``, the window the server is up for arrivals).
+  product; idle during the engine's host-side time (an engine preset's host cost: the
+  device waits for the next step) and between iterations up to the end of the run
+  (warm-up and drain included; at least ``duration_s``, the window the server is up for
+  arrivals).
 
 Besides the devices and the links (see :func:`infrastructure`):
 
@@ -222,7 +224,8 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
     moe_all = np.minimum(it.moe_s, it.duration_s)
     comm_s = np.minimum(it.moe_comm_s, moe_all)
     moe_s = moe_all - comm_s
-    other_s = it.duration_s - moe_all
+    # the engine's host-side time leaves the devices waiting: idle, not busy
+    other_s = np.maximum(it.duration_s - moe_all - it.host_s, 0.0)
     seconds: dict[State, float] = {
         "compute": float(moe_s[moe_bound].sum() + other_s[other_bound].sum()),
         "memory": float(moe_s[~moe_bound].sum() + other_s[~other_bound].sum()),

@@ -210,9 +210,8 @@ class ServingFailures:
             )
             # a straggler slows the device's kernels; the host-side time is unchanged
             parts = (it.attention_s * f, it.moe_s, it.dense_s * f, it.head_s * f)
-            device, host = sum(parts), now.host_s(tokens, sampled, kv_read_tokens)
-            total = max(device, host) if now.host.overlap else device + host
-            it = IterationTime(total, *parts, it.dropped_fraction, it.moe_comm_s, total - device)
+            host = now.host_s(tokens, sampled, kv_read_tokens)
+            it = now.with_host(parts, it.dropped_fraction, it.moe_comm_s, host)
         self.rows.append((self.index, shares.failed_over, shares.rerouted, shares.lost))
         return it
 
