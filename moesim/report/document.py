@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+AddPlot = Callable[[str, str, "Callable[[Figure], None]"], None]
+"""``add(name, title, draw)``: how a workload contributes a plot to ``report.md``."""
+
+
 def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("", "")) -> str:
     esc = [(a.replace("|", "\\|"), b.replace("|", "\\|")) for a, b in rows]
     return "\n".join(
@@ -88,7 +92,7 @@ def write_report(
     sc: Scenario,
     s: dict[str, Any],
     wall_s: float,
-    draw: Callable[[Callable[[str, str, Callable[[Figure], None]], None]], None],
+    draw: Callable[[AddPlot], None],
 ) -> Path:
     """Write ``report.md`` (and ``plots/``) into ``run_dir``; returns the report's path.
 

@@ -3,17 +3,15 @@ draw onto figures handed to them (``add(name, title, draw)``), so they never wri
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moesim.engine.serving import ServingRecords
+from moesim.report.document import AddPlot
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-AddPlot = Callable[[str, str, "Callable[[Figure], None]"], None]
 
 
 def layer_plots(s: dict[str, Any], add: AddPlot) -> None:

@@ -3,23 +3,19 @@ implements, so the API, the loader, reports and sweeps never branch on the kind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moesim.config.scenario import Scenario
+from moesim.report.document import AddPlot
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from moesim.cost.layer_cost import MoELayerCost
     from moesim.system import System
 
 Rule = Iterator[tuple[str, str]]
 """Cross-field problems as ``(field path, message)``; the loader locates them."""
-
-AddPlot = Callable[[str, str, "Callable[[Figure], None]"], None]
-"""``add(name, title, draw)``: how a kind contributes a plot to ``report.md``."""
 
 
 @dataclass(frozen=True)
