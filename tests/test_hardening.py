@@ -102,6 +102,16 @@ def test_bytes_yaml_cannot_hold_are_located(
     assert f"{p}{where}" in err and text in err
 
 
+def test_profile_that_is_not_utf8_is_located(tmp_path: Path) -> None:
+    """A ``cluster.profile`` file holding non-UTF-8 bytes is a located error of the profile
+    (it was read a second time as text, raising UnicodeDecodeError)."""
+    _write(tmp_path, b"name: q\xff\n", "p.yaml")
+    p = _write(
+        tmp_path, GOOD.replace("cluster: dgx-h100", "cluster: {preset: dgx-h100, profile: p.yaml}")
+    )
+    assert f"{tmp_path / 'p.yaml'}:1:8: not UTF-8 text" in _error(p)
+
+
 @pytest.mark.parametrize(
     ("override", "text"),
     [
@@ -252,6 +262,22 @@ def test_deep_hf_config_json_is_located(tmp_path: Path) -> None:
     p = _write(tmp_path, GOOD.replace("model: mixtral-8x7b", "model: {hf_config: config.json}"))
     err = _error(p)
     assert f"{p}:3:" in err and "model.hf_config" in err and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("what", ["deep", "fifo"])
+def test_import_model_reads_like_the_loader(tmp_path: Path, what: str, capsys) -> None:
+    """``moesim import-model`` on a 100,000-deep JSON or a FIFO exits 2 with one message
+    (it was a RecursionError and a read that never ends)."""
+    from moesim import cli
+
+    f = tmp_path / "config.json"
+    if what == "deep":
+        f.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        os.mkfifo(f)
+    assert cli.main(["import-model", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert ("not valid JSON" if what == "deep" else "not a regular file") in err
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -69,18 +69,18 @@ def import_model(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from moesim.config.model import ModelConfig
-    from moesim.loader.hf_model import HFConfigError, model_from_hf_config
+    from moesim.errors import Location
+    from moesim.loader.attachments import hf_model_fields
+    from moesim.loader.files import MAX_JSON_BYTES, read_input
+    from moesim.loader.hf_model import HFConfigError
 
     path = Path(args.config)
+    raw = read_input(path, MAX_JSON_BYTES, Location(str(path)), "")  # located ScenarioError
     try:
-        cfg = json.loads(path.read_text("utf-8"))
         name = args.name or path.resolve().parent.name or path.stem
-        fields, _notes = model_from_hf_config(cfg, name, f"Hugging Face config.json: {path}")
+        fields, _notes = hf_model_fields(raw, name, str(path))
         ModelConfig.model_validate(fields)
-    except OSError as exc:
-        print(f"moesim: {path}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_SCENARIO_ERROR
-    except (ValueError, HFConfigError, ValidationError) as exc:
+    except (HFConfigError, ValidationError) as exc:
         print(f"moesim: {path}: {exc}", file=sys.stderr)
         return EXIT_SCENARIO_ERROR
     print(yaml.safe_dump(fields, sort_keys=False), end="")

@@ -15,8 +15,7 @@ from moesim.loader.files import (
     PathPolicy,
     read_input,
 )
-from moesim.loader.presets import read_profile
-from moesim.loader.yamlpos import Path, Positions
+from moesim.loader.yamlpos import Path, Positions, decode_text, load_located
 
 
 def _source(
@@ -42,20 +41,17 @@ def expand_profiles(
     cluster = data.get("cluster")
     if not isinstance(cluster, dict) or not isinstance(cluster.get("profile"), str):
         return
-    issues: list[Issue] = []
     loc = (
         positions.get(("cluster", "profile"))
         or positions.get(("cluster",))
         or Location(scenario_file)
     )
-    file, _ = _located(
+    file, raw = _located(
         lambda: _source(loc, scenario_file, cluster["profile"], policy, MAX_YAML_BYTES),
         "cluster.profile",
     )
-    loaded = read_profile(file, loc, ("cluster",), issues)
-    if issues:
-        raise ScenarioError(issues)
-    cluster["profile"] = loaded
+    # the bytes already read (bounded, checked): reading the path again could find another file
+    cluster["profile"], _ = load_located(decode_text(raw, str(file)), str(file))
 
 
 TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
@@ -171,9 +167,7 @@ def expand_hf_models(
     that names it; to the working directory when it comes from ``--set``) and replace it by
     the model fields it maps to (:mod:`moesim.loader.hf_model`); the mapping's other keys
     override them. The notes on what the mapping left out are appended to ``source``."""
-    import json
-
-    from moesim.loader.hf_model import HFConfigError, model_from_hf_config
+    from moesim.loader.hf_model import HFConfigError
 
     model = data.get("model")
     if not isinstance(model, dict) or "hf_config" not in model:
@@ -191,25 +185,35 @@ def expand_hf_models(
         lambda: _source(loc, scenario_file, path, policy, MAX_JSON_BYTES), dotted(at)
     )
     try:
-        cfg = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ScenarioError(
-            [Issue(loc, dotted(at), f"{str(file)!r}: not valid JSON{where}")]
-        ) from None
-    try:
         name = FsPath(path).parent.name or FsPath(path).stem
-        fields, notes = model_from_hf_config(cfg, name, f"Hugging Face config.json: {path}")
+        fields, notes = hf_model_fields(raw, name, path)
     except HFConfigError as exc:
         raise ScenarioError([Issue(loc, dotted(at), f"{str(file)!r}: {exc}")]) from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-        raise ScenarioError(
-            [Issue(loc, dotted(at), f"{str(file)!r}: a key has a value of the wrong type")]
-        ) from None
     if notes:
         fields["source"] = f"{fields['source']} ({'; '.join(notes)})"
     fields.update({k: v for k, v in model.items() if k != "hf_config"})
     data["model"] = fields
+
+
+def hf_model_fields(raw: bytes, name: str, written: str) -> tuple[dict[str, Any], list[str]]:
+    """The model fields (and notes) of a ``config.json``'s bytes; HFConfigError says why
+    not, without echoing the file's contents (not JSON, too deep, a value of the wrong
+    type)."""
+    import json
+
+    from moesim.loader.hf_model import HFConfigError, model_from_hf_config
+
+    try:
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise HFConfigError(f"not valid JSON{where}") from None
+    try:
+        return model_from_hf_config(cfg, name, f"Hugging Face config.json: {written}")
+    except HFConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        raise HFConfigError("a key has a value of the wrong type") from None
 
 
 def _no_constant(name: str) -> Any:
