@@ -19,7 +19,12 @@ from moesim import __version__
 from moesim.config.scenario import Scenario
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.errors import OutputError
-from moesim.report.files import json_safe, write_json_atomic, write_text_atomic
+from moesim.report.files import (
+    file_in_the_way,
+    json_safe,
+    write_json_atomic,
+    write_text_atomic,
+)
 from moesim.system import System, build_system
 from moesim.workloads import Simulated, kind_of
 
@@ -140,8 +145,6 @@ def run(scenario: Scenario, moe_cost: MoELayerCost | None = None) -> Result:
 def check_output_dir(base: Path, named: str) -> None:
     """``OutputError`` unless run folders can be made under ``base`` (it, and every folder
     above it that exists, is a folder)."""
-    for p in (base, *base.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                raise OutputError(f"{named}: {str(p)!r} is a file, not a folder")
-            return
+    p = file_in_the_way(base)
+    if p is not None:
+        raise OutputError(f"{named}: {str(p)!r} is a file, not a folder")

@@ -23,13 +23,13 @@ def read_mapping(
     path: str | FsPath,
     what: str = "a scenario",
     loc: Location | None = None,
-    policy: PathPolicy | None = None,
     field_path: str = "",
 ) -> tuple[dict[str, Any], Positions]:
     """One YAML file that must hold a mapping, with positions (located errors). ``loc``:
-    where the path was written (an include), for errors about the file itself."""
+    where the path was written (an include), for errors about the file itself; whether
+    it may be read is the caller's check (:meth:`PathPolicy.problem`)."""
     file = str(path)
-    raw = read_input(FsPath(path), MAX_YAML_BYTES, loc or Location(file), field_path, policy)
+    raw = read_input(FsPath(path), MAX_YAML_BYTES, loc or Location(file), field_path)
     data, positions = load_located(decode_text(raw, file), file)
     if not isinstance(data, dict):
         raise ScenarioError([Issue(positions[()], "", f"{what} must be a YAML mapping")])

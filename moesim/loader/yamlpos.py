@@ -100,8 +100,6 @@ def _load(text: str, file: str) -> tuple[Any, Positions]:
     except yaml.reader.ReaderError as exc:
         where = offset_location(text, exc.position, file)
         msg = f"invalid YAML: character U+{exc.character:04X} is not allowed in YAML text"
-        if isinstance(exc.character, bytes | bytearray):  # pragma: no cover - str input
-            msg = "invalid YAML: not UTF-8 text"
         raise ScenarioError([Issue(where, "", msg)]) from None
     except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error is one of the above
         raise ScenarioError(

@@ -38,6 +38,15 @@ def json_safe(data: Any) -> Any:
     return data
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file at ``folder`` or at the nearest existing folder above it, which keeps
+    ``folder`` from being made (None when nothing does)."""
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from moesim.config.sweep import SweepConfig
 from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.yamlpos import Positions
 from moesim.report.fields import scalars
-from moesim.report.files import write_json_atomic, write_text_atomic
+from moesim.report.files import file_in_the_way, write_json_atomic, write_text_atomic
 from moesim.sweep.pareto import feasible, front, metric
 from moesim.sweep.points import Point, expand
 
@@ -374,16 +374,14 @@ def _saved(f: Path) -> dict[str, Any] | None:
 
 def _check_folder(folder: Path, named: str, positions: Positions, file: str) -> None:
     """The sweep folder (and every existing folder above it) must be a folder."""
-    for p in (folder, *folder.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                loc = (
-                    Location("--out")
-                    if named == "--out"
-                    else positions.get(("output_dir",), Location(file))
-                )
-                raise ScenarioError([Issue(loc, named, f"{str(p)!r} is a file, not a folder")])
-            return
+    p = file_in_the_way(folder)
+    if p is not None:
+        loc = (
+            Location("--out")
+            if named == "--out"
+            else positions.get(("output_dir",), Location(file))
+        )
+        raise ScenarioError([Issue(loc, named, f"{str(p)!r} is a file, not a folder")])
 
 
 def _write_tables(r: SweepResult) -> None:
