@@ -95,3 +95,31 @@ def test_replay_of_the_engines_own_runs_matches_and_ideal_is_faster() -> None:
     ideal = replay(records, "ideal")
     assert all(i["predicted"]["tpot_p50"] < r["measured"]["tpot_p50"] for i, r in zip(ideal, rows))
     assert "tpot_p50" in table(rows) and table(rows, markdown=True).startswith("| run |")
+
+
+def test_bad_measurement_files_are_one_line_errors(tmp_path) -> None:
+    """A folder, a file without an env record, an env without the engine's configuration
+    and an unknown device end in a one-line message, not a traceback."""
+    import json
+
+    from moesim.cli import main
+
+    no_env = tmp_path / "no_env.jsonl"
+    no_env.write_text('{"kind": "serving_decode"}\n')
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps(ENV) + "\n")
+    tpu = tmp_path / "tpu.jsonl"
+    request = {"kind": "serving_request", "run": "r", "arrival_s": 0.0, "first_token_s": 0.1}
+    request |= {"finish_s": 0.2, "prompt_tokens": 8, "output_tokens": 2}
+    tpu.write_text(json.dumps({**ENV, "gpu": "TPU v9"}) + "\n" + json.dumps(request) + "\n")
+    cases = [
+        (["fidelity", "--serving", str(tmp_path), "--engine", "ideal"], "not a measurement"),
+        (["fidelity", "--serving", str(no_env), "--engine", "ideal"], "no env record"),
+        (["fidelity", "--serving", str(bare), "--engine", "ideal"], "no online runs"),
+        (["calibrate", "--from", str(bare), "--engine", "x"], "lacks the engine's"),
+        (["fidelity", "--serving", str(tpu), "--engine", "ideal"], "no single-device cluster"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert words in str(err.value.code), (argv, err.value.code)

@@ -15,6 +15,19 @@ from moesim.calibrate import records as rec_io
 from moesim.report.files import write_text_atomic
 
 
+def _records(path: str) -> list[dict[str, Any]]:
+    """The JSON-lines records of a measurement file, or a one-line error (exit 1)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"moesim: {path}: not a measurement file (JSON lines)")
+    try:
+        records = rec_io.read(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"moesim: {path}: cannot read the records: {exc}") from None
+    if not any(r.get("kind") == "env" for r in records):
+        raise SystemExit(f"moesim: {path}: no env record (not a torch_serving file)")
+    return records
+
+
 def _engine_arg(engine: str) -> str | dict[str, Any]:
     """A catalog engine name, or a YAML file holding one fitted entry ``{NAME: fields}``
     (what ``calibrate --engine`` writes), as a preset override of ``ideal``."""
@@ -58,12 +71,15 @@ def calibrate_engine(
     """Fit an engine preset and print (or write) it as a catalog entry."""
     from moesim.calibrate.serving_fit import fit_engine, fit_table
 
-    records = rec_io.read(from_file)
-    env = next((r for r in records if r.get("kind") == "env"), None)
-    if env is None:
-        raise SystemExit(f"moesim: {from_file}: no env record (not a torch_serving file)")
+    records = _records(from_file)
+    env = next(r for r in records if r.get("kind") == "env")
     today = datetime.now(UTC).date().isoformat()
-    base = engine_semantics(env)
+    try:
+        base = engine_semantics(env)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(
+            f"moesim: {from_file}: the env record lacks the engine's configuration ({exc})"
+        ) from None
     source = (
         f"{from_file}: {env.get('engine', 'engine')} measured {env.get('utc', '?')} on "
         f"{env.get('gpu')} (torch {env.get('torch')}, transformers {env.get('transformers')}) "
@@ -87,7 +103,9 @@ def serving_fidelity(from_file: str, engine: str, markdown: str | None, seed: in
     """Replay the measured online runs with an engine; print (and write) the table."""
     from moesim.calibrate.serving_fidelity import replay, table
 
-    records = rec_io.read(from_file)
+    records = _records(from_file)
+    if not any(r.get("kind") == "serving_request" for r in records):
+        raise SystemExit(f"moesim: {from_file}: no online runs (serving_request records)")
     rows = replay(records, _engine_arg(engine), seed)
     print(table(rows))
     if markdown:

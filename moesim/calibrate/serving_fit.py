@@ -42,6 +42,10 @@ def serving_scenario(
     from moesim.calibrate.predict import cluster_for
     from moesim.loader import scenario_from_dict
 
+    try:
+        cluster = cluster_for(device, "torch")
+    except ValueError as exc:
+        raise SystemExit(f"moesim: measured on {device!r}: {exc}") from None
     w = workload or {
         "kind": "serving",
         "duration_s": 1.0,
@@ -55,7 +59,7 @@ def serving_scenario(
     data = {
         "name": "engine-fit",
         "seed": seed,
-        "cluster": cluster_for(device, "torch"),
+        "cluster": cluster,
         "model": model,
         "routing": {"kind": "uniform"},
         "parallelism": {"dp": 1, "ep": 1},
