@@ -208,9 +208,7 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
         summary["slo"] = {"ttft_ms": w.slo.ttft_ms, "tpot_ms": w.slo.tpot_ms}
         summary["slo_attainment"] = slo_attainment(rec, mask, w.slo.ttft_ms, w.slo.tpot_ms)
     summary["notes"] = (
-        sample_notes(summary["completed_requests"])
-        + window_notes(summary)
-        + engine_notes(system)
+        sample_notes(summary["completed_requests"]) + window_notes(summary) + engine_notes(system)
     )
     return summary
 
