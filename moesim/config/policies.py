@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moesim.config.base import Frozen
 from moesim.config.offload import OffloadConfig
@@ -22,5 +22,30 @@ class PoliciesConfig(Frozen):
     priority: Literal["token_order", "probability"] = "token_order"
     """Which choices fill slots first: all first choices in token order, then second choices
     (GShard); or highest router probability first (batch-prioritized routing)."""
+    expert_compute: Literal["grouped", "padded"] = "grouped"
+    """How experts compute: ``grouped``, grouped GEMMs over the kept tokens only (Megatron,
+    MegaBlocks, vLLM); ``padded``, fixed ``[experts, capacity, d_model]`` buffers per routing
+    group built with one-hot dispatch/combine masks and einsums over them (Mesh-TF, GShard,
+    Switch Transformer): expert FLOPs and all-to-all bytes of the full capacity, plus the
+    masks and einsums (:mod:`moesim.cost.padded`). ``padded`` needs a capacity_factor."""
+    group_size: int | None = Field(default=None, gt=0)
+    """Tokens per routing group of a ``padded`` layer: each rank's tokens are cut into
+    groups of at most this many, each with its own capacity and masks (Mesh-TF's
+    ``moe_group_size``, 1024 by default there); null = one group per rank (the Switch
+    Transformer pseudocode: the tokens of a core). Capacity drops stay per rank."""
     offload: OffloadConfig = OffloadConfig()
     """Experts and optimizer states kept below device memory (default: nothing offloaded)."""
+
+    @model_validator(mode="after")
+    def _padded_needs_capacity(self) -> PoliciesConfig:
+        if self.expert_compute == "padded" and self.capacity_factor is None:
+            raise ValueError(
+                "expert_compute: 'padded' sizes every expert buffer by the capacity, so it "
+                "needs policies.capacity_factor (e.g. 1.25) and an overflow other than dropless"
+            )
+        if self.group_size is not None and self.expert_compute != "padded":
+            raise ValueError(
+                "group_size: applies to expert_compute 'padded' only, got expert_compute "
+                f"{self.expert_compute!r}"
+            )
+        return self

@@ -17,7 +17,14 @@ from moesim import rng
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
 from moesim.cost.layer_cost import LayerRun, MoELayerCost
-from moesim.engine.moe_layer import LayerTimeline, critical_path, dispatch_messages, run_layer
+from moesim.cost.padded import PaddedExperts
+from moesim.engine.moe_layer import (
+    LayerTimeline,
+    critical_path,
+    dispatch_messages,
+    run_layer,
+    sent_routing,
+)
 from moesim.engine.netapi import Network
 from moesim.engine.network import BatchedFlowNetwork, FlowNetwork
 from moesim.routing.distributions import popularity
@@ -64,13 +71,21 @@ def simulate_layer(system: System) -> LayerRecords:
     return simulate_routed_layer(system, routing, pop)
 
 
+def padded_experts(system: System) -> PaddedExperts | None:
+    """The system's capacity-padded expert layout (None: grouped GEMMs over kept tokens)."""
+    s = system.scenario
+    return PaddedExperts.of(s.policies, s.model)
+
+
 def layer_network(env: simpy.Environment, system: System, routing: LayerRouting) -> Network:
     """The network one simulated layer runs on, built now: a :class:`BatchedFlowNetwork`
     when an all-to-all phase of the layer has at least ``bulk_a2a_min_flows`` messages
     (relayed exchanges of that size are priced in per-instant batches; direct ones use
     :class:`moesim.engine.bulk_exchange.BulkExchange` on either back-end), else a
-    flow-by-flow :class:`FlowNetwork`."""
-    if dispatch_messages(routing, system.layout) >= system.layer_costs.bulk_a2a_min_flows:
+    flow-by-flow :class:`FlowNetwork`. A padded layer's messages are those of its padded
+    buffers (every rank to every expert device)."""
+    sent = sent_routing(routing, padded_experts(system))
+    if dispatch_messages(sent, system.layout) >= system.layer_costs.bulk_a2a_min_flows:
         return BatchedFlowNetwork(env, system.paths)
     return FlowNetwork(env, system.paths)
 
@@ -90,7 +105,17 @@ def simulate_routed_layer(
     compute = [simpy.Resource(env, capacity=1) for _ in system.topology.devices]
     timeline = LayerTimeline(devices=len(system.topology.devices))
     done = env.process(
-        run_layer(env, net, compute, system.layer_costs, routing, system.layout, 0, timeline)
+        run_layer(
+            env,
+            net,
+            compute,
+            system.layer_costs,
+            routing,
+            system.layout,
+            0,
+            timeline,
+            padded_experts(system),
+        )
     )
     steps = 0
     while env.peek() != float("inf"):

@@ -16,12 +16,18 @@ simulation builds one that prices each instant's flows as one batch for layers o
 size (:func:`moesim.engine.layer_sim.layer_network`, by :func:`dispatch_messages`; within
 2% of flow by flow on DeepSeek-V3 EP 32, ``tests/test_fluid.py``), and a flow-by-flow one
 for smaller layers. :func:`run_layer` never changes the network it is given.
+
+With capacity-padded experts (``policies.expert_compute: padded``,
+:class:`moesim.cost.padded.PaddedExperts`) every rank sends every expert its full
+``groups x capacity`` rows, kept tokens or padding, the expert devices compute all of
+them, the gate/permute phase builds the one-hot masks and runs the dispatch einsum instead
+of a gather, and the combine phase runs the combine einsum instead of a scatter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +35,7 @@ import simpy
 
 from moesim.config.parallelism import A2AAlgorithm
 from moesim.cost.layer_inputs import LayerCosts
+from moesim.cost.padded import PaddedExperts, padded_ffn_s
 from moesim.engine.bulk_exchange import BulkExchange
 from moesim.engine.exchange import DedupExchange, Exchange
 from moesim.engine.netapi import Network
@@ -72,6 +79,11 @@ class LayerTimeline:
     moves nothing); the combine returns as many."""
     start_s: float = 0.0
     """When the layer started (simulated clock); the times above are absolute."""
+    dispatch_einsum_s: dict[int, float] = field(default_factory=dict)
+    """Padded layers: each source rank's mask building and dispatch einsum (inside its
+    gate/permute phase); empty for grouped layers."""
+    combine_einsum_s: dict[int, float] = field(default_factory=dict)
+    """Padded layers: each source rank's combine einsum (its combine phase)."""
 
 
 def traffic_arrays(
@@ -111,6 +123,15 @@ def traffic_arrays(
     )
 
 
+def sent_routing(routing: LayerRouting, padded: PaddedExperts | None) -> LayerRouting:
+    """What the exchanges and experts carry: the kept slots, or with padded experts every
+    rank's full ``groups x capacity`` rows for every expert (fixed-size buffers are not
+    deduplicated per node, so ``node_tokens`` is dropped and DeepEP sends them directly)."""
+    if padded is None:
+        return routing
+    return replace(routing, counts=padded.rows(routing.tokens_per_rank), node_tokens=None)
+
+
 def dispatch_messages(routing: LayerRouting, layout: Layout) -> int:
     """How many messages one all-to-all phase of the layer has: the length of
     :func:`traffic_arrays`' message arrays (non-empty (source rank, expert device) pairs),
@@ -137,15 +158,18 @@ def run_layer(
     layout: Layout,
     stage: int,
     timeline: LayerTimeline,
+    padded: PaddedExperts | None = None,
 ) -> Generator[simpy.Event, Any, None]:
     """SimPy process: one MoE layer forward pass on one stage, from now until combined.
 
     The exchanges run on ``net`` as built (flow by flow or in per-instant batches, the
     caller's choice by the layer's size; :func:`moesim.engine.layer_sim.layer_network`).
+    ``padded``: capacity-padded experts (None: grouped GEMMs over the kept tokens).
     """
     timeline.start_s = float(env.now)
     m = costs.model
     rf = costs.roofline
+    routing = sent_routing(routing, padded)
     src_a, dst_a, tok_a, loads = traffic_arrays(routing, layout, stage)
     timeline.expert_loads = loads
     timeline.remote_tokens = int(tok_a[src_a != dst_a].sum())
@@ -232,7 +256,12 @@ def run_layer(
             t0 = env.now
             gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
             gate += rf.routing_s(n_tok, m.experts, m.top_k)
-            yield env.timeout(gate + rf.gather_s(slots, m.d_model) + costs.ep_host_overhead_s)
+            if padded is None:
+                permute = rf.gather_s(slots, m.d_model)
+            else:
+                permute = padded.dispatch_s(rf, n_tok, m.d_model)
+                timeline.dispatch_einsum_s[src] = permute
+            yield env.timeout(gate + permute + costs.ep_host_overhead_s)
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
         dispatch.send(src)
@@ -247,7 +276,15 @@ def run_layer(
         last = combine.last_sender(src)
         if last is not None:
             timeline.last_combine_from[src] = last
-        if slots:
+        if padded is not None and n_tok:
+            with compute[src].request() as req:
+                yield req
+                t0 = env.now
+                back = padded.combine_s(rf, n_tok, m.d_model)
+                timeline.combine_einsum_s[src] = back
+                yield env.timeout(back)
+                timeline.intervals.append(Interval(src, "compute", "combine", t0, env.now))
+        elif slots and padded is None:
             with compute[src].request() as req:
                 yield req
                 t0 = env.now
@@ -261,11 +298,13 @@ def run_layer(
         with compute[dst].request() as req:
             yield req
             timeline.expert_start_s[dst] = env.now
-            yield env.timeout(
-                rf.grouped_ffn_s(
+            if padded is not None and costs.expert_kernel == "grouped":
+                work = padded_ffn_s(rf, loads[dst], m.d_model, d_ff_shard, m.activation)
+            else:
+                work = rf.grouped_ffn_s(
                     loads[dst], m.d_model, d_ff_shard, m.activation, costs.expert_kernel
                 )
-            )
+            yield env.timeout(work)
             timeline.expert_end_s[dst] = env.now
             timeline.intervals.append(
                 Interval(dst, "compute", "experts", timeline.expert_start_s[dst], env.now)
@@ -285,6 +324,9 @@ def critical_path(tl: LayerTimeline) -> dict[str, float]:
     It follows the rank that finished last back to the expert device whose results it
     waited for last: gate (+permute) on the senders, dispatch until that device had all its
     tokens, queueing behind other work on it, its expert GEMMs, and the combine back.
+    A padded layer also reports, carved out of those phases, ``dispatch_einsum`` (building
+    the one-hot masks and the dispatch einsum, inside the gate of the sender that finished
+    last) and ``combine_einsum`` (the combine einsum at the end of the combine).
     """
     keys = ("gate", "dispatch", "queue", "compute", "combine")
     if not tl.rank_done_s:
@@ -294,22 +336,39 @@ def critical_path(tl: LayerTimeline) -> dict[str, float]:
     x = tl.last_combine_from.get(rank)
     t0 = tl.start_s
     if x is None:
+        sender = rank
         gate = tl.gate_end_s.get(rank, t0)
-        return {
+        path = {
             "gate": gate - t0,
             "dispatch": 0.0,
             "queue": 0.0,
             "compute": 0.0,
             "combine": done - gate,
         }
-    # the senders to x finished their gates before dispatching to it, so ready >= gate
-    gate = max((tl.gate_end_s[s] for s in tl.senders_of.get(x, [])), default=t0)
-    ready = tl.ready_s[x]
-    start, end = tl.expert_start_s[x], tl.expert_end_s[x]
+    else:
+        # the senders to x finished their gates before dispatching to it, so ready >= gate
+        senders = tl.senders_of.get(x, [])
+        sender = max(senders, key=lambda d: (tl.gate_end_s[d], -d), default=rank)
+        gate = tl.gate_end_s.get(sender, t0) if senders else t0
+        ready = tl.ready_s[x]
+        start, end = tl.expert_start_s[x], tl.expert_end_s[x]
+        path = {
+            "gate": gate - t0,
+            "dispatch": ready - gate,
+            "queue": start - ready,
+            "compute": end - start,
+            "combine": done - end,
+        }
+    if not tl.dispatch_einsum_s:
+        return path
+    masks = min(tl.dispatch_einsum_s.get(sender, 0.0), path["gate"])
+    back = min(tl.combine_einsum_s.get(rank, 0.0), path["combine"])
     return {
-        "gate": gate - t0,
-        "dispatch": ready - gate,
-        "queue": start - ready,
-        "compute": end - start,
-        "combine": done - end,
+        "gate": path["gate"] - masks,
+        "dispatch_einsum": masks,
+        "dispatch": path["dispatch"],
+        "queue": path["queue"],
+        "compute": path["compute"],
+        "combine": path["combine"] - back,
+        "combine_einsum": back,
     }
