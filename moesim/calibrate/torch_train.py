@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the timed closures run inside the iteration that defines them)
 """Training steps and capacity-padded MoE layers on one GPU, measured (issue #11).
 
 Builds decoder stacks of catalog models (fewer layers, the catalog's widths) in plain
@@ -126,8 +127,12 @@ class Experts(torch.nn.Module):
         self.s = s
         n_up = (2 if s.gated else 1) * s.d_ff
         self.router = torch.nn.Parameter(torch.empty(s.experts, s.d_model, device=dev, dtype=dtype))
-        self.w_up = torch.nn.Parameter(torch.empty(s.experts, n_up, s.d_model, device=dev, dtype=dtype))
-        self.w_down = torch.nn.Parameter(torch.empty(s.experts, s.d_model, s.d_ff, device=dev, dtype=dtype))
+        self.w_up = torch.nn.Parameter(
+            torch.empty(s.experts, n_up, s.d_model, device=dev, dtype=dtype)
+        )
+        self.w_down = torch.nn.Parameter(
+            torch.empty(s.experts, s.d_model, s.d_ff, device=dev, dtype=dtype)
+        )
         for p in self.parameters():
             torch.nn.init.normal_(p, std=0.02)
         self.form = "grouped"
@@ -176,7 +181,11 @@ class Experts(torch.nn.Module):
                 padded = (counts + a - 1) // a * a
                 pends = torch.cumsum(padded, 0)
                 starts = torch.cumsum(counts, 0) - counts
-                dest = (pends - padded)[sorted_ids] + torch.arange(xs.shape[0], device=x.device) - starts[sorted_ids]
+                dest = (
+                    (pends - padded)[sorted_ids]
+                    + torch.arange(xs.shape[0], device=x.device)
+                    - starts[sorted_ids]
+                )
                 buf = xs.new_zeros((int(xs.shape[0]) + self.s.experts * (a - 1), xs.shape[1]))
                 buf = buf.index_copy(0, dest, xs)
                 offs = pends.to(torch.int32)
@@ -253,7 +262,9 @@ class Attention(torch.nn.Module):
         self.norm = torch.nn.RMSNorm(s.d_model, device=dev, dtype=dtype)
         qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
         self.qkv = torch.nn.Linear(s.d_model, qkv, bias=False, device=dev, dtype=dtype)
-        self.out = torch.nn.Linear(s.heads * s.head_dim, s.d_model, bias=False, device=dev, dtype=dtype)
+        self.out = torch.nn.Linear(
+            s.heads * s.head_dim, s.d_model, bias=False, device=dev, dtype=dtype
+        )
         self.q_norm = self.k_norm = None
         if s.qk_norm:
             self.q_norm = torch.nn.RMSNorm(s.heads * s.head_dim, device=dev, dtype=dtype)
@@ -261,12 +272,16 @@ class Attention(torch.nn.Module):
         for lin in (self.qkv, self.out):
             torch.nn.init.normal_(lin.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, seqs: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, seqs: int, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         s = self.s
         t = x.shape[0]
         seq = t // seqs
         qkv = self.qkv(self.norm(x))
-        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1)
+        q, k, v = qkv.split(
+            [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1
+        )
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(seqs, seq, s.heads, s.head_dim).transpose(1, 2)
@@ -274,7 +289,9 @@ class Attention(torch.nn.Module):
         v = v.reshape(seqs, seq, s.kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.kv_heads != s.heads)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=s.kv_heads != s.heads
+        )
         return x + self.out(o.transpose(1, 2).reshape(t, s.heads * s.head_dim))
 
 
@@ -300,10 +317,17 @@ class Stack(torch.nn.Module):
         torch.nn.init.normal_(self.embed.weight, std=0.02)
         torch.nn.init.normal_(self.head.weight, std=0.02)
 
-    def set_form(self, form: str, capacity_factor: float = 1.0, group_size: int = 1024, align: int = 1) -> None:
+    def set_form(
+        self, form: str, capacity_factor: float = 1.0, group_size: int = 1024, align: int = 1
+    ) -> None:
         for m in self.moe:
             ex = m.experts
-            ex.form, ex.capacity_factor, ex.group_size, ex.align = form, capacity_factor, group_size, align
+            ex.form, ex.capacity_factor, ex.group_size, ex.align = (
+                form,
+                capacity_factor,
+                group_size,
+                align,
+            )
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, seqs: int) -> torch.Tensor:
         rope = _rope(self.s, tokens.shape[0] // seqs, tokens.device)
@@ -457,7 +481,6 @@ def measure_steps(
         )
     if parts_tokens and not deadline.exceeded():
         _parts(sink, dev, model, precision, parts_tokens, seq_len, timer, common, align)
-    del model, opt
 
 
 def _parts(
@@ -497,10 +520,21 @@ def _parts(
             model.zero_grad(set_to_none=True)
             x0.grad = None
 
-        t_f = timer(lambda fwd=fwd: fwd().detach())
+        def fwd_only(fwd: Callable[[], torch.Tensor] = fwd) -> torch.Tensor:
+            return fwd().detach()
+
+        t_f = timer(fwd_only)
         t_fb = timer(fb, clear)
         clear()
-        sink.write("train_part", **common, part=name, tokens=tokens, sequences=seqs, fwd_ms=t_f, fwd_bwd_ms=t_fb)
+        sink.write(
+            "train_part",
+            **common,
+            part=name,
+            tokens=tokens,
+            sequences=seqs,
+            fwd_ms=t_f,
+            fwd_bwd_ms=t_fb,
+        )
         log(f"  part {name:9s} {tokens}: fwd {t_f:6.2f} fb {t_fb:6.2f} ms")
 
 
@@ -543,7 +577,15 @@ def measure_padded(
                 t_fb = timer(fb, clear)
             except torch.OutOfMemoryError:
                 clear()
-                sink.write("skipped", model=shape.name, tokens=tokens, form=form, capacity_factor=cf, group_size=g, reason="out of memory")
+                sink.write(
+                    "skipped",
+                    model=shape.name,
+                    tokens=tokens,
+                    form=form,
+                    capacity_factor=cf,
+                    group_size=g,
+                    reason="out of memory",
+                )
                 continue
             clear()
             cap = ex.capacity(g) if g else None
@@ -564,9 +606,119 @@ def measure_padded(
                 fwd_ms=t_f,
                 fwd_bwd_ms=t_fb,
             )
-            log(f"padded {shape.name} {tokens:6d} {form:7s} cf {cf} g {g} C {cap}: fwd {t_f:7.2f} fb {t_fb:7.2f} ms")
-        del x
-    del ex
+            log(
+                f"padded {shape.name} {tokens:6d} {form:7s} cf {cf} g {g} C {cap}: "
+                f"fwd {t_f:7.2f} fb {t_fb:7.2f} ms"
+            )
+
+
+def measure_primitives(sink: Sink, dev: torch.device, timer: Timer, quick: bool) -> None:
+    """The kernels a training step adds to the layers moesim already prices: causal
+    attention (``scaled_dot_product_attention``) forward and backward, the cross-entropy
+    loss over the vocabulary (fp32 logits), fused AdamW steps, weight casts and RMSNorm."""
+    div = 16 if quick else 1
+    sdpa_shapes = [  # sequences, seq, heads, kv_heads, head_dim
+        (1, 4096, 16, 16, 128),
+        (2, 4096, 16, 16, 128),
+        (4, 4096, 32, 8, 128),
+        (1, 8192, 32, 8, 128),
+        (8, 1024, 16, 16, 128),
+        (2, 2048, 48, 8, 128),
+        (4, 2048, 12, 12, 64),
+    ]
+    for b, n, h, kv, hd in sdpa_shapes:
+        n = max(16, n // div)
+        q = torch.randn(b, h, n, hd, device=dev, dtype=BF16, requires_grad=True)
+        k = torch.randn(b, kv, n, hd, device=dev, dtype=BF16, requires_grad=True)
+        v = torch.randn(b, kv, n, hd, device=dev, dtype=BF16, requires_grad=True)
+
+        def att() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
+
+        def clear() -> None:
+            q.grad = k.grad = v.grad = None
+
+        with torch.no_grad():
+            t_f = timer(att)
+        go = torch.randn(b, h, n, hd, device=dev, dtype=BF16)
+        t_fb = timer(lambda: att().backward(go), clear)
+        flops = 4 * b * h * n * n * hd / 2  # QK^T and PV, causal half
+        sink.write(
+            "sdpa",
+            sequences=b,
+            seq=n,
+            heads=h,
+            kv_heads=kv,
+            head_dim=hd,
+            causal=True,
+            dtype="bf16",
+            fwd_ms=t_f,
+            fwd_bwd_ms=t_fb,
+            fwd_flops=flops,
+        )
+        log(
+            f"sdpa {b}x{n} h{h}/{kv} d{hd}: fwd {t_f:.3f} fb {t_fb:.3f} ms "
+            f"({flops / t_f / 1e9:.0f} TF/s fwd)"
+        )
+    for tokens, vocab in (
+        (4096, 32000),
+        (4096, 50304),
+        (16384, 50304),
+        (8192, 100352),
+        (16384, 32000),
+    ):
+        tokens = max(16, tokens // div)
+        logits = (torch.randn(tokens, vocab, device=dev) * 0.1).to(BF16).requires_grad_(True)
+        tgt = torch.randint(0, vocab, (tokens,), device=dev)
+
+        def ce() -> torch.Tensor:
+            return F.cross_entropy(logits.float(), tgt)
+
+        with torch.no_grad():
+            t_f = timer(ce)
+        t_fb = timer(lambda: ce().backward(), lambda: setattr(logits, "grad", None))
+        sink.write(
+            "cross_entropy",
+            tokens=tokens,
+            vocab=vocab,
+            logits_dtype="bf16",
+            compute_dtype="fp32",
+            fwd_ms=t_f,
+            fwd_bwd_ms=t_fb,
+        )
+        log(f"cross_entropy {tokens}x{vocab}: fwd {t_f:.3f} fb {t_fb:.3f} ms")
+    for dtype in (BF16, torch.float32):
+        for total in (256 << 20, 1 << 30):
+            total //= div
+            params = [
+                torch.nn.Parameter(torch.randn(total // 16, device=dev, dtype=dtype) * 0.02)
+                for _ in range(16)
+            ]
+            for p_ in params:
+                p_.grad = torch.randn_like(p_) * 1e-3
+            opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
+            opt.step()
+            t = timer(opt.step)
+            name = str(dtype).removeprefix("torch.")
+            sink.write(
+                "adamw", params=total, tensors=16, dtype=name, fused=dev.type == "cuda", ms=t
+            )
+            log(f"adamw {name} {total / 1e6:.0f}M params: {t:.3f} ms")
+        for total in (256 << 20,):
+            total //= div
+            w = torch.randn(total, device=dev, dtype=torch.float32)
+            t = timer(lambda: w.to(BF16))
+            sink.write("cast", elements=total, src="float32", dst="bfloat16", ms=t)
+        for tokens, d in ((8192, 2048), (16384, 4096)):
+            tokens = max(16, tokens // div)
+            x = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
+            norm = torch.nn.RMSNorm(d, device=dev, dtype=dtype)
+            with torch.no_grad():
+                t_f = timer(lambda: norm(x))
+            t_fb = timer(lambda: norm(x).sum().backward(), lambda: setattr(x, "grad", None))
+            name = str(dtype).removeprefix("torch.")
+            sink.write("rmsnorm", tokens=tokens, d_model=d, dtype=name, fwd_ms=t_f, fwd_bwd_ms=t_fb)
+            log(f"rmsnorm {name} {tokens}x{d}: fwd {t_f:.3f} fb {t_fb:.3f} ms")
 
 
 def check_forms(dev: torch.device, shape: Shape, align: int) -> dict[str, Any]:
@@ -582,7 +734,11 @@ def check_forms(dev: torch.device, shape: Shape, align: int) -> dict[str, Any]:
             outs[form] = ex(x).double()
     ref = outs["loop"]
     errs = {f: float((o - ref).norm() / ref.norm()) for f, o in outs.items() if f != "loop"}
-    return {"model": shape.name, "rel_err_vs_loop": errs, "ok": all(e < 2e-2 for e in errs.values())}
+    return {
+        "model": shape.name,
+        "rel_err_vs_loop": errs,
+        "ok": all(e < 2e-2 for e in errs.values()),
+    }
 
 
 def probe_align(dev: torch.device) -> int:
@@ -605,10 +761,17 @@ def probe_align(dev: torch.device) -> int:
 
 
 PLAN = {
-    # model: (layers, token counts, precisions, forms beyond grouped)
+    # model: (layers, token counts)
     "olmoe-1b-7b": (4, (4096, 8192, 16384)),
     "mixtral-8x7b": (2, (4096, 8192, 16384)),
 }
+HELD_OUT: tuple[tuple[str, int, int, tuple[int, ...], tuple[str, ...]], ...] = (
+    # model, layers, seq_len, token counts, precisions (grouped form)
+    ("olmoe-1b-7b", 8, 2048, (4096, 12288), ("bf16", "amp_fp32_master")),
+    ("mixtral-8x7b", 4, 2048, (8192,), ("bf16", "amp_fp32_master")),
+    ("dbrx", 1, 4096, (4096, 8192), ("bf16", "amp_fp32_master")),
+    ("mixtral-8x22b", 1, 4096, (4096, 12288), ("bf16", "amp_fp32_master")),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -616,7 +779,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--quick", action="store_true", help="tiny widths, few cases (a dry run)")
-    ap.add_argument("--sections", default="check,steps,padded")
+    ap.add_argument(
+        "--sections",
+        default="check,steps,padded",
+        help="check, primitives, padded, steps, heldout (more steps, other models)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seq-len", type=int, default=4096)
     args = ap.parse_args(argv)
@@ -650,7 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfs = (1.0, 1.25, 2.0)
             pshapes = [load_shape("switch-base-128", 1), shapes["mixtral-8x7b"]]
             if args.quick:
-                pshapes = [replace(load_shape("switch-base-128", 1).tiny(), experts=8, top_k=1), shapes["mixtral-8x7b"]]
+                pshapes = [
+                    replace(load_shape("switch-base-128", 1).tiny(), experts=8, top_k=1),
+                    shapes["mixtral-8x7b"],
+                ]
             for s in pshapes:
                 toks = (256,) if args.quick else (2048, 8192, 32768)
                 grps = (64,) if args.quick else ((512, 2048) if s.top_k == 1 else (1024,))
@@ -658,19 +828,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         seq_len = 64 if args.quick else args.seq_len
         if "steps" in sections:
             for name, s in shapes.items():
-                counts = (128, 256) if args.quick else PLAN[name][1]
+                counts: tuple[int, ...] = (128, 256) if args.quick else PLAN[name][1]
                 small, mid, big = counts[0], counts[len(counts) // 2], counts[-1]
                 # _grouped_mm's backward is a CUDA kernel: a CPU dry run steps the loop form
                 forms = ("grouped",) if dev.type == "cuda" else ("loop",)
                 for precision in ("bf16", "amp_fp32_master"):
-                    cases: list[tuple[str, int, float]] = [(f, t, 1.0) for f in forms for t in counts]
+                    cases: list[tuple[str, int, float]] = [
+                        (f, t, 1.0) for f in forms for t in counts
+                    ]
                     if precision == "bf16":
                         cases += [("loop", small, 1.0), ("loop", big, 1.0)]
                         if s.top_k <= 2:
                             cases += [("padded", mid, cf) for cf in (1.0, 1.25, 2.0)]
                     measure_steps(
-                        sink, dev, s, precision, cases, seq_len, timer, deadline, align,
+                        sink,
+                        dev,
+                        s,
+                        precision,
+                        cases,
+                        seq_len,
+                        timer,
+                        deadline,
+                        align,
                         mid,
+                    )
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+        if "primitives" in sections:
+            measure_primitives(sink, dev, timer, args.quick)
+        if "heldout" in sections:
+            for name, layers, seq, counts, precisions in HELD_OUT:
+                s = load_shape(name, layers)
+                if args.quick:
+                    s, seq, counts = replace(s.tiny(), layers=layers), 64, (128,)
+                form = "grouped" if dev.type == "cuda" else "loop"
+                for precision in precisions:
+                    measure_steps(
+                        sink,
+                        dev,
+                        s,
+                        precision,
+                        [(form, t, 1.0) for t in counts],
+                        seq,
+                        timer,
+                        deadline,
+                        align,
+                        None,
                     )
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()

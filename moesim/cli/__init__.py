@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --from: fit a serving-engine preset NAME on torch_serving iterations",
     )
     ca.add_argument(
+        "--training",
+        metavar="FILE.jsonl",
+        help="fit the training-step kernels on torch_train primitives into the profile --out",
+    )
+    ca.add_argument(
         "--fit-runs",
         default="",
         metavar="RUN,RUN",
@@ -184,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
         default="ideal",
         metavar="NAME|FILE.yaml",
         help="with --serving: an engine preset, or a fitted entry written by calibrate --engine",
+    )
+    fi.add_argument(
+        "--training",
+        metavar="FILE.jsonl",
+        help="predicted vs measured training steps of a torch_train file (with --profile)",
     )
     fi.add_argument(
         "--seed", type=int, default=0, help="first seed of the simulator's routing samples"

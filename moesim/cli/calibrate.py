@@ -12,6 +12,12 @@ def split(text: str) -> list[str]:
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    if args.training:
+        from moesim.calibrate.training_commands import calibrate_training
+
+        if not args.out:
+            raise SystemExit("moesim calibrate: --training writes into the profile --out FILE")
+        return calibrate_training(args.training, args.out)
     if args.engine:
         from moesim.calibrate.serving_commands import calibrate_engine
 
@@ -33,6 +39,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def fidelity(args: argparse.Namespace) -> int:
+    if args.training:
+        from moesim.calibrate.training_commands import training_fidelity
+
+        return training_fidelity(args.training, args.profile, args.markdown)
     if args.serving:
         from moesim.calibrate.serving_commands import serving_fidelity
 

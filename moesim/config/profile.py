@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from moesim.config.base import Frozen
+from moesim.config.step_kernels import StepKernelFit
 
 
 class GemmFit(Frozen):
@@ -120,3 +121,6 @@ class DeviceProfile(Frozen):
     """Fit quality of the whole cost path on the calibration-set layers (eager)."""
     graph_layer_fit: FitQuality | None = None
     """The same for CUDA-graph replays."""
+    training: StepKernelFit | None = None
+    """Measured training-step kernels (attention backward, loss, norms, optimizer); None:
+    counted from the implementation at the memory bandwidth and the GEMM rate."""

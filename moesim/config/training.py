@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from moesim.config.base import Frozen
+from moesim.units import BYTES_PER_ELEMENT
 
 
 class TrainingWorkload(Frozen):
@@ -44,6 +45,43 @@ class TrainingWorkload(Frozen):
     duration_s: float | None = Field(default=None, gt=0)
     """Wall-clock length of a training *run* over many steps, seconds, with the failures,
     checkpoints and restarts of the ``failures`` section (null = one step only)."""
-    optimizer_bytes_per_param: int = Field(default=12, ge=0)
-    """Optimizer state per parameter: Adam in mixed precision keeps an fp32 master copy,
-    momentum and variance = 12 bytes (ZeRO paper, Sec. 3.1)."""
+    optimizer_bytes_per_param: int | None = Field(default=None, ge=0)
+    """Optimizer state per parameter (null: the precision recipe's Adam: ``bf16`` keeps an
+    fp32 master copy, momentum and variance = 12 bytes, ZeRO paper Sec. 3.1;
+    ``amp_fp32_master``'s weights are the fp32 master, so momentum and variance = 8)."""
+    precision: Literal["bf16", "amp_fp32_master"] = "bf16"
+    """Training precision recipe. ``bf16``: bf16 weights, gradients and activations (the
+    optimizer keeps its own fp32 state, ``optimizer_bytes_per_param``). ``amp_fp32_master``:
+    PyTorch autocast over fp32 weights: every forward casts the weights to bf16, the
+    residual stream and norms stay fp32, gradients are fp32 (cast from the bf16 products'
+    weight gradients) and are all-reduced in fp32."""
+    grad_sync: Literal["flat", "bucketed"] = "flat"
+    """Gradient synchronisation across data parallelism. ``flat``: one flat buffer
+    all-reduced after the backward pass (nothing overlaps). ``bucketed``: PyTorch DDP /
+    Megatron buckets of ``bucket_mb``, each all-reduced as soon as the backward has
+    produced its gradients, overlapping the rest of the backward pass."""
+    bucket_mb: float = Field(default=25.0, gt=0)
+    """Bucket size of ``grad_sync: bucketed``, MB (PyTorch DDP's default
+    ``bucket_cap_mb`` is 25)."""
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per stored weight (bf16, or the fp32 master that autocast casts)."""
+        return BYTES_PER_ELEMENT["fp32" if self.precision == "amp_fp32_master" else "bf16"]
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per gradient element, also the width of the gradient all-reduce."""
+        return self.weight_bytes
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes per element of the residual stream and its norms (fp32 under autocast)."""
+        return self.weight_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """Optimizer state per parameter (see ``optimizer_bytes_per_param``)."""
+        if self.optimizer_bytes_per_param is not None:
+            return self.optimizer_bytes_per_param
+        return 8 if self.precision == "amp_fp32_master" else 12

@@ -23,10 +23,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from moesim.config.training import TrainingWorkload
-from moesim.cost.attention import attention_forward_s
+from moesim.cost.attention import AttentionCost, causal_keys
 from moesim.cost.collectives import all_gather_s, reduce_scatter_s
 from moesim.cost.layer_cost import MoELayerCost
+from moesim.cost.step_kernels import ROPE_PASSES, StepKernels
 from moesim.derived.model_figures import figures
 from moesim.system import System
 from moesim.units import BF16_BYTES, GB
@@ -63,21 +66,99 @@ def _combine(a: float, c: float, overlap: bool) -> float:
     return (a + c) / 2 + max(a, c) / 2 if overlap else a + c
 
 
+def _expert_products_s(system: System, tokens: int) -> float:
+    """Forward time of the expert products (routed and shared) on one device when the
+    stage's ``tokens`` spread evenly over the experts: the part of an MoE layer whose
+    backward does twice the work (input and weight gradients); the rest of the layer
+    (routing, permutation, activation, combine) has a backward about as long as itself."""
+    s = system.scenario
+    m, p = s.model, s.parallelism
+    rf = system.layer_costs.roofline
+    d_ff = m.expert_d_ff // p.etp
+    up_n = (2 if m.is_gated else 1) * d_ff
+    local = max(1, m.experts // p.ep)
+    per_expert = tokens * m.top_k / m.experts
+    n = np.full(local, per_expert)
+    if system.layer_costs.expert_kernel == "loop":
+        t = float(rf.gemm_s(n, m.d_model, up_n).sum() + rf.gemm_s(n, d_ff, m.d_model).sum())
+    else:
+        t = rf.grouped_product_s(n, m.d_model, up_n) + rf.grouped_product_s(n, d_ff, m.d_model)
+    if m.shared_experts:
+        width = m.shared_d_ff * m.shared_experts // p.tp
+        shared_up = (2 if m.is_gated else 1) * width
+        local_tokens = tokens // max(1, p.dp)
+        t += float(
+            rf.gemm_s(local_tokens, m.d_model, shared_up)
+            + rf.gemm_s(local_tokens, width, m.d_model)
+        )
+    return t
+
+
+def step_kernels(system: System) -> StepKernels:
+    """The device's training-step kernels (measured profile section, else counted)."""
+    s = system.scenario
+    return StepKernels.of(
+        system.layer_costs.roofline, s.cluster.profile or s.cluster.accelerator.profile
+    )
+
+
+def _glue_s(
+    k: StepKernels, system: System, w: TrainingWorkload, tokens: int
+) -> tuple[float, float, float, float]:
+    """(attention-half fwd, bwd, MoE/FFN-half fwd, bwd) of a block's kernels around its
+    products: the two RMSNorms and residual adds (in the residual stream's dtype), QK-norm
+    and rotary embeddings on the queries and keys, and, under autocast, the casts of the
+    fp32 residual stream to bf16 before the products."""
+    m, p = system.scenario.model, system.scenario.parallelism
+    rb = w.residual_bytes
+    width = tokens * m.d_model  # with sequence parallelism norms and adds are split over tp
+    local = width / p.tp
+    norm_f, norm_b = k.norm_s(local, rb)
+    add = k.elementwise_s(1.5, local, rb)  # read two, write one
+    heads = m.heads // p.tp
+    kv_heads = max(1, m.kv_heads_resolved // p.tp) if m.attention != "mla" else heads
+    q, kv = tokens * heads * m.head_dim_resolved, tokens * kv_heads * m.head_dim_resolved
+    rope = 0.0
+    if m.attention != "mla":  # MLA ropes only a narrow slice of each head
+        rope = k.elementwise_s(ROPE_PASSES, q, BF16_BYTES) + k.elementwise_s(
+            ROPE_PASSES, kv, BF16_BYTES
+        )
+    # the attention output, heads back to tokens: one copy before the output projection
+    rope += k.elementwise_s(1.0, q, BF16_BYTES)
+    qn_f = qn_b = 0.0
+    if m.qk_norm:
+        for n in (q, kv):
+            f, b = k.norm_s(n, BF16_BYTES)
+            qn_f, qn_b = qn_f + f, qn_b + b
+    cast = k.cast_s(width, rb, BF16_BYTES) if rb != BF16_BYTES else 0.0
+    attn_f = norm_f + qn_f + rope + add + cast
+    attn_b = norm_b + qn_b + rope + add + cast
+    ffn_f = norm_f + add + cast
+    ffn_b = norm_b + add + cast
+    return attn_f, attn_b, ffn_f, ffn_b
+
+
 def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict[str, BlockCost]:
     """Costs of an attention + MoE block and an attention + dense block, per micro-batch."""
     s = system.scenario
     m, p = s.model, s.parallelism
     rf = system.layer_costs.roofline
+    k = step_kernels(system)
     tokens = w.seq_len * w.micro_batch_sequences  # per data-parallel rank
     f = figures(m)
     attn_params = f.attention_params_per_layer
     # the one attention cost serving uses too: every sequence computes seq_len new tokens
-    attn = attention_forward_s(rf, m, p.tp, [(w.seq_len, 0)] * w.micro_batch_sequences)
-    proj, scores = attn.projections_s, attn.scores_s
-    attn_fwd = proj + scores
-    attn_bwd = 2 * proj + 2.5 * scores
+    attn = AttentionCost(rf, m, p.tp)
+    proj = attn.projections_s(tokens)
+    flops = 2.0 * attn.width * causal_keys(w.seq_len, 0) * w.micro_batch_sequences
+    scores_f, scores_b = k.attention_s(flops, w.seq_len)
+    attn_fwd = proj + scores_f
+    attn_bwd = 2 * proj + scores_b
     if w.recompute == "selective":
-        attn_bwd += scores
+        attn_bwd += scores_f
+    g_attn_f, g_attn_b, g_ffn_f, g_ffn_b = _glue_s(k, system, w, tokens)
+    attn_fwd += g_attn_f
+    attn_bwd += g_attn_b
     tp_group = [system.layout.device(0, i) for i in range(p.tp)]
     act = tokens * m.d_model * BF16_BYTES
     tp_pair = (
@@ -85,37 +166,56 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
         if p.tp > 1
         else 0.0
     )
-    # MoE block: the per-layer path over the whole stage's tokens (every DP rank at once)
+    # MoE block: the per-layer path over the whole stage's tokens (every DP rank at once);
+    # its backward: the expert products twice, the rest of the layer once more
     sample = cost.sample(tokens * p.dp)
     a = sample.comm_s
     c = sample.time_s - a
-    moe_fwd = _combine(a, c, w.overlap_a2a)
-    moe_bwd = _combine(a, 2 * c, w.overlap_a2a)
+    products = min(c, _expert_products_s(system, tokens * p.dp))
+    moe_fwd = _combine(a, c + g_ffn_f, w.overlap_a2a)
+    moe_bwd = _combine(a, c + products + g_ffn_b, w.overlap_a2a)
     d_ff = (m.dense_d_ff or m.expert_d_ff) // p.tp
     dense_fwd = rf.dense_ffn_s(tokens, m.d_model, d_ff, m.dense_activation or m.activation)
+    # autocast casts every weight a block multiplies to bf16 in each forward (fp32 -> bf16)
+    # and each bf16 weight gradient to the fp32 master's gradient in backward
+    cast = {"moe": (0.0, 0.0), "dense": (0.0, 0.0)}
+    if w.weight_bytes != BF16_BYTES:
+        wb = w.weight_bytes
+        moe_params = (
+            attn_params / p.tp
+            + (m.experts // p.ep) * f.expert_params / p.etp
+            + f.router_params_per_layer
+            + f.shared_expert_params * m.shared_experts / p.tp
+        )
+        dense_params = (attn_params + f.dense_ffn_params) / p.tp
+        cast = {
+            key: (k.cast_s(n, wb, BF16_BYTES), k.cast_s(n, BF16_BYTES, wb))
+            for key, n in (("moe", moe_params), ("dense", dense_params))
+        }
     # ZeRO-3 keeps 1/group of each parameter: a block gathers its weights before its forward
     # and again before its backward (Rajbhandari et al. 2020, Sec. 5.3: 1.5x data-parallel
     # traffic); dense parameters over dp, experts over the expert-data-parallel group
     gather = {"moe": 0.0, "dense": 0.0}
     if w.zero_stage == 3:
         layout = system.layout
+        wb = w.weight_bytes
         dense_group = [layout.device(0, d * p.tp) for d in range(p.dp)]
         expert_group = [layout.device(0, g * p.ep * p.etp) for g in range(layout.edp)]
-        attn_bytes = BF16_BYTES * attn_params / p.tp
-        expert_bytes = BF16_BYTES * (m.experts // p.ep) * f.expert_params / p.etp
-        shared_bytes = BF16_BYTES * f.shared_expert_params * m.shared_experts / p.tp
+        attn_bytes = wb * attn_params / p.tp
+        expert_bytes = wb * (m.experts // p.ep) * f.expert_params / p.etp
+        shared_bytes = wb * f.shared_expert_params * m.shared_experts / p.tp
         gather["moe"] = all_gather_s(system.paths, dense_group, attn_bytes + shared_bytes) + (
             all_gather_s(system.paths, expert_group, expert_bytes)
         )
         gather["dense"] = all_gather_s(
-            system.paths, dense_group, attn_bytes + BF16_BYTES * f.dense_ffn_params / p.tp
+            system.paths, dense_group, attn_bytes + wb * f.dense_ffn_params / p.tp
         )
     out = {}
     for kind, (fwd, bwd, a2a, tp) in {
         "moe": (attn_fwd + moe_fwd + tp_pair, attn_bwd + moe_bwd + tp_pair, 2 * a, 2 * tp_pair),
         "dense": (
-            attn_fwd + dense_fwd + 2 * tp_pair,
-            attn_bwd + 2 * dense_fwd + 2 * tp_pair,
+            attn_fwd + dense_fwd + g_ffn_f + 2 * tp_pair,
+            attn_bwd + 2 * dense_fwd + g_ffn_b + 2 * tp_pair,
             0.0,
             4 * tp_pair,
         ),
@@ -123,7 +223,8 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
         if w.recompute == "full":
             bwd += fwd
         g = gather[kind]
-        out[kind] = BlockCost(fwd + g, bwd + g, a2a, tp, 2 * g)
+        cf, cb = cast[kind]
+        out[kind] = BlockCost(fwd + g + cf, bwd + g + cb, a2a, tp, 2 * g)
     return out
 
 
@@ -138,7 +239,16 @@ def stage_costs(
     tokens = w.seq_len * w.micro_batch_sequences
     per_stage = math.ceil(m.layers / p.pp)
     moe = set(m.moe_layer_indices)
-    head = float(rf.gemm_s(tokens, m.d_model, math.ceil(m.vocab_size / p.tp)))
+    k = step_kernels(system)
+    vocab = math.ceil(m.vocab_size / p.tp)
+    head = float(rf.gemm_s(tokens, m.d_model, vocab))
+    # the last stage: final norm, head, and the loss over the vocabulary (fp32 logits)
+    norm_f, norm_b = k.norm_s(tokens * m.d_model / p.tp, w.residual_bytes)
+    ce_f, ce_b = k.cross_entropy_s(tokens, vocab)
+    head_f, head_b = head + norm_f + ce_f, 2 * head + norm_b + ce_b
+    if w.weight_bytes != BF16_BYTES:  # autocast casts the head's weight, and its gradient
+        head_f += k.cast_s(vocab * m.d_model, w.weight_bytes, BF16_BYTES)
+        head_b += k.cast_s(vocab * m.d_model, BF16_BYTES, w.weight_bytes)
     act_bytes = tokens * m.d_model * BF16_BYTES / p.tp
     out = []
     for stage in range(p.pp):
@@ -147,8 +257,8 @@ def stage_costs(
         fwd = sum(b.fwd_s for b in picked)
         bwd = sum(b.bwd_s for b in picked)
         if stage == p.pp - 1:
-            fwd += head
-            bwd += 2 * head
+            fwd += head_f
+            bwd += head_b
         p2p = 0.0
         if stage < p.pp - 1:
             src = system.layout.device(stage, 0)

@@ -3,8 +3,10 @@ communication buffers per device, and whether they fit.
 
 Pure functions, no I/O. Parameters per device follow the serving layout
 (:func:`moesim.derived.serving_memory.serving_memory`: experts split over ep x etp, the rest
-over tp, blocks over pp). Mixed-precision training keeps bf16 weights and gradients
-(2 + 2 bytes per parameter) and ``optimizer_bytes_per_param`` of fp32 state (Adam: 12);
+over tp, blocks over pp). Mixed-precision training (``precision: bf16``) keeps bf16
+weights and gradients (2 + 2 bytes per parameter) and ``optimizer_bytes_per_param`` of
+fp32 state (Adam: 12); autocast over fp32 master weights (``amp_fp32_master``) keeps
+fp32 weights and gradients (4 + 4) and Adam's moments (8);
 ZeRO stage 1 shards the optimizer state, 2 also the gradients, 3 also the weights, over
 the parameter's data-parallel group: dp for dense parameters, the expert-data-parallel
 group (dp x tp / (ep x etp)) for experts (Rajbhandari et al., "ZeRO", SC 2020).
@@ -40,10 +42,11 @@ from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.config.training import TrainingWorkload
 from moesim.derived.serving_memory import serving_memory
-from moesim.units import BF16_BYTES, GIB
+from moesim.units import BF16_BYTES, BYTES_PER_ELEMENT, GIB
 
-WEIGHT_BYTES = BF16_BYTES  # bf16 weights in mixed-precision training
-GRAD_BYTES = BF16_BYTES  # bf16 gradients
+LOSS_BYTES_PER_LOGIT = BF16_BYTES + 2 * BYTES_PER_ELEMENT["fp32"]
+"""The loss's logits at its peak: the bf16 head output, its fp32 copy and the fp32
+log-probabilities the backward keeps."""
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,9 @@ def training_memory(
     def shard(params: int, group: int, stage: int) -> float:
         return params / group if w.zero_stage >= stage else float(params)
 
-    weights = WEIGHT_BYTES * (shard(other_params, p.dp, 3) + shard(resident_params, edp, 3))
-    grads = GRAD_BYTES * (shard(other_params, p.dp, 2) + shard(resident_params, edp, 2))
-    optim = w.optimizer_bytes_per_param * (
-        shard(other_params, p.dp, 1) + shard(expert_params, edp, 1)
-    )
+    weights = w.weight_bytes * (shard(other_params, p.dp, 3) + shard(resident_params, edp, 3))
+    grads = w.grad_bytes * (shard(other_params, p.dp, 2) + shard(resident_params, edp, 2))
+    optim = w.state_bytes * (shard(other_params, p.dp, 1) + shard(expert_params, edp, 1))
     blocks = math.ceil(m.layers / p.pp)
     moe_share = len(m.moe_layer_indices) / m.layers
     per_block = moe_share * block_activation_bytes(m, True, w, p) + (1 - moe_share) * (
@@ -144,6 +145,11 @@ def training_memory(
     )
     in_flight = w.microbatches if w.schedule == "gpipe" else min(p.pp, w.microbatches)
     activations = blocks * per_block * in_flight
+    if p.pp == 1:  # the loss on this (last) stage: logits in bf16, their fp32 copy and
+        # the fp32 log-probabilities saved for backward, all alive at the loss's forward
+        activations += (
+            LOSS_BYTES_PER_LOGIT * w.seq_len * w.micro_batch_sequences * (m.vocab_size / p.tp)
+        )
     tokens_local = w.seq_len * w.micro_batch_sequences / p.tp
     comm = 2 * BF16_BYTES * tokens_local * m.top_k * m.d_model  # a2a send + receive buffers
     return TrainingMemory(

@@ -27,12 +27,11 @@ from moesim.cost.offload import (
     offload_stages,
     optimizer_offload,
 )
-from moesim.cost.training import StageCost, block_costs, stage_costs
+from moesim.cost.training import StageCost, block_costs, stage_costs, step_kernels
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import TrainingMemory, training_memory
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.system import System
-from moesim.units import BF16_BYTES
 
 
 @dataclass
@@ -131,34 +130,33 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
     pipeline_s, ops, events = run_pipeline(stages, w.schedule, w.microbatches)
     off = s.policies.offload
     memory = training_memory(m, p, s.cluster.accelerator, w, off.optimizer, off.experts)
-    # gradients: dense parameters over dp, experts over the expert-data-parallel group
+    # gradients: dense parameters over dp, experts over the expert-data-parallel group,
+    # in the gradients' dtype (bf16, or fp32 under autocast); ZeRO 1-2 reduce-scatter then
+    # all-gather them, which moves the bytes of one all-reduce
     dense_group = [system.layout.device(0, d * p.tp) for d in range(p.dp)]
     edp = system.layout.edp
     expert_group = [system.layout.device(0, g * p.ep * p.etp) for g in range(edp)]
-    # bf16 gradients of this device's parameters (ZeRO 1-2 reduce-scatter then all-gather
-    # them, which moves the bytes of one all-reduce)
     sm = serving_memory(m, p, s.cluster.accelerator)
-    expert_grad = BF16_BYTES * sm.expert_weight_bytes // m.bytes_per_param
-    dense_grad = BF16_BYTES * sm.other_weight_bytes // m.bytes_per_param
-    sync = all_reduce_s(system.paths, dense_group, dense_grad, _algo(w, len(dense_group)))
-    sync += all_reduce_s(system.paths, expert_group, expert_grad, _algo(w, len(expert_group)))
-    # optimizer: read weights, gradients and states, write weights and states, per shard
-    shard_params = (
-        (memory.optimizer + memory.offloaded_optimizer) / w.optimizer_bytes_per_param
-        if w.optimizer_bytes_per_param
-        else (expert_grad + dense_grad) / 2
+    expert_params = sm.expert_weight_bytes // m.bytes_per_param
+    dense_params = sm.other_weight_bytes // m.bytes_per_param
+    sync = grad_sync_s(
+        system,
+        w,
+        [(dense_group, w.grad_bytes * dense_params), (expert_group, w.grad_bytes * expert_params)],
+        stages[0].bwd_s,
     )
-    rf = system.layer_costs.roofline
-    # read weight and gradient, read and write the states, write the weight (bf16)
-    per_param = 3 * BF16_BYTES + 2 * w.optimizer_bytes_per_param
-    optimizer = float(rf.memory_s(shard_params * per_param))
+    # optimizer: fused AdamW over this device's shard: read weight, gradient and states,
+    # write weight and states
+    shard_params = (
+        (memory.optimizer + memory.offloaded_optimizer) / w.state_bytes
+        if w.state_bytes
+        else float(expert_params + dense_params)
+    )
+    per_param = 2 * w.weight_bytes + w.grad_bytes + 2 * w.state_bytes
+    optimizer = step_kernels(system).optimizer_s(shard_params, per_param)
     host_opt = None
     if s.policies.offload.optimizer:  # ZeRO-Offload: the step runs on the host
-        host_params = (
-            memory.offloaded_optimizer / w.optimizer_bytes_per_param
-            if w.optimizer_bytes_per_param
-            else 0.0
-        )
+        host_params = memory.offloaded_optimizer / w.state_bytes if w.state_bytes else 0.0
         host_opt = optimizer_offload(s, w, host_params)
         optimizer = optimizer_offload(s, w, shard_params).total_s
     tokens = p.dp * w.micro_batch_sequences * w.microbatches * w.seq_len
@@ -183,6 +181,45 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         expert_stream=expert_stream(s),
         optimizer_offload=host_opt,
     )
+
+
+def grad_sync_s(
+    system: System,
+    w: TrainingWorkload,
+    groups: list[tuple[list[int], float]],
+    last_backward_s: float,
+) -> float:
+    """Exposed time of the gradient all-reduces after the last backward pass.
+
+    ``flat``: each group's gradients in one buffer, all-reduced after the backward.
+    ``bucketed`` (PyTorch DDP, Li et al., VLDB 2020; Megatron's gradient buffers): each
+    group's gradients fill buckets of ``bucket_mb`` in reverse layer order as the last
+    micro-batch's backward (``last_backward_s``) produces them, evenly over its length,
+    and each bucket is all-reduced once full, one at a time on the network; only what is
+    left when the backward ends is exposed (contention of the overlapped all-reduce with
+    the backward's kernels is not modelled).
+    """
+    total = 0.0
+    if w.grad_sync == "flat":
+        for group, nbytes in groups:
+            total += all_reduce_s(system.paths, group, nbytes, _algo(w, len(group)))
+        return total
+    bucket = w.bucket_mb * 1e6
+    buckets: list[tuple[float, list[int], float]] = []  # (ready_s, group, bytes)
+    for group, nbytes in groups:
+        if len(group) <= 1 or nbytes <= 0:
+            continue
+        # every layer holds both kinds of parameter, so each group's gradients appear
+        # evenly over the backward; a bucket is ready once its last gradient is
+        done = 0.0
+        while done < nbytes:
+            chunk = min(bucket, nbytes - done)
+            done += chunk
+            buckets.append((last_backward_s * done / nbytes, group, chunk))
+    free = 0.0
+    for ready, group, nbytes in sorted(buckets, key=lambda b: b[0]):
+        free = max(free, ready) + all_reduce_s(system.paths, group, nbytes, _algo(w, len(group)))
+    return max(0.0, free - last_backward_s)
 
 
 def _algo(w: TrainingWorkload, group: int) -> Any:

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, replace
 from moesim.config.failures import ExponentialFailures, FailuresConfig, WeibullFailures
 from moesim.config.training import TrainingWorkload
 from moesim.derived.model_figures import figures
-from moesim.derived.training_memory import WEIGHT_BYTES
 from moesim.engine.training import TrainingRecords, simulate_training
 from moesim.failures.degraded import degraded_system
 from moesim.failures.plan import HOUR, build_plan
@@ -91,9 +90,10 @@ class TrainingRunRecords:
 
 
 def checkpoint_bytes(system: System, w: TrainingWorkload) -> int:
-    """Bytes of one checkpoint: every parameter's bf16 weight and optimizer state."""
+    """Bytes of one checkpoint: every parameter's stored weight (bf16, or the fp32 master
+    under autocast) and optimizer state."""
     params = figures(system.scenario.model).total_params
-    return int(params * (WEIGHT_BYTES + w.optimizer_bytes_per_param))
+    return int(params * (w.weight_bytes + w.state_bytes))
 
 
 def checkpoint_write_s(system: System, w: TrainingWorkload) -> float:

@@ -91,7 +91,7 @@ def optimizer_offload_summary(
 ) -> dict[str, Any]:
     """ZeRO-Offload's part of the step (its total is the breakdown's ``other``)."""
     host = rec.memory.offloaded_optimizer
-    params = host / w.optimizer_bytes_per_param if w.optimizer_bytes_per_param else 0.0
+    params = host / w.state_bytes if w.state_bytes else 0.0
     o = rec.optimizer_offload
     assert o is not None  # the summary asks for this section only with optimizer offload
     return {

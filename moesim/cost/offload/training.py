@@ -88,17 +88,18 @@ class OptimizerOffload:
 def optimizer_offload(s: Scenario, w: TrainingWorkload, shard_params: float) -> OptimizerOffload:
     """ZeRO-Offload costs of one step for a device whose optimizer shard has
     ``shard_params`` parameters (Ren et al., "ZeRO-Offload", USENIX ATC 2021): gradients
-    out (2 bytes per parameter), a CPU Adam step reading the fp32 states and the gradient
-    and writing the states and the bf16 weights (``2 x optimizer_bytes_per_param + 2 + 2``
-    bytes per parameter, over the host's devices, at ``host.dram_bandwidth_gbps``), and
+    out (2 bytes per parameter; 4 under ``amp_fp32_master``), a CPU Adam step reading
+    the fp32 states and the gradient and writing the states and the weights
+    (``2 x optimizer_bytes_per_param + 2 + 2`` bytes per parameter in bf16, over the
+    host's devices, at ``host.dram_bandwidth_gbps``), and
     the weights back in (2 bytes per parameter); transfers at the host link's rate."""
     rates = tier_rates(s)
     share = devices_per_host(s.cluster)
-    grad_bytes = 2.0 * shard_params
-    cpu_bytes = share * shard_params * (2 * w.optimizer_bytes_per_param + 4)
+    grad_bytes = w.grad_bytes * shard_params
+    cpu_bytes = share * shard_params * (2 * w.state_bytes + w.grad_bytes + w.weight_bytes)
     return OptimizerOffload(
         grad_d2h_s=rates.latency_s + grad_bytes / rates.dram_bps,
         cpu_step_s=cpu_bytes / (s.cluster.host.dram_bandwidth_gbps * GB),
         param_h2d_s=rates.latency_s + grad_bytes / rates.dram_bps,
-        host_bytes=share * shard_params * w.optimizer_bytes_per_param,
+        host_bytes=share * shard_params * w.state_bytes,
     )
