@@ -68,7 +68,8 @@ def _combine(a: float, c: float, overlap: bool) -> float:
 
 def _expert_products_s(system: System, tokens: int) -> float:
     """Forward time of the expert products (routed and shared) on one device when the
-    stage's ``tokens`` spread evenly over the experts: the part of an MoE layer whose
+    ``tokens`` of its expert-parallel group (``ep`` ranks' micro-batches) spread evenly
+    over the experts: the part of an MoE layer whose
     backward does twice the work (input and weight gradients); the rest of the layer
     (routing, permutation, activation, combine) has a backward about as long as itself."""
     s = system.scenario
@@ -86,7 +87,7 @@ def _expert_products_s(system: System, tokens: int) -> float:
     if m.shared_experts:
         width = m.shared_d_ff * m.shared_experts // p.tp
         shared_up = (2 if m.is_gated else 1) * width
-        local_tokens = tokens // max(1, p.dp)
+        local_tokens = tokens // max(1, p.ep)
         t += float(
             rf.gemm_s(local_tokens, m.d_model, shared_up)
             + rf.gemm_s(local_tokens, width, m.d_model)
@@ -171,7 +172,7 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     sample = cost.sample(tokens * p.dp)
     a = sample.comm_s
     c = sample.time_s - a
-    products = min(c, _expert_products_s(system, tokens * p.dp))
+    products = min(c, _expert_products_s(system, tokens * p.ep))
     moe_fwd = _combine(a, c + g_ffn_f, w.overlap_a2a)
     moe_bwd = _combine(a, c + products + g_ffn_b, w.overlap_a2a)
     d_ff = (m.dense_d_ff or m.expert_d_ff) // p.tp
