@@ -18,7 +18,7 @@ from moesim import rng
 from moesim.catalog import hardware
 from moesim.config.policies import PoliciesConfig
 from moesim.cost.compute import Roofline
-from moesim.cost.padded import PaddedExperts, padded_ffn_s
+from moesim.cost.padded import PaddedExperts
 from moesim.engine.layer_sim import simulate_routed_layer
 from moesim.engine.moe_layer import critical_path
 from moesim.errors import ScenarioError
@@ -93,15 +93,28 @@ def test_einsum_flops_are_two_s_e_c_d_on_the_matrix_units() -> None:
     assert t2 == pytest.approx(2 * (t - rf.overhead_s), rel=1e-9)
 
 
-def test_padded_experts_cost_their_full_rows() -> None:
-    """The batched expert FFN over padded rows costs what the grouped one does over the
-    same rows (compute-bound), and more rows cost more."""
+def test_eager_masks_count_the_op_by_op_passes() -> None:
+    """Fused masks write each [s, E, C] mask once (2 x 2 bytes per element); eager
+    PyTorch code makes 22 k + 4 bytes of passes per element and relayouts the einsum
+    operands; both grow with the capacity factor."""
     rf = _roofline()
-    rows = np.full(8, 2048)
-    padded = padded_ffn_s(rf, rows, 768, 3072, "relu")
-    assert padded == pytest.approx(rf.grouped_ffn_s(rows, 768, 3072, "relu"), rel=0.05)
-    assert padded_ffn_s(rf, rows * 2, 768, 3072, "relu") > 1.9 * padded - 1e-4
-    assert padded_ffn_s(rf, np.zeros(8), 768, 3072, "relu") == 0.0
+    tokens = 32768
+    for k in (1, 2):
+        fused, eager = PaddedExperts(1.0, 2048, 128, k), PaddedExperts(1.0, 2048, 128, k, "eager")
+        elements = fused.groups(tokens).mask_elements(128)
+        assert fused.masks_s(rf, tokens) == pytest.approx(
+            elements * 4 / rf.memory_bytes_per_s + 2 * rf.overhead_s, rel=1e-12
+        )
+        assert eager.masks_s(rf, tokens) == pytest.approx(
+            elements * (22 * k + 4) / rf.memory_bytes_per_s + (2 + 6 * k) * rf.overhead_s,
+            rel=1e-12,
+        )
+        assert eager.einsum_s(rf, tokens, 768) > fused.einsum_s(rf, tokens, 768)
+        assert fused.relayout_s(rf, tokens, 768) == 0.0
+    more = PaddedExperts(2.0, 2048, 128, 1, "eager")
+    assert more.relayout_s(rf, tokens, 768) > PaddedExperts(1.0, 2048, 128, 1, "eager").relayout_s(
+        rf, tokens, 768
+    )
 
 
 def _system_and_routing(*overrides: str):
@@ -131,11 +144,10 @@ def test_padded_layer_sends_and_computes_the_full_capacity() -> None:
     assert rec.timeline.remote_tokens == remote
     assert ranks == system.layout.stage_ranks
     assert rec.routing.counts.sum() + rec.routing.dropped == routing.tokens_per_rank.sum() * 2
-    # each expert device's compute interval is the batched FFN over those padded rows
+    # each expert device's compute interval is the expert kernel over those padded rows
     m, rf = system.scenario.model, system.layer_costs.roofline
-    want = padded_ffn_s(
-        rf, np.full(experts_here, sum(per_rank)), m.d_model, m.expert_d_ff, m.activation
-    )
+    rows = np.full(experts_here, sum(per_rank))
+    want = rf.grouped_ffn_s(rows, m.d_model, m.expert_d_ff, m.activation)
     for d, end in rec.timeline.expert_end_s.items():
         assert end - rec.timeline.expert_start_s[d] == pytest.approx(want, rel=1e-12)
 
@@ -224,9 +236,14 @@ def test_padded_without_a_capacity_factor_is_a_located_error(write) -> None:
 
 
 def test_group_size_without_padding_is_a_located_error(write) -> None:
-    """group_size only means something for padded layers."""
+    """group_size and mask_build only mean something for padded layers."""
     p = write("x.yaml", BASE.replace("expert_compute: padded", "group_size: 64"))
     assert _errors(p) == [
         f"{p}:7:28: policies.group_size: applies to expert_compute 'padded' only, "
+        "got expert_compute 'grouped'"
+    ]
+    p = write("y.yaml", BASE.replace("expert_compute: padded", "mask_build: eager"))
+    assert _errors(p) == [
+        f"{p}:7:28: policies.mask_build: applies to expert_compute 'padded' only, "
         "got expert_compute 'grouped'"
     ]

@@ -33,6 +33,12 @@ class PoliciesConfig(Frozen):
     groups of at most this many, each with its own capacity and masks (Mesh-TF's
     ``moe_group_size``, 1024 by default there); null = one group per rank (the Switch
     Transformer pseudocode: the tokens of a core). Capacity drops stay per rank."""
+    mask_build: Literal["fused", "eager"] = "fused"
+    """How a ``padded`` layer builds its one-hot masks: ``fused``, one fused elementwise
+    chain writing each mask once (XLA: Mesh-TF / GShard on TPUs); ``eager``, op by op as
+    PyTorch eager code does (compare, and, cast, accumulate, scale, accumulate per routing
+    choice after zero-filling both masks), and the einsums copy their operands into the
+    layout of their batched products."""
     offload: OffloadConfig = OffloadConfig()
     """Experts and optimizer states kept below device memory (default: nothing offloaded)."""
 
@@ -43,9 +49,13 @@ class PoliciesConfig(Frozen):
                 "expert_compute: 'padded' sizes every expert buffer by the capacity, so it "
                 "needs policies.capacity_factor (e.g. 1.25) and an overflow other than dropless"
             )
-        if self.group_size is not None and self.expert_compute != "padded":
-            raise ValueError(
-                "group_size: applies to expert_compute 'padded' only, got expert_compute "
-                f"{self.expert_compute!r}"
-            )
+        for name, value, default in (
+            ("group_size", self.group_size, None),
+            ("mask_build", self.mask_build, "fused"),
+        ):
+            if value != default and self.expert_compute != "padded":
+                raise ValueError(
+                    f"{name}: applies to expert_compute 'padded' only, got expert_compute "
+                    f"{self.expert_compute!r}"
+                )
         return self

@@ -35,7 +35,7 @@ import simpy
 
 from moesim.config.parallelism import A2AAlgorithm
 from moesim.cost.layer_inputs import LayerCosts
-from moesim.cost.padded import PaddedExperts, padded_ffn_s
+from moesim.cost.padded import PaddedExperts
 from moesim.engine.bulk_exchange import BulkExchange
 from moesim.engine.exchange import DedupExchange, Exchange
 from moesim.engine.netapi import Network
@@ -298,12 +298,11 @@ def run_layer(
         with compute[dst].request() as req:
             yield req
             timeline.expert_start_s[dst] = env.now
-            if padded is not None and costs.expert_kernel == "grouped":
-                work = padded_ffn_s(rf, loads[dst], m.d_model, d_ff_shard, m.activation)
-            else:
-                work = rf.grouped_ffn_s(
-                    loads[dst], m.d_model, d_ff_shard, m.activation, costs.expert_kernel
-                )
+            # padded or not, the device's expert kernel over the rows it received (a
+            # padded layer's loads are its full capacity: moesim.cost.padded)
+            work = rf.grouped_ffn_s(
+                loads[dst], m.d_model, d_ff_shard, m.activation, costs.expert_kernel
+            )
             yield env.timeout(work)
             timeline.expert_end_s[dst] = env.now
             timeline.intervals.append(
