@@ -14,7 +14,7 @@ from moesim.config.training import TrainingWorkload
 from moesim.cost.attention import AttentionCost, attention_forward_s, causal_keys
 from moesim.cost.compute import Roofline
 from moesim.cost.layer_cost import MoELayerCost
-from moesim.cost.training import block_costs
+from moesim.cost.training import _expert_products_s, _glue_s, block_costs, step_kernels
 from moesim.loader import scenario_from_dict
 from moesim.system import build_system
 
@@ -109,9 +109,12 @@ class _FixedMoE:
 
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_training_blocks_price_attention_with_the_shared_function(recompute: str) -> None:
-    """A training block's attention is attention_forward_s over its micro-batch (sequences
-    of seq_len new tokens, none cached): forward = projections + scores, backward = 2x
-    projections + 2.5x scores (+ the scores again under selective recompute)."""
+    """A training block's attention: the projections of the shared attention cost
+    (``AttentionCost.projections_s`` over the micro-batch: sequences of seq_len new tokens,
+    none cached), the step kernels' causal attention forward and backward over the same
+    FLOPs (``2 x width x causal keys``), and the block's glue (norms, RoPE, residual adds);
+    backward = 2x projections + the attention backward (+ the forward scores again under
+    selective recompute)."""
     system = build_system(
         scenario_from_dict(
             {
@@ -134,10 +137,21 @@ def test_training_blocks_price_attention_with_the_shared_function(recompute: str
     )
     blocks = block_costs(system, w, cast(MoELayerCost, _FixedMoE()))
     attn = attention_forward_s(rf, m, 1, [(1536, 0)] * 3)
-    bwd = 2 * attn.projections_s + (3.5 if recompute == "selective" else 2.5) * attn.scores_s
-    # the MoE block without overlap: attention + the layer's sample (fwd), 2x its compute
-    assert blocks["moe"].fwd_s - 1e-3 == pytest.approx(attn.total_s, rel=1e-12)
-    assert blocks["moe"].bwd_s - (0.25e-3 + 2 * 0.75e-3) == pytest.approx(bwd, rel=1e-12)
+    k = step_kernels(system)
+    flops = 2.0 * AttentionCost(rf, m, 1).width * causal_keys(1536, 0) * 3
+    scores_f, scores_b = k.attention_s(flops, 1536)
+    g_attn_f, g_attn_b, g_ffn_f, g_ffn_b = _glue_s(k, system, w, 3 * 1536)
+    fwd = attn.projections_s + scores_f + g_attn_f
+    bwd = 2 * attn.projections_s + scores_b + g_attn_b
+    if recompute == "selective":
+        bwd += scores_f
+    # the MoE block without overlap: + the layer's sample (fwd) and its glue; backward:
+    # the sample once more plus its expert products (at most its compute, 0.75 ms)
+    products = min(0.75e-3, _expert_products_s(system, 3 * 1536 * 2))
+    assert blocks["moe"].fwd_s - 1e-3 - g_ffn_f == pytest.approx(fwd, rel=1e-12)
+    assert blocks["moe"].bwd_s - (1e-3 + products + g_ffn_b) == pytest.approx(bwd, rel=1e-12)
     ffn = rf.dense_ffn_s(3 * 1536, m.d_model, m.dense_d_ff or m.expert_d_ff, m.activation)
-    assert blocks["dense"].fwd_s - ffn == pytest.approx(attn.total_s, rel=1e-12)
-    assert blocks["dense"].bwd_s - 2 * ffn == pytest.approx(bwd, rel=1e-12)
+    assert blocks["dense"].fwd_s - ffn - g_ffn_f == pytest.approx(fwd, rel=1e-12)
+    assert blocks["dense"].bwd_s - 2 * ffn - g_ffn_b == pytest.approx(bwd, rel=1e-12)
+    # the attention kernel is the measured one (the H200 profile's training section)
+    assert k.source.startswith("measured")

@@ -56,12 +56,12 @@ def offload_stages(system: System, stages: list[StageCost]) -> list[StageCost]:
         return stages
     c = stream.copy_s
 
-    def extra(pass_s: float) -> float:
-        return max(0.0, c - pass_s) if cfg.overlap else c
+    def with_copies(pass_s: float) -> float:
+        # max() rather than pass + (c - pass): a copy-bound pass takes exactly the copies
+        return max(pass_s, c) if cfg.overlap else pass_s + c
 
     return [
-        replace(st, fwd_s=st.fwd_s + extra(st.fwd_s), bwd_s=st.bwd_s + extra(st.bwd_s))
-        for st in stages
+        replace(st, fwd_s=with_copies(st.fwd_s), bwd_s=with_copies(st.bwd_s)) for st in stages
     ]
 
 
