@@ -6,12 +6,19 @@ from __future__ import annotations
 
 from typing import cast
 
+import numpy as np
 import pytest
 
 from moesim.catalog import raw_preset
 from moesim.config.model import ModelConfig
 from moesim.config.training import TrainingWorkload
-from moesim.cost.attention import AttentionCost, attention_forward_s, causal_keys
+from moesim.cost.attention import (
+    AttentionCost,
+    KernelRate,
+    attention_forward_s,
+    causal_keys,
+    measured_rate,
+)
 from moesim.cost.compute import Roofline
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.cost.training import _expert_products_s, _glue_s, block_costs, step_kernels
@@ -109,10 +116,10 @@ class _FixedMoE:
 
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_training_blocks_price_attention_with_the_shared_function(recompute: str) -> None:
-    """A training block's attention: the projections of the shared attention cost
-    (``AttentionCost.projections_s`` over the micro-batch: sequences of seq_len new tokens,
-    none cached), the step kernels' causal attention forward and backward over the same
-    FLOPs (``2 x width x causal keys``), and the block's glue (norms, RoPE, residual adds);
+    """A training block's attention: the shared attention cost over the micro-batch
+    (sequences of seq_len new tokens, none cached; the fused kernel at the profile's
+    measured rate, as serving prices it), the step kernels' attention backward over the
+    same FLOPs (``2 x width x causal keys``), and the block's glue (norms, RoPE, residual adds);
     backward = 2x projections + the attention backward (+ the forward scores again under
     selective recompute)."""
     system = build_system(
@@ -136,10 +143,15 @@ def test_training_blocks_price_attention_with_the_shared_function(recompute: str
         recompute=recompute,
     )
     blocks = block_costs(system, w, cast(MoELayerCost, _FixedMoE()))
-    attn = attention_forward_s(rf, m, 1, [(1536, 0)] * 3)
+    profile = system.scenario.cluster.accelerator.profile
+    rate = measured_rate(profile)
+    assert rate is not None  # the H200 profile measured the kernel
+    attn = AttentionCost(rf, m, 1, rate=rate).forward([(1536, 0)] * 3)
     k = step_kernels(system)
     flops = 2.0 * AttentionCost(rf, m, 1).width * causal_keys(1536, 0) * 3
-    scores_f, scores_b = k.attention_s(flops, 1536)
+    scores_f, scores_b = attn.scores_s, k.attention_s(flops, 1536)[1]
+    # at the measured rate the kernel is slower than at the GEMM rate
+    assert scores_f > attention_forward_s(rf, m, 1, [(1536, 0)] * 3).scores_s
     g_attn_f, g_attn_b, g_ffn_f, g_ffn_b = _glue_s(k, system, w, 3 * 1536)
     fwd = attn.projections_s + scores_f + g_attn_f
     bwd = 2 * attn.projections_s + scores_b + g_attn_b
@@ -155,3 +167,19 @@ def test_training_blocks_price_attention_with_the_shared_function(recompute: str
     assert blocks["dense"].bwd_s - 2 * ffn - g_ffn_b == pytest.approx(bwd, rel=1e-12)
     # the attention kernel is the measured one (the H200 profile's training section)
     assert k.source.startswith("measured")
+
+
+def test_measured_kernel_rate_slows_prefill_not_decode() -> None:
+    """With a measured rate (profile ``training:``), a long prefill chunk runs at the
+    kernel's rate (slower than the GEMM rate), a decode stays memory-bound; the scalar and
+    vectorized paths agree."""
+    rf, m = RF, MIXTRAL
+    slow = KernelRate(flops_per_s=rf.flops_per_s / 2, keys_knee=400.0)
+    plain, rated = AttentionCost(rf, m, 1), AttentionCost(rf, m, 1, rate=slow)
+    prefill = (4096, causal_keys(4096, 0), 4096)
+    decode = (64, 64 * 4096, 64 * 4096)
+    assert rated.score_s(*prefill) > 1.8 * plain.score_s(*prefill)
+    assert rated.score_s(*decode) == pytest.approx(plain.score_s(*decode), rel=0.05)
+    for t, k, kv in (prefill, decode, (1, 1, 1), (0, 0, 0)):
+        vec = float(rated.scores_s(np.array([t]), np.array([k]), np.array([kv]))[0])
+        assert rated.score_s(t, k, kv) == pytest.approx(vec, rel=1e-12)

@@ -40,8 +40,30 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from moesim.config.model import ModelConfig
+from moesim.config.profile import DeviceProfile
 from moesim.cost.compute import Roofline
 from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
+
+
+@dataclass(frozen=True)
+class KernelRate:
+    """A measured rate of the fused causal kernel (a profile's ``training:`` section): at
+    long sequences ``flops_per_s``; a query that attends few keys leaves the kernel's
+    per-block fixed work uncovered, so the rate is ``flops_per_s x q / (q + keys_knee)``
+    for ``q`` keys per query on average (fitted on whole causal sequences of ``n``, where
+    ``q = (n + 1) / 2`` and ``keys_knee`` is half the fitted sequence knee)."""
+
+    flops_per_s: float
+    keys_knee: float
+
+
+def measured_rate(profile: DeviceProfile | None) -> KernelRate | None:
+    """The fused kernel's rate measured in a device profile (its ``training:`` section),
+    else None."""
+    fit = profile.training if profile is not None else None
+    if fit is None:
+        return None
+    return KernelRate(fit.attention_tflops * 1e12, fit.attention_seq_knee / 2)
 
 
 @dataclass(frozen=True)
@@ -87,10 +109,17 @@ class AttentionCost:
     """
 
     def __init__(
-        self, rf: Roofline, model: ModelConfig, tp: int, kernel: AttentionKernel = "fused"
+        self,
+        rf: Roofline,
+        model: ModelConfig,
+        tp: int,
+        kernel: AttentionKernel = "fused",
+        rate: KernelRate | None = None,
     ) -> None:
         self.rf = rf
         self.kernel = kernel
+        self.rate = rate
+        """The fused kernel's measured rate (None: the device's GEMM rate)."""
         self.model = model
         self.tp = tp
         self.heads = model.heads // tp
@@ -156,11 +185,23 @@ class AttentionCost:
                 + q * w * b  # queries and outputs
             )
             return self.rf.product_s(2.0 * w * q * kv, moved)
+        k = np.asarray(keys, dtype=float)
+        flops = 2.0 * w * k
+        if self.rate is not None:  # the measured kernel rate, as GEMM-rate-equivalent FLOPs
+            per_query = k / np.maximum(np.asarray(tokens, dtype=float), 1.0)
+            flops = flops * self._rate_scale(per_query)
         return self.rf.product_s(
-            2.0 * w * np.asarray(keys, dtype=float),
+            flops,
             np.asarray(kv_read_tokens, dtype=float) * self.kv_bytes
             + np.asarray(tokens, dtype=float) * w * self.rf.bytes_per_element,
         )
+
+    def _rate_scale(self, per_query: np.ndarray | float) -> np.ndarray | float:
+        """Factor turning the kernel's FLOPs into GEMM-rate-equivalent FLOPs."""
+        assert self.rate is not None
+        r = self.rate
+        safe = np.maximum(per_query, 1e-9)
+        return (self.rf.flops_per_s / r.flops_per_s) * (safe + r.keys_knee) / safe
 
     def score_s(self, tokens: int, keys: float, kv_read_tokens: int) -> float:
         """:meth:`scores_s` of one batch as a float (plain arithmetic, the same operations
@@ -175,8 +216,11 @@ class AttentionCost:
                 2 * kv * self.kv_bytes + kv * self.kv_bytes + 2 * expanded + q * kv * b + q * w * b
             )
             return rf.product_scalar_s(2.0 * w * q * kv, moved)
+        flops = 2.0 * w * float(keys)
+        if self.rate is not None:
+            flops *= float(self._rate_scale(float(keys) / max(float(tokens), 1.0)))
         return rf.product_scalar_s(
-            2.0 * w * float(keys),
+            flops,
             float(kv_read_tokens) * self.kv_bytes + float(tokens) * w * rf.bytes_per_element,
         )
 

@@ -42,7 +42,7 @@ from functools import partial
 import numpy as np
 
 from moesim.config.engine import HostCost
-from moesim.cost.attention import AttentionCost, AttentionKernel
+from moesim.cost.attention import AttentionCost, AttentionKernel, measured_rate
 from moesim.cost.collectives import all_gather_s, all_reduce_s
 from moesim.cost.layer_cost import LayerCostModel, LayerSample
 from moesim.system import System
@@ -94,7 +94,10 @@ class IterationCost:
         self.layers = m.layers
         self.n_moe = len(m.moe_layer_indices)
         self.n_dense = m.layers - self.n_moe
-        self.attention = AttentionCost(self.rf, m, p.tp, kernel)
+        rate = measured_rate(s.cluster.profile or s.cluster.accelerator.profile)
+        self.attention = AttentionCost(
+            self.rf, m, p.tp, kernel, rate if kernel == "fused" else None
+        )
         self.act_bytes = system.layer_costs.combine_bytes_per_token // m.d_model
         self._dense: dict[int, float] = {}
         self._head: dict[int, float] = {}
@@ -133,7 +136,9 @@ class IterationCost:
                 rf.bytes_per_s,
                 overhead,
             )
-            if kernel == "fused" and (rf.smoothness == float("inf") or rf.smoothness > 1e6)
+            if kernel == "fused"
+            and a.rate is None
+            and (rf.smoothness == float("inf") or rf.smoothness > 1e6)
             else None
         )
         """The fused attention kernel's constants when its roofline is a hard max (then

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.config.training import TrainingWorkload
-from moesim.cost.attention import AttentionCost, causal_keys
+from moesim.cost.attention import AttentionCost, causal_keys, measured_rate
 from moesim.cost.collectives import all_gather_s, reduce_scatter_s
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.cost.step_kernels import ROPE_PASSES, StepKernels
@@ -149,10 +149,13 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     f = figures(m)
     attn_params = f.attention_params_per_layer
     # the one attention cost serving uses too: every sequence computes seq_len new tokens
-    attn = AttentionCost(rf, m, p.tp)
-    proj = attn.projections_s(tokens)
+    # (the fused kernel at its measured rate); the backward from the measured step kernels
+    profile = s.cluster.profile or s.cluster.accelerator.profile
+    attn = AttentionCost(rf, m, p.tp, rate=measured_rate(profile))
+    timed = attn.forward([(w.seq_len, 0)] * w.micro_batch_sequences)
+    proj, scores_f = timed.projections_s, timed.scores_s
     flops = 2.0 * attn.width * causal_keys(w.seq_len, 0) * w.micro_batch_sequences
-    scores_f, scores_b = k.attention_s(flops, w.seq_len)
+    scores_b = k.attention_s(flops, w.seq_len)[1]
     attn_fwd = proj + scores_f
     attn_bwd = 2 * proj + scores_b
     if w.recompute == "selective":
