@@ -7,9 +7,9 @@ Popularity ranks follow expert ids (expert 0 the most popular) unless ``permute`
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from moesim.config.base import Frozen
 
@@ -72,6 +72,84 @@ class HotRouting(_Common):
     """Share of routing probability mass the hot experts receive together."""
 
 
+class PopularityRouting(_Common):
+    """An explicit popularity: measured per-expert shares or counts (normalized to sum 1),
+    in expert-id order; its length must be the model's experts."""
+
+    kind: Literal["popularity"]
+    weights: tuple[float, ...] = Field(min_length=1)
+    """One weight per expert, >= 0, not all zero (counts or shares: they are normalized)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [i for i, w in enumerate(v) if w < 0]
+        if bad:
+            raise ValueError(f"weights[{bad[0]}] is {v[bad[0]]}: weights must be >= 0")
+        if sum(v) <= 0:
+            raise ValueError("weights are all zero: at least one expert must be chosen")
+        return v
+
+
+class _Replayed(Frozen):
+    """Routing that produces each token's choices itself (per layer, in order) rather than
+    from one popularity: no permutation, no drift, layers as the data has them."""
+
+    permute: ClassVar[bool] = False
+    drift: ClassVar[DriftConfig | None] = None
+    layers: ClassVar[str] = "independent"
+
+
+class TraceRouting(_Replayed):
+    """Replay of recorded routing (docs/routing.md): each token's top-k experts at every MoE
+    layer, in order, from a JSON-lines or ``.npz`` file; consumed in order by the workload,
+    starting again from the first token when it needs more (the summary says how often)."""
+
+    kind: Literal["trace"]
+    path: str = Field(min_length=1)
+    """The trace file, relative to the scenario file (the loader makes it absolute)."""
+    source: str = ""
+    """The path as written, for the record (set by the loader)."""
+
+
+class LogitsRouting(_Replayed):
+    """Router logits as a per-expert bias plus Gaussian token noise; each token takes the
+    top_k of ``bias + noise_std x z`` (z standard normal per token, layer and expert,
+    optionally AR(1)-correlated over consecutive tokens and across consecutive MoE layers).
+    ``moesim routing fit TRACE`` fits it to a recorded trace."""
+
+    kind: Literal["logits"]
+    bias: tuple[tuple[float, ...], ...] = Field(min_length=1)
+    """Per-expert bias: one row for every MoE layer, or one row per MoE layer."""
+    noise_std: float = Field(default=1.0, ge=0)
+    """Standard deviation of the token noise, in logit units."""
+    token_correlation: float = Field(default=0.0, ge=0, lt=1)
+    """AR(1) coefficient of a token's noise on the previous token's (temporal locality)."""
+    layer_correlation: float = Field(default=0.0, ge=0, lt=1)
+    """AR(1) coefficient of a token's noise at a MoE layer on its noise at the previous one."""
+
+    @field_validator("bias", mode="before")
+    @classmethod
+    def _rows(cls, v: object) -> object:
+        if isinstance(v, list | tuple) and v and all(isinstance(x, int | float) for x in v):
+            return (tuple(v),)  # one flat row: every layer
+        return v
+
+    @field_validator("bias")
+    @classmethod
+    def _same_width(cls, v: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        if any(len(r) != len(v[0]) for r in v):
+            raise ValueError("every bias row must have one value per expert (same length)")
+        return v
+
+
 RoutingConfig = Annotated[
-    UniformRouting | ZipfRouting | DirichletRouting | HotRouting, Field(discriminator="kind")
+    UniformRouting
+    | ZipfRouting
+    | DirichletRouting
+    | HotRouting
+    | PopularityRouting
+    | TraceRouting
+    | LogitsRouting,
+    Field(discriminator="kind"),
 ]

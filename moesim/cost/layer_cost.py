@@ -26,6 +26,7 @@ import numpy as np
 
 from moesim import rng
 from moesim.routing.distributions import layer_popularities
+from moesim.routing.replay import replayed, window_choices
 from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
 
@@ -128,6 +129,7 @@ class MoELayerCost:
         )
         self._popularity = self._pops[0]
         self._per_layer = s.routing.layers == "independent" and len(self._pops) > 1
+        self._replayed = replayed(s.routing)
 
     def samples_for(self, tokens: int) -> int:
         """Routing samples averaged for a bucket of ``tokens`` tokens (more when the layers
@@ -153,14 +155,20 @@ class MoELayerCost:
             times, drops, comms, links = [], [], [], []
             n = self.samples_for(tokens)
             for i in range(n):
+                gen = rng.stream(s.seed, "layer-cost", tokens, i)
+                choices = None
+                if self._replayed:  # a trace's tokens [i N, (i+1) N), or logits draws
+                    depth = s.model.experts if s.policies.overflow == "reroute" else s.model.top_k
+                    choices = window_choices(s, tokens, i, n, depth, gen)
                 routing = route_layer(
-                    rng.stream(s.seed, "layer-cost", tokens, i),
+                    gen,
                     self.sample_popularity(i, n),
                     self.system.layout,
                     tokens,
                     s.model,
                     s.policies,
                     self.system.expert_node,
+                    choices,
                 )
                 rec = self.simulate(self.system, routing)
                 self.sim_events += rec.sim_events

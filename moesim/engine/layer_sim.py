@@ -8,7 +8,7 @@ exchanges of ``LayerCosts.bulk_a2a_min_flows`` messages or more."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import simpy
@@ -27,7 +27,8 @@ from moesim.engine.moe_layer import (
 )
 from moesim.engine.netapi import Network
 from moesim.engine.network import BatchedFlowNetwork, FlowNetwork
-from moesim.routing.distributions import popularity
+from moesim.routing.distributions import layer_popularities, popularity
+from moesim.routing.replay import RoutingUse, recorded_choices, routing_feed
 from moesim.routing.route import LayerRouting, route_layer
 from moesim.system import System
 
@@ -45,6 +46,8 @@ class LayerRecords:
     popularity: np.ndarray
     network_events: int
     sim_events: int
+    routed: RoutingUse | None = None
+    """What a trace or logits routing handed out (None for popularity sampling)."""
 
 
 def layer_tokens(scenario: Scenario) -> int:
@@ -58,7 +61,14 @@ def layer_tokens(scenario: Scenario) -> int:
 def simulate_layer(system: System) -> LayerRecords:
     """Route T tokens and simulate the layer on stage 0's devices."""
     s = system.scenario
-    pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+    feed = routing_feed(s)
+    choices = None
+    if feed is None:
+        pop = popularity(s.routing, s.model.experts, rng.stream(s.seed, "popularity"))
+    else:  # the first T tokens of the trace (or the logits model) at MoE layer 0
+        pop = layer_popularities(s.routing, s.model.experts, 1, rng.stream(s.seed, "popularity"))[0]
+        depth = s.model.experts if s.policies.overflow == "reroute" else s.model.top_k
+        choices = recorded_choices(feed.take(layer_tokens(s))[:, 0, :], pop, depth)
     routing = route_layer(
         rng.stream(s.seed, "routing", 0),
         pop,
@@ -67,8 +77,10 @@ def simulate_layer(system: System) -> LayerRecords:
         s.model,
         s.policies,
         system.expert_node,
+        choices,
     )
-    return simulate_routed_layer(system, routing, pop)
+    rec = simulate_routed_layer(system, routing, pop)
+    return rec if feed is None else replace(rec, routed=feed.use)
 
 
 def padded_experts(system: System) -> PaddedExperts | None:

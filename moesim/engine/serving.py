@@ -51,6 +51,7 @@ from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.serving_hooks import HealthyServing, ServingHooks
+from moesim.routing.replay import RoutingUse, routing_feed
 from moesim.system import System
 
 DRAIN_CAP = 10.0
@@ -137,6 +138,9 @@ class ServingRecords:
     moe_link_bytes: np.ndarray | None = None
     """Bytes each topology edge carried in the MoE all-to-alls of the whole run (every
     iteration's MoE layers at its batch size, the healthy system's expected traffic)."""
+    routed: RoutingUse | None = None
+    """What a trace or logits routing handed out, every iteration's tokens in order
+    (None for popularity sampling)."""
 
 
 def sample_lengths(dist: LengthConfig, n: int, gen: np.random.Generator) -> np.ndarray:
@@ -213,6 +217,7 @@ class _Server:
             system, moe_cost if moe_cost is not None else simulated_layer_cost(system)
         )
         self.offload = expert_offload(system)
+        self.feed = routing_feed(s)  # a trace or logits routing, consumed in order
         self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
         self.rejected = np.zeros(len(t), dtype=bool)
         self.env = simpy.Environment()
@@ -293,7 +298,8 @@ class _Server:
             if not total:  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
-            stall = self.offload.stall_for(start, total, it)
+            routed = self.feed.take(total) if self.feed is not None else None
+            stall = self.offload.stall_for(start, total, it, routed)
             delay = it.total_s + stall
             t = start + delay  # where env.timeout(delay) from ``start`` lands
             now = env.now
@@ -392,6 +398,7 @@ class _Server:
             offload=self.offload.records,
             failures=self.hooks.records(n),
             moe_link_bytes=self._moe_link_bytes(it.batch_tokens),
+            routed=self.feed.use if self.feed is not None else None,
         )
 
     def _moe_link_bytes(self, batch_tokens: np.ndarray) -> np.ndarray:

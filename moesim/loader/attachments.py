@@ -77,6 +77,7 @@ def expand_traces(
     """Read a serving trace named by path (``workload.arrival.path``, relative to the
     scenario file) and embed its rows as columns, so the resolved scenario is
     self-contained; problems are located at the path, with the CSV row."""
+    _routing_trace(data, positions, scenario_file, policy)
     workload = data.get("workload")
     arrival = workload.get("arrival") if isinstance(workload, dict) else None
     if not isinstance(arrival, dict) or arrival.get("kind") != "trace":
@@ -101,6 +102,36 @@ def expand_traces(
     del arrival["path"]
     arrival["source"] = path
     arrival.update(columns)
+
+
+def _routing_trace(
+    data: dict[str, Any], positions: Positions, scenario_file: str, policy: PathPolicy | None
+) -> None:
+    """A routing trace (``routing.path``, relative to the file it is written in) stays a
+    file, read in chunks at run time: here its path is made absolute and checked against
+    the file policy; its contents are checked against the model by the rules."""
+    import os
+
+    routing = data.get("routing")
+    if not isinstance(routing, dict) or routing.get("kind") != "trace":
+        return
+    written = routing.get("path")
+    if not isinstance(written, str) or not written:
+        return
+    at: Path = ("routing", "path")
+    loc = positions.get(at) or positions.get(("routing",)) or Location(scenario_file)
+    from_set = loc.file.startswith("--set")
+    base = FsPath.cwd() if from_set else FsPath(loc.file or scenario_file).parent
+    file = FsPath(os.path.abspath(base / written))
+    why = policy.problem(file, from_set) if policy is not None else None
+    if why is None and not file.is_file():
+        why = f"cannot read trace {str(file)!r}: " + (
+            "not a regular file" if file.exists() else "no such file"
+        )
+    if why:
+        raise ScenarioError([Issue(loc, dotted(at), why)])
+    routing["path"] = str(file)
+    routing.setdefault("source", written)
 
 
 def _read_trace(raw: bytes) -> dict[str, list[float] | list[int]]:

@@ -24,8 +24,46 @@ def check(s: Scenario) -> list[tuple[str, str]]:
         *_hardware(s),
         *_offload(s),
         *_failures(s),
+        *_routing(s),
         *kind_of(s).rules(s),
     ]
+
+
+def _routing(s: Scenario) -> Rule:
+    """A routing trace matches the model (every token checked, located by line or token);
+    a popularity vector or logits bias has one value per expert."""
+    from moesim.config.routing import LogitsRouting, PopularityRouting, TraceRouting
+    from moesim.routing.trace import TraceError, model_problems, trace_info
+
+    r, m = s.routing, s.model
+    layers = len(m.moe_layer_indices)
+    if isinstance(r, TraceRouting):
+        try:
+            info = trace_info(r.path, m.experts)
+        except TraceError as exc:
+            yield "routing.path", str(exc)
+            return
+        for problem in model_problems(info, m.experts, m.top_k, layers):
+            yield "routing.path", f"trace {r.path!r}: {problem}"
+    elif isinstance(r, PopularityRouting) and len(r.weights) != m.experts:
+        yield (
+            "routing.weights",
+            f"needs one weight per expert (model.experts = {m.experts}), got {len(r.weights)}",
+        )
+    elif isinstance(r, LogitsRouting):
+        if len(r.bias[0]) != m.experts:
+            yield (
+                "routing.bias",
+                f"needs one value per expert (model.experts = {m.experts}) in each row, "
+                f"got {len(r.bias[0])}",
+            )
+        if len(r.bias) not in (1, layers):
+            yield (
+                "routing.bias",
+                f"one row for every MoE layer or one per MoE layer ({layers}), got {len(r.bias)}",
+            )
+    if isinstance(r, TraceRouting | LogitsRouting) and s.failures is not None:
+        yield "routing.kind", f"failures are not modelled with {r.kind!r} routing yet"
 
 
 def _offload(s: Scenario) -> Rule:

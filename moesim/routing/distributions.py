@@ -15,7 +15,10 @@ import numpy as np
 from moesim.config.routing import (
     DirichletRouting,
     HotRouting,
+    LogitsRouting,
+    PopularityRouting,
     RoutingConfig,
+    TraceRouting,
     UniformRouting,
     ZipfRouting,
 )
@@ -29,6 +32,10 @@ def popularity(cfg: RoutingConfig, experts: int, rng: np.random.Generator) -> np
         p = np.arange(1, experts + 1, dtype=float) ** -cfg.s
     elif isinstance(cfg, DirichletRouting):
         p = rng.dirichlet(np.full(experts, cfg.alpha))
+    elif isinstance(cfg, PopularityRouting):
+        p = np.asarray(cfg.weights, dtype=float)
+    elif isinstance(cfg, TraceRouting | LogitsRouting):
+        return layer_popularities(cfg, experts, 1, rng)[0]
     elif isinstance(cfg, HotRouting):
         n_hot = int(min(experts - 1, max(1, math.floor(cfg.hot_fraction * experts + 0.5))))
         if experts == 1:
@@ -51,9 +58,19 @@ def layer_popularities(
     """Each MoE layer's popularity (``layers x experts``, rows sum to 1). Row 0 is
     :func:`popularity` drawn from the same stream; with ``cfg.layers == "independent"``
     the other rows are further Dirichlet draws, or seeded shuffles of row 0's values for
-    the ranked kinds; otherwise every row is row 0."""
-    first = popularity(cfg, experts, rng)
+    the ranked kinds; otherwise every row is row 0. A trace gives each layer's measured
+    popularity, a logits model each layer's (estimated from sampled tokens)."""
     n = max(1, layers)
+    if isinstance(cfg, TraceRouting):
+        from moesim.routing.trace import trace_info
+
+        pops = trace_info(cfg.path, experts).popularity()
+        return pops[np.arange(n) % len(pops)]
+    if isinstance(cfg, LogitsRouting):
+        from moesim.routing.logits import logits_popularity
+
+        return logits_popularity(cfg, experts, n, rng)
+    first = popularity(cfg, experts, rng)
     if cfg.layers == "same" or n == 1:
         return np.tile(first, (n, 1))
     rows = [first]
@@ -84,14 +101,38 @@ def popularity_at(cfg: RoutingConfig, p: np.ndarray, time_s: float) -> np.ndarra
     return drifted(p, time_s / cfg.drift.period_s)
 
 
+def group_limited(keys: np.ndarray, groups: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """Node/group-limited routing (DeepSeek-V2/V3): the experts form ``groups[0]`` equal
+    contiguous groups; a group's score is the sum of its two best keys; each token keeps its
+    ``groups[1]`` best groups and the others' keys are set to -1 (never chosen ahead of a
+    kept expert). Returns the masked keys and how many experts each token may reach."""
+    tokens, experts = keys.shape
+    n_groups, keep = groups
+    size = experts // n_groups
+    grouped = keys.reshape(tokens, n_groups, size)
+    best = np.sort(grouped, axis=2)[:, :, -min(2, size) :].sum(axis=2)
+    chosen = np.argsort(-best, axis=1, kind="stable")[:, :keep]
+    mask = np.ones((tokens, n_groups), dtype=bool)
+    mask[np.arange(tokens)[:, None], chosen] = False
+    out = keys.copy()
+    out[np.repeat(mask, size, axis=1)] = -1.0
+    return out, keep * size
+
+
 def sample_choices(
-    rng: np.random.Generator, p: np.ndarray, tokens: int, depth: int
+    rng: np.random.Generator,
+    p: np.ndarray,
+    tokens: int,
+    depth: int,
+    groups: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each token's ``depth`` best experts in order, and their router probabilities.
 
     Gumbel-top-k in multiplicative form: with E ~ Exp(1) i.i.d., ranking experts by
     p / E is ranking by log p + Gumbel noise, i.e. sampling without replacement in
     proportion to p. Router probabilities are softmax(log p + Gumbel) = (p/E) / sum(p/E).
+    With ``groups`` = (expert groups, groups per token), choices are group-limited
+    (:func:`group_limited`): the ranking holds only the kept groups' experts.
     Returns ``ranking`` (int32, tokens x depth) and ``scores`` (float32, tokens x depth).
     """
     experts = p.shape[0]
@@ -100,6 +141,15 @@ def sample_choices(
     np.maximum(e, np.finfo(np.float32).tiny, out=e)
     w = p.astype(np.float32)[None, :] / e
     w /= w.sum(axis=1, keepdims=True)
+    if groups is not None and groups[1] < groups[0]:
+        w, reach = group_limited(w, groups)
+        depth = min(depth, reach)
+    return top_choices(w, depth)
+
+
+def top_choices(w: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``depth`` largest entries, best first: (ranking int32, scores float32)."""
+    tokens, experts = w.shape
     if depth == experts:
         ranking = np.argsort(-w, axis=1, kind="stable")
         scores = np.take_along_axis(w, ranking, axis=1)

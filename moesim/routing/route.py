@@ -42,6 +42,13 @@ def node_token_counts(expert: np.ndarray, expert_node: np.ndarray, nodes: int) -
     return np.array([int((where == n).any(axis=1).sum()) for n in range(nodes)], dtype=np.int64)
 
 
+def model_groups(model: ModelConfig) -> tuple[int, int] | None:
+    """(expert groups, groups per token) of a group-limited model, else None."""
+    if model.expert_groups is None or model.topk_groups is None:
+        return None
+    return model.expert_groups, model.topk_groups
+
+
 def route_layer(
     rng: np.random.Generator,
     popularity: np.ndarray,
@@ -50,16 +57,23 @@ def route_layer(
     model: ModelConfig,
     policies: PoliciesConfig,
     expert_node: np.ndarray | None = None,
+    choices: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LayerRouting:
     """Sample every token's choices and apply capacity per rank (each rank is a group).
 
     With ``expert_node`` (the node of each expert, per expert-data-parallel group), also
     count each rank's distinct tokens per node (see ``LayerRouting.node_tokens``).
+    ``choices`` (ranking, scores) replaces the sampling (a replayed trace, a logits model:
+    :func:`moesim.routing.replay.window_choices`). Group-limited models (``expert_groups``,
+    ``topk_groups``) sample group-limited choices.
     """
     per_rank = layout.tokens_per_rank(tokens)
     experts, k = model.experts, model.top_k
     depth = experts if policies.overflow == "reroute" else k
-    ranking, scores = sample_choices(rng, popularity, tokens, depth)
+    if choices is None:
+        ranking, scores = sample_choices(rng, popularity, tokens, depth, model_groups(model))
+    else:
+        ranking, scores = choices
     counts = np.zeros((len(per_rank), experts), dtype=np.int64)
     dropped = rerouted = fully = 0
     cap_max: int | None = None

@@ -25,6 +25,8 @@ class Simulated:
 
     records: Any
     run: Any = None
+    routed: Any = None
+    """What a trace or logits routing handed out (``moesim.routing.replay.RoutingUse``)."""
 
 
 class WorkloadKind(Protocol):

@@ -35,7 +35,8 @@ class LayerKind:
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.engine.layer_sim import simulate_layer
 
-        return Simulated(simulate_layer(system))
+        rec = simulate_layer(system)
+        return Simulated(rec, routed=rec.routed)
 
     def shares_layer_cost(self) -> bool:
         return False
@@ -43,7 +44,10 @@ class LayerKind:
     def summary(self, system: System, sim: Simulated) -> dict[str, Any]:
         from moesim.report.summary import layer_summary
 
-        return layer_summary(system, sim.records)
+        summary = layer_summary(system, sim.records)
+        if sim.routed is not None:
+            summary["routing"] = sim.routed.summary()
+        return summary
 
     def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
         from moesim.energy.summary import layer_energy

@@ -89,7 +89,8 @@ class ServingKind:
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.failures.serving import simulate_serving_with_failures
 
-        return Simulated(simulate_serving_with_failures(system, moe_cost))
+        rec = simulate_serving_with_failures(system, moe_cost)
+        return Simulated(rec, routed=rec.routed)
 
     def shares_layer_cost(self) -> bool:
         return True
@@ -99,6 +100,8 @@ class ServingKind:
         from moesim.report.serving import serving_summary
 
         summary = serving_summary(system, sim.records)
+        if sim.routed is not None:
+            summary["routing"] = sim.routed.summary()
         if sim.records.failures is not None:
             summary["failures"] = serving_failures_summary(system, sim.records)
         return summary

@@ -36,11 +36,16 @@ class TrainingKind:
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.engine.training import simulate_training
         from moesim.failures.training_run import simulate_training_run
+        from moesim.routing.replay import consume
 
-        w = _workload(system.scenario)
+        s = system.scenario
+        w = _workload(s)
         records = simulate_training(system, w)
         run = simulate_training_run(system, w, records) if w.duration_s is not None else None
-        return Simulated(records, run)
+        # a trace or logits routing: every micro-batch of every step takes the next tokens
+        batch = w.seq_len * w.micro_batch_sequences * s.parallelism.dp
+        routed = consume(s, w.steps * w.microbatches * batch, batch)
+        return Simulated(records, run, routed)
 
     def shares_layer_cost(self) -> bool:
         return False
@@ -51,6 +56,8 @@ class TrainingKind:
 
         w = _workload(system.scenario)
         summary = training_summary(system, w, sim.records)
+        if sim.routed is not None:
+            summary["routing"] = sim.routed.summary()
         if sim.run is not None:
             summary["failures"] = training_failures_summary(system, w, sim.run)
         return summary

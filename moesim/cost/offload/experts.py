@@ -85,6 +85,16 @@ def touched_experts(
     return out
 
 
+def touched_by(routed: np.ndarray, layers: int, experts: int) -> np.ndarray:
+    """Which experts the given tokens' choices touch per layer (bool, layers x experts):
+    ``routed`` int [tokens, layers, top_k]."""
+    out = np.zeros((layers, experts), dtype=bool)
+    if routed.size:
+        rows = np.broadcast_to(np.arange(layers)[None, :, None], routed.shape)
+        out[rows.ravel(), routed.ravel()] = True
+    return out
+
+
 class Tier:
     """One cache level of one device: pinned keys plus an LRU or LFU managed part."""
 
@@ -241,16 +251,28 @@ class ExpertOffload:
         return self.rates.latency_s + self.expert_bytes / bps
 
     def step(
-        self, now_s: float, tokens: int, attention_s: float, moe_s: float, dense_s: float
+        self,
+        now_s: float,
+        tokens: int,
+        attention_s: float,
+        moe_s: float,
+        dense_s: float,
+        routed: np.ndarray | None = None,
     ) -> float:
         """The stall of one iteration starting at ``now_s`` over ``tokens`` tokens (all DP
         ranks), whose per-layer times are ``attention_s`` (one block's attention),
-        ``moe_s`` (one MoE block) and ``dense_s`` (one dense FFN block)."""
+        ``moe_s`` (one MoE block) and ``dense_s`` (one dense FFN block). ``routed``
+        (int [tokens, moe_layers, top_k], from a trace or logits feed) gives the
+        iteration's real choices: the simulated group's tokens (its first
+        ``ceil(tokens / edp)``) touch exactly their experts."""
         t = self.totals
-        p = popularity_at(self.routing, self.base, now_s)
         n_moe = len(self.moe_layers)
         per_group = math.ceil(tokens / self.edp)
-        used = touched_experts(self.gen, p, per_group, self.top_k, n_moe)
+        if routed is not None:
+            used = touched_by(routed[:per_group], n_moe, self.experts)
+        else:
+            p = popularity_at(self.routing, self.base, now_s)
+            used = touched_experts(self.gen, p, per_group, self.top_k, n_moe)
         moe_set = set(self.moe_layers)
         cfg, pre = self.cfg, self.cfg.prefetch
         E = self.experts
@@ -344,7 +366,9 @@ class ExpertOffload:
         """What a serving run's records keep: the caches and their totals (this object)."""
         return self
 
-    def stall_for(self, now_s: float, tokens: int, it: IterationTime) -> float:
+    def stall_for(
+        self, now_s: float, tokens: int, it: IterationTime, routed: np.ndarray | None = None
+    ) -> float:
         """:meth:`step` with the per-layer times of a costed serving iteration."""
         n_moe = len(self.moe_layers)
         n_dense = self.layers - n_moe
@@ -354,6 +378,7 @@ class ExpertOffload:
             it.attention_s / self.layers,
             it.moe_s / n_moe if n_moe else 0.0,
             it.dense_s / n_dense if n_dense else 0.0,
+            routed,
         )
 
     def _prefetch(
@@ -447,7 +472,9 @@ class NoOffload:
     records: None = None
     """Nothing for a serving run's records."""
 
-    def stall_for(self, now_s: float, tokens: int, it: IterationTime) -> float:
+    def stall_for(
+        self, now_s: float, tokens: int, it: IterationTime, routed: np.ndarray | None = None
+    ) -> float:
         return 0.0
 
 
