@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from moesim import __version__
-from moesim.cli import calibrate, catalog, simulate
+from moesim.cli import calibrate, catalog, routing, simulate
 from moesim.cli.calibrate import FIT_MODELS
 from moesim.errors import EXIT_INTERRUPTED, EXIT_SCENARIO_ERROR, OutputError, ScenarioError
 
@@ -241,6 +241,7 @@ def _parser() -> argparse.ArgumentParser:
         "deepseek_v2, deepseek_v3, olmoe, dbrx)",
     )
     im.add_argument("--name", help="model name (default: the config's folder name)")
+    routing.add_parser(sub)
     return p
 
 
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "import-model": catalog.import_model,
             "sweep": simulate.sweep,
             "capacity": simulate.capacity,
+            "routing": routing.routing,
         }[args.command]
         return handler(args)
     except ScenarioError as exc:

@@ -155,6 +155,9 @@ def layer_choices(
 
 
 POPULARITY_TOKENS = 8192
+ROUNDS = 3
+"""Fit rounds: the noise scale by bisection, then the bias corrected by the popularity."""
+BISECTIONS = 16
 
 
 def logits_popularity(
@@ -231,10 +234,11 @@ def fit_logits(
     """Fit a logits model to a trace: ``counts`` [layers, experts] over the whole trace;
     ``sample`` int [tokens, layers, top_k], consecutive tokens of it (the curve's data).
 
-    bias = log(popularity) (floored at 1e-3 of the mean share, centred per layer); the noise
-    scale by bisection on log-scale so that the model's distinct-experts curve over
-    :func:`batch_sizes` matches the trace's (least squared relative error; each candidate
-    is scored on one fixed seed, so the fit is deterministic)."""
+    bias = log(popularity) (floored at 1e-3 of the mean share, centred per layer); then
+    :data:`ROUNDS` times: the noise scale by bisection (log scale) on the mean relative
+    error of the model's distinct-experts curve over :func:`batch_sizes` against the
+    trace's, and the bias moved by log(measured / model popularity) (top-k under noise
+    flattens it). Every candidate is drawn with one fixed seed: the fit is deterministic."""
     layers = counts.shape[0]
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     floor = 1e-3 / experts
@@ -244,24 +248,37 @@ def fit_logits(
         bias = bias.mean(axis=0, keepdims=True)
     batches = batch_sizes(len(sample))
     target = distinct_curve(sample, batches, experts)
-    n = max(batches) * 8
+    n = min(max(batches) * 8, 16384)
 
-    def model(sigma: float) -> tuple[LogitsRouting, np.ndarray]:
+    def draw(b: np.ndarray, sigma: float) -> tuple[LogitsRouting, np.ndarray]:
         cfg = LogitsRouting(
-            kind="logits", bias=tuple(tuple(float(v) for v in r) for r in bias), noise_std=sigma
+            kind="logits", bias=tuple(tuple(float(v) for v in r) for r in b), noise_std=sigma
         )
-        draws = LogitsStream(cfg, experts, top_k, layers, np.random.default_rng(seed)).take(n)
-        return cfg, distinct_curve(draws, batches, experts)
+        return cfg, LogitsStream(cfg, experts, top_k, layers, np.random.default_rng(seed)).take(n)
 
-    def err(curve: np.ndarray) -> float:
-        return float(np.nanmean(curve / target - 1.0))
+    def err(x: np.ndarray) -> float:
+        return float(np.nanmean(distinct_curve(x, batches, experts) / target - 1.0))
 
-    lo, hi = 1e-3, 64.0
-    for _ in range(30):  # the curve grows with sigma: bisect the mean signed error
-        mid = float(np.sqrt(lo * hi))
-        if err(model(mid)[1]) < 0:
-            lo = mid
+    sigma = 1.0
+    for _ in range(ROUNDS):
+        lo, hi = 1e-3, 64.0
+        for _ in range(BISECTIONS):  # the curve grows with sigma: bisect the mean signed error
+            mid = float(np.sqrt(lo * hi))
+            if err(draw(bias, mid)[1]) < 0:
+                lo = mid
+            else:
+                hi = mid
+        sigma = float(np.sqrt(lo * hi))
+        # top-k under noise flattens the bias: move it by the popularity still missed
+        _, x = draw(bias, sigma)
+        got = np.stack([np.bincount(x[:, j].ravel(), minlength=experts) for j in range(layers)])
+        got = got / np.maximum(got.sum(axis=1, keepdims=True), 1)
+        if not per_layer:
+            got = got.mean(axis=0, keepdims=True)
+            want = share.mean(axis=0, keepdims=True)
         else:
-            hi = mid
-    cfg, curve = model(float(np.sqrt(lo * hi)))
-    return Fit(cfg, batches, target, curve)
+            want = share
+        bias = bias + np.log(np.maximum(want, floor) / np.maximum(got, floor))
+        bias -= bias.mean(axis=1, keepdims=True)
+    cfg, x = draw(bias, sigma)
+    return Fit(cfg, batches, target, distinct_curve(x, batches, experts))

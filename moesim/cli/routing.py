@@ -1,0 +1,90 @@
+"""The ``moesim routing`` commands: ``stats TRACE`` (popularity, entropy, skew, cross-layer
+correlation, reuse distance and the LRU curve) and ``fit TRACE`` (a ``routing: {kind:
+logits}`` section fitted to the trace, printed as YAML)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from moesim.errors import EXIT_SCENARIO_ERROR
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from moesim.routing.trace import TraceInfo
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ro = sub.add_parser(
+        "routing", help="statistics of a routing trace, or a logits model fitted to it"
+    )
+    verbs = ro.add_subparsers(dest="routing_command", required=True)
+    st = verbs.add_parser("stats", help="popularity, entropy, skew, correlation, reuse distance")
+    st.add_argument("trace", help="a routing trace (.jsonl or .npz; docs/routing.md)")
+    st.add_argument(
+        "--tokens", type=int, default=4096, help="tokens used for correlation and reuse"
+    )
+    st.add_argument("--json", action="store_true", help="print the figures as JSON")
+    fi = verbs.add_parser("fit", help="fit routing: {kind: logits} to a trace (prints YAML)")
+    fi.add_argument("trace", help="a routing trace (.jsonl or .npz; docs/routing.md)")
+    fi.add_argument("--tokens", type=int, default=32768, help="tokens whose curve is matched")
+    fi.add_argument("--shared-bias", action="store_true", help="one bias row for every layer")
+    fi.add_argument("--seed", type=int, default=0, help="seed of the model's draws while fitting")
+
+
+def routing(args: argparse.Namespace) -> int:
+    from moesim.routing.trace import TraceCursor, TraceError, trace_info
+
+    try:
+        info = trace_info(args.trace)
+        sample = TraceCursor(args.trace).take(min(max(1, args.tokens), info.tokens)).experts
+    except TraceError as exc:
+        print(f"moesim routing: {exc}", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    if args.routing_command == "stats":
+        return _stats(args, info, sample)
+    return _fit(args, info, sample)
+
+
+def _stats(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
+    from moesim.routing.stats import trace_stats
+
+    out = {"trace": args.trace, "tokens": info.tokens, "steps": info.steps}
+    out.update(trace_stats(info.counts, sample))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for key, value in out.items():
+        if isinstance(value, list) and len(value) > 12:
+            shown = ", ".join(str(v) for v in value[:12]) + f", ... ({len(value)})"
+        else:
+            shown = json.dumps(value)
+        print(f"{key:<32} {shown}")
+    return 0
+
+
+def _fit(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
+    from moesim.routing.logits import fit_logits
+
+    fit = fit_logits(
+        info.counts,
+        sample,
+        info.experts,
+        info.top_k,
+        seed=args.seed,
+        per_layer=not args.shared_bias,
+    )
+    c = fit.config
+    rows = ",\n    ".join("[" + ", ".join(f"{v:.4f}" for v in r) + "]" for r in c.bias)
+    print(f"# fitted to {args.trace}: {info.tokens} tokens, {info.moe_layers} MoE layers")
+    print("# distinct experts touched per layer (batch: trace / model):")
+    for b, t, m in zip(fit.batches, fit.trace_curve, fit.model_curve):
+        print(f"#   {b:>5}: {t:8.3f} / {m:8.3f}")
+    print(f"# worst relative difference {fit.worst_error:.1%}")
+    print("routing:\n  kind: logits")
+    print(f"  noise_std: {c.noise_std:.6g}")
+    print(f"  bias: [\n    {rows}\n  ]")
+    return 0
