@@ -182,4 +182,4 @@ def test_training_steps_match_h200_measurements():
     assert held["opt"][0] <= 0.05, held["opt"]
     assert held["fwd"][0] <= 0.10, held["fwd"]
     assert held["fwd_bwd"][0] <= 0.12, held["fwd_bwd"]
-    assert held["peak"][0] <= 0.10, held["peak"]
+    assert held["peak"][0] <= 0.10 and held["peak"][1] <= 0.15, held["peak"]

@@ -483,6 +483,60 @@ def measure_steps(
         _parts(sink, dev, model, precision, parts_tokens, seq_len, timer, common, align)
 
 
+def profile_parts(
+    sink: Sink, dev: torch.device, s: Shape, precision: str, tokens: int, seq_len: int, align: int
+) -> None:
+    """Print the kernels of one block's halves (forward + backward) under the profiler, and
+    record the bytes each half keeps for its backward (``train_part_memory``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = BF16 if precision == "bf16" else torch.float32
+    model = Stack(replace(s, layers=1), dev, dtype)
+    model.set_form("grouped" if dev.type == "cuda" else "loop", align=align)
+    seqs = max(1, tokens // seq_len)
+    x0 = (torch.randn(tokens, s.d_model, device=dev) * 0.5).to(dtype).requires_grad_(True)
+    rope = _rope(s, tokens // seqs, dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for part, fn in (
+        ("attention", lambda: model.attn[0](x0, seqs, rope)),
+        ("moe", lambda: model.moe[0](x0)),
+    ):
+        for _ in range(2):
+            with _autocast(dev, precision):
+                out = fn()
+            out.float().sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(dev)
+            with _autocast(dev, precision):
+                out = fn()
+            torch.cuda.synchronize()
+            kept = torch.cuda.memory_allocated(dev) - before
+            sink.write(
+                "train_part_memory",
+                model=s.name,
+                precision=precision,
+                part=part,
+                tokens=tokens,
+                sequences=seqs,
+                d_model=s.d_model,
+                saved_bytes=int(kept),
+            )
+            log(f"{s.name} {precision} {part}: keeps {kept / 2**20:.0f} MiB for backward")
+            del out
+        with profile(activities=acts) as prof:
+            with _autocast(dev, precision):
+                out = fn()
+            out.float().sum().backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(f"== {s.name} {precision} {part} {tokens} tokens", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70))
+        model.zero_grad(set_to_none=True)
+        x0.grad = None
+
+
 def _parts(
     sink: Sink,
     dev: torch.device,
@@ -856,6 +910,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         torch.cuda.empty_cache()
         if "primitives" in sections:
             measure_primitives(sink, dev, timer, args.quick)
+        if "profile" in sections:  # where a block's time goes, kernel by kernel
+            for name in ("olmoe-1b-7b", "mixtral-8x7b"):
+                shp = shapes[name] if args.quick else load_shape(name, 1)
+                for precision in ("bf16", "amp_fp32_master"):
+                    n = 256 if args.quick else 8192
+                    profile_parts(sink, dev, shp, precision, n, seq_len, align)
         if "heldout" in sections:
             for name, layers, seq, counts, precisions in HELD_OUT:
                 s = load_shape(name, layers)

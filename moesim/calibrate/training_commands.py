@@ -105,6 +105,7 @@ def step_scenario(r: dict[str, Any], profile: str | None) -> dict[str, Any]:
             "microbatches": 1,
             "precision": r["precision"],
             "optimizer_bytes_per_param": state,
+            "persistent_grads": False,  # zero_grad(set_to_none=True) between steps
         },
     }
     if r["form"] == "padded":

@@ -60,6 +60,12 @@ class TrainingWorkload(Frozen):
     all-reduced after the backward pass (nothing overlaps). ``bucketed``: PyTorch DDP /
     Megatron buckets of ``bucket_mb``, each all-reduced as soon as the backward has
     produced its gradients, overlapping the rest of the backward pass."""
+    persistent_grads: bool = True
+    """Gradients live in buffers that persist between steps (PyTorch DDP's buckets,
+    Megatron's gradient buffers, FSDP's shards): they add to the activations at the
+    memory peak. False: plain PyTorch, which frees them between steps
+    (``zero_grad(set_to_none=True)``), so they appear only as the backward frees the
+    activations and the peak is the larger of the two phases."""
     bucket_mb: float = Field(default=25.0, gt=0)
     """Bucket size of ``grad_sync: bucketed``, MB (PyTorch DDP's default
     ``bucket_cap_mb`` is 25)."""

@@ -19,7 +19,9 @@ the score matrix) drop the ``5 a s / h`` term; full
 recomputation keeps only each block's input, ``2 s b h``. The FFN's ``19 s b h`` is
 replaced, for an MoE block, by what its expert slots keep per token: the routed input and
 probabilities, and per slot the expert input (2h), the up/gate outputs (2 x 2 d_ff if
-gated, else 2 d_ff) and the activation output (2 d_ff), plus the shared experts likewise;
+gated, else 2 d_ff), the activated gate (2 d_ff, gated only), the activation output
+(2 d_ff) and the expert's output kept by the weighted combine (2h), plus the shared
+experts likewise (without the combine's copy);
 dense blocks keep the dense FFN's equivalent. A pipeline stage holds the activations of
 the micro-batches in flight: all of them under GPipe, ``pp - stage`` under 1F1B.
 
@@ -61,12 +63,21 @@ class TrainingMemory:
     comm_buffers: int
     offloaded_optimizer: int = 0
     """Optimizer state of this device kept in host DRAM (ZeRO-Offload), not in ``total``."""
+    persistent_grads: bool = True
+    """Gradients persist between steps (see ``TrainingWorkload.persistent_grads``)."""
+    block_activations: int = 0
+    """Activations of one block (the backward's working set when gradients are freed)."""
 
     @property
     def total(self) -> int:
-        return (
-            self.weights + self.gradients + self.optimizer + self.activations + (self.comm_buffers)
-        )
+        """The peak: with persistent gradients, everything at once; else the end of the
+        forward (all activations) or the end of the backward (all gradients, with one
+        block's activations still in use), whichever is larger."""
+        if self.persistent_grads:
+            live = self.gradients + self.activations
+        else:
+            live = max(self.activations, self.gradients + self.block_activations)
+        return self.weights + self.optimizer + live + self.comm_buffers
 
     @property
     def fits(self) -> bool:
@@ -86,7 +97,9 @@ class TrainingMemory:
 
 
 def _ffn_act_per_slot(d_model: int, d_ff: int, gated: bool) -> int:
-    return 2 * d_model + 2 * d_ff * (2 if gated else 1) + 2 * d_ff
+    """Bytes an FFN keeps per token (slot) in bf16: its input, the up (and gate) output, the
+    activated gate (a gated unit's product keeps both factors), the activation output."""
+    return 2 * d_model + 2 * d_ff * (2 if gated else 1) + 2 * d_ff * (2 if gated else 1)
 
 
 def block_activation_bytes(
@@ -101,10 +114,11 @@ def block_activation_bytes(
     attention = s * b * h * (11 + (5 * heads * s / h if keeps_scores else 0))
     norms = 4 * s * b * h
     if moe:
+        # per routed slot also the expert's output, which the weighted combine keeps
         per_token = (
             2 * h
             + 4 * m.experts
-            + m.top_k * _ffn_act_per_slot(h, m.expert_d_ff // p.etp, m.is_gated)
+            + m.top_k * (_ffn_act_per_slot(h, m.expert_d_ff // p.etp, m.is_gated) + 2 * h)
         )
         if m.shared_experts:
             per_token += _ffn_act_per_slot(h, m.shared_d_ff * m.shared_experts, m.is_gated)
@@ -144,6 +158,10 @@ def training_memory(
         block_activation_bytes(m, False, w, p)
     )
     in_flight = w.microbatches if w.schedule == "gpipe" else min(p.pp, w.microbatches)
+    if w.weight_bytes != BF16_BYTES:
+        # autocast's bf16 copies of the weights a block multiplies stay alive until its
+        # backward (the products saved them), once per micro-batch in flight
+        per_block += BF16_BYTES * (weights / max(1, blocks)) / w.weight_bytes
     activations = blocks * per_block * in_flight
     if p.pp == 1:  # the loss on this (last) stage: logits in bf16, their fp32 copy and
         # the fp32 log-probabilities saved for backward, all alive at the loss's forward
@@ -160,4 +178,6 @@ def training_memory(
         activations=int(activations),
         comm_buffers=int(comm),
         offloaded_optimizer=int(optim) if offload_optimizer else 0,
+        persistent_grads=w.persistent_grads,
+        block_activations=int(per_block),
     )
