@@ -112,20 +112,25 @@ def step_scenario(r: dict[str, Any], profile: str | None) -> dict[str, Any]:
         scenario["policies"] = {
             "capacity_factor": float(r["capacity_factor"]),
             "expert_compute": "padded",
+            "group_size": int(r["group_size"]),
+            "mask_build": "eager",  # the harness builds its masks op by op
         }
     return scenario
 
 
-def compare(records: Sequence[dict[str, Any]], profile: str | None) -> list[dict[str, Any]]:
-    """One row per measured grouped-form step: measured and predicted phases (ms, GiB)."""
+def compare(
+    records: Sequence[dict[str, Any]], profile: str | None, forms: Sequence[str] = ("grouped",)
+) -> list[dict[str, Any]]:
+    """One row per measured step of the expert ``forms``: measured and predicted phases
+    (ms, GiB)."""
     from moesim.engine.training import simulate_training
     from moesim.loader import scenario_from_dict
     from moesim.system import build_system
 
     rows = []
     for group, r in held_out_runs(records):
-        if r["form"] != "grouped":
-            continue  # loops and padded experts: see docs/fidelity.md
+        if r["form"] not in forms:
+            continue
         s = scenario_from_dict(step_scenario(r, profile))
         sim = simulate_training(build_system(s), s.workload)  # type: ignore[arg-type]
         st = sim.stages[0]
@@ -143,6 +148,8 @@ def compare(records: Sequence[dict[str, Any]], profile: str | None) -> list[dict
             "step": r["step_ms"],
             "peak": r["peak_bytes"] / 2**30,
         }
+        if r["form"] != "grouped":
+            group = f"{group}, {r['form']}"
         rows.append({"set": group, "record": r, "measured": meas, "predicted": pred})
     return rows
 
@@ -167,10 +174,10 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, 
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "| set | model | layers | precision | tokens | " + " | ".join(
+    head = "| set | model | layers | precision | tokens | cf | " + " | ".join(
         f"{p} meas / pred" for p in PHASES
     )
-    lines = [head + " |", "|" + "---|" * (5 + len(PHASES))]
+    lines = [head + " |", "|" + "---|" * (6 + len(PHASES))]
     for row in rows:
         r = row["record"]
         cells = [
@@ -179,7 +186,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         ]
         lines.append(
             f"| {row['set']} | {r['model']} | {r['layers']} | {r['precision']} | "
-            f"{r['tokens']} | " + " | ".join(cells) + " |"
+            f"{r['tokens']} | {r.get('capacity_factor') or ''} | " + " | ".join(cells) + " |"
         )
     lines.append("")
     lines.append("| set | " + " | ".join(f"{p}: median / worst abs error" for p in PHASES) + " |")
@@ -191,7 +198,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def training_fidelity(measurements: str, profile: str | None, markdown: str | None) -> int:
-    rows = compare(_records(measurements), profile)
+    rows = compare(_records(measurements), profile, ("grouped", "padded"))
     if not rows:
         raise SystemExit(f"moesim: {measurements}: no train_step records of the grouped form")
     text = table(rows)

@@ -29,6 +29,7 @@ from moesim.config.training import TrainingWorkload
 from moesim.cost.attention import AttentionCost, causal_keys, measured_rate
 from moesim.cost.collectives import all_gather_s, reduce_scatter_s
 from moesim.cost.layer_cost import MoELayerCost
+from moesim.cost.padded import PaddedExperts
 from moesim.cost.step_kernels import ROPE_PASSES, StepKernels
 from moesim.derived.model_figures import figures
 from moesim.system import System
@@ -79,6 +80,16 @@ def _expert_products_s(system: System, tokens: int) -> float:
     up_n = (2 if m.is_gated else 1) * d_ff
     local = max(1, m.experts // p.ep)
     per_expert = tokens * m.top_k / m.experts
+    padded = PaddedExperts.of(s.policies, m)
+    einsum = 0.0
+    if padded is not None:
+        # padded experts compute every group's full capacity, of every rank of the group;
+        # the backward also runs one more einsum than the forward's two (the combine's
+        # gradients towards the expert outputs and towards the gate weights, the
+        # dispatch's towards the tokens)
+        rank_tokens = tokens // max(1, p.ep)
+        per_expert = padded.groups(rank_tokens).rows_per_expert * max(1, p.ep)
+        einsum = padded.einsum_s(rf, rank_tokens, m.d_model)
     n = np.full(local, per_expert)
     if system.layer_costs.expert_kernel == "loop":
         t = float(rf.gemm_s(n, m.d_model, up_n).sum() + rf.gemm_s(n, d_ff, m.d_model).sum())
@@ -92,7 +103,7 @@ def _expert_products_s(system: System, tokens: int) -> float:
             rf.gemm_s(local_tokens, m.d_model, shared_up)
             + rf.gemm_s(local_tokens, width, m.d_model)
         )
-    return t
+    return t + einsum
 
 
 def step_kernels(system: System) -> StepKernels:
