@@ -128,6 +128,7 @@ def markdown(rows: Sequence[Row], title: str, target: tuple[float, float | None]
         f"| all | {st.n} | {100 * st.median_abs:.1f}% | {100 * st.worst_abs:.1f}% | "
         f"{_verdict(st, target)} |"
     )
+    lines += ["", *composition_table(rows)]
     lines += [
         "",
         "By token count:",
@@ -154,6 +155,40 @@ def markdown(rows: Sequence[Row], title: str, target: tuple[float, float | None]
             f"{r.measured_ms:.4g} | {r.predicted_ms:.4g} | {100 * r.error:+.1f}% |"
         )
     return "\n".join(lines) + "\n"
+
+
+SMALL_TOKENS = 512
+"""Layers below this many tokens are the small-batch regime of issue 11's targets."""
+COMPOSITION_TARGETS = {"loop": 0.10, "small": 0.15}
+"""Issue 11's median |error| targets: per-expert loops (every size) and grouped-GEMM
+layers below :data:`SMALL_TOKENS` tokens."""
+
+
+def composition_table(rows: Sequence[Row]) -> list[str]:
+    """Markdown lines: per implementation, the layers below and from :data:`SMALL_TOKENS`
+    tokens (median / worst |error|) and issue 11's target where it applies."""
+    lines = [
+        f"Small batches (T < {SMALL_TOKENS}) and per-expert loops (issue 11: loop median "
+        f"<= {100 * COMPOSITION_TARGETS['loop']:.0f}%, grouped below {SMALL_TOKENS} tokens "
+        f"median <= {100 * COMPOSITION_TARGETS['small']:.0f}%):",
+        "",
+        f"| implementation | T < {SMALL_TOKENS} | T >= {SMALL_TOKENS} | all | issue 11 target |",
+        "|---|---|---|---|---|",
+    ]
+    for impl in sorted({r.impl for r in rows}):
+        mine = [r for r in rows if r.impl == impl]
+        small = stats([r for r in mine if r.tokens < SMALL_TOKENS])
+        large = stats([r for r in mine if r.tokens >= SMALL_TOKENS])
+        every = stats(mine)
+        loop = impl.startswith("loop")
+        checked, bound = (every, "loop") if loop else (small, "small")
+        verdict = _verdict(checked, (COMPOSITION_TARGETS[bound], None))
+        cells = [
+            f"{100 * st.median_abs:.1f}% / {100 * st.worst_abs:.1f}%" if st.n else "-"
+            for st in (small, large, every)
+        ]
+        lines.append(f"| {impl} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
 
 
 def text_table(rows: Sequence[Row]) -> str:

@@ -1,7 +1,8 @@
 """Fit a DeviceProfile to measurements: the GEMM model by least squares on log time, the
 memory bandwidth and call overhead directly, grouped-kernel tiling by a small grid search,
-and the per-layer routing glue by non-negative least squares on measured layers of the
-calibration set (whose shapes are then excluded from the fidelity report)."""
+and the layer's fixed costs (a launch pipeline on GPUs, a per-layer glue time on CPUs) on
+measured layers of the calibration set (whose shapes are then excluded from the fidelity
+report)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.calibrate.launch_fit import fit_launch
 from moesim.calibrate.records import Record, measured_s, of_kind
 from moesim.config.profile import CollectiveFit, DeviceProfile, FitQuality, GemmFit
 from moesim.units import BYTES_PER_ELEMENT
@@ -264,12 +266,15 @@ def fit_profile(
     replay: Callable[[Record, DeviceProfile], float],
     extra_records: Sequence[Record] = (),
 ) -> DeviceProfile:
-    """The whole profile: primitives first, then the layer glue on the fit models' layers.
+    """The whole profile: primitives first, then the layer's fixed costs on the fit
+    models' layers.
 
     ``replay(record, profile)`` predicts a measured layer with the given profile from its
-    measured counts; the glue is one fixed time per layer (separately for eager launches
-    and CUDA-graph replays): the median of what the primitives leave unexplained in the
-    calibration layers with the fewest tokens, where the fixed cost dominates.
+    measured counts. GPU layers with CUDA-graph replays fit a launch pipeline
+    (:func:`moesim.calibrate.launch_fit.fit_launch`: per-kernel device time, host issue,
+    the loop's host read); others (numpy) one fixed glue time per layer: the median of
+    what the primitives leave unexplained in the calibration layers with the fewest
+    tokens, where the fixed cost dominates.
     """
 
     dtype = of_kind(records, "gemm")[0]["dtype"]
@@ -296,6 +301,9 @@ def fit_profile(
     )
     layers = [r for r in of_kind(records, "moe_layer") if r["model"] in fit_models]
     fitted = base
+    if any(r.get("ms_graph") for r in layers):
+        # GPU layers, eager and replayed as CUDA graphs: the layer as a launch pipeline
+        fitted = fit_launch(records, fitted, layers, replay, BYTES[dtype])
     for mode, key, quality_key in (
         ("eager", "layer_overhead_us", "layer_fit"),
         ("graph", "graph_layer_overhead_us", "graph_layer_fit"),
@@ -308,13 +316,14 @@ def fit_profile(
         if not recs:
             continue
         meas = np.array([measured_s(r) for r in recs])
-        probe = fitted.model_copy(update={key: 0.0})
-        bare = np.array([replay(r, probe) for r in recs])
-        # the glue is a fixed cost per layer: what the primitives leave unexplained where
-        # the fixed cost dominates, at the fewest tokens measured
-        fewest = np.array([r["tokens"] for r in recs]) <= min(r["tokens"] for r in recs) * 4
-        glue = max(0.0, float(np.median((meas - bare)[fewest])))
-        fitted = fitted.model_copy(update={key: glue * 1e6})
+        if fitted.launch is None:
+            probe = fitted.model_copy(update={key: 0.0})
+            bare = np.array([replay(r, probe) for r in recs])
+            # the glue is a fixed cost per layer: what the primitives leave unexplained
+            # where the fixed cost dominates, at the fewest tokens measured
+            fewest = np.array([r["tokens"] for r in recs]) <= min(r["tokens"] for r in recs) * 4
+            glue = max(0.0, float(np.median((meas - bare)[fewest])))
+            fitted = fitted.model_copy(update={key: glue * 1e6})
         pred = np.array([replay(r, fitted) for r in recs])
         fitted = fitted.model_copy(update={quality_key: quality(pred, meas)})
     return fitted

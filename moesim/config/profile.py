@@ -70,6 +70,67 @@ class FitQuality(Frozen):
     worst_abs_error: float = Field(ge=0)
 
 
+class LaunchFit(Frozen):
+    """How an MoE layer's kernels reach the device: a launch pipeline.
+
+    The host issues the layer's kernels one by one and the device runs them in order; in
+    eager mode the two overlap, so a layer takes about max(host issue, device time) (the
+    host runs ahead while the device streams weights, and the device idles while the host
+    issues small kernels); a CUDA-graph replay has no host issue at all. Every kernel costs
+    the device its roofline time: a product its time in ``device_gemm``, any other kernel
+    its memory traffic plus ``kernel_device_us``. A per-expert loop first reads the
+    per-expert row counts on the host (a device-to-host synchronisation, which drains the
+    queue: the host's lead is lost) and then issues each touched expert's kernels, so each
+    expert costs about max(its host issue, its device time). Host issue times: a product
+    ``product_host_us``, a grouped product ``grouped_host_us``, an elementwise kernel
+    ``DeviceProfile.kernel_overhead_us`` (the measured launch rate), a product writing into
+    a slice inside a per-expert loop ``loop_product_host_us``. Kernel counts come from the
+    model's structure (see :class:`moesim.cost.compute.LaunchPipeline`)."""
+
+    device_gemm: GemmFit
+    """Products' device time: the GEMM and grouped-GEMM microbenchmarks (run back to back,
+    eagerly) fitted as max(host issue, device time) rather than their sum; ``overhead_us``
+    is here the device's fixed time of a product (ramp-up, tail, launch latency) and
+    ``grouped_overhead_us`` a grouped product's extra."""
+    device_gemm_fit: FitQuality | None = None
+    """Fit quality of max(host issue, device time) on the GEMM measurements."""
+    product_host_us: float = Field(ge=0)
+    """Host issue time of a product (``x @ w``): the GEMM microbenchmarks' launch-bound
+    floor in that fit."""
+    grouped_host_us: float = Field(ge=0)
+    """Host issue time of a grouped product, from the grouped-GEMM microbenchmarks."""
+
+    kernel_device_us: float = Field(ge=0)
+    """Device time of one kernel other than a product beyond its memory traffic (launch
+    latency, ramp-up, tail), fitted on the calibration model's CUDA-graph layers with the
+    fewest tokens."""
+    eager_device_us: float = Field(ge=0)
+    """Extra device time of such a kernel when launched eagerly rather than replayed from
+    a graph (products: measured eagerly already): the median (eager - graph) per kernel of
+    the calibration model's layers with the most tokens, where the device is the
+    bottleneck."""
+    glue_kernels: int = Field(ge=0)
+    """Kernels of a layer's routing glue with top-1 routing, besides the router product,
+    the gather and the combine scatter: softmax, top-k, weight normalisation and casts; the
+    permutation's sort, index arithmetic and per-expert offsets; the combine's weight
+    gather, zero fill and weighting (top-k > 1 adds a sort of each token's choices).
+    Counted with ``torch.profiler`` in the measured layer (``python3 -m
+    moesim.calibrate.torch_kernels``), not fitted."""
+    glue_host_us: float = Field(ge=0)
+    """Host issue time of that glue per layer (eager): what the calibration layers with
+    the fewest tokens (host-bound) leave after the products' and kernels' issue times."""
+    loop_product_host_us: float = Field(ge=0)
+    """Host issue time of one product in a per-expert loop (row slices, ``torch.mm`` into
+    the output slice), fitted on the per-expert-loop microbenchmarks (``grouped_gemm``
+    records with ``impl: loop``) as max(issue x touched experts, device time)."""
+    host_sync_us: float = Field(ge=0)
+    """Cost of the host's read of the per-expert counts before a per-expert loop, beyond
+    the drained pipeline itself: the smallest residual of the calibration model's loop
+    layers (host interference only adds time)."""
+    source: str = Field(min_length=1)
+    """Which records each value was fitted on."""
+
+
 class DeviceProfile(Frozen):
     """Cost-model parameters of one device and software stack, measured."""
 
@@ -88,10 +149,15 @@ class DeviceProfile(Frozen):
     """Fixed time of one small kernel (launch or call overhead)."""
     layer_overhead_us: float = Field(default=0.0, ge=0)
     """Fixed time per MoE layer for routing glue (top-k, sort, index building), fitted on
-    measured layers of the calibration set, run eagerly (one launch per kernel)."""
+    measured layers of the calibration set, run eagerly (one launch per kernel). Used only
+    by profiles without a ``launch`` fit (which replaces it)."""
     graph_layer_overhead_us: float | None = Field(default=None, ge=0)
     """The same for layers replayed as CUDA graphs, where kernels carry no launch cost of
-    their own: the whole fixed cost of the layer's kernels (None = not measured)."""
+    their own: the whole fixed cost of the layer's kernels (None = not measured). Used only
+    by profiles without a ``launch`` fit."""
+    launch: LaunchFit | None = None
+    """The MoE layer as a launch pipeline (None = not fitted: a fixed glue time per layer,
+    ``layer_overhead_us``, added to kernels that each carry their launch cost)."""
     routing_ns_per_element: float = Field(default=0.0, ge=0)
     """Routing work per token x expert element (scoring, top-k), from routing measurements."""
     routing_ns_per_slot: float = Field(default=0.0, ge=0)

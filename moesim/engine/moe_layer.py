@@ -300,8 +300,18 @@ def run_layer(
             timeline.expert_start_s[dst] = env.now
             # padded or not, the device's expert kernel over the rows it received (a
             # padded layer's loads are its full capacity: moesim.cost.padded)
+            # the layer, for a profile's launch pipeline: without expert parallelism a
+            # device's whole (unpadded) layer is one pipeline; with it, its experts alone
+            own, local = dst - first, layout.ep * layout.etp == 1
             work = rf.grouped_ffn_s(
-                loads[dst], m.d_model, d_ff_shard, m.activation, costs.expert_kernel
+                loads[dst],
+                m.d_model,
+                d_ff_shard,
+                m.activation,
+                costs.expert_kernel,
+                model=m if padded is None else None,
+                tokens=int(routing.tokens_per_rank[own]) if local else 0,
+                slots=int(slots_of[own]) if local else 0,
             )
             yield env.timeout(work)
             timeline.expert_end_s[dst] = env.now
