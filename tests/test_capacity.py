@@ -106,7 +106,12 @@ def test_capacity_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_more_seeds_never_raise_capacity(tmp_path: Path) -> None:
     """A rate must pass every seed: each added seed can only lower (or keep) the capacity, exactly."""
-    runs = [find_capacity(_file(tmp_path), target=0.95, tolerance=0.1, seeds=n) for n in (1, 2, 3)]
+    # seed 6: a base seed whose second seed fails a rate its first passes (with the launch-
+    # pipeline layer costs of 2026-12-03, seeds 4 and 5 agree on the first two)
+    text = SCENARIO.replace("seed: 4", "seed: 6")
+    runs = [
+        find_capacity(_file(tmp_path, text), target=0.95, tolerance=0.1, seeds=n) for n in (1, 2, 3)
+    ]
     best = [r.best.rate_per_s for r in runs if r.best is not None]
     assert len(best) == 3 and best == sorted(best, reverse=True), best
     assert best[1] < best[0]  # the second seed fails a rate the first passes: the check has teeth
