@@ -12,7 +12,14 @@ import pytest
 
 from moesim.calibrate import records as rec_io
 from moesim.calibrate.step_fit import fit_step_kernels, optimizer_bytes_per_param
-from moesim.calibrate.training_commands import calibrate_training, compare, summary
+from moesim.calibrate.training_commands import (
+    calibrate_training,
+    compare,
+    compare_dist,
+    dist_scenario,
+    rankings,
+    summary,
+)
 from moesim.config.step_kernels import StepKernelFit
 from moesim.engine.training import simulate_training
 from moesim.loader import scenario_from_dict
@@ -199,3 +206,39 @@ def test_padded_training_steps_follow_the_capacity_factor():
     assert pred == sorted(pred) and pred[0] < pred[-1]
     assert pred[-1] / pred[0] == pytest.approx(meas[-1] / meas[0], rel=0.15)
     assert all(abs(p / m - 1) <= 0.20 for p, m in zip(pred, meas, strict=True)), (pred, meas)
+
+
+def _dist(layout: str, step_ms: float, sync: str = "bucketed") -> dict:
+    return {
+        "kind": "dist_train_step",
+        "world": 2,
+        "model": "olmoe-1b-7b",
+        "layers": 2,
+        "precision": "bf16",
+        "layout": layout,
+        "grad_sync": sync,
+        "bucket_mb": 25 if sync == "bucketed" else None,
+        "tokens_per_rank": 4096,
+        "seq_len": 4096,
+        "sequences": 1,
+        "step_ms": step_ms,
+        "peak_bytes": 30 * 2**30,
+    }
+
+
+def test_dist_steps_become_two_gpu_scenarios_and_rankings():
+    """torch_train_dist records map to h200x2 scenarios of the same layout and gradient
+    sync, and the DP-vs-EP ranking compares the faster layout measured and predicted."""
+    recs = [_dist("dp", 300.0), _dist("ep", 200.0)]
+    for r in recs:
+        s = scenario_from_dict(dist_scenario(r, None))
+        assert s.parallelism.dp == 2 and s.parallelism.ep == (2 if r["layout"] == "ep" else 1)
+        assert s.workload.grad_sync == "bucketed" and s.workload.persistent_grads
+    rows = compare_dist(recs, None)
+    ranks = rankings(rows)
+    assert len(ranks) == 1 and ranks[0]["measured_faster"] == "ep"
+    assert ranks[0]["measured_ep_over_dp"] == pytest.approx(200 / 300)
+    pred = "ep" if rows[1]["predicted"]["step"] < rows[0]["predicted"]["step"] else "dp"
+    assert ranks[0]["predicted_faster"] == pred
+    flat = scenario_from_dict(dist_scenario(_dist("dp", 1.0, "flat"), None)).workload
+    assert flat.grad_sync == "flat" and not flat.persistent_grads

@@ -295,23 +295,38 @@ class Attention(torch.nn.Module):
         return x + self.out(o.transpose(1, 2).reshape(t, s.heads * s.head_dim))
 
 
+ExpertsFactory = Callable[[Shape, torch.device, torch.dtype], torch.nn.Module]
+
+
 class MoEHalf(torch.nn.Module):
-    def __init__(self, s: Shape, dev: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        s: Shape,
+        dev: torch.device,
+        dtype: torch.dtype,
+        experts: ExpertsFactory | None = None,
+    ) -> None:
         super().__init__()
         self.norm = torch.nn.RMSNorm(s.d_model, device=dev, dtype=dtype)
-        self.experts = Experts(s, dev, dtype)
+        self.experts = (experts or Experts)(s, dev, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.experts(self.norm(x))
 
 
 class Stack(torch.nn.Module):
-    def __init__(self, s: Shape, dev: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        s: Shape,
+        dev: torch.device,
+        dtype: torch.dtype,
+        experts: ExpertsFactory | None = None,
+    ) -> None:
         super().__init__()
         self.s = s
         self.embed = torch.nn.Embedding(s.vocab, s.d_model, device=dev, dtype=dtype)
         self.attn = torch.nn.ModuleList(Attention(s, dev, dtype) for _ in range(s.layers))
-        self.moe = torch.nn.ModuleList(MoEHalf(s, dev, dtype) for _ in range(s.layers))
+        self.moe = torch.nn.ModuleList(MoEHalf(s, dev, dtype, experts) for _ in range(s.layers))
         self.norm = torch.nn.RMSNorm(s.d_model, device=dev, dtype=dtype)
         self.head = torch.nn.Linear(s.d_model, s.vocab, bias=False, device=dev, dtype=dtype)
         torch.nn.init.normal_(self.embed.weight, std=0.02)
@@ -328,6 +343,10 @@ class Stack(torch.nn.Module):
                 group_size,
                 align,
             )
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, seqs: int) -> torch.Tensor:
+        """The loss (so that wrappers such as DDP can call the stack)."""
+        return self.loss(tokens, targets, seqs)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, seqs: int) -> torch.Tensor:
         rope = _rope(self.s, tokens.shape[0] // seqs, tokens.device)

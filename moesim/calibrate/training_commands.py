@@ -154,6 +154,97 @@ def compare(
     return rows
 
 
+def dist_scenario(r: dict[str, Any], profile: str | None) -> dict[str, Any]:
+    """The moesim scenario of one measured multi-GPU step (``torch_train_dist``)."""
+    one = step_scenario({**r, "tokens": r["tokens_per_rank"], "form": "grouped"}, profile)
+    world = int(r["world"])
+    one["cluster"]["preset"] = f"h200x{world}"
+    one["parallelism"] = {"dp": world} if r["layout"] == "dp" else {"dp": world, "ep": world}
+    one["workload"]["grad_sync"] = r["grad_sync"]
+    # DDP keeps its gradient buckets between steps; the flat variant frees the gradients
+    one["workload"]["persistent_grads"] = r["grad_sync"] == "bucketed"
+    if r.get("bucket_mb"):
+        one["workload"]["bucket_mb"] = float(r["bucket_mb"])
+    return one
+
+
+def compare_dist(records: Sequence[dict[str, Any]], profile: str | None) -> list[dict[str, Any]]:
+    """One row per measured multi-GPU step: measured and predicted step (ms) and peak
+    memory (GiB)."""
+    from moesim.engine.training import simulate_training
+    from moesim.loader import scenario_from_dict
+    from moesim.system import build_system
+
+    rows = []
+    for r in (r for r in records if r.get("kind") == "dist_train_step"):
+        s = scenario_from_dict(dist_scenario(r, profile))
+        sim = simulate_training(build_system(s), s.workload)  # type: ignore[arg-type]
+        rows.append(
+            {
+                "record": r,
+                "measured": {"step": r["step_ms"], "peak": r["peak_bytes"] / 2**30},
+                "predicted": {"step": sim.step_s * 1e3, "peak": sim.memory.total / 2**30},
+            }
+        )
+    return rows
+
+
+def rankings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Data- vs expert-parallel, per (model, precision, sync, tokens): which layout is
+    faster, measured and predicted."""
+    pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        r = row["record"]
+        key = (r["model"], r["layers"], r["precision"], r["grad_sync"], r["tokens_per_rank"])
+        pairs.setdefault(key, {})[r["layout"]] = row
+    out = []
+    for key, by in sorted(pairs.items()):
+        if set(by) != {"dp", "ep"}:
+            continue
+        meas = "ep" if by["ep"]["measured"]["step"] < by["dp"]["measured"]["step"] else "dp"
+        pred = "ep" if by["ep"]["predicted"]["step"] < by["dp"]["predicted"]["step"] else "dp"
+        out.append(
+            {
+                "key": key,
+                "measured_faster": meas,
+                "predicted_faster": pred,
+                "measured_ep_over_dp": by["ep"]["measured"]["step"] / by["dp"]["measured"]["step"],
+                "predicted_ep_over_dp": by["ep"]["predicted"]["step"]
+                / by["dp"]["predicted"]["step"],
+            }
+        )
+    return out
+
+
+def dist_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| model | layers | precision | sync | tokens/rank | layout | step meas / pred | "
+        "peak GiB meas / pred |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row["record"]
+        m, p = row["measured"], row["predicted"]
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['precision']} | {r['grad_sync']} | "
+            f"{r['tokens_per_rank']} | {r['layout']} | {m['step']:.1f} / {p['step']:.1f} "
+            f"({100 * (p['step'] / m['step'] - 1):+.0f}%) | {m['peak']:.1f} / {p['peak']:.1f} |"
+        )
+    ranks = rankings(rows)
+    if ranks:
+        right = sum(1 for k in ranks if k["measured_faster"] == k["predicted_faster"])
+        lines += ["", f"DP vs EP ranking right in {right} of {len(ranks)} cases:", ""]
+        lines += ["| case | faster (measured) | faster (moesim) | EP/DP meas | EP/DP pred |"]
+        lines += ["|---|---|---|---|---|"]
+        for k in ranks:
+            lines.append(
+                f"| {' '.join(map(str, k['key']))} | {k['measured_faster']} | "
+                f"{k['predicted_faster']} | {k['measured_ep_over_dp']:.2f} | "
+                f"{k['predicted_ep_over_dp']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _err(row: dict[str, Any], phase: str) -> float:
     return float(row["predicted"][phase] / row["measured"][phase] - 1.0)
 
@@ -198,10 +289,15 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def training_fidelity(measurements: str, profile: str | None, markdown: str | None) -> int:
-    rows = compare(_records(measurements), profile, ("grouped", "padded"))
-    if not rows:
-        raise SystemExit(f"moesim: {measurements}: no train_step records of the grouped form")
-    text = table(rows)
+    records = _records(measurements)
+    rows = compare(records, profile, ("grouped", "padded"))
+    dist_rows = compare_dist(records, profile)
+    if not rows and not dist_rows:
+        raise SystemExit(
+            f"moesim: {measurements}: no train_step (torch_train) or dist_train_step "
+            "(torch_train_dist) records"
+        )
+    text = (table(rows) if rows else "") + ("\n" + dist_table(dist_rows) if dist_rows else "")
     print(text, end="")
     if markdown:
         write_text_atomic(Path(markdown), text)
