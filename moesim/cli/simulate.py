@@ -74,7 +74,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def capacity(args: argparse.Namespace) -> int:
-    from moesim.sweep.capacity import Probe, capacity_table, find_capacity
+    from moesim.sweep.capacity import Probe, capacity_table, find_capacity, why_infeasible
 
     if not 0 < args.target <= 1 or args.tolerance <= 0 or args.seeds < 1:
         print(
@@ -86,7 +86,7 @@ def capacity(args: argparse.Namespace) -> int:
 
     def progress(p: Probe) -> None:
         if not args.json:
-            state = "ok" if p.feasible else "misses the SLO"
+            state = "feasible" if p.feasible else "; ".join(why_infeasible(p.summary, args.target))
             print(
                 f"  {p.rate_per_s:.4g} req/s: {p.attainment:.1%} within SLO, {state}",
                 file=sys.stderr,

@@ -42,6 +42,7 @@ import numpy as np
 
 from moesim.config.serving import ServingWorkload
 from moesim.engine.serving import ServingRecords
+from moesim.report.steady import steady_state
 from moesim.system import System
 
 
@@ -169,6 +170,7 @@ def serving_summary(system: System, rec: ServingRecords) -> dict[str, Any]:
         "drained": bool(np.isfinite(r.finish_s[~r.rejected & ~lost]).all()),
         "simulated_s": _r(rec.end_s),
         **win,
+        "steady_state": steady_state(rec, w.warmup_s, w.duration_s),
         "output_tokens": out_tokens,
         "prompt_tokens": int(r.prompt_tokens[done].sum()),
         "ttft_ms": _stats_ms(lat["ttft"][mask]),
@@ -226,7 +228,15 @@ def window_notes(summary: dict[str, Any]) -> list[str]:
             f"latency ({e2e / 1e3:.3g} s): throughput and tails describe the start-up, not "
             "steady state; lengthen duration_s"
         )
-    if offered > 0 and achieved < 0.9 * offered:
+    steady = summary.get("steady_state") or {}
+    keep = steady.get("keep_up")
+    if keep is not None and keep < 0.95:
+        notes.append(
+            f"over the steady-state window [{steady['start_s']:.3g}, {steady['end_s']:.3g}] s "
+            f"the server generates {keep:.0%} of the offered output tokens: it falls behind "
+            "(a queue builds)"
+        )
+    elif not steady and offered > 0 and achieved < 0.9 * offered:
         notes.append(
             f"throughput over the window is {achieved / offered:.0%} of the offered load: "
             "the server falls behind (a queue builds), or the window is too short"

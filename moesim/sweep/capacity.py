@@ -11,8 +11,9 @@ bisects until the bracket is within ``tolerance`` (relative).
 
 A rate is feasible when the run drained (every measured request finished), no request
 was rejected or lost, at least ``MIN_REQUESTS`` completed inside the measurement window,
-the throughput over the window kept up with the offered load (``KEEP_UP``), and
-``slo_attainment.both >= target`` -- for every seed given (``seeds``: the verdict of a
+the server kept up with the offered load over the steady-state window (``KEEP_UP``), and
+``slo_attainment.both >= target`` (the shared rules of :mod:`moesim.sweep.feasibility`)
+-- for every seed given (``seeds``: the verdict of a
 rate near capacity can flip with the arrival sample, so more seeds make it robust). Use a
 window several times the end-to-end latency: a short one measures the start-up transient.
 Each probe's summary is kept (the worst seed's), so the answer comes with the sustained
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import Issue, Location, ScenarioError
+from moesim.sweep.feasibility import KEEP_UP, MIN_REQUESTS, judge
+
+__all__ = ["KEEP_UP", "MIN_REQUESTS", "CapacityResult", "Probe", "find_capacity", "why_infeasible"]
 
 
 @dataclass(frozen=True)
@@ -52,32 +56,10 @@ class CapacityResult:
     probes: list[Probe] = field(default_factory=list)
 
 
-KEEP_UP = 0.95
-"""A feasible rate's throughput over the window must be at least this share of the
-offered load: a server falling behind builds a queue that a short window hides."""
-MIN_REQUESTS = 100
-"""A feasible rate needs at least this many requests completed in the window (a p99)."""
-
-
 def why_infeasible(summary: dict[str, Any], target: float) -> list[str]:
-    """Every reason a probe fails (empty: feasible), in the words the table prints."""
-    att = summary.get("slo_attainment") or {}
-    both = float(att.get("both") or 0.0)  # None: no request measured at this rate
-    offered = float(summary.get("offered_tokens_per_s") or 0.0)
-    served = float(summary.get("throughput_tokens_per_s") or 0.0)
-    done = int(summary.get("window_completed_requests") or 0)
-    reasons = []
-    if both < target:
-        reasons.append(f"SLO met by {both:.1%} < {target:.0%}")
-    if served < KEEP_UP * offered:
-        reasons.append(f"falls behind: serves {served / offered:.0%} of the offered load")
-    if done < MIN_REQUESTS:
-        reasons.append(f"{done} requests in the window < {MIN_REQUESTS} (too few for a p99)")
-    if not summary.get("drained"):
-        reasons.append("not drained by the end of the run")
-    if summary.get("rejected_requests") or summary.get("lost_requests"):
-        reasons.append("requests rejected or lost")
-    return reasons
+    """Every reason a probe fails (empty: feasible): the shared definition of
+    :mod:`moesim.sweep.feasibility` with ``target`` of the requests within the SLO."""
+    return list(judge(summary, target=target).reasons)
 
 
 def _feasible(summary: dict[str, Any], target: float) -> tuple[bool, float]:

@@ -33,7 +33,8 @@ from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.yamlpos import Positions
 from moesim.report.fields import scalars
 from moesim.report.files import file_in_the_way, write_json_atomic, write_text_atomic
-from moesim.sweep.pareto import feasible, front, metric
+from moesim.sweep.feasibility import judge
+from moesim.sweep.pareto import front, metric
 from moesim.sweep.points import Point, expand
 
 
@@ -53,6 +54,8 @@ class SweepResult:
     reused: int
     errors: dict[int, str] = field(default_factory=dict)
     """The error of each point that failed (by index); their metrics are None."""
+    reasons: list[str] = field(default_factory=list)
+    """Per point: why it is infeasible (:mod:`moesim.sweep.feasibility`), or "feasible"."""
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Positions]:
@@ -279,6 +282,66 @@ EXECUTORS: dict[str, Callable[[str, list[Job], int, Options], Iterator[Done]]] =
 }
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a set of points runs: workers, executor, load options, what to rerun."""
+
+    workers: int = 1
+    executor: str = "process"
+    opts: Options = field(default_factory=Options)
+    fresh: bool = False
+    retry_failed: bool = False
+
+
+def run_points(
+    base: str,
+    planned: list[Job],
+    points_dir: Path,
+    settings: RunSettings,
+    label: str,
+    progress: Callable[[str], None] | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[int, dict[str, Any]], int, int]:
+    """Run the points of ``planned`` that ``points_dir`` does not hold yet (same scenario
+    digest), each written atomically as ``NNNN.json`` when it finishes; returns every
+    point's record by index, and how many ran and were reused. Shared by sweeps and plans."""
+    outcomes: dict[int, dict[str, Any]] = {}
+    todo: list[Job] = []
+    for p, digest in planned:
+        saved = None if settings.fresh else _saved(points_dir / f"{p.index:04d}.json")
+        if saved is not None and saved.get("scenario_sha256_16") == digest:
+            failed = saved.get("status") == "failed"
+            if not (failed and settings.retry_failed):
+                outcomes[p.index] = saved
+                continue
+        todo.append((p, digest))
+    reused = len(outcomes)
+    n_failed_before = sum(1 for o in outcomes.values() if o.get("status") == "failed")
+    say = progress or (lambda _msg: None)
+    kept = f" ({n_failed_before} failed: --retry-failed reruns them)" if n_failed_before else ""
+    say(f"{label}: {len(planned)} points, {reused} already done{kept}, {len(todo)} to run")
+    n = settings.workers
+    runner = (
+        _in_process if n == 1 and settings.executor == "process" else EXECUTORS[settings.executor]
+    )
+    for k, (p, digest, outcome, wall) in enumerate(runner(base, todo, n, settings.opts), 1):
+        record = {
+            "index": p.index,
+            "values": p.values,
+            "overrides": list(p.overrides),
+            "scenario_sha256_16": digest,
+            **outcome,
+        }
+        write_json_atomic(points_dir / f"{p.index:04d}.json", record)
+        outcomes[p.index] = record
+        if on_done is not None:
+            on_done(outcome)
+        point = ", ".join(f"{key}={json.dumps(v)}" for key, v in p.values.items())
+        state = "" if outcome["status"] == "ok" else f" FAILED: {outcome['error']}"
+        say(f"[{k}/{len(todo)}] point {p.index} ({point}) {wall:.1f} s{state}")
+    return outcomes, len(todo), reused
+
+
 def run_sweep(
     path: str | Path,
     workers: int | None = None,
@@ -301,43 +364,24 @@ def run_sweep(
     planned = plan(cfg, base, positions, str(path), opts)
     folder = Path(out if out is not None else cfg.output_dir) / "sweeps" / cfg.name
     _check_folder(folder, "--out" if out is not None else "output_dir", positions, str(path))
-    points_dir = folder / "points"
-    outcomes: dict[int, dict[str, Any]] = {}
-    todo: list[Job] = []
-    for p, digest in planned:
-        saved = None if fresh else _saved(points_dir / f"{p.index:04d}.json")
-        if saved is not None and saved.get("scenario_sha256_16") == digest:
-            failed = saved.get("status") == "failed"
-            if not (failed and retry_failed):
-                outcomes[p.index] = saved
-                continue
-        todo.append((p, digest))
-    reused = len(outcomes)
-    n_failed_before = sum(1 for o in outcomes.values() if o.get("status") == "failed")
-    say = progress or (lambda _msg: None)
-    kept = f" ({n_failed_before} failed: --retry-failed reruns them)" if n_failed_before else ""
-    say(f"sweep {cfg.name}: {len(planned)} points, {reused} already done{kept}, {len(todo)} to run")
     n_workers = workers if workers is not None else cfg.workers
-    runner = (
-        _in_process if n_workers == 1 and cfg.executor == "process" else EXECUTORS[cfg.executor]
-    )
     checked = False
-    for k, (p, digest, outcome, wall) in enumerate(runner(str(base), todo, n_workers, opts), 1):
-        record = {
-            "index": p.index,
-            "values": p.values,
-            "overrides": list(p.overrides),
-            "scenario_sha256_16": digest,
-            **outcome,
-        }
-        write_json_atomic(points_dir / f"{p.index:04d}.json", record)
-        outcomes[p.index] = record
+
+    def check(outcome: dict[str, Any]) -> None:
+        nonlocal checked
         if not checked and outcome["status"] == "ok":
             _check_metrics(cfg, outcome["summary"], positions, str(path))
             checked = True
-        point = ", ".join(f"{key}={json.dumps(v)}" for key, v in p.values.items())
-        state = "" if outcome["status"] == "ok" else f" FAILED: {outcome['error']}"
-        say(f"[{k}/{len(todo)}] point {p.index} ({point}) {wall:.1f} s{state}")
+
+    outcomes, ran, reused = run_points(
+        str(base),
+        planned,
+        folder / "points",
+        RunSettings(n_workers, cfg.executor, opts, fresh, retry_failed),
+        f"sweep {cfg.name}",
+        progress,
+        check,
+    )
     points = [p for p, _ in planned]
     rows = [
         {m: metric(outcomes[p.index].get("summary") or {}, m) for m in cfg.metrics} for p in points
@@ -347,14 +391,20 @@ def run_sweep(
         for p in points
         if outcomes[p.index].get("status") == "failed"
     }
-    ok = [feasible(r, cfg.constraints) and p.index not in errors for p, r in zip(points, rows)]
+    verdicts = [
+        judge(outcomes[p.index].get("summary"), errors.get(p.index), cfg.constraints)
+        for p in points
+    ]
+    ok = [v.feasible for v in verdicts]
     best = front(
         rows,
         cfg.objectives.minimize,
         cfg.objectives.maximize,
         [i for i, f in enumerate(ok) if f],
     )
-    result = SweepResult(cfg, folder, points, rows, ok, best, len(todo), reused, errors)
+    result = SweepResult(
+        cfg, folder, points, rows, ok, best, ran, reused, errors, [v.reason for v in verdicts]
+    )
     _write_tables(result)
     return result
 
@@ -384,19 +434,38 @@ def _check_folder(folder: Path, named: str, positions: Positions, file: str) -> 
         raise ScenarioError([Issue(loc, named, f"{str(p)!r} is a file, not a folder")])
 
 
+def flat_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A point's varied values as flat columns: a mapping becomes one column per field
+    (``cluster.preset``, ``cluster.launch``), a list its items separated by spaces."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_values(v, f"{key}."))
+        elif isinstance(v, list):
+            out[key] = " ".join(str(x) for x in v)
+        else:
+            out[key] = "" if v is None else v
+    return out
+
+
 def _write_tables(r: SweepResult) -> None:
-    keys = list(r.points[0].values) if r.points else []
+    flat = [flat_values(p.values) for p in r.points]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["point", *keys, *r.config.metrics, "feasible", "pareto", "status", "error"])
+    head = ["point", *keys, *r.config.metrics, "feasible", "reason", "pareto", "status", "error"]
+    w.writerow(head)
     best = set(r.pareto)
-    for p, row, ok in zip(r.points, r.rows, r.feasible):
+    reasons = r.reasons or ["" for _ in r.points]
+    for p, f, row, ok, why in zip(r.points, flat, r.rows, r.feasible, reasons):
         w.writerow(
             [
                 p.index,
-                *(json.dumps(p.values[k]) for k in keys),
+                *(f.get(k, "") for k in keys),
                 *("" if row[m] is None else row[m] for m in r.config.metrics),
                 ok,
+                why,
                 p.index in best,
                 "failed" if p.index in r.errors else "ok",
                 r.errors.get(p.index, ""),
@@ -413,10 +482,11 @@ def _write_tables(r: SweepResult) -> None:
                     "values": p.values,
                     "metrics": row,
                     "feasible": ok,
+                    "reason": why,
                     "status": "failed" if p.index in r.errors else "ok",
                     **({"error": r.errors[p.index]} if p.index in r.errors else {}),
                 }
-                for p, row, ok in zip(r.points, r.rows, r.feasible)
+                for p, row, ok, why in zip(r.points, r.rows, r.feasible, reasons)
             ],
             "pareto": r.pareto,
         },

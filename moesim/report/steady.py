@@ -1,0 +1,77 @@
+"""The steady-state window of a serving run: where throughput is compared with the load.
+
+A server that keeps up generates, once it has filled, output tokens at the rate they are
+offered; but tokens are generated over a request's whole lifetime, so for about one
+end-to-end latency after the start the generation rate ramps up from zero. A window that
+begins at ``warmup_s`` shorter than that latency measures the ramp and makes a server that
+keeps up look behind (the capacity search's "falls behind" on a short window). The
+steady-state window starts when the ramp is over: at the later of ``warmup_s`` and the
+90th-percentile end-to-end latency of the measured requests (at most half the arrival
+period: an overloaded server's latency grows without bound, and its throughput over any
+later window is its capacity, still below the load), and ends at ``duration_s`` (the
+drain, when nothing arrives any more, is outside it). Over it:
+
+- ``throughput_tokens_per_s``: output tokens generated (each iteration's sampled tokens,
+  at its end) within the window / its length;
+- ``offered_tokens_per_s``: the output tokens due within it / its length: each request's
+  tokens (rejected ones included) spread evenly over ``[arrival, arrival + D]``, D the
+  median end-to-end latency (a server that keeps up generates them there);
+- ``keep_up``: their ratio (None when nothing was offered).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moesim.engine.serving import ServingRecords
+
+
+def steady_window(rec: ServingRecords, warmup_s: float, duration_s: float) -> tuple[float, float]:
+    """``(start_s, end_s)`` of the steady-state window (see the module)."""
+    r = rec.requests
+    done = (~r.rejected) & (r.arrival_s >= warmup_s) & np.isfinite(r.finish_s)
+    ramp = float(np.percentile(r.finish_s[done] - r.arrival_s[done], 90)) if done.any() else 0.0
+    start = max(warmup_s, min(ramp, duration_s / 2))
+    return start, duration_s
+
+
+def _due_tokens(rec: ServingRecords, warmup_s: float, start: float, end: float) -> float:
+    """Output tokens a server that keeps up generates within ``[start, end]``: each
+    request's tokens spread evenly over ``[arrival, arrival + D]``, D the median
+    end-to-end latency of the measured requests (the typical lifetime)."""
+    r = rec.requests
+    done = (~r.rejected) & (r.arrival_s >= warmup_s) & np.isfinite(r.finish_s)
+    life = float(np.median(r.finish_s[done] - r.arrival_s[done])) if done.any() else 0.0
+    a = r.arrival_s.astype(float)
+    if life <= 0:
+        inside = (a >= start) & (a <= end)
+        return float(r.output_tokens[inside].sum())
+    overlap = np.clip(np.minimum(a + life, end) - np.maximum(a, start), 0.0, None) / life
+    return float((r.output_tokens * overlap).sum())
+
+
+def steady_state(rec: ServingRecords, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """The ``steady_state`` section of a serving summary (see the module)."""
+    start, end = steady_window(rec, warmup_s, duration_s)
+    it = rec.iterations
+    ends = it.start_s + it.duration_s
+    length = end - start
+    generated = float(it.sampled_tokens[(ends >= start) & (ends <= end)].sum())
+    offered = _due_tokens(rec, warmup_s, start, end)
+    if length <= 0:
+        return {
+            "start_s": round(start, 6),
+            "end_s": round(end, 6),
+            "throughput_tokens_per_s": None,
+            "offered_tokens_per_s": None,
+            "keep_up": None,
+        }
+    return {
+        "start_s": round(start, 6),
+        "end_s": round(end, 6),
+        "throughput_tokens_per_s": round(generated / length, 6),
+        "offered_tokens_per_s": round(offered / length, 6),
+        "keep_up": round(generated / offered, 6) if offered > 0 else None,
+    }
