@@ -107,6 +107,21 @@ def fit_step_kernels(
     y = np.array([r["ms"] for r in adam]) * 1e-3
     opt = _nonneg_lstsq(a, y)
     errors += _errors(a, opt, y)
+    casts = {}
+    for direction, (src, dst) in (
+        ("narrow", ("float32", "bfloat16")),
+        ("widen", ("bfloat16", "float32")),
+    ):
+        sel = [r for r in of_kind(records, "cast") if r.get("src") == src and r.get("dst") == dst]
+        if sel:
+            per = [
+                r["elements"]
+                * (BYTES_PER_ELEMENT[_DTYPE[src]] + BYTES_PER_ELEMENT[_DTYPE[dst]])
+                / (r["ms"] * 1e-3)
+                for r in sel
+            ]
+            casts[direction] = float(np.median(per))
+            errors += [abs(p / casts[direction] - 1.0) for p in per]
     return StepKernelFit(
         attention_tflops=r_f,
         attention_seq_knee=k_f,
@@ -122,6 +137,8 @@ def fit_step_kernels(
         norm_bwd_overhead_us=float(nb[0]) * 1e6,
         optimizer_ps_per_param=float(opt[0]) * 1e12,
         optimizer_bytes_per_s=1.0 / float(opt[1]) if opt[1] > 0 else memory_bytes_per_s,
+        cast_narrow_bytes_per_s=casts.get("narrow"),
+        cast_widen_bytes_per_s=casts.get("widen"),
         source=source,
         fit_median_abs_error=float(np.median(errors)),
     )

@@ -794,6 +794,41 @@ def measure_primitives(sink: Sink, dev: torch.device, timer: Timer, quick: bool)
             log(f"rmsnorm {name} {tokens}x{d}: fwd {t_f:.3f} fb {t_fb:.3f} ms")
 
 
+def measure_casts(sink: Sink, dev: torch.device, timer: Timer, quick: bool) -> None:
+    """Weight-gradient casts as autocast's backward runs them: bf16 to fp32, contiguous,
+    and strided (the gradient of a stacked expert weight used transposed, ``[E, N, K]``
+    seen as ``[E, K, N]``), beside fp32 to bf16 (the forward's weight casts)."""
+    div = 16 if quick else 1
+    shapes = ((8, 28672, 4096), (64, 2048, 2048), (16, 21504, 6144))
+    for e, n, k in shapes:
+        n = max(8, n // div)
+        src = torch.randn(e, k, n, device=dev, dtype=BF16)  # produced as [E, K, N]
+        strided = src.transpose(-2, -1)  # the weight's [E, N, K] view
+        for layout, x in (("contiguous", src), ("strided", strided)):
+            t = timer(lambda: x.to(torch.float32))
+            sink.write(
+                "cast",
+                elements=e * n * k,
+                src="bfloat16",
+                dst="float32",
+                layout=layout,
+                shape=[e, n, k],
+                ms=t,
+            )
+            log(f"cast bf16->fp32 {layout} {e}x{n}x{k}: {t:.3f} ms")
+        f32 = torch.randn(e, n, k, device=dev, dtype=torch.float32)
+        t = timer(lambda: f32.to(BF16))
+        sink.write(
+            "cast",
+            elements=e * n * k,
+            src="float32",
+            dst="bfloat16",
+            layout="contiguous",
+            shape=[e, n, k],
+            ms=t,
+        )
+
+
 def check_forms(dev: torch.device, shape: Shape, align: int) -> dict[str, Any]:
     """Grouped, loop and padded (with capacity for every token) give the same layer."""
     torch.manual_seed(3)
@@ -855,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--sections",
         default="check,steps,padded",
-        help="check, primitives, padded, steps, heldout (more steps, other models)",
+        help="check, primitives, casts, padded, steps, heldout, profile",
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seq-len", type=int, default=4096)
@@ -929,6 +964,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         torch.cuda.empty_cache()
         if "primitives" in sections:
             measure_primitives(sink, dev, timer, args.quick)
+        if "primitives" in sections or "casts" in sections:
+            measure_casts(sink, dev, timer, args.quick)
         if "profile" in sections:  # where a block's time goes, kernel by kernel
             for name in ("olmoe-1b-7b", "mixtral-8x7b"):
                 shp = shapes[name] if args.quick else load_shape(name, 1)

@@ -46,6 +46,12 @@ class StepKernelFit(Frozen):
     optimizer_bytes_per_s: float = Field(gt=0)
     """... plus the bytes it moves per parameter (weight, gradient, states: read; weight and
     states: written) at this rate."""
+    cast_narrow_bytes_per_s: float | None = Field(default=None, gt=0)
+    """fp32 -> bf16 casts (autocast's weight casts), bytes read + written per second
+    (None: the memory bandwidth)."""
+    cast_widen_bytes_per_s: float | None = Field(default=None, gt=0)
+    """bf16 -> fp32 casts (weight gradients into the fp32 master's gradient), bytes read +
+    written per second: measured at about half the narrowing rate on an H200."""
     source: str = Field(min_length=1)
     fit_median_abs_error: float | None = Field(default=None, ge=0)
     """Median |relative error| of these models on the primitives they were fitted on."""

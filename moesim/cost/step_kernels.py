@@ -51,6 +51,10 @@ class StepKernels:
     memory_bytes_per_s: float
     kernel_overhead_s: float
     source: str
+    cast_narrow_bytes_per_s: float = 0.0
+    """fp32 -> bf16 cast rate (0: the memory bandwidth)."""
+    cast_widen_bytes_per_s: float = 0.0
+    """bf16 -> fp32 cast rate (0: the memory bandwidth)."""
 
     @classmethod
     def of(cls, rf: Roofline, profile: DeviceProfile | None) -> StepKernels:
@@ -95,6 +99,8 @@ class StepKernels:
             memory_bytes_per_s=bw,
             kernel_overhead_s=o,
             source=f"measured: {fit.source}",
+            cast_narrow_bytes_per_s=fit.cast_narrow_bytes_per_s or 0.0,
+            cast_widen_bytes_per_s=fit.cast_widen_bytes_per_s or 0.0,
         )
 
     def attention_s(self, flops: float, seq: int) -> tuple[float, float]:
@@ -129,11 +135,15 @@ class StepKernels:
         )
 
     def cast_s(self, elements: float, src_bytes: int, dst_bytes: int) -> float:
-        """A dtype cast of ``elements`` (read one width, write the other)."""
+        """A dtype cast of ``elements`` (read one width, write the other), at the measured
+        rate of its direction (narrowing or widening) where the profile has one."""
         if elements <= 0:
             return 0.0
+        rate = (
+            self.cast_widen_bytes_per_s if dst_bytes > src_bytes else self.cast_narrow_bytes_per_s
+        )
         return self.kernel_overhead_s + elements * (src_bytes + dst_bytes) / (
-            self.memory_bytes_per_s
+            rate or self.memory_bytes_per_s
         )
 
     def cross_entropy_s(self, tokens: int, vocab: int) -> tuple[float, float]:

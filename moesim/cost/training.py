@@ -142,11 +142,14 @@ def _glue_s(
         for n in (q, kv):
             f, b = k.norm_s(n, BF16_BYTES)
             qn_f, qn_b = qn_f + f, qn_b + b
-    cast = k.cast_s(width, rb, BF16_BYTES) if rb != BF16_BYTES else 0.0
-    attn_f = norm_f + qn_f + rope + add + cast
-    attn_b = norm_b + qn_b + rope + add + cast
-    ffn_f = norm_f + add + cast
-    ffn_b = norm_b + add + cast
+    # under autocast: the residual stream cast down before the products, its gradient
+    # cast back up in the backward
+    cast_f = k.cast_s(width, rb, BF16_BYTES) if rb != BF16_BYTES else 0.0
+    cast_b = k.cast_s(width, BF16_BYTES, rb) if rb != BF16_BYTES else 0.0
+    attn_f = norm_f + qn_f + rope + add + cast_f
+    attn_b = norm_b + qn_b + rope + add + cast_b
+    ffn_f = norm_f + add + cast_f
+    ffn_b = norm_b + add + cast_b
     return attn_f, attn_b, ffn_f, ffn_b
 
 
