@@ -185,10 +185,10 @@ def test_training_steps_match_h200_measurements():
     held = summary(rows)["held out"]
     assert len([r for r in rows if r["set"] == "held out"]) >= 12
     med, worst = held["step"]
-    assert med <= 0.10 and worst <= 0.15, held["step"]
+    assert med <= 0.10 and worst <= 0.10, held["step"]  # every held-out step within 10%
     assert held["opt"][0] <= 0.05, held["opt"]
     assert held["fwd"][0] <= 0.10, held["fwd"]
-    assert held["fwd_bwd"][0] <= 0.12, held["fwd_bwd"]
+    assert held["fwd_bwd"][0] <= 0.10, held["fwd_bwd"]
     assert held["peak"][0] <= 0.10 and held["peak"][1] <= 0.15, held["peak"]
 
 
