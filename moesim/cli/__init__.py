@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from moesim import __version__
-from moesim.cli import calibrate, catalog, routing, simulate
+from moesim.cli import calibrate, catalog, plan, routing, simulate
 from moesim.cli.calibrate import FIT_MODELS
 from moesim.errors import EXIT_INTERRUPTED, EXIT_SCENARIO_ERROR, OutputError, ScenarioError
 
@@ -242,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     im.add_argument("--name", help="model name (default: the config's folder name)")
     routing.add_parser(sub)
+    plan.add_parser(sub, scenario_args)
     return p
 
 
@@ -261,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": simulate.sweep,
             "capacity": simulate.capacity,
             "routing": routing.routing,
+            "plan": plan.plan,
         }[args.command]
         return handler(args)
     except ScenarioError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.config.serving import ServingWorkload
 from moesim.config.training import TrainingWorkload
 from moesim.energy.account import EnergyAccount, facility, infrastructure
 from moesim.energy.workload_accounts import layer_account, serving_account, training_account
@@ -65,7 +66,47 @@ def serving_energy(system: System, records: ServingRecords) -> dict[str, Any]:
     out["run_completed_requests"] = int(np.isfinite(r.finish_s).sum())
     out["energy_per_token_j"] = _per(total, out["run_output_tokens"])
     out["energy_per_request_j"] = _per(total, out["run_completed_requests"])
+    out.update(steady_energy(system, records))
     return out
+
+
+def steady_energy(system: System, rec: ServingRecords) -> dict[str, Any]:
+    """Energy per output token over the steady-state window (after the warm-up and the
+    start-up ramp, before the drain: :mod:`moesim.report.steady` defines it and the
+    summary's ``steady_state`` reports it): the iterations ending inside it, every device
+    idle for the rest of it, the MoE all-to-all bytes in proportion to their tokens. The
+    whole-run ``energy_per_token_j`` also pays the ramp and the drain's idle tail."""
+    import dataclasses
+
+    w = system.scenario.workload
+    assert isinstance(w, ServingWorkload)
+    r, it = rec.requests, rec.iterations
+    done = (~r.rejected) & (r.arrival_s >= w.warmup_s) & np.isfinite(r.finish_s)
+    ramp = float(np.percentile(r.finish_s[done] - r.arrival_s[done], 90)) if done.any() else 0.0
+    start, end = max(w.warmup_s, min(ramp, w.duration_s / 2)), w.duration_s
+    ends = it.start_s + it.duration_s
+    inside = (ends >= start) & (ends <= end)
+    tokens = int(it.sampled_tokens[inside].sum())
+    if end <= start or not tokens:
+        return {"steady_window_s": [start, end], "steady_energy_per_token_j": None}
+    steady_it = dataclasses.replace(
+        it,
+        **{
+            f.name: getattr(it, f.name)[inside]
+            for f in dataclasses.fields(it)
+            if len(getattr(it, f.name)) == len(ends)
+        },
+    )
+    share = float(it.batch_tokens[inside].sum()) / max(float(it.batch_tokens.sum()), 1.0)
+    links = None if rec.moe_link_bytes is None else rec.moe_link_bytes * share
+    part = dataclasses.replace(rec, iterations=steady_it, moe_link_bytes=links)
+    account = serving_account(system, part, window_s=end - start)
+    total = facility(account, system.scenario.energy).total_j
+    return {
+        "steady_window_s": [round(start, 6), round(end, 6)],
+        "steady_output_tokens": tokens,
+        "steady_energy_per_token_j": _per(total, tokens),
+    }
 
 
 def training_energy(
@@ -132,6 +173,11 @@ def energy_lines(summary: dict[str, Any]) -> str:
     per_txt = ""
     if per is not None:  # mJ below 1 J a token (GPU serving), J above (offloading, CPUs)
         per_txt = f"  {per:.4g} J/token" if per >= 1 else f"  {per * 1e3:.4g} mJ/token"
+    steady = e.get("steady_energy_per_token_j")
+    if steady is not None:
+        a, b = e["steady_window_s"]
+        txt = f"{steady:.4g} J" if per is not None and per >= 1 else f"{steady * 1e3:.4g} mJ"
+        per_txt += f" (whole run), {txt}/token (steady state, {a:.3g}-{b:.3g} s)"
     if e.get("energy_per_request_j") is not None:
         per_txt += f"  {e['energy_per_request_j']:.4g} J/request"
     useful = e.get("energy_per_useful_token_j")

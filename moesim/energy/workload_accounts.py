@@ -198,8 +198,11 @@ def training_account(system: System, w: TrainingWorkload, rec: TrainingRecords) 
     )
 
 
-def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
-    """Every device over the whole serving run (see the module docstring)."""
+def serving_account(
+    system: System, rec: ServingRecords, window_s: float | None = None
+) -> EnergyAccount:
+    """Every device over the whole serving run (see the module docstring); with
+    ``window_s``, over a window of that length holding ``rec``'s iterations."""
     s = system.scenario
     m = s.model
     layout = system.layout
@@ -236,7 +239,8 @@ def serving_account(system: System, rec: ServingRecords) -> EnergyAccount:
     ]
     w = s.workload
     # the server is up for the arrival window at least, even if the last request ends early
-    window_s = max(rec.end_s, w.duration_s) if isinstance(w, ServingWorkload) else rec.end_s
+    if window_s is None:
+        window_s = max(rec.end_s, w.duration_s) if isinstance(w, ServingWorkload) else rec.end_s
     network_j, link_note = _moe_link_energy(
         system,
         rec.moe_link_bytes,

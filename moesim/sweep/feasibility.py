@@ -12,8 +12,8 @@ words (``reason`` column of a sweep's ``results.csv``, the capacity table, the p
    request not rejected or lost finished (``drained``); nothing was rejected or lost.
 3. **It meets the SLO**: every metric bound (``constraints``) holds, and with a
    ``target``, at least that share of the measured requests met ``workload.slo``
-   (``slo_attainment.both``), on at least ``MIN_REQUESTS`` requests completed in the
-   window (fewer cannot support a p99).
+   (``slo_attainment.both``); a latency SLO (capacity, plan) is judged on at least
+   ``MIN_REQUESTS`` requests completed in the window (fewer cannot support a p99).
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def keep_up_reasons(summary: Mapping[str, Any]) -> list[str]:
 
 
 def slo_reasons(
-    summary: Mapping[str, Any], constraints: Mapping[str, Bound], target: float | None
+    summary: Mapping[str, Any],
+    constraints: Mapping[str, Bound],
+    target: float | None,
+    min_requests: int = 0,
 ) -> list[str]:
     """Rule 3: metric bounds and the share of requests within ``workload.slo``."""
     out = []
@@ -109,9 +112,10 @@ def slo_reasons(
         both = float((summary.get("slo_attainment") or {}).get("both") or 0.0)
         if both < target:
             out.append(f"SLO met by {both:.1%} of requests < {target:.0%}")
+    if min_requests and _serving(summary):
         done = int(summary.get("window_completed_requests") or 0)
-        if done < MIN_REQUESTS:
-            out.append(f"{done} requests in the window < {MIN_REQUESTS} (too few for a p99)")
+        if done < min_requests:
+            out.append(f"{done} requests in the window < {min_requests} (too few for a p99)")
     return out
 
 
@@ -120,14 +124,17 @@ def judge(
     error: str | None = None,
     constraints: Mapping[str, Bound] | None = None,
     target: float | None = None,
+    min_requests: int | None = None,
 ) -> Verdict:
-    """The verdict on one run: its summary, or the ``error`` it failed with."""
+    """The verdict on one run: its summary, or the ``error`` it failed with.
+    ``min_requests`` defaults to ``MIN_REQUESTS`` with a ``target``, else to none."""
     if error is not None or summary is None:
         return Verdict((f"failed: {error or 'no summary'}",))
+    need = min_requests if min_requests is not None else (MIN_REQUESTS if target else 0)
     return Verdict(
         tuple(
             memory_reasons(summary)
             + keep_up_reasons(summary)
-            + slo_reasons(summary, constraints or {}, target)
+            + slo_reasons(summary, constraints or {}, target, need)
         )
     )

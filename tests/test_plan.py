@@ -1,0 +1,130 @@
+"""moesim plan: closed-form pruning, simulation of the survivors, the shared feasibility
+verdict, resuming, and the chosen configuration checked by a plain run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from test_capacity import SCENARIO
+
+from moesim.cli import main
+from moesim.config.sweep import Bound
+from moesim.sweep.feasibility import KEEP_UP, MIN_REQUESTS, judge
+from moesim.sweep.plan_run import run_command, run_plan
+
+#: the capacity tests' small serving scenario on H200s cut to 10 GiB: one device cannot
+#: hold the four Mixtral layers' weights, two can (ep 2)
+SMALL = SCENARIO.replace(
+    "cluster: {preset: h200x2, launch: graph}",
+    "cluster: {preset: h200x2, launch: graph, accelerator: {preset: h200-sxm, memory_gib: 10, "
+    "usable_memory_gib: 10}}",
+).replace("duration_s: 2", "duration_s: 3")
+
+
+def _run(sets: list[str], base: Path) -> dict:
+    from moesim.api import run
+    from moesim.loader import load_scenario
+
+    return run(load_scenario(base, sets)).summary
+
+
+def test_plan_prunes_simulates_and_answers(tmp_path: Path) -> None:
+    """One device is pruned for memory without simulation; the answer is feasible by the
+    shared rules, and a plain run of its configuration agrees; every simulated candidate
+    marked feasible keeps up and meets the p99 targets; a rerun reuses every point."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    r = run_plan(base, 200, 200.0, 20.0, devices=[1, 2], out=tmp_path / "out", beyond=1)
+    (one,) = [p for p in r.pruned if p.candidate.devices == 1]
+    assert "the weights do not fit" in one.reason
+    assert r.rows and all(row.candidate.devices == 2 for row in r.rows)
+    assert r.feasible, [row.reason for row in r.rows]
+    for row in r.rows:
+        if row.feasible:
+            assert row.figures["ttft_ms_p99"] <= 200 and row.figures["tpot_ms_p99"] <= 20
+    best = r.best("devices")[0]
+    sets = shlex.split(run_command(r, best))[4::2]
+    summary = _run(sets, base)
+    verdict = judge(
+        summary,
+        constraints={
+            "ttft_ms.p99": Bound(max=200),
+            "tpot_ms.p99": Bound(max=20),
+        },
+        min_requests=MIN_REQUESTS,
+    )
+    assert verdict.feasible, verdict.reason
+    assert summary["steady_state"]["keep_up"] >= KEEP_UP
+    again = run_plan(base, 200, 200.0, 20.0, devices=[1, 2], out=tmp_path / "out", beyond=1)
+    assert again.ran == 0 and again.reused == len(r.rows)
+    assert [x.reason for x in again.rows] == [x.reason for x in r.rows]
+
+
+def test_an_overloaded_plan_has_no_feasible_answer(tmp_path: Path) -> None:
+    """At a rate over what two devices serve every simulated candidate is rejected with
+    the keep-up rule; far over it, the closed-form compute bound prunes them unsimulated."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    r = run_plan(base, 800, 200.0, 20.0, devices=[2], out=tmp_path / "out")
+    assert r.rows and not r.feasible and not r.pruned
+    assert all("falls behind" in row.reason for row in r.rows)
+    # far beyond: the devices' peak FLOP/s cannot carry the load; nothing is simulated
+    r = run_plan(base, 20000, 200.0, 20.0, devices=[2], out=tmp_path / "out")
+    assert not r.rows and r.pruned
+    assert all(p.reason.startswith("compute: the load needs") for p in r.pruned)
+
+
+def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command prints the answer first, the rejected candidates with their reasons,
+    and writes plan.csv (flat, a reason per candidate) and plan.json."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    args = ["plan", str(base), "--rate", "200", "--slo", "ttft_ms=200,tpot_ms=20"]
+    args += ["--devices", "1,2", "--out", str(tmp_path / "out"), "--quiet", "--workers", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.index("cheapest by fewest devices") < out.index("pruned without simulation")
+    assert "moesim run" in out
+    folder = tmp_path / "out" / "plans" / "cap"
+    lines = (folder / "plan.csv").read_text().splitlines()
+    assert lines[0].startswith("accelerator,devices,dp,tp,ep")
+    assert all("{" not in x for x in lines)
+    assert any(",pruned,False," in x for x in lines)
+    assert json.loads((folder / "plan.json").read_text())["best"]["devices"]
+
+
+def test_plan_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --slo or a non-serving scenario: a one-line error and exit 2, no traceback."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    assert main(["plan", str(base), "--rate", "1", "--slo", "ttfb=3"]) == 2
+    assert "unknown target" in capsys.readouterr().err
+    quick = Path(__file__).parent.parent / "scenarios" / "quickstart.yaml"
+    assert main(["plan", str(quick), "--rate", "1", "--out", str(tmp_path)]) == 2
+    assert "plan needs a serving workload, got layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_issue_question_in_one_command(tmp_path: Path) -> None:
+    """Issue 14: how many H100s, in which layout, serve Mixtral-8x22B at 30 requests/s
+    within p99 TTFT 1 s and TPOT 60 ms, at what energy? The plan's answer is checked by a
+    plain run of the chosen configuration."""
+    base = Path(__file__).parent.parent / "scenarios" / "mixtral-serving-dgx-h100.yaml"
+    r = run_plan(base, 30, 1000.0, 60.0, overrides=["model=mixtral-8x22b"], out=tmp_path, workers=2)
+    assert r.feasible
+    best = r.best("devices")[0]
+    assert best.figures["energy_per_token_j_steady"] > 0
+    # smaller device counts were simulated or pruned, and all rejected
+    smaller = [x for x in r.rows if x.candidate.devices < best.candidate.devices]
+    assert smaller and not any(x.feasible for x in smaller)
+    sets = shlex.split(run_command(r, best))[4::2]
+    summary = _run(sets, base)
+    v = judge(
+        summary,
+        constraints={"ttft_ms.p99": Bound(max=1000), "tpot_ms.p99": Bound(max=60)},
+        min_requests=MIN_REQUESTS,
+    )
+    assert v.feasible, v.reason
