@@ -170,7 +170,7 @@ def test_compare_shows_both_summaries_and_differences(tmp_path: Path, capsys) ->
     """`moesim compare` runs both scenarios and reports B - A for numeric fields."""
     b = tmp_path / "b.yaml"
     b.write_text(Path(QUICK).read_text().replace("s: 1.0", "s: 0.0"))
-    assert main(["compare", QUICK, str(b), "--set", "workload.tokens=1024"]) == 0
+    assert main(["compare", QUICK, str(b), "--set", "workload.tokens=1024", "--all"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("dropped_tokens "))
     a_val, b_val = (int(v) for v in line.split()[1:3])

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=None)
     input_args(cmp)
     cmp.add_argument("--json", action="store_true", help="print both summaries as JSON")
+    cmp.add_argument("--all", action="store_true", help="also every summary field side by side")
 
     c = sub.add_parser("check", help="validate a scenario without running it")
     scenario_args(c)

@@ -53,17 +53,27 @@ def run(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from moesim.api import run
     from moesim.loader import load_scenario
-    from moesim.report.compare import compare_table
+    from moesim.report.compare import comparison, normalised, scenario_diff, warnings
     from moesim.report.files import dumps
 
     opts: dict[str, Any] = {"allow_paths": args.allow_paths, "limits": args.limits}
     a = load_scenario(args.a, args.overrides, args.seed, **opts)
     b = load_scenario(args.b, args.overrides, args.seed, **opts)
     sa, sb = run(a).summary, run(b).summary
+    ra, rb = a.model_dump(mode="json"), b.model_dump(mode="json")
     if args.json:
-        print(dumps({"a": sa, "b": sb}), end="")
+        doc = {
+            "a": sa,
+            "b": sb,
+            "inputs_that_differ": [
+                {"field": k, "a": x, "b": y} for k, x, y in scenario_diff(ra, rb)
+            ],
+            "normalised": {"a": dict(normalised(sa)), "b": dict(normalised(sb))},
+            "warnings": warnings(sa, sb, ra, rb),
+        }
+        print(dumps(doc), end="")
     else:
-        print(compare_table(sa, sb, f"A: {args.a}", f"B: {args.b}"))
+        print(comparison(sa, sb, ra, rb, args.a, args.b, raw=args.all))
     return 0
 
 
