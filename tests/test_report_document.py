@@ -82,3 +82,30 @@ def test_summary_fields_and_numbers() -> None:
     assert dict(scalars(s))["energy.j"] == 3.0
     assert number(0.000123) == "1.230e-04" and number(12.3456) == "12.35"
     assert number(7) == "7" and number(None) == "-" and number(True) == "True"
+
+
+def test_serving_run_writes_per_request_records_readable_per_umask(tmp_path: Path) -> None:
+    """A serving run folder holds requests.csv, one row per request, whose measured rows
+    give the summary's TTFT p99; every file is written with the mode open() would give
+    under the umask (0644 under 022), not mkstemp's 0600."""
+    import csv
+    import os
+
+    import numpy as np
+
+    old = os.umask(0o022)
+    try:
+        args = ["run", str(SCENARIOS / "mixtral-serving-dgx-h100.yaml"), "--out", str(tmp_path)]
+        for o in ["workload.duration_s=3", "workload.warmup_s=1", *SMALL_REQUESTS]:
+            args += ["--set", o]
+        assert main(args) == 0
+    finally:
+        os.umask(old)
+    (run_dir,) = list((tmp_path / "mixtral-serving-dgx-h100").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = list(csv.DictReader((run_dir / "requests.csv").open()))
+    assert len(rows) == summary["arrived_requests"]
+    ttft = [float(r["ttft_ms"]) for r in rows if r["measured"] == "True" and r["ttft_ms"]]
+    assert np.percentile(ttft, 99) == pytest.approx(summary["ttft_ms"]["p99"], rel=1e-6)
+    for f in ("summary.json", "requests.csv", "scenario.yaml"):
+        assert (run_dir / f).stat().st_mode & 0o777 == 0o644, f

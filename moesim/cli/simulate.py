@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(Path(out), "--out" if args.out is not None else "output.dir")
     result = run(scenario)
     run_dir = None if args.no_write else result.write(args.out, report=args.report)
+    if run_dir is not None and scenario.workload.kind == "serving":
+        from moesim.report.records import write_request_records
+
+        write_request_records(run_dir, result.records, scenario.workload.warmup_s)
     if args.report and run_dir is None:
         print("moesim: --report needs a run folder; ignored with --no-write", file=sys.stderr)
     if args.json:
