@@ -1,4 +1,4 @@
-"""One feasibility definition (moesim.sweep.feasibility) for sweep, capacity and plan:
+"""One feasibility definition (moesim.report.feasibility) for sweep, capacity and plan:
 constructed cases that must never be feasible, and the reason each one prints."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from test_capacity import SCENARIO
 
 from moesim.config.sweep import Bound
+from moesim.report.feasibility import KEEP_UP, judge
 from moesim.sweep import run_sweep
-from moesim.sweep.feasibility import KEEP_UP, judge
 
 #: the capacity tests' small serving scenario (two H200s, four Mixtral layers, 1.5 s
 #: window) with an SLO no latency breaks

@@ -12,7 +12,7 @@ from test_capacity import SCENARIO
 
 from moesim.cli import main
 from moesim.config.sweep import Bound
-from moesim.sweep.feasibility import KEEP_UP, MIN_REQUESTS, judge
+from moesim.report.feasibility import KEEP_UP, MIN_REQUESTS, judge
 from moesim.sweep.plan_run import run_command, run_plan
 
 #: the capacity tests' small serving scenario on H200s cut to 10 GiB: one device cannot

@@ -21,6 +21,18 @@ def scalars(
             yield key, v
 
 
+def metric(summary: Mapping[str, Any], path: str) -> float | None:
+    """The number at dotted ``path`` in a run summary (None if absent or not a number)."""
+    node: Any = summary
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return None
+    return float(node)
+
+
 def number(v: Any) -> str:
     """A figure for a table: 4 significant digits, scientific outside [1e-3, 1e7)."""
     if v is None:

@@ -12,7 +12,7 @@ bisects until the bracket is within ``tolerance`` (relative).
 A rate is feasible when the run drained (every measured request finished), no request
 was rejected or lost, at least ``MIN_REQUESTS`` completed inside the measurement window,
 the server kept up with the offered load over the steady-state window (``KEEP_UP``), and
-``slo_attainment.both >= target`` (the shared rules of :mod:`moesim.sweep.feasibility`)
+``slo_attainment.both >= target`` (the shared rules of :mod:`moesim.report.feasibility`)
 -- for every seed given (``seeds``: the verdict of a
 rate near capacity can flip with the arrival sample, so more seeds make it robust). Use a
 window several times the end-to-end latency: a short one measures the start-up transient.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import Issue, Location, ScenarioError
-from moesim.sweep.feasibility import KEEP_UP, MIN_REQUESTS, judge
+from moesim.report.feasibility import KEEP_UP, MIN_REQUESTS, judge
 
 __all__ = ["KEEP_UP", "MIN_REQUESTS", "CapacityResult", "Probe", "find_capacity", "why_infeasible"]
 
@@ -58,7 +58,7 @@ class CapacityResult:
 
 def why_infeasible(summary: dict[str, Any], target: float) -> list[str]:
     """Every reason a probe fails (empty: feasible): the shared definition of
-    :mod:`moesim.sweep.feasibility` with ``target`` of the requests within the SLO."""
+    :mod:`moesim.report.feasibility` with ``target`` of the requests within the SLO."""
     return list(judge(summary, target=target).reasons)
 
 

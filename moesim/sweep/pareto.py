@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from moesim.config.sweep import Bound
+from moesim.report.fields import metric
 
-
-def metric(summary: Mapping[str, Any], path: str) -> float | None:
-    """The number at dotted ``path`` in a run summary (None if absent or not a number)."""
-    node: Any = summary
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int | float):
-        return None
-    return float(node)
+__all__ = ["feasible", "front", "metric", "pareto_mask"]
 
 
 def feasible(values: Mapping[str, float | None], bounds: Mapping[str, Bound]) -> bool:

@@ -8,7 +8,7 @@ run in order of device count; once a count has a feasible configuration, ``beyon
 counts are simulated (default none: at a fixed load more devices idle more, so a larger
 count rarely wins on energy per token; ``--beyond 1`` checks) and the rest are reported
 as not simulated. Every simulated candidate is judged by the shared definition
-(:mod:`moesim.sweep.feasibility`): it keeps up with the load over the steady-state window
+(:mod:`moesim.report.feasibility`): it keeps up with the load over the steady-state window
 and its p99 TTFT and TPOT are within the targets, on at least 100 completed requests.
 The feasible ones are ranked by devices, by energy per output token over the steady-state
 window and, with prices, by cost per million output tokens.
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from moesim.config.sweep import Bound
+from moesim.report.feasibility import MIN_REQUESTS, judge
 from moesim.report.files import write_json_atomic, write_text_atomic
-from moesim.sweep.feasibility import MIN_REQUESTS, judge
 from moesim.sweep.plan import Candidate, Pruned, default_devices, search_space
 from moesim.sweep.points import Point
 from moesim.sweep.runner import Options, RunSettings, _digest, run_points

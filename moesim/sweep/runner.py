@@ -31,9 +31,9 @@ from typing import Any
 from moesim.config.sweep import SweepConfig
 from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.yamlpos import Positions
+from moesim.report.feasibility import judge
 from moesim.report.fields import scalars
 from moesim.report.files import file_in_the_way, write_json_atomic, write_text_atomic
-from moesim.sweep.feasibility import judge
 from moesim.sweep.pareto import front, metric
 from moesim.sweep.points import Point, expand
 
@@ -55,7 +55,7 @@ class SweepResult:
     errors: dict[int, str] = field(default_factory=dict)
     """The error of each point that failed (by index); their metrics are None."""
     reasons: list[str] = field(default_factory=list)
-    """Per point: why it is infeasible (:mod:`moesim.sweep.feasibility`), or "feasible"."""
+    """Per point: why it is infeasible (:mod:`moesim.report.feasibility`), or "feasible"."""
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Positions]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moesim.config.sweep import Bound
-from moesim.sweep.pareto import metric
+from moesim.report.fields import metric
 
 KEEP_UP = 0.95
 """A feasible serving run generates at least this share of the offered output tokens over
