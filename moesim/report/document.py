@@ -1,7 +1,8 @@
-"""A report a person reads: ``report.md`` with plots, written into a run folder.
+"""A report a person reads: ``report.md`` and ``report.html`` with plots, in a run folder.
 
 Built from the run's summary and records only (no re-simulation): the headline figures,
-workload-specific plots (PNG, matplotlib's Agg backend), the energy account, and a table of
+the verdict (:mod:`moesim.report.verdict`), workload-specific plots (PNG, drawn on
+matplotlib's Agg canvas; every axis titled), the energy account, and a table of
 the inputs the numbers rest on, each with its ``source:`` and, for measured device
 profiles, how far the cost model was from the measurements it was fitted on. Plots are
 optional decoration: the Markdown tables carry every number.
@@ -39,22 +40,28 @@ class _Plots:
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir / "plots"
         self.links: list[str] = []
-        import matplotlib
-
-        matplotlib.use("Agg")
+        self.images: list[tuple[str, bytes]] = []
+        self.labels: dict[str, list[tuple[str, str, str]]] = {}
+        """Per plot: (title, x label, y label) of each of its axes, as drawn."""
 
     def add(self, name: str, title: str, draw: Callable[[Figure], None]) -> None:
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        fig = plt.figure(figsize=(6.4, 3.2))
-        try:
-            draw(fig)
-            fig.tight_layout()
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=110)
-        finally:
-            plt.close(fig)
+        # a bare Figure on the Agg canvas: no pyplot state, no backend switched for the
+        # caller (a notebook keeps its inline backend)
+        fig = Figure(figsize=(6.4, 3.4))
+        FigureCanvasAgg(fig)
+        draw(fig)
+        for ax in fig.axes:
+            if not ax.get_title():
+                ax.set_title(title, fontsize=10)
+        self.labels[name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         write_bytes_atomic(self.dir / f"{name}.png", buf.getvalue())
+        self.images.append((title, buf.getvalue()))
         self.links.append(f"### {title}\n\n![{title}](plots/{name}.png)\n")
 
 
@@ -97,16 +104,25 @@ def write_report(
     """Write ``report.md`` (and ``plots/``) into ``run_dir``; returns the report's path.
 
     ``draw(add)`` contributes the workload's plots (its kind's ``plots``)."""
+    from moesim.report.html import render_html
+    from moesim.report.verdict import run_verdict
+
     plots = _Plots(run_dir)
     draw(plots.add)
-    lines = [
-        f"# {sc.name}",
-        "",
-        *([sc.description, ""] if sc.description else []),
+    context = (
         f"`{s.get('workload')}` workload of **{sc.model.name}** on **{sc.cluster.name}** "
         f"({sc.cluster.devices} devices), seed {sc.seed}; simulated in "
         f"{wall_s:.2f} s of wall time. `summary.json` holds every figure below; "
-        "`scenario.yaml` reruns it.",
+        "`scenario.yaml` reruns it."
+    )
+    _, sentence = run_verdict(s)
+    lines = [
+        f"# {sc.name}",
+        "",
+        f"**Verdict: {sentence}**",
+        "",
+        *([sc.description, ""] if sc.description else []),
+        context,
         "",
         "## Results",
         "",
@@ -132,4 +148,13 @@ def write_report(
     ]
     path = run_dir / "report.md"
     write_text_atomic(path, "\n".join(lines))
+    page = render_html(
+        sc.name,
+        sc.description or "",
+        context.replace("**", "").replace("`", ""),
+        s,
+        plots.images,
+        _inputs(sc),
+    )
+    write_text_atomic(run_dir / "report.html", page)
     return path

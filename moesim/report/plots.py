@@ -9,26 +9,33 @@ import numpy as np
 
 from moesim.engine.serving import ServingRecords
 from moesim.report.document import AddPlot
+from moesim.report.serving import latencies_s
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
 def layer_plots(s: dict[str, Any], add: AddPlot) -> None:
-    """Expert load and busy time per device of one layer."""
-    load = s["expert_load"]
+    """Expert load per routing group against the per-group capacity, and busy time per
+    device of one layer."""
+    load = np.asarray(s["expert_load"], dtype=float)
     cap = s.get("capacity_per_expert")
+    groups = int(s.get("routing_groups") or 1)
+    peak = s.get("expert_load_max_group")
 
     def experts(fig: Figure) -> None:
         ax = fig.add_subplot()
-        ax.bar(range(len(load)), load, color="C0")
+        x = np.arange(len(load))
+        ax.bar(x, load / groups, color="C0", label=f"mean over the {groups} routing groups")
+        if peak is not None:
+            ax.scatter(x, peak, color="C1", marker="_", s=120, label="busiest group")
         if cap:
-            ax.axhline(cap, color="C3", ls="--", label=f"capacity {cap}")
-            ax.legend()
+            ax.axhline(cap, color="C3", ls="--", label=f"capacity per group ({cap})")
         ax.set_xlabel("expert")
-        ax.set_ylabel("token choices processed")
+        ax.set_ylabel("token choices per routing group")
+        ax.legend(fontsize=7)
 
-    add("expert_load", "Expert load (what each expert processed)", experts)
+    add("expert_load", "Expert load per routing group (rank) against its capacity", experts)
     busy = s["device_time_ms"]
 
     def devices(fig: Figure) -> None:
@@ -37,9 +44,9 @@ def layer_plots(s: dict[str, Any], add: AddPlot) -> None:
         ax.axhline(s["time_ms"], color="k", ls=":", label="layer time")
         ax.set_xlabel("device")
         ax.set_ylabel("busy time (ms)")
-        ax.legend()
+        ax.legend(fontsize=7)
 
-    add("device_time", "Busy time per device", devices)
+    add("device_time", "Busy time per device in the layer", devices)
 
 
 def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) -> None:
@@ -62,8 +69,14 @@ def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) ->
             ax.plot(mid[seen], mean_per_bin(it.batch_tokens), lw=1, label="tokens")
             ax.plot(mid[seen], mean_per_bin(it.running_seqs), lw=1, label="sequences")
             ax.set_xlabel("simulated time (s)")
-            ax.set_ylabel("per iteration (mean)")
-            ax.legend()
+            ax.set_ylabel("per iteration (mean, count)")
+            warm = summary.get("warmup_s")
+            if warm:
+                ax.axvspan(0, warm, color="0.85", label="warm-up")
+            steady = summary.get("steady_state") or {}
+            if steady.get("start_s") is not None:
+                ax.axvline(steady["start_s"], color="k", ls=":", label="steady state from")
+            ax.legend(fontsize=7)
 
         add("batches", "Batch size over time", batches)
     done = np.isfinite(req.first_token_s)
@@ -92,19 +105,31 @@ def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) ->
             ax.legend(unique.values(), unique.keys(), fontsize=7)
 
         add("ttft_over_time", "Time to first token over the run, failure windows shaded", over_time)
-    ttft = (req.first_token_s - req.arrival_s)[done] * 1e3
-    if len(ttft):
+    slo = summary.get("slo") or {}
+    lat = latencies_s(rec)
+    for key, name, label in (
+        ("ttft", "ttft_cdf", "time to first token"),
+        ("tpot", "tpot_cdf", "time per output token"),
+    ):
+        values = lat[key][np.isfinite(lat[key])] * 1e3
+        if not len(values):
+            continue
+        target = slo.get(f"{key}_ms")
 
-        def latency(fig: Figure) -> None:
+        def cdf(fig: Figure, v: np.ndarray = values, t: Any = target, what: str = label) -> None:
             ax = fig.add_subplot()
-            x = np.sort(ttft)
-            ax.plot(x, np.arange(1, len(x) + 1) / len(x))
+            x = np.sort(v)
+            ax.plot(x, np.arange(1, len(x) + 1) / len(x), label="requests")
+            if t is not None:
+                ax.axvline(t, color="C3", ls="--", label=f"SLO {t:g} ms")
+            ax.axhline(0.99, color="0.5", ls=":", lw=0.8, label="p99")
             ax.set_xscale("log")
-            ax.set_xlabel("time to first token (ms)")
+            ax.set_xlabel(f"{what} (ms)")
             ax.set_ylabel("fraction of requests")
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
 
-        add("ttft_cdf", "Time to first token (CDF, all requests)", latency)
+        add(name, f"{label.capitalize()} (CDF, all requests) against the SLO", cdf)
 
 
 def training_plots(s: dict[str, Any], add: AddPlot) -> None:
@@ -114,7 +139,8 @@ def training_plots(s: dict[str, Any], add: AddPlot) -> None:
     def breakdown(fig: Figure) -> None:
         ax = fig.add_subplot()
         ax.barh(list(parts), list(parts.values()), color="C2")
-        ax.set_xlabel("ms per step")
+        ax.set_xlabel("time per step (ms)")
+        ax.set_ylabel("part of the step")
 
     add("breakdown", "Where a training step goes", breakdown)
     stages = s.get("stage_ms") or []
@@ -128,7 +154,7 @@ def training_plots(s: dict[str, Any], add: AddPlot) -> None:
             ax.bar(x, fwd, label="forward")
             ax.bar(x, bwd, bottom=fwd, label="backward")
             ax.set_xlabel("pipeline stage")
-            ax.set_ylabel("ms per micro-batch")
+            ax.set_ylabel("time per micro-batch (ms)")
             ax.legend()
 
         add("stages", "Per-stage time of one micro-batch", per_stage)

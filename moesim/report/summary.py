@@ -61,6 +61,8 @@ def layer_summary(system: System, rec: LayerRecords) -> dict[str, Any]:
         "rerouted_slots": r.rerouted,
         "capacity_per_expert": r.capacity,
         "expert_load": [int(x) for x in expert_load],
+        "routing_groups": int(r.counts.shape[0]),
+        "expert_load_max_group": [int(x) for x in r.counts.max(axis=0)],
         "load_imbalance": round(float(dev_load.max() / dev_load.mean()), 6)
         if dev_load.size and dev_load.mean() > 0
         else 1.0,

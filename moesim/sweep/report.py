@@ -75,10 +75,8 @@ def pareto_plot(r: SweepResult, path: Path) -> bool:
     names = [*o.minimize, *o.maximize]
     if len(names) != 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from moesim.report.files import write_bytes_atomic
 
@@ -88,7 +86,9 @@ def pareto_plot(r: SweepResult, path: Path) -> bool:
         for i, row in enumerate(r.rows)
         if (a := row[x]) is not None and (b := row[y]) is not None
     ]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     best = set(r.pareto)
     for label, pick, style in (
         ("infeasible", lambda i: not r.feasible[i], dict(marker="x", color="0.6")),
@@ -109,6 +109,5 @@ def pareto_plot(r: SweepResult, path: Path) -> bool:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
     return True
