@@ -13,7 +13,9 @@ import numpy as np
 from moesim.config.scenario import Scenario
 from moesim.cost.compute import Roofline
 from moesim.cost.layer_inputs import LayerCosts
+from moesim.derived.expert_replicas import expert_placement
 from moesim.layout import Layout
+from moesim.layout.eplb import ExpertPlacement
 from moesim.topology.graph import Topology, build
 from moesim.topology.paths import PathTable
 from moesim.units import COMBINE_BYTES, DISPATCH_BYTES, US
@@ -53,6 +55,9 @@ class System:
     paths: PathTable
     layout: Layout
     layer_costs: LayerCosts
+    placement: ExpertPlacement | None = None
+    """Which expert fills each slot of every MoE layer when the layout has redundant
+    experts (``policies.experts``: EPLB); None without replicas."""
 
     @property
     def expert_node(self) -> np.ndarray | None:
@@ -91,4 +96,5 @@ def build_system(s: Scenario) -> System:
         a2a=s.parallelism.a2a,
         topology=topo,
     )
-    return System(s, topo, PathTable(topo), Layout.of(s.parallelism, m.experts), costs)
+    layout = Layout.of(s.parallelism, m.experts, s.policies.experts.redundant)
+    return System(s, topo, PathTable(topo), layout, costs, expert_placement(s))

@@ -10,6 +10,31 @@ from moesim.config.base import Frozen
 from moesim.config.offload import OffloadConfig
 
 
+class ExpertsConfig(Frozen):
+    """Redundant experts placed by a load balancer (DeepSeek-V3 report, section 3.4; the
+    published EPLB, :mod:`moesim.layout.eplb`)."""
+
+    redundant: int = Field(default=0, ge=0)
+    """Replicas beyond the model's experts, per MoE layer: the layer has ``experts +
+    redundant`` slots, ``(experts + redundant) / ep`` on each EP rank (DeepSeek-V3's
+    decode: 32 redundant experts, 288 slots over EP144)."""
+    balancer: Literal["eplb"] = "eplb"
+    """What places the replicas: DeepSeek's EPLB (replicate the experts of largest load
+    per replica, pack replicas onto GPUs balancing their load)."""
+    policy: Literal["auto", "hierarchical", "global"] = "auto"
+    """EPLB's policy: ``hierarchical`` packs expert groups onto nodes first (a group's
+    experts stay on one node), ``global`` replicates and packs over all GPUs; ``auto``
+    is EPLB's rule: hierarchical when the model's expert groups divide over the nodes."""
+    statistics_tokens: int | None = Field(default=None, ge=1)
+    """Load estimate the balancer works from: null, the configured routing popularity
+    (the expected load); N, the counts of N tokens routed per MoE layer before the run
+    (observed statistics, as deployments collect them)."""
+    interval_s: float | None = Field(default=None, gt=0)
+    """Re-balance every ``interval_s`` simulated seconds under a drifting routing
+    (``routing.drift``): the summary compares the GPU load of a placement re-balanced
+    on this period with one kept from the start (serving only)."""
+
+
 class PoliciesConfig(Frozen):
     """Capacity and overflow handling, with the published semantics (GShard, Switch, Megatron)."""
 
@@ -41,6 +66,8 @@ class PoliciesConfig(Frozen):
     layout of their batched products."""
     offload: OffloadConfig = OffloadConfig()
     """Experts and optimizer states kept below device memory (default: nothing offloaded)."""
+    experts: ExpertsConfig = ExpertsConfig()
+    """Redundant expert replicas and their load balancer (default: none)."""
 
     @model_validator(mode="after")
     def _padded_needs_capacity(self) -> PoliciesConfig:

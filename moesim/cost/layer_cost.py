@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from moesim import rng
+from moesim.derived.expert_replicas import route_replicated
 from moesim.routing.distributions import layer_popularities
 from moesim.routing.replay import replayed, window_choices
 from moesim.routing.route import LayerRouting, route_layer
@@ -160,16 +161,14 @@ class MoELayerCost:
                 if self._replayed:  # a trace's tokens [i N, (i+1) N), or logits draws
                     depth = s.model.experts if s.policies.overflow == "reroute" else s.model.top_k
                     choices = window_choices(s, tokens, i, n, depth, gen)
-                routing = route_layer(
-                    gen,
-                    self.sample_popularity(i, n),
-                    self.system.layout,
-                    tokens,
-                    s.model,
-                    s.policies,
-                    self.system.expert_node,
-                    choices,
-                )
+                args = (self.system.layout, tokens, s.model, s.policies, self.system.expert_node)
+                pop = self.sample_popularity(i, n)
+                placement = self.system.placement
+                if placement is None:
+                    routing = route_layer(gen, pop, *args, choices)
+                else:  # redundant experts: the choices go to the layer's replicas
+                    layer = (i * len(self._pops)) // max(1, n)
+                    routing = route_replicated(gen, placement, layer, pop, *args, choices)
                 rec = self.simulate(self.system, routing)
                 self.sim_events += rec.sim_events
                 self.network_events += rec.network_events

@@ -115,11 +115,15 @@ def serving_memory(
     p: ParallelismConfig,
     acc: AcceleratorSpec,
     offload: ExpertOffloadConfig | None = None,
+    redundant: int = 0,
 ) -> ServingMemory:
     """Weights and KV bytes per device of ``m`` laid out as ``p`` on ``acc`` (with an
-    HBM expert cache in place of all experts when ``offload`` is given)."""
+    HBM expert cache in place of all experts when ``offload`` is given; with
+    ``redundant`` replicas each EP rank holds ``(experts + redundant) / ep`` expert slots
+    in every MoE block)."""
     f = figures(m)
-    experts_per_rank = m.experts // p.ep if m.experts % p.ep == 0 else math.ceil(m.experts / p.ep)
+    slots = m.experts + redundant
+    experts_per_rank = slots // p.ep if slots % p.ep == 0 else math.ceil(slots / p.ep)
     moe_blocks = math.ceil(f.moe_layers / p.pp)
     shard_params = math.ceil(f.expert_params / p.etp)
     device_experts = moe_blocks * experts_per_rank

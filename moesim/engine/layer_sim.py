@@ -18,6 +18,7 @@ from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
 from moesim.cost.layer_cost import LayerRun, MoELayerCost
 from moesim.cost.padded import PaddedExperts
+from moesim.derived.expert_replicas import route_replicated
 from moesim.engine.moe_layer import (
     LayerTimeline,
     critical_path,
@@ -69,16 +70,12 @@ def simulate_layer(system: System) -> LayerRecords:
         pop = layer_popularities(s.routing, s.model.experts, 1, rng.stream(s.seed, "popularity"))[0]
         depth = s.model.experts if s.policies.overflow == "reroute" else s.model.top_k
         choices = recorded_choices(feed.take(layer_tokens(s))[:, 0, :], pop, depth)
-    routing = route_layer(
-        rng.stream(s.seed, "routing", 0),
-        pop,
-        system.layout,
-        layer_tokens(s),
-        s.model,
-        s.policies,
-        system.expert_node,
-        choices,
-    )
+    args = (system.layout, layer_tokens(s), s.model, s.policies, system.expert_node)
+    gen = rng.stream(s.seed, "routing", 0)
+    if system.placement is None:
+        routing = route_layer(gen, pop, *args, choices)
+    else:  # redundant experts: MoE layer 0's placement
+        routing = route_replicated(gen, system.placement, 0, pop, *args, choices)
     rec = simulate_routed_layer(system, routing, pop)
     return rec if feed is None else replace(rec, routed=feed.use)
 

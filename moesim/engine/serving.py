@@ -198,7 +198,11 @@ class _Server:
         self.w = w
         self.dp = s.parallelism.dp
         mem = serving_memory(
-            s.model, s.parallelism, s.cluster.accelerator, s.policies.offload.experts
+            s.model,
+            s.parallelism,
+            s.cluster.accelerator,
+            s.policies.offload.experts,
+            s.policies.experts.redundant,
         )
         self.hooks = hooks
         self.kv_blocks = hooks.kv_blocks(

@@ -1,4 +1,5 @@
-"""The parallel layout made concrete: which device holds which tokens and which experts.
+"""The parallel layout made concrete: which device holds which tokens and which experts
+(owns ``Layout`` and the expert load balancer ``eplb``; uses config only).
 
 Rank order follows Megatron-Core: tp fastest, then dp, then pp; global rank == device id.
 Inside a stage, expert parallelism reuses the same dp x tp ranks with etp fastest, then ep,
@@ -26,11 +27,19 @@ class Layout:
     ep: int
     etp: int
     experts: int
+    """Expert slots of a layer: the model's experts plus any redundant replicas."""
     owner: np.ndarray
-    """EP rank holding each expert (int64, experts)."""
+    """EP rank holding each expert slot (int64, experts)."""
 
     @classmethod
-    def of(cls, p: ParallelismConfig, experts: int) -> Layout:
+    def of(cls, p: ParallelismConfig, experts: int, redundant: int = 0) -> Layout:
+        """The layout of ``experts`` experts; with ``redundant`` replicas the layer has
+        ``experts + redundant`` slots, contiguous on the EP ranks (``slots / ep`` each), and
+        which expert fills each slot is the load balancer's (:mod:`moesim.layout.eplb`)."""
+        if redundant:
+            slots = experts + redundant
+            owner = np.arange(slots, dtype=np.int64) // (slots // p.ep)
+            return cls(p.dp, p.tp, p.pp, p.ep, p.etp, slots, owner)
         if isinstance(p.placement, list):
             owner = np.asarray(p.placement, dtype=np.int64)
         elif p.placement == "round_robin":

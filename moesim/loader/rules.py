@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from moesim.config.cluster import NodesCluster
 from moesim.config.scenario import Scenario
 from moesim.workloads import kind_of
+from moesim.workloads.replica_rules import replica_rules
 
 Rule = Iterator[tuple[str, str]]
 
@@ -25,6 +26,7 @@ def check(s: Scenario) -> list[tuple[str, str]]:
         *_offload(s),
         *_failures(s),
         *_routing(s),
+        *replica_rules(s),
         *kind_of(s).rules(s),
     ]
 
@@ -93,8 +95,6 @@ def _layout(s: Scenario) -> Rule:
             f"dp x tp x pp = {p.dp} x {p.tp} x {p.pp} = {p.devices} must equal the cluster's "
             f"devices ({devices})",
         )
-    if m.experts % p.ep:
-        yield "parallelism.ep", f"must divide model.experts ({m.experts}), got {p.ep}"
     if (p.dp * p.tp) % (p.ep * p.etp):
         yield (
             "parallelism.ep",

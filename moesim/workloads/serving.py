@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from moesim.config.scenario import Scenario
 from moesim.config.serving import ServingWorkload
+from moesim.derived.expert_replicas import balance_summary
 from moesim.derived.serving_memory import serving_memory
 from moesim.units import GIB
 from moesim.workloads.base import AddPlot, Rule, Simulated
@@ -37,10 +38,11 @@ def serving_shape(s: Scenario, w: ServingWorkload) -> Rule:
             "parallelism.tp",
             f"must divide model kv_heads ({kv}) or be a multiple of it, got {p.tp}",
         )
-    if m.experts % p.ep or p.pp != 1:
+    redundant = s.policies.experts.redundant
+    if (m.experts + redundant) % p.ep or p.pp != 1:
         return
     off = s.policies.offload.experts
-    mem = serving_memory(m, p, s.cluster.accelerator, off)
+    mem = serving_memory(m, p, s.cluster.accelerator, off, redundant)
     acc = s.cluster.accelerator
     if off is not None and (mem.cache_experts or 0) > mem.device_experts:
         return  # the offload rule says the cache is larger than the device's experts
@@ -59,7 +61,9 @@ def serving_shape(s: Scenario, w: ServingWorkload) -> Rule:
             "parallelism",
             f"the weights do not fit: each {acc.name} needs "
             f"{mem.weight_bytes / GIB:.1f} GiB ({mem.expert_weight_bytes / GIB:.1f} GiB "
-            f"of experts over ep={p.ep}{f' x etp={p.etp}' if p.etp > 1 else ''}, "
+            f"of {f'{m.experts + redundant} expert slots' if redundant else 'experts'} "
+            f"over ep={p.ep}"
+            f"{f' x etp={p.etp}' if p.etp > 1 else ''}, "
             f"{mem.other_weight_bytes / GIB:.1f} GiB of the rest over tp={p.tp}) but "
             f"has {mem.device_bytes / GIB:.1f} GiB; raise ep or tp, or use a larger device",
         )
@@ -100,6 +104,11 @@ class ServingKind:
         from moesim.report.serving import serving_summary
 
         summary = serving_summary(system, sim.records)
+        w = system.scenario.workload
+        assert isinstance(w, ServingWorkload)
+        balance = balance_summary(system.scenario, w.duration_s)
+        if balance is not None:
+            summary["experts"] = balance
         if sim.routed is not None:
             summary["routing"] = sim.routed.summary()
         if sim.records.failures is not None:
