@@ -37,11 +37,24 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(not c["outputs"] and c["execution_count"] is None for c in cells)
     monkeypatch.chdir(path.parent)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the notebooks leave the backend to Jupyter (inline there); headless here
+    assert all("matplotlib.use(" not in "".join(c["source"]) for c in cells)
     namespace: dict[str, object] = {"__name__": "__main__"}
+    import matplotlib.pyplot as plt
+
+    figures = 0
     for i, cell in enumerate(cells):
         code = compile("".join(cell["source"]), f"{path.name}[code cell {i + 1}]", "exec")
         exec(code, namespace)
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
+        # what Jupyter's inline backend would show under this cell: every figure it made,
+        # each axis titled and labelled
+        for n in plt.get_fignums():
+            fig = plt.figure(n)
+            figures += 1
+            for ax in fig.axes:
+                where = f"{path.name} cell {i + 1}"
+                assert ax.get_title() or fig.get_suptitle(), where
+                assert ax.get_xlabel(), where
+            plt.close(fig)
+    assert figures, f"{path.name} draws no figure"
     assert os.getcwd() == str(path.parent)

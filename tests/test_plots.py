@@ -8,31 +8,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from test_report_document import SCENARIOS, SMALL_REQUESTS
+from test_report_document import REPORT_CASES, SCENARIOS
 
 from moesim.api import run
 from moesim.loader import load_scenario
 from moesim.report import document
 
-CASES = [
-    ("quickstart.yaml", ["workload.tokens=2048"]),
-    (
-        "mixtral-serving-dgx-h100.yaml",
-        ["workload.duration_s=3", "workload.warmup_s=1", *SMALL_REQUESTS],
-    ),
-    ("switch-base-training-tpu-v3.yaml", []),
-    (
-        "mixtral-serving-failure-dgx-h100.yaml",
-        [
-            "workload.duration_s=4",
-            "workload.warmup_s=0.5",
-            "failures.devices=[{kind: scheduled, device: 3, at_s: 1}]",
-            "failures.links=[]",
-            "failures.stragglers=[]",
-            *SMALL_REQUESTS,
-        ],
-    ),
-]
+CASES = [(file, overrides) for file, overrides, _ in REPORT_CASES]
 
 
 class _Recording(document._Plots):

@@ -20,30 +20,31 @@ SMALL_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("file", "overrides", "plots"),
-    [
-        ("quickstart.yaml", ["workload.tokens=2048"], {"expert_load.png", "device_time.png"}),
-        (
-            "mixtral-serving-dgx-h100.yaml",
-            ["workload.duration_s=3", "workload.warmup_s=1", *SMALL_REQUESTS],
-            {"batches.png", "ttft_cdf.png"},
-        ),
-        ("switch-base-training-tpu-v3.yaml", [], {"breakdown.png"}),
-        (
-            "mixtral-serving-failure-dgx-h100.yaml",
-            [
-                "workload.duration_s=4",
-                "workload.warmup_s=0.5",
-                "failures.devices=[{kind: scheduled, device: 3, at_s: 1}]",
-                "failures.links=[]",
-                "failures.stragglers=[]",
-                *SMALL_REQUESTS,
-            ],
-            {"batches.png", "ttft_cdf.png", "ttft_over_time.png"},
-        ),
-    ],
-)
+#: one run of each workload (and of serving with a failure), with the plots it must have
+REPORT_CASES = [
+    ("quickstart.yaml", ["workload.tokens=2048"], {"expert_load.png", "device_time.png"}),
+    (
+        "mixtral-serving-dgx-h100.yaml",
+        ["workload.duration_s=3", "workload.warmup_s=1", *SMALL_REQUESTS],
+        {"batches.png", "ttft_cdf.png"},
+    ),
+    ("switch-base-training-tpu-v3.yaml", [], {"breakdown.png"}),
+    (
+        "mixtral-serving-failure-dgx-h100.yaml",
+        [
+            "workload.duration_s=4",
+            "workload.warmup_s=0.5",
+            "failures.devices=[{kind: scheduled, device: 3, at_s: 1}]",
+            "failures.links=[]",
+            "failures.stragglers=[]",
+            *SMALL_REQUESTS,
+        ],
+        {"batches.png", "ttft_cdf.png", "ttft_over_time.png"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("file", "overrides", "plots"), REPORT_CASES)
 def test_report_has_figures_plots_and_sources(
     tmp_path: Path, file: str, overrides: list[str], plots: set[str]
 ) -> None:

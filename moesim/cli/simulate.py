@@ -149,16 +149,16 @@ def sweep(args: argparse.Namespace) -> int:
         print("moesim: --workers must be >= 1", file=sys.stderr)
         return EXIT_SCENARIO_ERROR
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    from moesim.report.progress import Progress
 
+    bar = Progress("sweep")
     try:
         result = run_sweep(
             args.sweep,
             args.workers,
             args.out,
             args.fresh,
-            None if args.quiet else progress,
+            None if args.quiet else bar.message,
             retry_failed=args.retry_failed,
             allow_paths=args.allow_paths,
             limits=args.limits,
@@ -168,6 +168,8 @@ def sweep(args: argparse.Namespace) -> int:
             "\nmoesim: interrupted; finished points are saved, run again to resume", file=sys.stderr
         )
         return EXIT_INTERRUPTED
+    finally:
+        bar.close()
     print(sweep_table(result))
     if result.errors:
         print(
