@@ -128,8 +128,12 @@ class Decoder:
         self.embed = rnd(self.vocab, d)
         self.head = rnd(d, self.vocab)
         self.max_pos = ctx + 4096
-        self.kc = [torch.zeros(1, kvh, self.max_pos, self.hd, device=dev, dtype=dt) for _ in range(layers)]
-        self.vc = [torch.zeros(1, kvh, self.max_pos, self.hd, device=dev, dtype=dt) for _ in range(layers)]
+        self.kc = [
+            torch.zeros(1, kvh, self.max_pos, self.hd, device=dev, dtype=dt) for _ in range(layers)
+        ]
+        self.vc = [
+            torch.zeros(1, kvh, self.max_pos, self.hd, device=dev, dtype=dt) for _ in range(layers)
+        ]
         for c in self.kc + self.vc:
             c[:, :, :ctx].normal_(0.0, 1.0, generator=g)
         inv = 1.0 / (1e6 ** (torch.arange(0, self.hd, 2, device=dev).float() / self.hd))
@@ -263,7 +267,8 @@ class Clock:
     def __init__(self, cuda: bool) -> None:
         import torch
 
-        self.torch, self.cuda, self.marks = torch, cuda, []
+        self.torch, self.cuda = torch, cuda
+        self.marks: list[Any] = []
 
     def mark(self) -> None:
         if self.cuda:
@@ -280,8 +285,16 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def run_lru(dec: Decoder, trace: Trace, slots: int, hot: list[list[int]], tokens: int,
-            ctx: int, sync: bool = True, moe: bool = True) -> dict[str, Any]:
+def run_lru(
+    dec: Decoder,
+    trace: Trace,
+    slots: int,
+    hot: list[list[int]],
+    tokens: int,
+    ctx: int,
+    sync: bool = True,
+    moe: bool = True,
+) -> dict[str, Any]:
     """One timed decode over the trace's first ``tokens`` tokens with ``slots`` slots."""
     per = split_slots(slots, dec.layers)
     free, caches = list(range(slots)), []
@@ -314,8 +327,14 @@ def run_graph(dec: Decoder, trace: Trace, tokens: int, ctx: int) -> dict[str, An
     """All experts resident, one token's step captured as a CUDA graph and replayed."""
     torch = dec.torch
     ordered = [sorted(ids) for ids in trace.experts[0]]
-    caches = [LayerCache(dec.experts, list(range(j * dec.experts, (j + 1) * dec.experts)),
-                         list(range(dec.experts))) for j in range(dec.layers)]
+    caches = [
+        LayerCache(
+            dec.experts,
+            list(range(j * dec.experts, (j + 1) * dec.experts)),
+            list(range(dec.experts)),
+        )
+        for j in range(dec.layers)
+    ]
     dec.load(caches)
     fixed = [[caches[j].lru[e] for e in ids] for j, ids in enumerate(ordered)]
     step = lambda: dec.token(0, ctx, ordered, None, fixed=fixed)  # noqa: E731
@@ -335,8 +354,12 @@ def run_graph(dec: Decoder, trace: Trace, tokens: int, ctx: int) -> dict[str, An
         step()
         clock.mark()
     ms = clock.ms()
-    return {"slots": dec.layers * dec.experts, "tokens": tokens,
-            "ms_per_token": sum(ms) / len(ms), "median_ms": statistics.median(ms)}
+    return {
+        "slots": dec.layers * dec.experts,
+        "tokens": tokens,
+        "ms_per_token": sum(ms) / len(ms),
+        "median_ms": statistics.median(ms),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,9 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.cpu else "cuda"
     argv_full = ["-m", "moesim.calibrate.torch_offload_decode", *argv]
     trace, info = record_hf(
-        "mixtral-8x7b", args.layers, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
-        decode_tokens=args.decode_tokens, bias_std=args.router_bias_std, seed=args.seed,
-        device=device, tiny=args.tiny,
+        "mixtral-8x7b",
+        args.layers,
+        prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        bias_std=args.router_bias_std,
+        seed=args.seed,
+        device=device,
+        tiny=args.tiny,
     )
     files = save(trace, info, os.path.join(args.out, args.trace_name), argv_full, True)
     decode = trace.subset(trace.decode)
@@ -378,12 +407,22 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(device)
     dec = Decoder(keys, args.layers, max(slots), dev, args.context)
     hot = hottest(decode, args.layers, dec.experts)
-    out = open(os.path.join(args.out, "offload_decode.jsonl"), "w", encoding="utf-8")
-    env = env_record(argv_full, kind="env", d_model=dec.d, d_ff=dec.f, layers=args.layers,
-                     experts=dec.experts, expert_bytes=dec.expert_bytes, context=args.context,
-                     trace_files=[os.path.basename(p) for p in files],
-                     trace=os.path.basename(files[0]).replace(".jsonl", ".decode.jsonl"),
-                     router_bias_std=args.router_bias_std, seed=args.seed, device=device)
+    out = open(os.path.join(args.out, "offload_decode.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+    env = env_record(
+        argv_full,
+        kind="env",
+        d_model=dec.d,
+        d_ff=dec.f,
+        layers=args.layers,
+        experts=dec.experts,
+        expert_bytes=dec.expert_bytes,
+        context=args.context,
+        trace_files=[os.path.basename(p) for p in files],
+        trace=os.path.basename(files[0]).replace(".jsonl", ".decode.jsonl"),
+        router_bias_std=args.router_bias_std,
+        seed=args.seed,
+        device=device,
+    )
 
     def emit(rec: dict[str, Any]) -> None:
         out.write(json.dumps(rec) + "\n")
@@ -398,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(5):
         dec.slots[0].copy_(dec.host[0][0], non_blocking=True)
         clock.mark()
-    emit({"kind": "copy", "mem": "pinned" if dec.cuda else "cpu", "bytes": dec.expert_bytes,
-          "median_ms": statistics.median(clock.ms())})
+    emit(
+        {
+            "kind": "copy",
+            "mem": "pinned" if dec.cuda else "cpu",
+            "bytes": dec.expert_bytes,
+            "median_ms": statistics.median(clock.ms()),
+        }
+    )
     x = torch.randn(1, dec.d, device=dev, dtype=dec.dt)
     clock = Clock(dec.cuda)
     dec.ffn(x, 0)
@@ -409,16 +454,39 @@ def main(argv: list[str] | None = None) -> int:
         clock.mark()
     emit({"kind": "expert", "tokens": 1, "median_ms": statistics.median(clock.ms())})
     for s in slots:
-        emit({"kind": "offload_decode", "mode": "lru", "sync": True,
-              **run_lru(dec, decode, s, hot, tokens, args.context)})
+        emit(
+            {
+                "kind": "offload_decode",
+                "mode": "lru",
+                "sync": True,
+                **run_lru(dec, decode, s, hot, tokens, args.context),
+            }
+        )
     full = args.layers * dec.experts
     if full in slots:
-        emit({"kind": "offload_decode", "mode": "all_hit_nosync", "sync": False,
-              **run_lru(dec, decode, full, hot, tokens, args.context, sync=False)})
-        emit({"kind": "offload_decode", "mode": "attention_only", "sync": False,
-              **run_lru(dec, decode, full, hot, tokens, args.context, moe=False)})
-        emit({"kind": "offload_decode", "mode": "all_hit_graph",
-              **run_graph(dec, decode, tokens, args.context)})
+        emit(
+            {
+                "kind": "offload_decode",
+                "mode": "all_hit_nosync",
+                "sync": False,
+                **run_lru(dec, decode, full, hot, tokens, args.context, sync=False),
+            }
+        )
+        emit(
+            {
+                "kind": "offload_decode",
+                "mode": "attention_only",
+                "sync": False,
+                **run_lru(dec, decode, full, hot, tokens, args.context, moe=False),
+            }
+        )
+        emit(
+            {
+                "kind": "offload_decode",
+                "mode": "all_hit_graph",
+                **run_graph(dec, decode, tokens, args.context),
+            }
+        )
     out.close()
     return 0
 

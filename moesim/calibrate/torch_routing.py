@@ -307,9 +307,7 @@ class RouterTap:
             if bias is None
             else [torch.tensor(b, dtype=torch.float32, device=_device(model)) for b in bias]
         )
-        self.handles = [
-            r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)
-        ]
+        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
 
     def _hook(self, i: int) -> Any:
         def hook(module: Any, args: Any, out: Any) -> Any:
@@ -387,8 +385,11 @@ def record_hf(
 
     model = build_hf(shape, layers, device, tiny, seed)
     n_moe = moe_layers(shape, layers)
-    experts = int(SHAPES[shape].get("num_local_experts") or SHAPES[shape].get("num_experts")
-                  or SHAPES[shape]["n_routed_experts"])
+    experts = int(
+        SHAPES[shape].get("num_local_experts")
+        or SHAPES[shape].get("num_experts")
+        or SHAPES[shape]["n_routed_experts"]
+    )
     bias = router_bias(bias_std, n_moe, experts, seed)
     tap = RouterTap(model, bias)
     if len(tap.routers) != n_moe:
@@ -478,8 +479,12 @@ def record_reference(
     from moesim.reference.layer import ReferenceLayer, shared_output
 
     m = scenario_from_dict(
-        {"name": "trace", "cluster": "single-h200", "model": shape,
-         "workload": {"kind": "layer", "tokens": 1}}
+        {
+            "name": "trace",
+            "cluster": "single-h200",
+            "model": shape,
+            "workload": {"kind": "layer", "tokens": 1},
+        }
     ).model
     gen = np.random.default_rng(seed)
     stack = [
@@ -544,7 +549,9 @@ def record_reference(
     return trace, info
 
 
-def save(trace: Trace, info: dict[str, Any], out: str, argv: list[str], decode_only: bool) -> list[str]:
+def save(
+    trace: Trace, info: dict[str, Any], out: str, argv: list[str], decode_only: bool
+) -> list[str]:
     """Write the trace files and the env record next to them; returns the paths."""
     base = out[: -len(".jsonl")] if out.endswith(".jsonl") else out
     written = write_trace(trace, base + ".jsonl")
@@ -556,7 +563,7 @@ def save(trace: Trace, info: dict[str, Any], out: str, argv: list[str], decode_o
     with open(base + ".env.json", "w", encoding="utf-8") as fh:
         json.dump(env, fh, indent=1)
         fh.write("\n")
-    return written + [base + ".env.json"]
+    return [*written, base + ".env.json"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,19 +593,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.source == "hf":
         trace, info = record_hf(
-            args.shape, args.layers, device="cpu" if args.cpu else "cuda", tiny=args.tiny,
+            args.shape,
+            args.layers,
+            device="cpu" if args.cpu else "cuda",
+            tiny=args.tiny,
             **common,
         )
     else:
         trace, info = record_reference(
             args.shape, args.layers, d_model=args.d_model, d_ff=args.d_ff, **common
         )
-    for p in save(trace, info, args.out, ["-m", "moesim.calibrate.torch_routing", *argv],
-                  args.decode_only):
+    for p in save(
+        trace, info, args.out, ["-m", "moesim.calibrate.torch_routing", *argv], args.decode_only
+    ):
         print(p)
     e = len(trace.step)
-    print(f"{e} tokens, {info['moe_layers']} MoE layers, top-{info['top_k']} of {info['experts']}"
-          f" ({'bias std ' + str(args.router_bias_std) if args.router_bias_std else 'no bias'})")
+    print(
+        f"{e} tokens, {info['moe_layers']} MoE layers, top-{info['top_k']} of {info['experts']}"
+        f" ({'bias std ' + str(args.router_bias_std) if args.router_bias_std else 'no bias'})"
+    )
     return 0
 
 
