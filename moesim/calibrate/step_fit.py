@@ -114,14 +114,14 @@ def fit_step_kernels(
     ):
         sel = [r for r in of_kind(records, "cast") if r.get("src") == src and r.get("dst") == dst]
         if sel:
-            per = [
+            rates = [
                 r["elements"]
                 * (BYTES_PER_ELEMENT[_DTYPE[src]] + BYTES_PER_ELEMENT[_DTYPE[dst]])
                 / (r["ms"] * 1e-3)
                 for r in sel
             ]
-            casts[direction] = float(np.median(per))
-            errors += [abs(p / casts[direction] - 1.0) for p in per]
+            casts[direction] = float(np.median(rates))
+            errors += [abs(x / casts[direction] - 1.0) for x in rates]
     return StepKernelFit(
         attention_tflops=r_f,
         attention_seq_knee=k_f,
