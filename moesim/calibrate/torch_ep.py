@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-TOKENS = (16, 64, 256, 1024, 4096)
+TOKENS = (16, 64, 256, 1024, 4096, 16384)  # --max-tokens (default 4096) caps them
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
