@@ -128,3 +128,27 @@ def test_the_issue_question_in_one_command(tmp_path: Path) -> None:
         min_requests=MIN_REQUESTS,
     )
     assert v.feasible, v.reason
+
+
+def test_progress_bar_on_a_terminal_lines_elsewhere() -> None:
+    """The runner's [k/n] lines advance a bar on a terminal and print as lines elsewhere."""
+    import io
+
+    from moesim.report.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = Progress("plan", tty)
+    bar.message("plan x: 3 points, 0 already done, 3 to run")
+    for k in (1, 2, 3):
+        bar.message(f"[{k}/3] point {k} (devices=2) 0.1 s")
+    bar.close()
+    text = tty.getvalue()
+    assert "3 to run" in text and "3/3" in text and "plan" in text
+    log = io.StringIO()
+    lines = Progress("plan", log)
+    lines.message("[1/3] point 1 (devices=2) 0.1 s")
+    assert log.getvalue() == "[1/3] point 1 (devices=2) 0.1 s\n"

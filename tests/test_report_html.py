@@ -76,3 +76,15 @@ def test_html_report_renders(tmp_path: Path, file: str, overrides: list[str], sa
     # the Markdown report opens with the same verdict
     md = (tmp_path / "report.md").read_text()
     assert md.splitlines()[2].startswith("**Verdict: ")
+
+
+def test_run_report_flag_writes_the_html(tmp_path: Path) -> None:
+    from moesim.cli import main
+
+    quick = str(SCENARIOS / "quickstart.yaml")
+    assert (
+        main(["run", quick, "--out", str(tmp_path), "--report", "--set", "workload.tokens=1024"])
+        == 0
+    )
+    (run_dir,) = list((tmp_path / "quickstart").iterdir())
+    assert (run_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
