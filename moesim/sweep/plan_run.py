@@ -150,6 +150,16 @@ def run_plan(
                 )
             ]
         )
+    if getattr(given.cluster, "accelerators_per_node", None) is None:
+        raise ScenarioError(
+            [
+                Issue(
+                    Location(str(scenario)),
+                    "cluster.kind",
+                    "plan varies clusters of GPU nodes (kind nodes), got a torus",
+                )
+            ]
+        )
     base = load([])
     accs = list(accelerators) or [base.cluster.accelerator.name]
     space = search_space(
