@@ -14,8 +14,9 @@ drain, when nothing arrives any more, is outside it). Over it:
 - ``throughput_tokens_per_s``: output tokens generated (each iteration's sampled tokens,
   at its end) within the window / its length;
 - ``offered_tokens_per_s``: the output tokens due within it / its length: each request's
-  tokens (rejected ones included) spread evenly over ``[arrival, arrival + D]``, D the
-  median end-to-end latency (a server that keeps up generates them there);
+  tokens (rejected ones included) spread evenly over its typical lifetime, from arrival
+  plus the median TTFT for ``output tokens x median TPOT`` (a server that keeps up
+  generates them there; an overloaded one falls behind it at any TTFT and TPOT);
 - ``keep_up``: their ratio (None when nothing was offered).
 """
 
@@ -39,17 +40,28 @@ def steady_window(rec: ServingRecords, warmup_s: float, duration_s: float) -> tu
 
 def _due_tokens(rec: ServingRecords, warmup_s: float, start: float, end: float) -> float:
     """Output tokens a server that keeps up generates within ``[start, end]``: each
-    request's tokens spread evenly over ``[arrival, arrival + D]``, D the median
-    end-to-end latency of the measured requests (the typical lifetime)."""
+    request's tokens spread evenly over its typical lifetime, from its arrival plus the
+    median TTFT (at most ``start``: a delay never moves the load out of the window) for
+    its output tokens times the median TPOT of the measured requests."""
     r = rec.requests
     done = (~r.rejected) & (r.arrival_s >= warmup_s) & np.isfinite(r.finish_s)
-    life = float(np.median(r.finish_s[done] - r.arrival_s[done])) if done.any() else 0.0
     a = r.arrival_s.astype(float)
-    if life <= 0:
+    out = r.output_tokens.astype(float)
+    if not done.any():
         inside = (a >= start) & (a <= end)
-        return float(r.output_tokens[inside].sum())
-    overlap = np.clip(np.minimum(a + life, end) - np.maximum(a, start), 0.0, None) / life
-    return float((r.output_tokens * overlap).sum())
+        return float(out[inside].sum())
+    first = r.first_token_s[done] - r.arrival_s[done]
+    shift = min(float(np.median(first)), start)
+    many = done & (r.output_tokens > 1)
+    tpot = (
+        float(np.median((r.finish_s[many] - r.first_token_s[many]) / (out[many] - 1)))
+        if many.any()
+        else 0.0
+    )
+    begin = a + shift
+    life = np.maximum(out * tpot, 1e-9)
+    overlap = np.clip(np.minimum(begin + life, end) - np.maximum(begin, start), 0.0, None)
+    return float((out * overlap / life).sum())
 
 
 def steady_state(rec: ServingRecords, warmup_s: float, duration_s: float) -> dict[str, Any]:
