@@ -63,6 +63,13 @@ def _serving(summary: Mapping[str, Any]) -> bool:
     return summary.get("workload") == "serving" or "slo_attainment" in summary
 
 
+def _share(x: float) -> str:
+    """A share for a reason: whole percent, one decimal where rounding would hide that it
+    is under ``KEEP_UP`` (0.9497 reads 94.97%, never 95%)."""
+    text = f"{x:.0%}"
+    return text if x >= KEEP_UP or round(x, 2) < KEEP_UP else f"{100 * x:.2f}%"
+
+
 def keep_up_reasons(summary: Mapping[str, Any]) -> list[str]:
     """Rule 2: a serving run keeps up with its load (empty for other workloads)."""
     if not _serving(summary):
@@ -82,7 +89,7 @@ def keep_up_reasons(summary: Mapping[str, Any]) -> list[str]:
         where = "the measurement window"
     if ratio < KEEP_UP:
         out.append(
-            f"falls behind: serves {ratio:.0%} of the offered load over {where} "
+            f"falls behind: serves {_share(ratio)} of the offered load over {where} "
             f"(keep-up rule: >= {KEEP_UP:.0%})"
         )
     if summary.get("drained") is False:
