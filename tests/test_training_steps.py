@@ -242,3 +242,42 @@ def test_dist_steps_become_two_gpu_scenarios_and_rankings():
     assert ranks[0]["predicted_faster"] == pred
     flat = scenario_from_dict(dist_scenario(_dist("dp", 1.0, "flat"), None)).workload
     assert flat.grad_sync == "flat" and not flat.persistent_grads
+
+
+def test_freed_gradients_peak_only_for_one_microbatch_on_one_stage():
+    """Gradients freed between steps lower the peak only when nothing runs forward after a
+    backward started: with gradient accumulation they coexist with later activations."""
+    base = {**_scenario(), "cluster": {"preset": "single-h200"}, "parallelism": {}}
+    one = {**base, "workload": {**base["workload"], "microbatches": 1}}
+    many = {**base, "workload": {**base["workload"], "microbatches": 4}}
+
+    def total(data: dict, persistent: bool) -> int:
+        data = {**data, "workload": {**data["workload"], "persistent_grads": persistent}}
+        return _run(data).memory.total
+
+    assert total(one, False) < total(one, True)
+    assert total(many, False) == total(many, True)
+
+
+def test_autocast_weight_copies_are_whole_blocks_under_zero3():
+    """Autocast's bf16 copies are of the gathered weights, so ZeRO-3 does not shrink them."""
+    amp = {"precision": "amp_fp32_master"}
+    z1 = _run(_scenario(zero_stage=1, **amp)).memory.activations
+    z3 = _run(_scenario(zero_stage=3, **amp)).memory.activations
+    assert z1 == z3
+
+
+def test_full_recompute_reruns_the_collectives():
+    none = _run(_scenario(recompute="none")).stages[0]
+    full = _run(_scenario(recompute="full")).stages[0]
+    assert full.a2a_s == pytest.approx(1.5 * none.a2a_s)
+
+
+def test_bucket_size_trades_overlap_against_per_call_latency():
+    """Thousands of 0.1 MB buckets (the smallest allowed, priced without a loop per bucket)
+    pay each all-reduce's fixed latency and expose more than the flat all-reduce; 25 MB
+    buckets overlap the backward and expose less."""
+    flat = _run(_scenario(grad_sync="flat")).grad_sync_s
+    tiny = _run(_scenario(grad_sync="bucketed", bucket_mb=0.1)).grad_sync_s
+    ddp = _run(_scenario(grad_sync="bucketed", bucket_mb=25)).grad_sync_s
+    assert ddp < flat < tiny

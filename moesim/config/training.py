@@ -66,7 +66,7 @@ class TrainingWorkload(Frozen):
     memory peak. False: plain PyTorch, which frees them between steps
     (``zero_grad(set_to_none=True)``), so they appear only as the backward frees the
     activations and the peak is the larger of the two phases."""
-    bucket_mb: float = Field(default=25.0, gt=0)
+    bucket_mb: float = Field(default=25.0, ge=0.1)
     """Bucket size of ``grad_sync: bucketed``, MB (PyTorch DDP's default
     ``bucket_cap_mb`` is 25)."""
 

@@ -178,7 +178,7 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     attn_fwd += g_attn_f
     attn_bwd += g_attn_b
     tp_group = [system.layout.device(0, i) for i in range(p.tp)]
-    act = tokens * m.d_model * BF16_BYTES
+    act = tokens * m.d_model * w.residual_bytes  # the residual stream's width (fp32 under autocast)
     tp_pair = (
         (all_gather_s(system.paths, tp_group, act) + reduce_scatter_s(system.paths, tp_group, act))
         if p.tp > 1
@@ -190,8 +190,12 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     a = sample.comm_s
     c = sample.time_s - a
     products = min(c, _expert_products_s(system, tokens * p.ep))
+    # padded experts: the backward reuses the forward's dispatch/combine masks (nothing
+    # differentiates or rebuilds them), so their construction is not paid again
+    padded = PaddedExperts.of(s.policies, m)
+    masks = padded.masks_s(rf, tokens) if padded is not None else 0.0
     moe_fwd = _combine(a, c + g_ffn_f, w.overlap_a2a)
-    moe_bwd = _combine(a, c + products + g_ffn_b, w.overlap_a2a)
+    moe_bwd = _combine(a, max(0.0, c - masks) + products + g_ffn_b, w.overlap_a2a)
     d_ff = (m.dense_d_ff or m.expert_d_ff) // p.tp
     dense_fwd = rf.dense_ffn_s(tokens, m.d_model, d_ff, m.dense_activation or m.activation)
     # autocast casts every weight a block multiplies to bf16 in each forward (fp32 -> bf16)
@@ -238,8 +242,10 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
             4 * tp_pair,
         ),
     }.items():
-        if w.recompute == "full":
+        if w.recompute == "full":  # the forward reruns, with its collectives
             bwd += fwd
+            a2a += a2a / 2
+            tp += tp / 2
         g = gather[kind]
         cf, cb = cast[kind]
         out[kind] = BlockCost(fwd + g + cf, bwd + g + cb, a2a, tp, 2 * g)
@@ -267,7 +273,7 @@ def stage_costs(
     if w.weight_bytes != BF16_BYTES:  # autocast casts the head's weight, and its gradient
         head_f += k.cast_s(vocab * m.d_model, w.weight_bytes, BF16_BYTES)
         head_b += k.cast_s(vocab * m.d_model, BF16_BYTES, w.weight_bytes)
-    act_bytes = tokens * m.d_model * BF16_BYTES / p.tp
+    act_bytes = tokens * m.d_model * w.residual_bytes / p.tp
     out = []
     for stage in range(p.pp):
         layers = range(stage * per_stage, min(m.layers, (stage + 1) * per_stage))

@@ -64,7 +64,9 @@ class TrainingMemory:
     offloaded_optimizer: int = 0
     """Optimizer state of this device kept in host DRAM (ZeRO-Offload), not in ``total``."""
     persistent_grads: bool = True
-    """Gradients persist between steps (see ``TrainingWorkload.persistent_grads``)."""
+    """Gradients persist between steps (see ``TrainingWorkload.persistent_grads``); also
+    set when gradients of earlier micro-batches stay alive while later ones run forward
+    (gradient accumulation, several pipeline stages), whatever the buffers."""
     block_activations: int = 0
     """Activations of one block (the backward's working set when gradients are freed)."""
 
@@ -160,8 +162,10 @@ def training_memory(
     in_flight = w.microbatches if w.schedule == "gpipe" else min(p.pp, w.microbatches)
     if w.weight_bytes != BF16_BYTES:
         # autocast's bf16 copies of the weights a block multiplies stay alive until its
-        # backward (the products saved them), once per micro-batch in flight
-        per_block += BF16_BYTES * (weights / max(1, blocks)) / w.weight_bytes
+        # backward (the products saved them), once per micro-batch in flight; the whole
+        # block's weights (under ZeRO-3 the gathered ones, not this device's shard)
+        block_params = (other_params + resident_params) / max(1, blocks)
+        per_block += BF16_BYTES * block_params
     activations = blocks * per_block * in_flight
     if p.pp == 1:  # the loss on this (last) stage: logits in bf16, their fp32 copy and
         # the fp32 log-probabilities saved for backward, all alive at the loss's forward
@@ -178,6 +182,8 @@ def training_memory(
         activations=int(activations),
         comm_buffers=int(comm),
         offloaded_optimizer=int(optim) if offload_optimizer else 0,
-        persistent_grads=w.persistent_grads,
+        # one micro-batch on one stage: gradients appear only as its backward frees the
+        # activations; with accumulation or a pipeline they coexist with later forwards
+        persistent_grads=w.persistent_grads or w.microbatches > 1 or p.pp > 1,
         block_activations=int(per_block),
     )

@@ -205,21 +205,31 @@ def grad_sync_s(
             total += all_reduce_s(system.paths, group, nbytes, _algo(w, len(group)))
         return total
     bucket = w.bucket_mb * 1e6
-    buckets: list[tuple[float, list[int], float]] = []  # (ready_s, group, bytes)
+    ready_parts, cost_parts = [], []
     for group, nbytes in groups:
         if len(group) <= 1 or nbytes <= 0:
             continue
         # every layer holds both kinds of parameter, so each group's gradients appear
-        # evenly over the backward; a bucket is ready once its last gradient is
-        done = 0.0
-        while done < nbytes:
-            chunk = min(bucket, nbytes - done)
-            done += chunk
-            buckets.append((last_backward_s * done / nbytes, group, chunk))
-    free = 0.0
-    for ready, group, nbytes in sorted(buckets, key=lambda b: b[0]):
-        free = max(free, ready) + all_reduce_s(system.paths, group, nbytes, _algo(w, len(group)))
-    return max(0.0, free - last_backward_s)
+        # evenly over the backward; a bucket is ready once its last gradient is. Equal
+        # buckets cost one all-reduce each (priced once), the last one its remainder.
+        full, rest = divmod(nbytes, bucket)
+        n = int(full) + (1 if rest > 0 else 0)
+        done = np.minimum(np.arange(1, n + 1) * bucket, nbytes)
+        ready_parts.append(last_backward_s * done / nbytes)
+        cost = np.full(n, all_reduce_s(system.paths, group, bucket, _algo(w, len(group))))
+        if rest > 0:
+            cost[-1] = all_reduce_s(system.paths, group, rest, _algo(w, len(group)))
+        cost_parts.append(cost)
+    if not ready_parts:
+        return 0.0
+    ready = np.concatenate(ready_parts)
+    cost = np.concatenate(cost_parts)
+    order = np.argsort(ready, kind="stable")
+    ready, cost = ready[order], cost[order]
+    # one bucket at a time on the network: the last finishes at max_i(ready_i + the
+    # durations of bucket i and every later one)
+    finish = float(np.max(ready + np.cumsum(cost[::-1])[::-1]))
+    return max(0.0, finish - last_backward_s)
 
 
 def _algo(w: TrainingWorkload, group: int) -> Any:

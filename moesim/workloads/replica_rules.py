@@ -58,3 +58,9 @@ def replica_rules(s: Scenario) -> Rule:
             "policies.experts.redundant",
             "redundant experts with expert offloading are not modelled yet",
         )
+    if s.policies.expert_compute == "padded":
+        yield (
+            "policies.experts.redundant",
+            "redundant experts with padded expert compute are not modelled yet "
+            "(capacity is per logical expert there); use expert_compute: grouped",
+        )
