@@ -152,3 +152,17 @@ def test_progress_bar_on_a_terminal_lines_elsewhere() -> None:
     lines = Progress("plan", log)
     lines.message("[1/3] point 1 (devices=2) 0.1 s")
     assert log.getvalue() == "[1/3] point 1 (devices=2) 0.1 s\n"
+
+
+def test_capacity_factors_are_searched_and_their_drops_shown(tmp_path: Path) -> None:
+    """A capacity factor on a dropless base drops the overflow (not a loader error) and
+    the answer states the share of token choices dropped; null stays dropless."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    r = run_plan(base, 200, 200.0, 20.0, devices=[2], capacity_factors=[1.0, None], out=tmp_path)
+    assert not r.pruned and r.rows
+    capped = [x for x in r.rows if x.candidate.capacity_factor == 1.0]
+    free = [x for x in r.rows if x.candidate.capacity_factor is None]
+    assert capped and len(capped) == len(free)
+    assert all((x.figures["dropped_fraction"] or 0) > 0 for x in capped)
+    assert all(x.figures["dropped_fraction"] == 0 for x in free)

@@ -3,7 +3,8 @@
 ``moesim plan`` answers "how many devices, of which accelerator, in which layout, serve
 this model at R requests/s within this SLO, at what energy?". A candidate is one device
 count, accelerator, serving layout (dp x tp data/tensor-parallel attention, ep expert
-parallelism; serving has one pipeline stage), engine and capacity factor, written as
+parallelism; serving has one pipeline stage), engine and capacity factor (a factor drops
+the overflow, ``null`` is dropless), written as
 ``--set`` overrides of the base serving scenario. Before anything is simulated, each
 candidate passes, in order:
 
@@ -225,6 +226,10 @@ def search_space(
                             sets.append(f"workload.engine={eng}")
                         if cf != "base":
                             sets.append(f"policies.capacity_factor={'null' if cf is None else cf}")
+                            if cf is not None and base.policies.overflow == "dropless":
+                                sets.append("policies.overflow=drop")  # a factor caps: drop
+                            if cf is None and base.policies.overflow != "dropless":
+                                sets.append("policies.overflow=dropless")
                         cand = Candidate(acc, n, dp, tp, ep, eng, cf, tuple(sets))
                         try:
                             s = load(list(sets))

@@ -91,6 +91,7 @@ def _figures(summary: dict[str, Any], c: Candidate, prices: dict[str, float]) ->
         "energy_per_token_j_steady": energy.get("steady_energy_per_token_j"),
         "energy_per_token_j": energy.get("energy_per_token_j"),
         "usd_per_million_tokens": None,
+        "dropped_fraction": summary.get("dropped_fraction"),
     }
     price = prices.get(c.accelerator)
     if price is not None and tput:
@@ -229,6 +230,7 @@ def _write(r: PlanResult) -> None:
         "energy_per_token_j_steady",
         "energy_per_token_j",
         "usd_per_million_tokens",
+        "dropped_fraction",
     ]
     keys = ["accelerator", "devices", "dp", "tp", "ep", "engine", "capacity_factor"]
     buf = io.StringIO()
@@ -305,6 +307,11 @@ def plan_table(r: PlanResult, top: int = 5) -> str:
             + (
                 f"  ${fig(row, 'usd_per_million_tokens', '.2f')}/M tokens"
                 if row.figures.get("usd_per_million_tokens") is not None
+                else ""
+            )
+            + (
+                f"  drops {100 * (row.figures.get('dropped_fraction') or 0.0):.2f}% of choices"
+                if row.figures.get("dropped_fraction")
                 else ""
             )
         )
