@@ -33,6 +33,10 @@ ROUTED_TOKENS = Limit(
     "100 bytes per token and choice",
 )
 EXPERTS = Limit(16_384, "per-expert tables (loads, placement, popularity per layer)")
+BALANCER_SAMPLES = Limit(
+    500_000_000,
+    "the load balancer samples statistics_tokens x experts routing scores per MoE layer",
+)
 DEVICES = Limit(
     4_096, "the topology's path table and the all-to-all grow with the square of the devices"
 )
@@ -73,6 +77,14 @@ def check(scenario: Scenario) -> list[tuple[str, str]]:
     over("model.experts", "the number of experts", s.model.experts, EXPERTS)
     routed, at = routed_tokens(s)
     over(at, "the tokens one MoE layer routes at once", routed, ROUTED_TOKENS)
+    replicas = s.policies.experts
+    if replicas.redundant and replicas.statistics_tokens:
+        over(
+            "policies.experts.statistics_tokens",
+            "statistics_tokens x experts x MoE layers",
+            replicas.statistics_tokens * s.model.experts * len(s.model.moe_layer_indices),
+            BALANCER_SAMPLES,
+        )
     w = s.workload
     if isinstance(w, TrainingWorkload):
         stages = s.parallelism.pp * w.microbatches * w.steps
