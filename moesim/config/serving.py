@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from moesim.config.base import Frozen
 from moesim.config.engine import EngineConfig
+from moesim.config.pools import PoolsConfig
 
 # --- arrival processes ---------------------------------------------------------------------
 
@@ -240,6 +241,9 @@ class ServingWorkload(Frozen):
     kv_cache_fraction: float = Field(default=0.9, gt=0, le=1)
     """Fraction of each device's memory left after the weights that holds KV blocks (the
     rest: activations, workspace, fragmentation)."""
+    pools: PoolsConfig | None = None
+    """Prefill/decode disaggregation (:mod:`moesim.config.pools`); None: co-located, every
+    rank prefills and decodes (the scenario's ``parallelism``)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServingWorkload:

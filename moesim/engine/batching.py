@@ -139,6 +139,9 @@ class RankScheduler:
         self.free_blocks = total_blocks
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
+        self.finished: list[int] | None = None
+        """When a list, :meth:`complete` appends the requests it finishes (the owner
+        empties it); None: not collected."""
 
     @property
     def busy(self) -> bool:
@@ -322,6 +325,8 @@ class RankScheduler:
         if done:
             gone = set(done)
             self.running = [r for r in self.running if r not in gone]
+            if self.finished is not None:
+                self.finished.extend(done)
         if self.lazy:
             self._enter_steady()
         return emitted

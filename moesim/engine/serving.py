@@ -27,7 +27,7 @@ cache.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,7 +190,17 @@ def arrival_times(w: ServingWorkload, seed: int) -> tuple[np.ndarray, np.ndarray
 class _Server:
     """The SimPy side: arrivals feed the ranks' queues; the server loop runs iterations."""
 
-    def __init__(self, system: System, moe_cost: MoELayerCost | None, hooks: ServingHooks) -> None:
+    def __init__(
+        self,
+        system: System,
+        moe_cost: MoELayerCost | None,
+        hooks: ServingHooks,
+        env: simpy.Environment | None = None,
+        requests: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """``env`` and ``requests`` (arrival, prompt, output) are given when the server is
+        one instance of a prefill or decode pool (:mod:`moesim.engine.pools`), fed from
+        outside; by default it has its own environment and draws its own requests."""
         self.system = system
         s = system.scenario
         w = s.workload
@@ -208,7 +218,7 @@ class _Server:
         self.kv_blocks = hooks.kv_blocks(
             mem, mem.kv_blocks(w.kv_cache_fraction, w.scheduler.block_tokens)
         )
-        t, prompt, output = arrival_times(w, s.seed)
+        t, prompt, output = requests if requests is not None else arrival_times(w, s.seed)
         self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
         self.ranks = [
             # steady decode runs skip per-request work unless hooks may touch the state
@@ -224,7 +234,9 @@ class _Server:
         self.feed = routing_feed(s)  # a trace or logits routing, consumed in order
         self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
         self.rejected = np.zeros(len(t), dtype=bool)
-        self.env = simpy.Environment()
+        self.env = env if env is not None else simpy.Environment()
+        self.on_done: Callable[[_Server, float], None] | None = None
+        """Called after every iteration that finished a request (pools hand it on)."""
         self.wake: simpy.Event | None = None
         self.folded = 0
         """Iterations finished in place, between two SimPy events (see :meth:`serve`)."""
@@ -315,6 +327,8 @@ class _Server:
             sampled = 0
             for r, b in zip(ranks, batches):
                 sampled += r.complete(b, t)
+            if self.on_done is not None:
+                self.on_done(self, t)
             self.kv_rows.append(used)
             self.rows.append(
                 (

@@ -89,7 +89,8 @@ def _hardware(s: Scenario) -> Rule:
 def _layout(s: Scenario) -> Rule:
     p, m = s.parallelism, s.model
     devices = s.cluster.devices
-    if p.devices != devices:
+    pooled = getattr(s.workload, "pools", None) is not None  # each pool has its layout
+    if p.devices != devices and not pooled:
         yield (
             "parallelism",
             f"dp x tp x pp = {p.dp} x {p.tp} x {p.pp} = {p.devices} must equal the cluster's "

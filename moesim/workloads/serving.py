@@ -13,6 +13,7 @@ from moesim.units import GIB
 from moesim.workloads.base import AddPlot, Rule, Simulated
 from moesim.workloads.failure_rules import serving_failures
 from moesim.workloads.offload_rules import not_offloaded, serving_offload
+from moesim.workloads.pools import pool_rules, pools_of, simulate_pooled
 
 if TYPE_CHECKING:
     from moesim.cost.layer_cost import MoELayerCost
@@ -85,6 +86,9 @@ class ServingKind:
         """Shape and memory (:func:`serving_shape`), expert offloading, failures."""
         w = scenario.workload
         assert isinstance(w, ServingWorkload)
+        if w.pools is not None:  # each pool is checked as a co-located instance
+            yield from pool_rules(scenario, w.pools)
+            return
         yield from serving_shape(scenario, w)
         yield from not_offloaded(scenario, self.name, experts=False)
         yield from serving_offload(scenario)
@@ -93,6 +97,11 @@ class ServingKind:
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.failures.serving import simulate_serving_with_failures
 
+        if pools_of(system.scenario) is not None:
+            from moesim.workloads.pool_summary import end_to_end
+
+            pooled = simulate_pooled(system)
+            return Simulated(end_to_end(pooled), run=pooled)
         rec = simulate_serving_with_failures(system, moe_cost)
         return Simulated(rec, routed=rec.routed)
 
@@ -106,6 +115,10 @@ class ServingKind:
         summary = serving_summary(system, sim.records)
         w = system.scenario.workload
         assert isinstance(w, ServingWorkload)
+        if w.pools is not None:
+            from moesim.workloads.pool_summary import pools_summary
+
+            return pools_summary(system, sim.run, summary)
         balance = balance_summary(system.scenario, w.duration_s)
         if balance is not None:
             summary["experts"] = balance
@@ -118,6 +131,10 @@ class ServingKind:
     def energy(self, system: System, sim: Simulated) -> dict[str, Any]:
         from moesim.energy.summary import serving_energy
 
+        if sim.run is not None:
+            from moesim.workloads.pool_summary import pools_energy
+
+            return pools_energy(sim.run)
         return serving_energy(system, sim.records)
 
     def traces(self, system: System, sim: Simulated) -> dict[str, dict[str, Any]]:
