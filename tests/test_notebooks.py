@@ -1,4 +1,5 @@
-"""The teaching notebooks run top to bottom (each ends in assertions about what it teaches).
+"""The teaching notebooks run top to bottom (each ends in assertions about what it teaches),
+and are stored with their outputs: every figure a cell draws is stored under it as an image.
 
 Code cells are executed in order in one namespace, from the notebook's folder, as a
 Jupyter kernel would run them; no kernel or nbformat dependency is needed.
@@ -33,8 +34,9 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert nb["nbformat"] == 4
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert cells, f"{path.name} has no code"
-    # committed without outputs, so diffs stay readable and nothing stale is shown
-    assert all(not c["outputs"] and c["execution_count"] is None for c in cells)
+    # stored with their outputs (python notebooks/store_outputs.py), so a reader sees the
+    # plots without running anything; each cell's stored images are checked below
+    stored = [sum("image/png" in o.get("data", {}) for o in c["outputs"]) for c in cells]
     monkeypatch.chdir(path.parent)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # the notebooks leave the backend to Jupyter (inline there); headless here
@@ -48,7 +50,12 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         exec(code, namespace)
         # what Jupyter's inline backend would show under this cell: every figure it made,
         # each axis titled and labelled
-        for n in plt.get_fignums():
+        made = plt.get_fignums()
+        assert len(made) == stored[i], (
+            f"{path.name} code cell {i + 1} draws {len(made)} figures but stores "
+            f"{stored[i]} images: run python notebooks/store_outputs.py {path.name}"
+        )
+        for n in made:
             fig = plt.figure(n)
             figures += 1
             for ax in fig.axes:
