@@ -4,9 +4,11 @@ plot as a PNG image, and lists the inputs with their sources."""
 from __future__ import annotations
 
 import base64
+import io
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 from test_report_document import SCENARIOS, SMALL_REQUESTS
 
@@ -70,7 +72,11 @@ def test_html_report_renders(tmp_path: Path, file: str, overrides: list[str], sa
     for img in page.images:
         src = img["src"] or ""
         assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        # an image viewer's check: the PNG decodes to a picture of some size, not blank
+        pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
         assert img["alt"]
     assert result.scenario.model.source.split()[0] in text
     # the Markdown report opens with the same verdict
