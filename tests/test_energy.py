@@ -635,3 +635,25 @@ def test_training_link_energy_is_the_all_to_all_bytes_times_pj_per_bit() -> None
 
     one_layer = simulated_layer_cost(result.system).link_bytes(256 * 16)
     assert np.allclose(rec.moe_link_bytes, one_layer * 2 * 2 * 2)
+
+
+def test_steady_state_energy_per_token_covers_the_steady_window() -> None:
+    """Serving energy per output token over the steady-state window sits beside the
+    whole-run figure: same window as the summary's steady_state, its tokens are the ones
+    generated there, and the whole run (warm-up ramp and drain's idle tail) costs more per
+    token; the printed energy line labels both."""
+    from moesim.energy.summary import energy_lines
+
+    s = moesim.run(
+        moesim.load_scenario(
+            Path(__file__).parent.parent / "scenarios" / "mixtral-serving-dgx-h100.yaml",
+            ["model.layers=4", "workload.duration_s=6", "workload.warmup_s=1"],
+        )
+    ).summary
+    e, steady = s["energy"], s["steady_state"]
+    assert e["steady_window_s"] == [steady["start_s"], steady["end_s"]]
+    length = steady["end_s"] - steady["start_s"]
+    assert e["steady_output_tokens"] == pytest.approx(steady["throughput_tokens_per_s"] * length)
+    assert 0 < e["steady_energy_per_token_j"] < e["energy_per_token_j"]
+    line = energy_lines(s).splitlines()[0]
+    assert "(whole run)" in line and "(steady state," in line
