@@ -25,7 +25,6 @@ What survives is simulated (:mod:`moesim.sweep.plan_run`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,13 +254,3 @@ def default_devices(base: Scenario) -> list[int]:
     per_node = int(getattr(base.cluster, "accelerators_per_node", 8))
     top = per_node * 8
     return [d for d in _powers_of_two(top) if d <= per_node or d % per_node == 0]
-
-
-def devices_needed_by_weights(base: Scenario) -> int:
-    """Fewest devices whose memory holds the weights at all (a lower bound)."""
-    from moesim.derived.model_figures import figures
-
-    f = figures(base.model)
-    acc = base.cluster.accelerator
-    per = (acc.usable_memory_gib or acc.memory_gib) * 2**30
-    return max(1, math.ceil(f.weight_bytes / per))
