@@ -132,3 +132,21 @@ def test_capacity_and_sweep_agree(keep: float) -> None:
     }
     assert why_infeasible(s, 0.99) == list(judge(s, target=0.99).reasons)
     assert not judge(s).feasible
+
+
+def test_a_short_window_is_named_in_the_keep_up_reason() -> None:
+    """Issue 14's capacity trap: 100% within the SLO but behind the load on a window
+    shorter than the ramp: the reason names the rule, the window and the remedy."""
+    s = {
+        "workload": "serving",
+        "steady_state": {"start_s": 4.0, "end_s": 8.0, "keep_up": 0.94},
+        "e2e_ms": {"p50": 3000.0},
+        "drained": True,
+        "slo_attainment": {"both": 1.0},
+        "window_completed_requests": 500,
+    }
+    (why,) = judge(s, target=0.99).reasons
+    assert why.startswith("falls behind: serves 94% of the offered load over the steady-state")
+    assert "(keep-up rule: >= 95%)" in why and "lengthen workload.duration_s" in why
+    long = {**s, "steady_state": {**s["steady_state"], "start_s": 1.0, "end_s": 60.0}}
+    assert "lengthen" not in judge(long, target=0.99).reason

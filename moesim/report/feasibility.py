@@ -88,9 +88,18 @@ def keep_up_reasons(summary: Mapping[str, Any]) -> list[str]:
         ratio = served / offered if offered > 0 else 1.0
         where = "the measurement window"
     if ratio < KEEP_UP:
+        e2e = (summary.get("e2e_ms") or {}).get("p50")
+        short = ""
+        if isinstance(steady, Mapping) and e2e and steady.get("keep_up") is not None:
+            length = float(steady["end_s"]) - float(steady["start_s"])
+            if length < 3 * e2e / 1e3:
+                short = (
+                    f"; the window ({length:.3g} s) is under 3x the median end-to-end latency "
+                    "(a ramp, not steady state: lengthen workload.duration_s)"
+                )
         out.append(
             f"falls behind: serves {_share(ratio)} of the offered load over {where} "
-            f"(keep-up rule: >= {KEEP_UP:.0%})"
+            f"(keep-up rule: >= {KEEP_UP:.0%}){short}"
         )
     if summary.get("drained") is False:
         out.append("not drained by the end of the run")

@@ -171,18 +171,20 @@ def _num(x: Any) -> float:
 def capacity_table(r: CapacityResult) -> str:
     """The probes in rate order and the answer."""
     rows = [
-        "  rate/s  feasible  SLO met  throughput tok/s  TTFT p99 ms  TPOT p99 ms  J/token  why not"
+        "  rate/s  feasible  SLO met  throughput tok/s  TTFT p99 ms  TPOT p99 ms  J/token*  why not"
     ]
     for p in sorted(r.probes, key=lambda p: p.rate_per_s):
         s = p.summary
-        e = (s.get("energy") or {}).get("energy_per_token_j")
+        energy = s.get("energy") or {}
+        e = energy.get("steady_energy_per_token_j", energy.get("energy_per_token_j"))
         rows.append(
             f"{p.rate_per_s:8.4g}  {'yes' if p.feasible else 'no':>8}  {p.attainment:7.1%}  "
             f"{_num(s.get('throughput_tokens_per_s')):16.1f}  "
             f"{_num((s.get('ttft_ms') or {}).get('p99')):11.1f}  "
             f"{_num((s.get('tpot_ms') or {}).get('p99')):11.2f}  "
-            f"{_num(e):7.3g}  {'; '.join(why_infeasible(s, r.target))}"
+            f"{_num(e):8.3g}  {'; '.join(why_infeasible(s, r.target))}"
         )
+    rows.append("  * over the steady-state window (energy.steady_energy_per_token_j)")
     if r.best is None:
         rows.append(f"\nno probed rate met the SLO for {r.target:.0%} of requests")
     else:
