@@ -150,3 +150,5 @@ def test_a_short_window_is_named_in_the_keep_up_reason() -> None:
     assert "(keep-up rule: >= 95%)" in why and "lengthen workload.duration_s" in why
     long = {**s, "steady_state": {**s["steady_state"], "start_s": 1.0, "end_s": 60.0}}
     assert "lengthen" not in judge(long, target=0.99).reason
+    far = {**s, "steady_state": {**s["steady_state"], "keep_up": 0.4}}
+    assert "lengthen" not in judge(far, target=0.99).reason  # overloaded: no window hint
