@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -60,7 +61,9 @@ def add_parser(sub: Any, scenario_args: Any) -> None:
     p.add_argument(
         "--top", type=int, default=5, help="configurations shown per ranking (default 5)"
     )
-    p.add_argument("--workers", type=int, default=2, help="simulations at once (default 2)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="simulations at once (default: the CPUs)"
+    )
     p.add_argument("--out", default="reports", help="parent of plans/<name>/ (default reports)")
     p.add_argument("--fresh", action="store_true", help="rerun candidates already simulated")
     p.add_argument("--json", action="store_true", help="print plan.json instead of the table")
@@ -93,7 +96,8 @@ def plan(args: argparse.Namespace) -> int:
             prices[k.strip()] = float(v)
         devices = [int(x) for x in args.devices.split(",")] if args.devices else []
         cfs = _floats(args.capacity_factors)
-        if args.rate <= 0 or args.workers < 1 or any(d < 1 for d in devices):
+        workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+        if args.rate <= 0 or workers < 1 or any(d < 1 for d in devices):
             raise ValueError("--rate must be > 0, --workers and --devices >= 1")
     except ValueError as exc:
         print(f"moesim: {exc}", file=sys.stderr)
@@ -127,7 +131,7 @@ def plan(args: argparse.Namespace) -> int:
             engines=args.engines.split(",") if args.engines else (None,),
             capacity_factors=cfs,
             prices=prices,
-            workers=args.workers,
+            workers=workers,
             out=args.out,
             fresh=args.fresh,
             beyond=args.beyond,
