@@ -110,3 +110,18 @@ def test_serving_run_writes_per_request_records_readable_per_umask(tmp_path: Pat
     assert np.percentile(ttft, 99) == pytest.approx(summary["ttft_ms"]["p99"], rel=1e-6)
     for f in ("summary.json", "requests.csv", "scenario.yaml"):
         assert (run_dir / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_request_records_as_parquet(tmp_path: Path) -> None:
+    """With pyarrow installed the same per-request table is written as Parquet too."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from moesim.report.records import request_columns, write_request_records
+
+    overrides = ["workload.duration_s=2", "workload.warmup_s=0.5", *SMALL_REQUESTS]
+    result = run(load_scenario(SCENARIOS / "mixtral-serving-dgx-h100.yaml", overrides))
+    paths = write_request_records(tmp_path, result.records, 0.5)
+    assert [p.name for p in paths] == ["requests.csv", "requests.parquet"]
+    table = pq.read_table(tmp_path / "requests.parquet")
+    cols = request_columns(result.records, 0.5)
+    assert table.column_names == list(cols)
+    assert table.num_rows == len(cols["request"]) == result.summary["arrived_requests"]
