@@ -166,3 +166,29 @@ def test_capacity_factors_are_searched_and_their_drops_shown(tmp_path: Path) -> 
     assert capped and len(capped) == len(free)
     assert all((x.figures["dropped_fraction"] or 0) > 0 for x in capped)
     assert all(x.figures["dropped_fraction"] == 0 for x in free)
+
+
+def test_each_accelerator_gets_its_own_answer_and_prices_rank_by_cost(tmp_path: Path) -> None:
+    """With two accelerators the search stops per accelerator: the small-memory H200 is
+    still simulated at two devices after one H100 serves the load; prices give a cost
+    ranking; an unknown accelerator is a located error before anything runs."""
+    from moesim.errors import ScenarioError
+
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    r = run_plan(
+        base,
+        200,
+        200.0,
+        20.0,
+        devices=[1, 2],
+        accelerators=["h200-sxm", "h100-sxm"],
+        prices={"h100-sxm": 2.5, "h200-sxm": 3.5},
+        out=tmp_path,
+    )
+    best = {x.candidate.accelerator: x.candidate.devices for x in reversed(r.best("devices"))}
+    assert best == {"h100-sxm": 1, "h200-sxm": 2}
+    costs = [x.figures["usd_per_million_tokens"] for x in r.best("cost")]
+    assert costs == sorted(costs) and all(c > 0 for c in costs)
+    with pytest.raises(ScenarioError, match="unknown accelerator preset 'a100'"):
+        run_plan(base, 200, 200.0, 20.0, accelerators=["a100"], out=tmp_path)

@@ -4,9 +4,10 @@ The survivors of :mod:`moesim.sweep.plan` are simulated on the sweep's executor 
 store (:func:`moesim.sweep.runner.run_points`: a process pool, each finished point written
 atomically to ``<out>/plans/<name>/points/NNNN.json`` with the digest of its resolved
 scenario, so an interrupted plan resumes and a changed one reruns only what changed). They
-run in order of device count; once a count has a feasible configuration, ``beyond`` more
-counts are simulated (default none: at a fixed load more devices idle more, so a larger
-count rarely wins on energy per token; ``--beyond 1`` checks) and the rest are reported
+run in order of device count; once a count has a feasible configuration of an accelerator,
+``beyond`` more counts of that accelerator are simulated (default none: at a fixed load
+more devices idle more, so a larger count rarely wins on energy per token; ``--beyond 1``
+checks) and the rest are reported
 as not simulated. Every simulated candidate is judged by the shared definition
 (:mod:`moesim.report.feasibility`): it keeps up with the load over the steady-state window
 and its p99 TTFT and TPOT are within the targets, on at least 100 completed requests.
@@ -163,6 +164,21 @@ def run_plan(
         )
     base = load([])
     accs = list(accelerators) or [base.cluster.accelerator.name]
+    from moesim.catalog import names
+
+    known = names("accelerators")
+    unknown = [a for a in accs if a not in known and a != base.cluster.accelerator.name]
+    if unknown:
+        raise ScenarioError(
+            [
+                Issue(
+                    Location("--accelerators"),
+                    "accelerators",
+                    f"unknown accelerator preset {a!r}; expected one of: {', '.join(known)}",
+                )
+                for a in unknown
+            ]
+        )
     space = search_space(
         base,
         rate,
@@ -185,12 +201,19 @@ def run_plan(
         bounds["tpot_ms.p99"] = Bound(max=tpot_ms)
     counts = sorted({c.devices for c in space.survivors})
     index = {c: i for i, c in enumerate(space.survivors)}
-    found_at: int | None = None
+    # per accelerator: the index (into its own counts) of its first feasible count
+    found_at: dict[str, int] = {}
     say = progress or (lambda _m: None)
-    for k, n in enumerate(counts):
-        group = [c for c in space.survivors if c.devices == n]
-        if found_at is not None and k > found_at + beyond:
-            result.skipped += group
+    for n in counts:
+        group = []
+        for c in (c for c in space.survivors if c.devices == n):
+            k = sorted({x.devices for x in space.survivors if x.accelerator == c.accelerator})
+            done = found_at.get(c.accelerator)
+            if done is not None and k.index(n) > done + beyond:
+                result.skipped.append(c)
+            else:
+                group.append(c)
+        if not group:
             continue
         jobs = [
             (
@@ -216,8 +239,9 @@ def run_plan(
             v = judge(summary, error, bounds, None, MIN_REQUESTS)
             figures = _figures(summary, c, prices or {}) if summary is not None else {}
             result.rows.append(Row(c, v.reason, v.feasible, figures))
-            if v.feasible and found_at is None:
-                found_at = k
+            if v.feasible and c.accelerator not in found_at:
+                own = sorted({x.devices for x in space.survivors if x.accelerator == c.accelerator})
+                found_at[c.accelerator] = own.index(n)
     _write(result)
     return result
 
