@@ -64,3 +64,17 @@ def test_gqa_shards_move_in_parallel() -> None:
     got = kv_transfer_s(paths, m, 1000, [0, 1], [8, 9])
     lat = max(paths.latency_s(0, 8), paths.latency_s(1, 9))
     assert got == pytest.approx(lat + shard / 50e9, rel=1e-12)
+
+
+def test_kv_shards_follow_the_decode_tensor_parallelism() -> None:
+    """Prefill tp 1 to decode tp 2: both decode devices receive their shard (none is
+    dropped); the time is that of the slower of the two routes for a tp-2 shard."""
+    from moesim.engine.kv_transfer import kv_route
+
+    system = _system("mixtral-8x7b")
+    m, paths = system.scenario.model, system.paths
+    route = kv_route(paths, [0], [8, 9], False)
+    assert kv_transfer_s(paths, m, 1000, [0], [8, 9]) == pytest.approx(
+        route.time_s(kv_transfer_bytes(m, 1000, 2))
+    )
+    assert kv_transfer_s(paths, m, 1000, [0], [8, 9]) < kv_transfer_s(paths, m, 1000, [0], [8])

@@ -213,7 +213,7 @@ class _Pools:
             src = self.spec["prefill"].rank_devices(int(pi), int(pr))
             dst = self.spec["decode"].rank_devices(di, dr)
             route = self.routes[key] = kv_route(self.paths, src, dst, self.mla)
-        tp = self.spec["prefill"].system.scenario.parallelism.tp
+        tp = self.spec["decode"].system.scenario.parallelism.tp  # each decode shard's size
         nbytes = kv_transfer_bytes(self.model, p, tp)
         dt = route.time_s(nbytes)
         self.xfer_bytes[rid], self.xfer_s[rid] = nbytes, dt
