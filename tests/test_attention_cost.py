@@ -149,7 +149,7 @@ def test_training_blocks_price_attention_with_the_shared_function(recompute: str
     attn = AttentionCost(rf, m, 1, rate=rate).forward([(1536, 0)] * 3)
     k = step_kernels(system)
     flops = 2.0 * AttentionCost(rf, m, 1).width * causal_keys(1536, 0) * 3
-    scores_f, scores_b = attn.scores_s, k.attention_s(flops, 1536)[1]
+    scores_f, scores_b = attn.scores_s, k.attention_bwd_s(flops, 1536)
     # at the measured rate the kernel is slower than at the GEMM rate
     assert scores_f > attention_forward_s(rf, m, 1, [(1536, 0)] * 3).scores_s
     g_attn_f, g_attn_b, g_ffn_f, g_ffn_b = _glue_s(k, system, w, 3 * 1536)

@@ -73,7 +73,7 @@ def test_kv_shards_follow_the_decode_tensor_parallelism() -> None:
 
     system = _system("mixtral-8x7b")
     m, paths = system.scenario.model, system.paths
-    route = kv_route(paths, [0], [8, 9], False)
+    route = kv_route(paths, [0], [8, 9])
     assert kv_transfer_s(paths, m, 1000, [0], [8, 9]) == pytest.approx(
         route.time_s(kv_transfer_bytes(m, 1000, 2))
     )

@@ -1,6 +1,6 @@
 """The kernels a training step runs around its MoE layers, priced on one device: causal
-attention forward and backward, RMSNorm, elementwise glue (rotary embeddings, residual
-adds, casts), the cross-entropy loss over the vocabulary, and the fused AdamW update.
+attention's backward (its forward is ``moesim.cost.attention``'s), RMSNorm, elementwise
+glue (rotary embeddings, residual adds, casts), the cross-entropy loss over the vocabulary, and the fused AdamW update.
 
 With a measured profile (``training:`` section, :class:`moesim.config.step_kernels.
 StepKernelFit`) the constants are fitted on primitive measurements; without one they are
@@ -34,9 +34,6 @@ elementwise kernels (negate half, concatenate, two products, a sum), each about 
 class StepKernels:
     """Training-step kernel costs of one device, in seconds (SI inside)."""
 
-    attention_flops_per_s: float
-    attention_seq_knee: float
-    attention_overhead_s: float
     attention_bwd_flops_per_s: float
     attention_bwd_seq_knee: float
     attention_bwd_overhead_s: float
@@ -63,9 +60,6 @@ class StepKernels:
         bw, o = rf.memory_bytes_per_s, rf.overhead_s
         if fit is None:
             return cls(
-                attention_flops_per_s=rf.flops_per_s,
-                attention_seq_knee=0.0,
-                attention_overhead_s=o,
                 attention_bwd_flops_per_s=rf.flops_per_s / 2.5,
                 attention_bwd_seq_knee=0.0,
                 attention_bwd_overhead_s=2 * o,
@@ -82,9 +76,6 @@ class StepKernels:
                 source="counted from the implementation (no measured training kernels)",
             )
         return cls(
-            attention_flops_per_s=fit.attention_tflops * 1e12,
-            attention_seq_knee=fit.attention_seq_knee,
-            attention_overhead_s=fit.attention_overhead_us * 1e-6,
             attention_bwd_flops_per_s=fit.attention_bwd_tflops * 1e12,
             attention_bwd_seq_knee=fit.attention_bwd_seq_knee,
             attention_bwd_overhead_s=fit.attention_bwd_overhead_us * 1e-6,
@@ -103,18 +94,15 @@ class StepKernels:
             cast_widen_bytes_per_s=fit.cast_widen_bytes_per_s or 0.0,
         )
 
-    def attention_s(self, flops: float, seq: int) -> tuple[float, float]:
-        """(forward, backward) seconds of one causal attention kernel doing ``flops``
-        forward FLOPs over sequences of ``seq`` tokens."""
+    def attention_bwd_s(self, flops: float, seq: int) -> float:
+        """Backward of one causal attention kernel whose forward does ``flops`` FLOPs over
+        sequences of ``seq`` tokens (the forward is :class:`moesim.cost.attention.
+        AttentionCost`'s, at the same profile's measured rate)."""
         if flops <= 0:
-            return 0.0, 0.0
-        fwd = self.attention_overhead_s + flops * (seq + self.attention_seq_knee) / (
-            self.attention_flops_per_s * seq
-        )
-        bwd = self.attention_bwd_overhead_s + flops * (seq + self.attention_bwd_seq_knee) / (
+            return 0.0
+        return self.attention_bwd_overhead_s + flops * (seq + self.attention_bwd_seq_knee) / (
             self.attention_bwd_flops_per_s * seq
         )
-        return fwd, bwd
 
     def norm_s(self, elements: float, elem_bytes: int) -> tuple[float, float]:
         """(forward, backward) of an RMSNorm over ``elements`` of ``elem_bytes`` each."""

@@ -169,7 +169,7 @@ def block_costs(system: System, w: TrainingWorkload, cost: MoELayerCost) -> dict
     timed = attn.forward([(w.seq_len, 0)] * w.micro_batch_sequences)
     proj, scores_f = timed.projections_s, timed.scores_s
     flops = 2.0 * attn.width * causal_keys(w.seq_len, 0) * w.micro_batch_sequences
-    scores_b = k.attention_s(flops, w.seq_len)[1]
+    scores_b = k.attention_bwd_s(flops, w.seq_len)
     attn_fwd = proj + scores_f
     attn_bwd = 2 * proj + scores_b
     if w.recompute == "selective":

@@ -47,13 +47,12 @@ class KvRoute:
         return self.latency_s + nbytes * self.seconds_per_byte
 
 
-def kv_route(paths: PathTable, src: list[int], dst: list[int], mla: bool) -> KvRoute:
+def kv_route(paths: PathTable, src: list[int], dst: list[int]) -> KvRoute:
     """The shard routes from the source rank's devices ``src`` to the destination's
     ``dst``: every destination device receives its shard (MLA: the whole latent, which
     every tensor-parallel device keeps) from source ``j mod len(src)``, so prefill and
     decode may use different tensor parallelism; the shards travel in parallel (sharing
-    links is not modelled). ``mla`` is kept for callers; the pairing is the same."""
-    del mla
+    links is not modelled)."""
     pairs = [(src[j % len(src)], d) for j, d in enumerate(dst)]
     worst_lat, worst_spb = 0.0, 0.0
     for s, d in pairs:
@@ -72,5 +71,5 @@ def kv_transfer_s(
     """Seconds to move a request's prompt KV from devices ``src`` (the prefill rank's tp
     group) to ``dst`` (the decode rank's), both in the cluster's device ids: each
     destination device's shard (the decode rank's tensor parallelism decides its size)."""
-    route = kv_route(paths, src, dst, m.attention == "mla")
+    route = kv_route(paths, src, dst)
     return route.time_s(kv_transfer_bytes(m, prompt_tokens, len(dst)))

@@ -145,7 +145,6 @@ class _Pools:
         self.xfer_s = np.full(n, np.nan)
         self.delivered = np.full(n, np.nan)
         m = s.model
-        self.mla = m.attention == "mla"
         self.model = m
         self.routes: dict[tuple[int, int, int, int], Any] = {}
 
@@ -212,7 +211,7 @@ class _Pools:
         if route is None:
             src = self.spec["prefill"].rank_devices(int(pi), int(pr))
             dst = self.spec["decode"].rank_devices(di, dr)
-            route = self.routes[key] = kv_route(self.paths, src, dst, self.mla)
+            route = self.routes[key] = kv_route(self.paths, src, dst)
         tp = self.spec["decode"].system.scenario.parallelism.tp  # each decode shard's size
         nbytes = kv_transfer_bytes(self.model, p, tp)
         dt = route.time_s(nbytes)
