@@ -1,6 +1,7 @@
 """The kernels a training step runs around its MoE layers, priced on one device: causal
 attention's backward (its forward is ``moesim.cost.attention``'s), RMSNorm, elementwise
-glue (rotary embeddings, residual adds, casts), the cross-entropy loss over the vocabulary, and the fused AdamW update.
+glue (rotary embeddings, residual adds, casts), the cross-entropy loss over the
+vocabulary, and the fused AdamW update.
 
 With a measured profile (``training:`` section, :class:`moesim.config.step_kernels.
 StepKernelFit`) the constants are fitted on primitive measurements; without one they are
