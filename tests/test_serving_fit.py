@@ -123,3 +123,33 @@ def test_bad_measurement_files_are_one_line_errors(tmp_path) -> None:
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert words in str(err.value.code), (argv, err.value.code)
+
+
+def test_online_iterations_of_a_pipelined_engine_pair_each_step_with_the_next_stamps() -> None:
+    """With an output lag of one step (async batching) the tokens stamped at the end of
+    step g+1 are those step g computed, and step g also re-runs the requests whose last
+    token it stamped (the host had not yet seen them finish)."""
+    from moesim.calibrate.serving_fit import online_iterations
+
+    def req(prompt: int, start: float, stamps: list[float]) -> dict[str, Any]:
+        return {
+            "kind": "serving_request",
+            "run": "a",
+            "prompt_tokens": prompt,
+            "start_s": start,
+            "token_s": stamps,
+        }
+
+    # steps end at 0.1, 0.2, ...; A (100 tokens) is prefilled in the step ending 0.1, B (50)
+    # in the one ending 0.3; each token is stamped one step after the step computing it
+    records = [req(100, 0.0, [0.2, 0.3, 0.4]), req(50, 0.2, [0.4, 0.5])]
+    steps = online_iterations(records, ["a"], lag=1)
+    assert [(s["prompts"], s["contexts"]) for s in steps] == [([50], [102]), ([], [51, 103])]
+    assert [s["step_ms"] for s in steps] == pytest.approx([100.0, 100.0])
+    # read without the lag the same stamps pair each step with its own group
+    plain = online_iterations(records, ["a"])
+    assert [(s["prompts"], s["contexts"]) for s in plain] == [
+        ([], [101]),
+        ([50], [102]),
+        ([], [51]),
+    ]

@@ -62,6 +62,8 @@ def engine_semantics(env: dict[str, Any]) -> dict[str, Any]:
         "expert_kernel": "grouped" if env.get("experts_implementation") == "grouped_mm" else "loop",
         "attention": "fused" if "flash" in attn else "packed",
         "host": {"overlap": bool(env.get("use_async_batching"))},
+        # async batching launches step k+1 before it reads step k's tokens
+        "output_lag_iterations": 1 if env.get("use_async_batching") else 0,
     }
 
 

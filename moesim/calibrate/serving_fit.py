@@ -16,7 +16,6 @@ layers). The fit's error on the same measurements is recorded in the preset.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -75,9 +74,7 @@ def _chunks(prompt: int, budget: int) -> list[int]:
     return [budget] * full + ([rest] if rest else [])
 
 
-def predicted_s(
-    cost: IterationCost, rec: Record, budget: int
-) -> tuple[float, int, int, int, int]:
+def predicted_s(cost: IterationCost, rec: Record, budget: int) -> tuple[float, int, int, int, int]:
     """The iteration cost model's time for one measured record (the device alone when
     ``cost``'s engine has no host cost, as in a fit) and its shape: (seconds, iterations,
     sequences sampled over them, tokens over them, KV tokens read over them)."""
@@ -112,12 +109,20 @@ IDLE_S = 5e-3
 """A prompt scheduled this long after the previous step's end found the engine idle."""
 
 
-def online_iterations(records: Sequence[Record], run_ids: Sequence[str]) -> list[Record]:
+def online_iterations(
+    records: Sequence[Record], run_ids: Sequence[str], lag: int = 0
+) -> list[Record]:
     """The engine iterations of measured online runs, rebuilt from every request's token
     timestamps: an iteration ends where tokens were stamped together; the requests whose
     first token it stamped had their prompts prefilled in it (whole: the prompts here are
     shorter than the token budget), the others decoded one token at their context. The
-    first iteration after an idle gap is left out (its start is not known)."""
+    first iteration after an idle gap is left out (its start is not known).
+
+    ``lag`` (an engine's ``output_lag_iterations``): a step's tokens are stamped ``lag``
+    iterations after it, so the tokens of the stamp group ``lag`` groups later are the
+    ones it computed; with ``lag`` 1 (transformers' async batching) a step also re-runs
+    the requests whose last token was stamped at its own end (scheduled again before the
+    host learned they had finished), each one decode at its full length."""
     out: list[Record] = []
     for run in run_ids:
         reqs = [r for r in of_kind(records, "serving_request") if r["run"] == run]
@@ -133,14 +138,24 @@ def online_iterations(records: Sequence[Record], run_ids: Sequence[str]) -> list
                 groups[-1].append(stamp)
             else:
                 groups.append([stamp])
-        for prev, group in itertools.pairwise(groups):
-            start, end = prev[-1][0], group[-1][0]
+        for g in range(1, len(groups) - lag):
+            start, end = groups[g - 1][-1][0], groups[g][-1][0]
+            computed = groups[g + lag]
             # a prompt first scheduled well after the previous step ended arrived into an
             # idle engine: this step began later than that end
-            if any(float(reqs[i]["start_s"]) > start + IDLE_S for _, i, k in group if k == 0):
+            if any(float(reqs[i]["start_s"]) > start + IDLE_S for _, i, k in computed if k == 0):
                 continue
-            prompts = [int(reqs[i]["prompt_tokens"]) for _, i, k in group if k == 0]
-            contexts = [int(reqs[i]["prompt_tokens"]) + k for _, i, k in group if k > 0]
+            # an idle gap between this step and the one whose tokens it stamps
+            if lag and computed[-1][0] - groups[g + lag - 1][-1][0] > 2 * (end - start) + IDLE_S:
+                continue
+            prompts = [int(reqs[i]["prompt_tokens"]) for _, i, k in computed if k == 0]
+            contexts = [int(reqs[i]["prompt_tokens"]) + k for _, i, k in computed if k > 0]
+            if lag:
+                contexts += [
+                    int(reqs[i]["prompt_tokens"]) + k + 1
+                    for _, i, k in groups[g]
+                    if k + 1 == len(reqs[i]["token_s"])
+                ]
             out.append(
                 {
                     "kind": "serving_step",
@@ -182,15 +197,18 @@ def fit_engine(
     measured = [
         *of_kind(records, "serving_prefill"),
         *of_kind(records, "serving_decode"),
-        *online_iterations(records, fit_runs),
+        *online_iterations(records, fit_runs, int(base.get("output_lag_iterations", 0))),
     ]
+    overlap = bool(base.get("host", {}).get("overlap"))
     for rec in [r for r in measured if "ttft_ms" in r or "step_ms" in r]:
         dev, iters, seqs, toks, kv = predicted_s(cost, rec, budget)
         meas = measured_s(rec)
         rows.append({"record": rec, "measured_s": meas, "device_s": dev})
-        # relative least squares: each row scaled by 1 / measured
+        # relative least squares: each row scaled by 1 / measured; where host work overlaps
+        # the device's, the host loop is the step (the device hides under it; rows where
+        # the device is longer are then predicted by max(host, device))
         design.append([iters / meas, seqs / meas, toks / meas, kv / meas])
-        target.append((meas - dev) / meas)
+        target.append(1.0 if overlap else (meas - dev) / meas)
     if not rows:
         raise ValueError("no serving_prefill or serving_decode records to fit an engine on")
     coef, _ = nnls(np.array(design), np.array(target))
@@ -200,7 +218,8 @@ def fit_engine(
         meas = float(row["measured_s"])
         host = (d[0] * fixed_s + d[1] * per_seq_s + d[2] * per_tok_s + d[3] * per_kv_s) * meas
         row["host_s"] = host
-        row["predicted_s"] = float(row["device_s"]) + host
+        dev = float(row["device_s"])
+        row["predicted_s"] = max(dev, host) if overlap else dev + host
         errors.append(abs(row["predicted_s"] / meas - 1))
     errors.sort()
     preset = {

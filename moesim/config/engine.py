@@ -75,6 +75,13 @@ class EngineConfig(Frozen):
     see :meth:`moesim.cost.attention.AttentionCost.scores_s`."""
     host: HostCost = HostCost()
     """The host-side cost of each iteration."""
+    output_lag_iterations: int = Field(default=0, ge=0)
+    """Iterations between the one that computes a token and the end of the one at which
+    that token reaches the host (its time in the request records): 0 for a synchronous
+    loop; 1 for a pipelined loop that launches step k+1 before reading step k's tokens
+    (transformers' async batching). Where no iteration follows at once (the engine idles),
+    the lagged iteration is taken to last as long as the one that computed the token (the
+    engine re-runs the same requests before it learns they finished)."""
     fit: FitQuality | None = None
     """How well the host cost plus the device model reproduce the engine's measured
     iterations (those it was fitted on)."""

@@ -187,6 +187,39 @@ def arrival_times(w: ServingWorkload, seed: int) -> tuple[np.ndarray, np.ndarray
     return t, prompt, output
 
 
+def lagged_times(
+    times: np.ndarray, start_s: np.ndarray, duration_s: np.ndarray, lag: int
+) -> np.ndarray:
+    """Token times moved ``lag`` iterations later (an engine whose host reads a step's
+    tokens only after launching the next steps; ``EngineConfig.output_lag_iterations``).
+
+    Each finite time in ``times`` is the end of the iteration that computed the token
+    (``start_s + duration_s`` of that row, bit for bit). It becomes the end of the
+    iteration ``lag`` rows later when each of those follows its predecessor without a gap;
+    where the engine idled instead (no next iteration at once), the lagged iteration is
+    taken to last as long as the one before it (the engine re-runs the requests it does
+    not yet know have finished)."""
+    out = np.array(times, dtype=float)
+    if lag <= 0 or not len(start_s):
+        return out
+    ends = start_s + duration_s
+    ok = np.isfinite(out)
+    idx = np.searchsorted(ends, out[ok])
+    if np.any(idx >= len(ends)) or np.any(ends[np.minimum(idx, len(ends) - 1)] != out[ok]):
+        raise ValueError("a token time is not the end of an iteration")  # pragma: no cover
+    t = ends[idx]
+    last = duration_s[idx]
+    for _ in range(lag):
+        nxt = idx + 1
+        chained = nxt < len(ends)
+        chained[chained] = start_s[nxt[chained]] == t[chained]
+        t = np.where(chained, ends[np.minimum(nxt, len(ends) - 1)], t + last)
+        last = np.where(chained, duration_s[np.minimum(nxt, len(ends) - 1)], last)
+        idx = np.where(chained, nxt, len(ends))  # once idle, stay off the record
+    out[ok] = t
+    return out
+
+
 class _Server:
     """The SimPy side: arrivals feed the ranks' queues; the server loop runs iterations."""
 
@@ -389,14 +422,19 @@ class _Server:
             host_s=cols[:, 12],
         )
         n = len(st.arrival_s)
+        lag = self.w.engine.output_lag_iterations
+        first, finish = (
+            lagged_times(np.asarray(x, dtype=float), it.start_s, it.duration_s, lag)
+            for x in (st.first_token_s, st.finish_s)
+        )
         req = RequestRecords(
             arrival_s=np.asarray(st.arrival_s, dtype=float),
             rank=self.rank_of.copy(),
             prompt_tokens=np.asarray(st.prompt, dtype=np.int64),
             output_tokens=np.asarray(st.output, dtype=np.int64),
             first_scheduled_s=np.asarray(st.first_scheduled_s, dtype=float),
-            first_token_s=np.asarray(st.first_token_s, dtype=float),
-            finish_s=np.asarray(st.finish_s, dtype=float),
+            first_token_s=first,
+            finish_s=finish,
             generated_tokens=np.asarray(st.generated, dtype=np.int64),
             preemptions=np.asarray(st.preemptions, dtype=np.int64),
             recomputed_tokens=np.asarray(st.recomputed, dtype=np.int64),
