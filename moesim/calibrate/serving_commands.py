@@ -14,6 +14,9 @@ import yaml
 from moesim.calibrate import records as rec_io
 from moesim.report.files import write_text_atomic
 
+_HARNESS = {"lean-torch": "moesim.calibrate.torch_lean_engine"}
+"""The harness that wrote each engine's records (by the env record's ``engine``)."""
+
 
 def _records(path: str) -> list[dict[str, Any]]:
     """The JSON-lines records of a measurement file, or a one-line error (exit 1)."""
@@ -44,7 +47,10 @@ def _engine_arg(engine: str) -> str | dict[str, Any]:
 def engine_semantics(env: dict[str, Any]) -> dict[str, Any]:
     """What a measured engine does, read from its resolved configuration (the ``env``
     record of ``torch_serving``): scheduler defaults, launch mode, expert kernel, attention
-    kernel and whether host work overlaps the device's."""
+    kernel and whether host work overlaps the device's. An engine that states its own
+    semantics (``torch_lean_engine``'s ``semantics``) is taken at its word."""
+    if isinstance(env.get("semantics"), dict):
+        return dict(env["semantics"])
     cb = env.get("cb_config") or {}
     graphs = cb.get("use_cuda_graph", env.get("use_cuda_graph"))
     attn = str(env.get("attn_implementation") or "")
@@ -82,10 +88,12 @@ def calibrate_engine(
         raise SystemExit(
             f"moesim: {from_file}: the env record lacks the engine's configuration ({exc})"
         ) from None
+    harness = _HARNESS.get(str(env.get("engine")), "moesim.calibrate.torch_serving")
     source = (
         f"{from_file}: {env.get('engine', 'engine')} measured {env.get('utc', '?')} on "
-        f"{env.get('gpu')} (torch {env.get('torch')}, transformers {env.get('transformers')}) "
-        f"by `python3 -m moesim.calibrate.torch_serving`; host cost fitted by "
+        f"{env.get('gpu')} (torch {env.get('torch')}, {base.get('version')}) "
+        f"by `python3 -m {harness}`; "
+        "host cost fitted by "
         f"`moesim calibrate --from {from_file} --engine {name}"
         + (f" --fit-runs {','.join(fit_runs)}" if fit_runs else "")
         + f"` on {today}"

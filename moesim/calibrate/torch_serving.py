@@ -271,7 +271,9 @@ def online_plan(quick: bool, seed: int, plan: str = "default") -> list[RunSpec]:
     rate past saturation; then held-out runs (100..300-token prompts, 256 output tokens,
     other seeds) at two other rates. ``repeat``: the same shapes again with new seeds (the
     engine's run-to-run variance) and longer runs near saturation (does it keep up?);
-    ``short``: four rates and one held-out run (a second engine configuration)."""
+    ``short``: four rates and one held-out run (a second engine configuration);
+    ``saturation``: 45 s of arrivals at 1.75, 2 and 2.25 /s (where does it stop keeping
+    up?)."""
     if plan == "repeat" and not quick:
         return [
             RunSpec("v2a-p600-o128", 2.0, seed * 1000 + 900, 20, (500, 700), 128, held_out=True),
@@ -279,6 +281,19 @@ def online_plan(quick: bool, seed: int, plan: str = "default") -> list[RunSpec]:
             RunSpec("v4a-p600-o128", 4.0, seed * 1000 + 902, 40, (500, 700), 128, held_out=True),
             RunSpec("k1.5-p600-o128", 1.5, seed * 1000 + 910, 60, (500, 700), 128, held_out=True),
             RunSpec("k2.5-p600-o128", 2.5, seed * 1000 + 911, 90, (500, 700), 128, held_out=True),
+        ]
+    if plan == "saturation" and not quick:
+        return [
+            RunSpec(
+                f"z{r:g}-p600-o128",
+                r,
+                seed * 1000 + 950 + i,
+                round(r * 45.0),
+                (500, 700),
+                128,
+                held_out=True,
+            )
+            for i, r in enumerate((1.75, 2.0, 2.25))
         ]
     if plan == "short" and not quick:
         return [
@@ -1308,7 +1323,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="set a ContinuousBatchingConfig field (JSON value), e.g. use_async_batching=true",
     )
-    ap.add_argument("--plan", choices=["default", "repeat", "short"], default="default")
+    ap.add_argument(
+        "--plan", choices=["default", "repeat", "short", "saturation"], default="default"
+    )
     ap.add_argument(
         "--sections",
         default="prefill,decode,mixed,online",
