@@ -11,6 +11,14 @@ at their device time, so the runtime's host time per decoder layer is an engine 
 moesim's attention and head device time, per layer); every MoE run (``lru`` at each slot
 count, the largest being the all-hit case) is held out.
 
+Two record files of the same trace and harness, same H200 kind, 2026-12-03:
+:data:`FIRST` (each slot count once, in increasing order: the 16-slot run came first after
+pinning and its copies ran at about half rate) and :data:`MEASUREMENTS` (the default: each
+slot count three times in a seeded shuffle, never the 16-slot case first, a copy-rate probe
+before and after every run). A slot count measured several times is compared by the
+median of its runs (every run is listed too); each run's per-miss cost is the
+least-squares slope of its per-token times on its per-token misses.
+
     python3 -m moesim.calibrate.offload_fidelity [--file RECORDS] [--json]
 """
 
@@ -18,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-MEASUREMENTS = (
-    Path(__file__).resolve().parent.parent
-    / "catalog/measurements/h200_offload_decode_2026-12-03/offload_decode.jsonl"
-)
+DIR = Path(__file__).resolve().parent.parent / "catalog/measurements/h200_offload_decode_2026-12-03"
+MEASUREMENTS = DIR / "offload_decode_shuffled_2026-12-03.jsonl"
+"""The re-measurement: every slot count three times, shuffled, copy-rate probes."""
+FIRST = DIR / "offload_decode.jsonl"
+"""The first measurement (each slot count once, 16 slots first)."""
 SCENARIO = ROOT / "scenarios/mixtral-offload-decode-h200.yaml"
 
 
@@ -40,10 +50,83 @@ class Row:
     predicted_ms: float
     measured_hit: float | None
     predicted_hit: float | None
+    run_index: int | None = None
+    per_miss_ms: float | None = None
+    probe_gb_s: tuple[float, float] | None = None
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1.0
+
+
+@dataclass(frozen=True)
+class SlotSummary:
+    """A slot count's runs: the median measured ms/token against moesim."""
+
+    slots: int
+    runs: int
+    measured_ms: float
+    predicted_ms: float
+    min_error: float
+    max_error: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+def replay_misses(path: Path, slots: int, layers: int, experts: int, tokens: int) -> list[int]:
+    """Per-token misses of the harness's cache replaying the decode trace at ``path`` (for
+    records written before the harness recorded them)."""
+    from moesim.calibrate.torch_offload_decode import (
+        LayerCache,
+        hottest,
+        load_trace,
+        split_slots,
+    )
+
+    trace = load_trace(str(path))
+    hot = hottest(trace, layers, experts)
+    free, caches = list(range(slots)), []
+    for j, n in enumerate(split_slots(slots, layers)):
+        caches.append(LayerCache(n, free[:n], hot[j]))
+        free = free[n:]
+    out = []
+    for t in range(tokens):
+        keys = [sorted(trace.experts[t][j]) for j in range(layers)]
+        out.append(sum(len(k) - len(caches[j].use(k)[0]) for j, k in enumerate(keys)))
+    return out
+
+
+def miss_slope(rec: dict[str, Any], misses: list[int] | None = None) -> float | None:
+    """Least-squares slope of a run's per-token ms on its per-token misses (ms per miss);
+    None without misses. ``misses``: when the record holds none."""
+    ms, misses = rec.get("ms"), rec.get("misses", misses)
+    if not ms or not misses or len(set(misses)) < 2:
+        return None
+    mx, my = statistics.fmean(misses), statistics.fmean(ms)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(misses, ms))
+    sxx = sum((x - mx) ** 2 for x in misses)
+    return sxy / sxx
+
+
+def by_slots(rows: list[Row]) -> list[SlotSummary]:
+    """Per slot count (ascending): the median of its runs' ms/token against moesim."""
+    out = []
+    for slots in sorted({r.slots for r in rows}):
+        mine = [r for r in rows if r.slots == slots]
+        errors = [r.error for r in mine]
+        out.append(
+            SlotSummary(
+                slots,
+                len(mine),
+                statistics.median(r.measured_ms for r in mine),
+                mine[0].predicted_ms,
+                min(errors),
+                max(errors),
+            )
+        )
+    return out
 
 
 def records(path: Path = MEASUREMENTS) -> list[dict[str, Any]]:
@@ -99,15 +182,43 @@ def predict(slots: int, per_layer_us: float, tokens: int) -> tuple[float, float]
 
 
 def compare(path: Path = MEASUREMENTS) -> tuple[float, list[Row]]:
-    """The fitted host time per layer and every held-out MoE run against moesim."""
+    """The fitted host time per layer and every held-out MoE run against moesim, in the
+    order measured (moesim is deterministic: one prediction per slot count)."""
     recs = records(path)
     host = fit_host_us(recs)
+    env = next(r for r in recs if r.get("kind") == "env")
     rows = []
+    predicted: dict[tuple[int, int], tuple[float, float]] = {}
     for r in recs:
         if r.get("kind") != "offload_decode" or r["mode"] != "lru":
             continue
-        ms, hit = predict(r["slots"], host, r["tokens"])
-        rows.append(Row(r["slots"], r["mode"], r["ms_per_token"], ms, r["hit_rate"], hit))
+        key = (r["slots"], r["tokens"])
+        if key not in predicted:
+            predicted[key] = predict(r["slots"], host, r["tokens"])
+        ms, hit = predicted[key]
+        misses = None
+        if "misses" not in r:
+            misses = replay_misses(
+                path.parent / env["trace"], r["slots"], env["layers"], env["experts"], r["tokens"]
+            )
+        probes = (
+            (r["probe_before"]["gb_per_s"], r["probe_after"]["gb_per_s"])
+            if "probe_before" in r
+            else None
+        )
+        rows.append(
+            Row(
+                r["slots"],
+                r["mode"],
+                r["ms_per_token"],
+                ms,
+                r["hit_rate"],
+                hit,
+                r.get("run_index"),
+                miss_slope(r, misses),
+                probes,
+            )
+        )
     return host, rows
 
 
@@ -117,23 +228,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     host, rows = compare(args.file)
+    summary = by_slots(rows)
     if args.json:
         print(
             json.dumps(
-                {"host_per_layer_us": host, "rows": [r.__dict__ | {"error": r.error} for r in rows]}
+                {
+                    "host_per_layer_us": host,
+                    "rows": [r.__dict__ | {"error": r.error} for r in rows],
+                    "slots": [s.__dict__ | {"error": s.error} for s in summary],
+                }
             )
         )
         return 0
     print(f"host per decoder layer (fitted on attention_only): {host:.1f} us")
+    print("\nevery run, in the order measured:")
     print(
-        "| HBM slots | measured ms/token | moesim ms/token | error | measured hit rate"
-        " | moesim hit rate |"
+        "| run | HBM slots | measured ms/token | moesim ms/token | error | ms per miss"
+        " | copy probe before/after GB/s | measured hit rate | moesim hit rate |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        slope = "-" if r.per_miss_ms is None else f"{r.per_miss_ms:.2f}"
+        probe = "-" if r.probe_gb_s is None else "{:.1f} / {:.1f}".format(*r.probe_gb_s)
+        run = "-" if r.run_index is None else str(r.run_index)
         print(
-            f"| {r.slots} | {r.measured_ms:.2f} | {r.predicted_ms:.2f} | {r.error:+.1%} | "
-            f"{r.measured_hit:.4f} | {r.predicted_hit:.4f} |"
+            f"| {run} | {r.slots} | {r.measured_ms:.2f} | {r.predicted_ms:.2f} | "
+            f"{r.error:+.1%} | {slope} | {probe} | {r.measured_hit:.4f} | "
+            f"{r.predicted_hit:.4f} |"
+        )
+    print("\nper slot count (median of its runs):")
+    print("| HBM slots | runs | measured ms/token | moesim ms/token | error | runs' errors |")
+    print("|---|---|---|---|---|---|")
+    for s in summary:
+        print(
+            f"| {s.slots} | {s.runs} | {s.measured_ms:.2f} | {s.predicted_ms:.2f} | "
+            f"{s.error:+.1%} | {s.min_error:+.1%} to {s.max_error:+.1%} |"
         )
     return 0
 

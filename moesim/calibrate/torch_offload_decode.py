@@ -29,7 +29,17 @@ same run: ms/token and the HBM hit rate of an LRU expert cache at several sizes.
 
 Runs (each over the same first ``--tokens`` decode tokens of the trace, context starting at
 ``--context`` cached tokens): ``lru`` at every ``--slots`` (the largest, layers x experts,
-is the all-hit case: nothing is ever copied), plus all-hit variants that separate the
+is the all-hit case: nothing is ever copied), ``--repeats`` times each, in the order
+given or, with ``--order-seed``, in a seeded shuffle whose first run is never the smallest
+slot count (the first run after pinning the host buffers is not the one that decides the
+most copy-bound case); each ``lru`` record carries its position (``run_index``), its
+misses per token, and a **copy-rate probe** taken just before and just after it
+(``--probe-copies`` expert copies from pinned host buffers spread over the layers, each
+timed with events: median ms and GB/s, min and max). A ``copy_sweep`` (every host expert
+copied once, each timed) is recorded before the first run and after the last.
+``--trace FILE`` replays an earlier recorded decode trace (JSON lines) instead of
+recording one, so a re-measurement drives the same accesses. Plus all-hit variants that
+separate the
 costs: ``all_hit_nosync`` (the trace's experts without reading the router on the host),
 ``all_hit_graph`` (one token with fixed experts captured as a CUDA graph and replayed:
 the device time alone) and ``attention_only`` (no MoE part). Also ``copy`` (one expert
@@ -39,12 +49,15 @@ event pair per token (eager), mean and median over tokens. Written as JSON lines
 every path with shrunk widths on the CPU (no streams, synchronous copies).
 
     python3 -m moesim.calibrate.torch_offload_decode --out DIR --router-bias-std 1.0
+    python3 -m moesim.calibrate.torch_offload_decode --out DIR \
+        --trace scenarios/traces/mixtral-l8-h200.decode.jsonl --repeats 2 --order-seed 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -304,10 +317,12 @@ def run_lru(
     dec.load(caches)
     clock = Clock(dec.cuda)
     uses = hits = 0
+    misses = []
     clock.mark()
     for t in range(tokens):
         u, h = dec.token(t % dec.vocab, ctx + t, trace.experts[t], caches, sync=sync, moe=moe)
         uses, hits = uses + u, hits + h
+        misses.append(u - h)
         clock.mark()
     ms = clock.ms()
     return {
@@ -320,7 +335,83 @@ def run_lru(
         "ms_per_token": sum(ms) / len(ms),
         "median_ms": statistics.median(ms),
         "ms": [round(x, 4) for x in ms],
+        "misses": misses,
     }
+
+
+def copy_times(dec: Decoder, buffers: list[tuple[int, int]]) -> list[float]:
+    """ms of each copy of host expert ``(layer, expert)`` into slot 0, one at a time
+    (events around each on the copy stream; the caller reloads the slots afterwards)."""
+    torch = dec.torch
+    dec.sync()
+    out = []
+    for j, e in buffers:
+        if not dec.cuda:
+            t0 = time.perf_counter()
+            dec.slots[0].copy_(dec.host[j][e])
+            out.append((time.perf_counter() - t0) * 1e3)
+            continue
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        assert dec.copy_stream is not None
+        with torch.cuda.stream(dec.copy_stream):
+            a.record(dec.copy_stream)
+            dec.slots[0].copy_(dec.host[j][e], non_blocking=True)
+            b.record(dec.copy_stream)
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def rate(dec: Decoder, ms: list[float]) -> dict[str, Any]:
+    """A copy-rate summary: median/min/max ms per expert copy and the median GB/s."""
+    med = statistics.median(ms)
+    return {
+        "copies": len(ms),
+        "median_ms": round(med, 4),
+        "min_ms": round(min(ms), 4),
+        "max_ms": round(max(ms), 4),
+        "gb_per_s": round(dec.expert_bytes / med / 1e6, 3),
+    }
+
+
+def probe(dec: Decoder, copies: int, start: int) -> dict[str, Any]:
+    """Copy-rate probe: ``copies`` host experts spread over the layers (a stride through
+    every (layer, expert) pair starting at ``start``, so successive probes read different
+    buffers)."""
+    n = dec.layers * dec.experts
+    picks = [((start + 7 * i) % n) for i in range(copies)]
+    return rate(dec, copy_times(dec, [(p // dec.experts, p % dec.experts) for p in picks]))
+
+
+def run_order(slots: list[int], repeats: int, seed: int | None) -> list[int]:
+    """The timed ``lru`` runs in order: every slot count ``repeats`` times; with ``seed``,
+    a seeded shuffle whose first run is not the smallest slot count (when there is
+    another)."""
+    runs = [s for s in slots for _ in range(repeats)]
+    if seed is None:
+        return runs
+    rng = random.Random(seed)
+    rng.shuffle(runs)
+    if runs[0] == min(runs) and max(runs) != min(runs):
+        first = next(i for i, s in enumerate(runs) if s != runs[0])
+        runs[0], runs[first] = runs[first], runs[0]
+    return runs
+
+
+def load_trace(path: str) -> Trace:
+    """A decode trace written by :func:`moesim.calibrate.torch_routing.write_trace`
+    (JSON lines: ``step``, ``experts``, optional ``weights``)."""
+    out = Trace()
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            out.experts.append(row["experts"])
+            out.weights.append(row.get("weights", []))
+            out.step.append(int(row.get("step", len(out.step))))
+            out.decode.append(True)
+    return out
 
 
 def run_graph(dec: Decoder, trace: Trace, tokens: int, ctx: int) -> dict[str, Any]:
@@ -378,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-bias-std", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace-name", default="mixtral-l8")
+    ap.add_argument("--trace", help="replay this decode trace (JSON lines) instead of recording")
+    ap.add_argument("--repeats", type=int, default=1, help="timed lru runs per slot count")
+    ap.add_argument("--order-seed", type=int, default=None, help="shuffle the lru runs (seeded)")
+    ap.add_argument("--probe-copies", type=int, default=6, help="copies per copy-rate probe")
+    ap.add_argument("--records", default="offload_decode.jsonl", help="records file in --out")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
@@ -386,28 +482,35 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.cpu else "cuda"
     argv_full = ["-m", "moesim.calibrate.torch_offload_decode", *argv]
-    trace, info = record_hf(
-        "mixtral-8x7b",
-        args.layers,
-        prompts=args.prompts,
-        prompt_tokens=args.prompt_tokens,
-        decode_tokens=args.decode_tokens,
-        bias_std=args.router_bias_std,
-        seed=args.seed,
-        device=device,
-        tiny=args.tiny,
-    )
-    files = save(trace, info, os.path.join(args.out, args.trace_name), argv_full, True)
-    decode = trace.subset(trace.decode)
+    if args.trace:
+        decode = load_trace(args.trace)
+        files = [args.trace]
+    else:
+        trace, info = record_hf(
+            "mixtral-8x7b",
+            args.layers,
+            prompts=args.prompts,
+            prompt_tokens=args.prompt_tokens,
+            decode_tokens=args.decode_tokens,
+            bias_std=args.router_bias_std,
+            seed=args.seed,
+            device=device,
+            tiny=args.tiny,
+        )
+        files = save(trace, info, os.path.join(args.out, args.trace_name), argv_full, True)
+        decode = trace.subset(trace.decode)
     tokens = min(args.tokens, len(decode.step))
     keys = {k: v for k, v in SHAPES["mixtral-8x7b"].items() if k != "config"}
     if args.tiny:
         keys.update({k: v for k, v in TINY.items() if k in keys})
     slots = sorted(int(s) for s in args.slots.split(","))
     dev = torch.device(device)
+    t0 = time.perf_counter()
     dec = Decoder(keys, args.layers, max(slots), dev, args.context)
+    setup_s = time.perf_counter() - t0
+    order = run_order(slots, args.repeats, args.order_seed)
     hot = hottest(decode, args.layers, dec.experts)
-    out = open(os.path.join(args.out, "offload_decode.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+    out = open(os.path.join(args.out, args.records), "w", encoding="utf-8")  # noqa: SIM115
     env = env_record(
         argv_full,
         kind="env",
@@ -418,16 +521,23 @@ def main(argv: list[str] | None = None) -> int:
         expert_bytes=dec.expert_bytes,
         context=args.context,
         trace_files=[os.path.basename(p) for p in files],
-        trace=os.path.basename(files[0]).replace(".jsonl", ".decode.jsonl"),
-        router_bias_std=args.router_bias_std,
+        trace=(
+            os.path.basename(args.trace)
+            if args.trace
+            else os.path.basename(files[0]).replace(".jsonl", ".decode.jsonl")
+        ),
+        trace_replayed=bool(args.trace),
+        router_bias_std=None if args.trace else args.router_bias_std,
         seed=args.seed,
         device=device,
+        setup_s=round(setup_s, 3),
+        run_order=order,
     )
 
     def emit(rec: dict[str, Any]) -> None:
         out.write(json.dumps(rec) + "\n")
         out.flush()
-        print({k: v for k, v in rec.items() if k not in ("ms", "argv", "hf_config")})
+        print({k: v for k, v in rec.items() if k not in ("ms", "misses", "argv", "hf_config")})
 
     emit(env)
     # warm-up (kernels, cuBLAS handles), then the measurements
@@ -453,15 +563,24 @@ def main(argv: list[str] | None = None) -> int:
         dec.ffn(x, 0)
         clock.mark()
     emit({"kind": "expert", "tokens": 1, "median_ms": statistics.median(clock.ms())})
-    for s in slots:
+    every = [(j, e) for j in range(args.layers) for e in range(dec.experts)]
+    emit({"kind": "copy_sweep", "when": "before", **rate(dec, copy_times(dec, every))})
+    for i, s in enumerate(order):
+        before = probe(dec, args.probe_copies, 2 * i * args.probe_copies)
+        rec = run_lru(dec, decode, s, hot, tokens, args.context)
+        after = probe(dec, args.probe_copies, (2 * i + 1) * args.probe_copies)
         emit(
             {
                 "kind": "offload_decode",
                 "mode": "lru",
                 "sync": True,
-                **run_lru(dec, decode, s, hot, tokens, args.context),
+                "run_index": i,
+                **rec,
+                "probe_before": before,
+                "probe_after": after,
             }
         )
+    emit({"kind": "copy_sweep", "when": "after", **rate(dec, copy_times(dec, every))})
     full = args.layers * dec.experts
     if full in slots:
         emit(
