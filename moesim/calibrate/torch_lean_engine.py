@@ -99,7 +99,7 @@ class LeanConfig:
 
 def lean_plan(quick: bool, seed: int) -> list[RunSpec]:
     """Online runs: ~600-token prompts and 128 output tokens at 2..32 requests/s (the
-    engine keeps up far longer than transformers'), about 12 s of arrivals each; then
+    engine keeps up far longer than transformers'), about 8 s of arrivals each; then
     held-out runs with 100..300-token prompts and 256 output tokens, other seeds."""
     if quick:
         return [
@@ -108,7 +108,7 @@ def lean_plan(quick: bool, seed: int) -> list[RunSpec]:
         ]
     main = [
         RunSpec(
-            f"l{r:g}-p600-o128", r, seed * 1000 + 100 + i, _count(r, 12.0, 12, 240), (500, 700), 128
+            f"l{r:g}-p600-o128", r, seed * 1000 + 100 + i, _count(r, 8.0, 12, 200), (500, 700), 128
         )
         for i, r in enumerate((2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0))
     ]
@@ -117,7 +117,7 @@ def lean_plan(quick: bool, seed: int) -> list[RunSpec]:
             f"lh{r:g}-p200-o256",
             r,
             seed * 1000 + 600 + i,
-            _count(r, 10.0, 12, 200),
+            _count(r, 8.0, 12, 160),
             (100, 300),
             256,
             held_out=True,
