@@ -19,6 +19,8 @@ workload:
       instances: 1
       parallelism: {dp: 144, ep: 144, a2a: deepep}
       scheduler: {max_seqs: 128}       # fields over the workload's scheduler
+      micro_batches: 2                 # two-micro-batch overlap (1: none)
+    prefix_cache_hit_fraction: 0.563    # prompt share found in a KV cache
     route: round_robin                  # or least_loaded
 ```
 """
@@ -57,6 +59,10 @@ class PoolConfig(Frozen):
     """Scheduler fields of this pool over the workload's ``scheduler``."""
     kv_cache_fraction: float | None = Field(default=None, gt=0, le=1)
     """Share of device memory after the weights holding KV; None: the workload's."""
+    micro_batches: Literal[1, 2] = 1
+    """2: every iteration runs as two micro-batches whose compute and all-to-all overlap on
+    a two-stream timeline (DeepSeek's dual-batch overlap, :mod:`moesim.engine.dual_batch`);
+    1: one batch, the all-to-all exposed."""
 
 
 class PoolsConfig(Frozen):
@@ -67,6 +73,12 @@ class PoolsConfig(Frozen):
     """Prefills prompts: a request's first token is sampled here."""
     decode: PoolConfig
     """Receives a prefilled request's KV cache and generates the rest of its tokens."""
+    prefix_cache_hit_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of every prompt found in a prefix (KV) cache: its first
+    ``floor(fraction x prompt)`` tokens (at most prompt - 1) are not computed by the
+    prefill, which loads their KV into its cache blocks and attends to them; they count as
+    input tokens and their KV goes to decode with the rest (DeepSeek's on-disk KV cache:
+    56.3% of input tokens hit it, Day 6, 2025-03-01)."""
     route: Literal["round_robin", "least_loaded"] = "round_robin"
     """How a request picks its instance and data-parallel rank in each pool: in turn, or
     the one with the least outstanding work (prefill: prompt tokens not yet prefilled;

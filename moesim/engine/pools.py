@@ -38,6 +38,7 @@ import simpy
 
 from moesim.config.serving import ServingWorkload
 from moesim.cost.layer_cost import MoELayerCost
+from moesim.engine.dual_batch import dual_batch_hooks
 from moesim.engine.kv_transfer import kv_route, kv_transfer_bytes
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.serving import DRAIN_CAP, ServingRecords, _Server, arrival_times
@@ -55,6 +56,8 @@ class PoolSpec:
     instances: int
     first_device: int
     """Global device id of the first instance's device 0 (instances follow each other)."""
+    micro_batches: int = 1
+    """2: iterations run as two overlapped micro-batches (:mod:`moesim.engine.dual_batch`)."""
 
     @property
     def devices_per_instance(self) -> int:
@@ -86,6 +89,8 @@ class PoolRecords:
     """When its KV landed at the decode rank, i.e. its first token reached the user (a
     one-token request: its prefill's end; NaN if never)."""
     rejected: np.ndarray
+    prefix_hit_tokens: np.ndarray
+    """Prompt tokens each request found in the prefix cache (not prefilled)."""
     end_s: float
     sim_events: int
     systems: tuple[System, System]
@@ -119,13 +124,22 @@ class _Picker:
 class _Pools:
     """The environment, the instances and the coupling between them."""
 
-    def __init__(self, full: PathTable, prefill: PoolSpec, decode: PoolSpec, route: str) -> None:
+    def __init__(
+        self,
+        full: PathTable,
+        prefill: PoolSpec,
+        decode: PoolSpec,
+        route: str,
+        prefix_hit_fraction: float = 0.0,
+    ) -> None:
         self.paths = full
         self.spec = {"prefill": prefill, "decode": decode}
         s = prefill.system.scenario
         assert isinstance(s.workload, ServingWorkload)
         t, prompt, output = arrival_times(s.workload, s.seed)
         self.t, self.prompt, self.output = t, prompt, output
+        self.hit = np.minimum(np.floor(prefix_hit_fraction * prompt), prompt - 1).astype(np.int64)
+        """Prompt tokens found in the prefix cache (not computed by the prefill)."""
         self.n = n = len(t)
         self.env = simpy.Environment()
         least = route == "least_loaded"
@@ -154,8 +168,10 @@ class _Pools:
         sys = spec.system
         cost: MoELayerCost = simulated_layer_cost(sys)  # shared by the pool's instances
         out = []
+        dp = sys.scenario.parallelism.dp
         for _ in range(spec.instances):
-            srv = _Server(sys, cost, HealthyServing(sys.scenario.parallelism.dp), self.env, req)
+            hooks = dual_batch_hooks(sys) if spec.micro_batches == 2 else HealthyServing(dp)
+            srv = _Server(sys, cost, hooks, self.env, req)
             for r in srv.ranks:
                 r.finished = []
             out.append(srv)
@@ -176,9 +192,10 @@ class _Pools:
             if rank_p.blocks_for(p + 1) > p_blocks or rank_d.blocks_for(p + o) > d_blocks:
                 self.rejected[rid] = True
                 continue
-            i, r = self.pick_p.pick(p)
+            i, r = self.pick_p.pick(p - int(self.hit[rid]))
             self.where_p[rid] = (i, r)
             srv = self.prefill[i]
+            srv.state.computed[rid] = int(self.hit[rid])  # its cached prefix: KV loaded
             srv.rank_of[rid] = r
             srv.ranks[r].waiting.append(rid)
             _wake(srv)
@@ -200,7 +217,7 @@ class _Pools:
     def _hand_on(self, rid: int, t: float) -> None:
         pi, pr = self.where_p[rid]
         p = int(self.prompt[rid])
-        self.pick_p.done(int(pi), int(pr), p)
+        self.pick_p.done(int(pi), int(pr), p - int(self.hit[rid]))
         if self.output[rid] <= 1:  # its one token came from the prefill: done
             self.delivered[rid] = t
             return
@@ -268,6 +285,7 @@ class _Pools:
             transfer_s=self.xfer_s,
             delivered_s=self.delivered,
             rejected=self.rejected,
+            prefix_hit_tokens=self.hit,
             end_s=float(env.now),
             sim_events=events,
             systems=(self.spec["prefill"].system, self.spec["decode"].system),
@@ -279,7 +297,14 @@ def _wake(srv: _Server) -> None:
         srv.wake.succeed()
 
 
-def simulate_pools(full: PathTable, prefill: PoolSpec, decode: PoolSpec, route: str) -> PoolRecords:
+def simulate_pools(
+    full: PathTable,
+    prefill: PoolSpec,
+    decode: PoolSpec,
+    route: str,
+    prefix_hit_fraction: float = 0.0,
+) -> PoolRecords:
     """Run a disaggregated serving scenario: ``full`` is the whole cluster's path table
-    (for the KV transfers), ``prefill`` and ``decode`` the pools."""
-    return _Pools(full, prefill, decode, route).run()
+    (for the KV transfers), ``prefill`` and ``decode`` the pools; ``prefix_hit_fraction``
+    of every prompt is found in the prefix cache (its first tokens, not prefilled)."""
+    return _Pools(full, prefill, decode, route, prefix_hit_fraction).run()

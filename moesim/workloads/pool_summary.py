@@ -9,18 +9,25 @@ at the end of the iteration that sampled it.
 Per pool (``pools.prefill``, ``pools.decode``), over the measurement window
 ``[warmup_s, duration_s]`` (iterations ending in it):
 
-- prefill: ``input_tokens_per_s`` = prompt tokens prefilled / window (recomputed ones
-  included), also per node of the pool; the prefill-only TTFT (arrival to its first
-  token sampled on the prefill rank, no transfer) and queue time;
+- prefill: ``input_tokens_per_s`` = input tokens / window, also per node of the pool:
+  the prompt tokens prefilled in the window (recomputed ones included) plus the prefix
+  cache hits of the requests whose prefill ended in it (DeepSeek's "input including
+  cache hits"); ``computed_input_tokens_per_s_per_node`` without the hits and
+  ``prefix_cache_hit_share``; the prefill-only TTFT (arrival to its first token sampled
+  on the prefill rank, no transfer) and queue time;
 - decode: ``output_tokens_per_s`` = tokens sampled by the decode pool / window (the
   first tokens come from prefill and are not counted here), also per node;
   ``per_user_tokens_per_s`` = 1 / TPOT of the measured requests of more than one output
   token (their decode speed as a user sees it, queueing at the decode rank included);
   ``step_ms`` the decode iterations' durations;
 - both: instances, nodes, layout, iterations, mean batch tokens and running sequences
-  per data-parallel rank, busy share, time breakdown (the all-to-all part of the MoE
-  time exposed: nothing overlaps it yet), KV cache size and use;
-- ``kv_transfer``: bytes per request (per source device) and transfer time.
+  per data-parallel rank, busy share, time breakdown (``moe_all_to_all``: the all-to-all time
+  left exposed; with ``micro_batches: 2`` what the two-micro-batch timeline does not
+  hide), KV cache size and use;
+- ``kv_transfer``: bytes per request (per source device) and transfer time;
+- ``goodput`` (with an SLO): the measured requests finished within both targets, and
+  their output tokens, per second of the window and per node of the pools
+  (:func:`goodput`).
 """
 
 from __future__ import annotations
@@ -113,7 +120,9 @@ def end_to_end(rec: PoolRecords) -> ServingRecords:
     )
 
 
-def _pool(s: Scenario, recs: list[ServingRecords], w: ServingWorkload) -> dict[str, Any]:
+def _pool(
+    s: Scenario, recs: list[ServingRecords], w: ServingWorkload, micro_batches: int
+) -> dict[str, Any]:
     p = s.parallelism
     nodes = s.cluster.nodes * len(recs)  # type: ignore[union-attr]
     window = w.duration_s - w.warmup_s
@@ -130,6 +139,7 @@ def _pool(s: Scenario, recs: list[ServingRecords], w: ServingWorkload) -> dict[s
         "nodes": nodes,
         "devices": nodes * s.cluster.accelerators_per_node,  # type: ignore[union-attr]
         "layout": {"dp": p.dp, "tp": p.tp, "ep": p.ep, "a2a": p.a2a},
+        "micro_batches": micro_batches,
         "scheduler": {
             "max_batch_tokens": w.scheduler.max_batch_tokens,
             "max_seqs": w.scheduler.max_seqs,
@@ -179,7 +189,38 @@ def pools_summary(system: System, rec: PoolRecords, summary: dict[str, Any]) -> 
             pools[name]["experts"] = balance
     summary["devices"] = sum(pools[name]["devices"] for name in POOLS)
     summary["cluster_devices"] = system.scenario.cluster.devices
+    w = system.scenario.workload
+    assert isinstance(w, ServingWorkload)
+    if w.slo is not None:
+        nodes = sum(pools[name]["nodes"] for name in POOLS)
+        pools["goodput"] = goodput(end_to_end(rec), w, nodes)
     return summary
+
+
+def goodput(e2e: ServingRecords, w: ServingWorkload, nodes: int) -> dict[str, Any]:
+    """Requests (and their output tokens) that arrived after the warm-up and finished
+    within both SLO targets (TTFT with the KV transfer, TPOT), per second of the window
+    ``[warmup_s, duration_s]``, also per node of the pools: DistServe's goodput (Zhong et
+    al., OSDI 2024) at the offered load."""
+    from moesim.report.serving import latencies_s, measured_mask
+
+    assert w.slo is not None
+    r = e2e.requests
+    lat = latencies_s(e2e)
+    done = measured_mask(e2e, w.warmup_s) & np.isfinite(r.finish_s)
+    with np.errstate(invalid="ignore"):
+        ok = (
+            done
+            & (lat["ttft"] * 1e3 <= w.slo.ttft_ms)
+            & ((r.output_tokens <= 1) | (lat["tpot"] * 1e3 <= w.slo.tpot_ms))
+        )
+    window = w.duration_s - w.warmup_s
+    tokens = float(r.output_tokens[ok].sum())
+    return {
+        "requests_per_s": _r(int(ok.sum()) / window),
+        "tokens_per_s": _r(tokens / window),
+        "tokens_per_s_per_node": _r(tokens / window / nodes),
+    }
 
 
 def _pools(system: System, rec: PoolRecords) -> dict[str, Any]:
@@ -193,18 +234,24 @@ def _pools(system: System, rec: PoolRecords) -> dict[str, Any]:
         sub = pool_scenario(s, name)
         sub_w = sub.workload
         assert isinstance(sub_w, ServingWorkload)
-        summ = _pool(sub, recs, sub_w)
+        assert w.pools is not None
+        summ = _pool(sub, recs, sub_w, getattr(w.pools, name).micro_batches)
         inside, it, window, nodes = summ.pop("_window")
         if name == "prefill":
-            tokens = float(it.prefill_tokens[inside].sum())
-            summ["input_tokens_per_s"] = _r(tokens / window)
-            summ["input_tokens_per_s_per_node"] = _r(tokens / window / nodes)
             first = np.full(len(pre_req.arrival_s), np.nan)
             queue = np.full(len(pre_req.arrival_s), np.nan)
             for i, r in enumerate(recs):
                 mine = rec.prefill_instance == i
                 first[mine] = r.requests.first_token_s[mine]
                 queue[mine] = r.requests.first_scheduled_s[mine]
+            computed = float(it.prefill_tokens[inside].sum())
+            done_in = (first >= w.warmup_s) & (first <= w.duration_s)
+            hits = float(rec.prefix_hit_tokens[done_in].sum())
+            tokens = computed + hits
+            summ["input_tokens_per_s"] = _r(tokens / window)
+            summ["input_tokens_per_s_per_node"] = _r(tokens / window / nodes)
+            summ["computed_input_tokens_per_s_per_node"] = _r(computed / window / nodes)
+            summ["prefix_cache_hit_share"] = _r(hits / tokens) if tokens else None
             summ["prefill_ttft_ms"] = _stats((first - pre_req.arrival_s)[measured], 1e3)
             summ["queue_time_ms"] = _stats((queue - pre_req.arrival_s)[measured], 1e3)
         else:

@@ -160,6 +160,9 @@ def simulate_pooled(system: System) -> PoolRecords:
     specs = []
     for name in POOLS:
         pool: PoolConfig = getattr(pools, name)
-        specs.append(PoolSpec(build_system(pool_scenario(s, name)), pool.instances, first))
+        sub = build_system(pool_scenario(s, name))
+        specs.append(PoolSpec(sub, pool.instances, first, pool.micro_batches))
         first += pool.instances * pool.parallelism.devices
-    return simulate_pools(system.paths, specs[0], specs[1], pools.route)
+    return simulate_pools(
+        system.paths, specs[0], specs[1], pools.route, pools.prefix_cache_hit_fraction
+    )

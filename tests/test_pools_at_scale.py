@@ -1,0 +1,126 @@
+"""Serving at scale (issue 16): prefix-cache hits in the prefill pool, the new pool rules
+with located errors, the prefill:decode ratio's goodput optimum, and the shipped
+DeepSeek-V3 production scenario's inputs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_pools import _issues, _trace_scenario
+
+from moesim import api
+from moesim.loader import load_scenario, scenario_from_dict
+from moesim.workloads.pools import pool_rules, pools_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _one_request(hit: float) -> Any:
+    d = _trace_scenario([(0.5, 1024, 4)])
+    d["workload"]["pools"]["prefix_cache_hit_fraction"] = hit
+    return api.run(scenario_from_dict(d))
+
+
+def test_prefix_cache_hits_skip_prefill_compute() -> None:
+    """Half of a 1,024-token prompt in the prefix cache: the prefill computes the other 512
+    tokens attending to all 1,024 (keys 512 x 512 + 512 x 513 / 2), holds the whole
+    prompt's KV blocks, sends the whole prompt's KV to decode, and is faster; the summary
+    counts all 1,024 as input."""
+    cold, warm = _one_request(0.0), _one_request(0.5)
+    pc, pw = cold.simulated.run.prefill[0], warm.simulated.run.prefill[0]
+    assert pc.iterations.prefill_tokens[0] == 1024
+    assert pw.iterations.prefill_tokens[0] == 512
+    assert warm.simulated.run.prefix_hit_tokens[0] == 512
+    assert pw.iterations.duration_s[0] < pc.iterations.duration_s[0]
+    assert pw.iterations.kv_blocks_used[0].max() == pc.iterations.kv_blocks_used[0].max()
+    assert warm.simulated.run.transfer_bytes[0] == cold.simulated.run.transfer_bytes[0]
+    assert warm.summary["ttft_ms"]["p50"] < cold.summary["ttft_ms"]["p50"]
+
+
+def test_prefix_cache_input_tokens_include_hits() -> None:
+    """Over a Poisson run with 40% hits: the input tokens per node are the computed ones
+    plus the hits, and the hit share is the configured fraction up to rounding."""
+    d = copy.deepcopy(_trace_scenario([(0.1 * i, 1000 + 10 * i, 3) for i in range(40)]))
+    d["workload"]["pools"]["prefix_cache_hit_fraction"] = 0.4
+    d["workload"]["duration_s"] = 4.0
+    pre = api.run(scenario_from_dict(d)).summary["pools"]["prefill"]
+    assert pre["prefix_cache_hit_share"] == pytest.approx(0.4, abs=0.002)
+    assert pre["computed_input_tokens_per_s_per_node"] == pytest.approx(
+        pre["input_tokens_per_s_per_node"] * (1 - pre["prefix_cache_hit_share"]), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (
+            lambda d: d["workload"]["pools"].update(prefix_cache_hit_fraction=1.0),
+            "workload.pools.prefix_cache_hit_fraction",
+            "must be < 1",
+        ),
+        (
+            lambda d: d["workload"]["pools"].update(prefix_cache_hit_fraction=-0.1),
+            "workload.pools.prefix_cache_hit_fraction",
+            "must be >= 0",
+        ),
+        (
+            lambda d: d["workload"]["pools"]["decode"].update(micro_batches=3),
+            "workload.pools.decode.micro_batches",
+            "2",
+        ),
+    ],
+)
+def test_new_pool_rules_are_located(tmp_path: Path, change: Any, field: str, words: str) -> None:
+    d = _trace_scenario([(0.5, 1024, 4)])
+    change(d)
+    issues = _issues(tmp_path, d)
+    assert any(p == field and words in m for p, m in issues), issues
+
+
+def _ratio_run(prefill: int, decode: int) -> dict[str, Any]:
+    d = yaml.safe_load((ROOT / "scenarios" / "mixtral-pd-h100-rail.yaml").read_text())
+    d["workload"]["pools"]["prefill"]["instances"] = prefill
+    d["workload"]["pools"]["decode"]["instances"] = decode
+    return api.run(scenario_from_dict(d)).summary
+
+
+@pytest.mark.slow
+def test_pd_ratio_goodput_optimum_is_interior() -> None:
+    """The shipped ratio sweep's three points on 4 nodes: 1:3 misses the TTFT target (one
+    prefill node behind the prompts), 3:1 the TPOT target (one decode node holding every
+    sequence), 2:2 serves most within both: the goodput optimum is interior."""
+    runs = {r: _ratio_run(*r) for r in ((1, 3), (2, 2), (3, 1))}
+    good = {r: s["pools"]["goodput"]["tokens_per_s_per_node"] for r, s in runs.items()}
+    assert good[(2, 2)] > 1.5 * good[(1, 3)]
+    assert good[(2, 2)] > 1.5 * good[(3, 1)]
+    assert runs[(1, 3)]["ttft_ms"]["p90"] > 1000 > runs[(2, 2)]["ttft_ms"]["p90"]
+    assert runs[(3, 1)]["tpot_ms"]["p90"] > 20 > runs[(2, 2)]["tpot_ms"]["p90"]
+    for s in runs.values():  # goodput never exceeds the throughput
+        assert s["pools"]["goodput"]["tokens_per_s"] <= s["throughput_tokens_per_s"] * 1.000001
+
+
+def test_production_scenario_inputs_are_sourced() -> None:
+    """The DeepSeek-V3 production scenario loads, passes every pool rule, has Day 6's
+    layout (prefill EP32 on 4 nodes, decode EP144 on 18, 32 redundant experts, two
+    micro-batches, 56.3% cache hits), and every input line states its source."""
+    path = ROOT / "scenarios" / "deepseek-v3-production-h800.yaml"
+    s = load_scenario(path)
+    pools = pools_of(s)
+    assert pools is not None and not list(pool_rules(s, pools))
+    assert (pools.prefill.parallelism.ep, pools.prefill.parallelism.devices) == (32, 32)
+    assert (pools.decode.parallelism.ep, pools.decode.parallelism.devices) == (144, 144)
+    assert pools.prefill.micro_batches == pools.decode.micro_batches == 2
+    assert pools.prefix_cache_hit_fraction == 0.563
+    assert s.policies.experts.redundant == 32
+    text = path.read_text()
+    keys = ("cluster:", "routing:", "redundant", "prompt_tokens", "output_tokens")
+    keys += ("scheduler:", "kv_cache_fraction", "micro_batches", "prefix_cache", "route:")
+    for key in keys:
+        for i, ln in enumerate(text.splitlines()):
+            if key in ln and not ln.lstrip().startswith("#"):
+                before = "\n".join(text.splitlines()[max(0, i - 8) : i + 1])
+                assert "source:" in before, f"{key} has no source: {ln}"
