@@ -34,6 +34,10 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("", "")) -> str
     )
 
 
+DPI = 110
+"""Pixels per inch of the report's plots."""
+
+
 class _Plots:
     """Collects figures as PNG files under ``plots/`` and their Markdown links."""
 
@@ -41,25 +45,23 @@ class _Plots:
         self.dir = run_dir / "plots"
         self.links: list[str] = []
         self.images: list[tuple[str, bytes]] = []
-        self.labels: dict[str, list[tuple[str, str, str]]] = {}
-        """Per plot: (title, x label, y label) of each of its axes, as drawn."""
 
     def add(self, name: str, title: str, draw: Callable[[Figure], None]) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         # a bare Figure on the Agg canvas: no pyplot state, no backend switched for the
-        # caller (a notebook keeps its inline backend)
-        fig = Figure(figsize=(6.4, 3.4))
+        # caller (a notebook keeps its inline backend); drawn at the resolution it is saved
+        # at, so a text's extent on the figure is its place in pixels on the PNG
+        fig = Figure(figsize=(6.4, 3.4), dpi=DPI)
         FigureCanvasAgg(fig)
         draw(fig)
         for ax in fig.axes:
             if not ax.get_title():
                 ax.set_title(title, fontsize=10)
-        self.labels[name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi="figure")
         write_bytes_atomic(self.dir / f"{name}.png", buf.getvalue())
         self.images.append((title, buf.getvalue()))
         self.links.append(f"### {title}\n\n![{title}](plots/{name}.png)\n")
