@@ -44,6 +44,8 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     namespace: dict[str, object] = {"__name__": "__main__"}
     import matplotlib.pyplot as plt
 
+    plt.close("all")  # a fresh kernel: no figure left over from another test
+
     figures = 0
     for i, cell in enumerate(cells):
         code = compile("".join(cell["source"]), f"{path.name}[code cell {i + 1}]", "exec")
@@ -61,7 +63,48 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             for ax in fig.axes:
                 where = f"{path.name} cell {i + 1}"
                 assert ax.get_title() or fig.get_suptitle(), where
-                assert ax.get_xlabel(), where
+                # each axis labelled, or sharing the axis of a panel that is
+                for name, shared in (("x", ax.get_shared_x_axes()), ("y", ax.get_shared_y_axes())):
+                    labels = [getattr(a, f"get_{name}label")() for a in shared.get_siblings(ax)]
+                    assert any(labels), f"{where}: no {name} label"
             plt.close(fig)
     assert figures, f"{path.name} draws no figure"
     assert os.getcwd() == str(path.parent)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_stored_figures_display(path: Path) -> None:
+    """What a reader opening the notebook sees without running it: every stored figure is
+    a display output Jupyter renders (base64 PNG beside its text form) that an image
+    decoder (Pillow) opens as a picture of plot size that is not blank, in execution order."""
+    import base64
+    import io
+
+    image = pytest.importorskip("PIL.Image")
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in cells]
+    assert counts == list(range(1, len(cells) + 1)), f"{path.name}: not run top to bottom"
+    pictures = 0
+    for i, cell in enumerate(cells):
+        for out in cell["outputs"]:
+            assert out["output_type"] in ("stream", "display_data", "execute_result", "error")
+            assert out["output_type"] != "error", f"{path.name} cell {i + 1} stored an error"
+            png = out.get("data", {}).get("image/png")
+            if png is None:
+                continue
+            assert out["output_type"] in ("display_data", "execute_result")
+            assert "text/plain" in out["data"]
+            data = base64.b64decode("".join(png) if isinstance(png, list) else png, validate=True)
+            with image.open(io.BytesIO(data)) as img:
+                assert img.format == "PNG"
+                img.verify()
+            with image.open(io.BytesIO(data)) as img:
+                img.load()
+                width, height = img.size
+                lo, hi = img.convert("L").getextrema()
+            where = f"{path.name} cell {i + 1}"
+            assert width >= 300 and height >= 200, (where, img.size)
+            assert hi - lo > 100, f"{where}: a blank picture"
+            pictures += 1
+    assert pictures, f"{path.name} stores no figure"
