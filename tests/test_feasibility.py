@@ -104,6 +104,15 @@ def test_judge_rules_on_constructed_summaries() -> None:
     behind = {**ok, "steady_state": {**ok["steady_state"], "keep_up": KEEP_UP - 0.01}}
     (why,) = judge(behind, target=0.99).reasons
     assert why.startswith("falls behind: serves 94% of the offered load over the steady-state")
+    assert "KV cache" not in why
+    # behind with the KV cache full: memory is named as the limit
+    starved = {**behind, "kv_cache_utilization": {"mean": 0.93, "max": 1.0}}
+    (why,) = judge(starved).reasons
+    assert why.endswith(
+        "the KV cache is the limit (on average 93% full): more memory per "
+        "device, a larger tp or more devices"
+    )
+    assert judge({**ok, "kv_cache_utilization": {"mean": 0.99}}).feasible
     assert judge({**ok, "drained": False}).reasons == ("not drained by the end of the run",)
     slow = judge(ok, constraints={"ttft_ms.p99": Bound(max=50)})
     assert slow.reasons == ("ttft_ms.p99 = 100 > 50",)

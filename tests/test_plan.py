@@ -24,11 +24,13 @@ SMALL = SCENARIO.replace(
 ).replace("duration_s: 2", "duration_s: 3")
 
 
-def _run(sets: list[str], base: Path) -> dict:
-    from moesim.api import run
-    from moesim.loader import load_scenario
-
-    return run(load_scenario(base, sets)).summary
+def _plain_run(command: str, out: Path) -> dict:
+    """The summary of the ``moesim run`` line the plan printed, run as typed."""
+    args = shlex.split(command)
+    assert args[:2] == ["moesim", "run"], command
+    assert main([*args[1:], "--out", str(out)]) == 0
+    (summary,) = out.glob("*/*/summary.json")
+    return json.loads(summary.read_text())
 
 
 def test_plan_prunes_simulates_and_answers(tmp_path: Path) -> None:
@@ -46,8 +48,10 @@ def test_plan_prunes_simulates_and_answers(tmp_path: Path) -> None:
         if row.feasible:
             assert row.figures["ttft_ms_p99"] <= 200 and row.figures["tpot_ms_p99"] <= 20
     best = r.best("devices")[0]
-    sets = shlex.split(run_command(r, best))[4::2]
-    summary = _run(sets, base)
+    summary = _plain_run(run_command(r, best), tmp_path / "check")
+    # the printed line reproduces the plan's simulation of that configuration
+    assert summary["ttft_ms"]["p99"] == best.figures["ttft_ms_p99"]
+    assert summary["tpot_ms"]["p99"] == best.figures["tpot_ms_p99"]
     verdict = judge(
         summary,
         constraints={
@@ -120,8 +124,10 @@ def test_the_issue_question_in_one_command(tmp_path: Path) -> None:
     # smaller device counts were simulated or pruned, and all rejected
     smaller = [x for x in r.rows if x.candidate.devices < best.candidate.devices]
     assert smaller and not any(x.feasible for x in smaller)
-    sets = shlex.split(run_command(r, best))[4::2]
-    summary = _run(sets, base)
+    summary = _plain_run(run_command(r, best), tmp_path / "check")
+    # the printed line reproduces the plan's simulation of that configuration
+    assert summary["ttft_ms"]["p99"] == best.figures["ttft_ms_p99"]
+    assert summary["tpot_ms"]["p99"] == best.figures["tpot_ms_p99"]
     v = judge(
         summary,
         constraints={"ttft_ms.p99": Bound(max=1000), "tpot_ms.p99": Bound(max=60)},
@@ -192,3 +198,28 @@ def test_each_accelerator_gets_its_own_answer_and_prices_rank_by_cost(tmp_path: 
     assert costs == sorted(costs) and all(c > 0 for c in costs)
     with pytest.raises(ScenarioError, match="unknown accelerator preset 'a100'"):
         run_plan(base, 200, 200.0, 20.0, accelerators=["a100"], out=tmp_path)
+
+
+def test_a_kv_starved_layout_is_never_feasible(tmp_path: Path) -> None:
+    """Out of memory at run time: with 6.1 GiB per device the two devices hold the weights
+    (the loader and the closed-form checks pass them) but dp 2 leaves each device KV for a
+    few sequences: it falls behind, the reason names the KV cache, and a plain run of the
+    same configuration is judged the same; tp 2 halves the weights and the KV per token on
+    each device and serves the load."""
+    base = tmp_path / "small.yaml"
+    base.write_text(
+        SMALL.replace(
+            "memory_gib: 10, usable_memory_gib: 10", "memory_gib: 6.1, usable_memory_gib: 6.1"
+        )
+    )
+    r = run_plan(base, 200, 200.0, 20.0, devices=[2], out=tmp_path / "out", workers=1)
+    assert not r.pruned
+    rows = {(x.candidate.dp, x.candidate.tp): x for x in r.rows}
+    starved = rows[(2, 1)]
+    assert not starved.feasible
+    assert "falls behind" in starved.reason and "the KV cache is the limit" in starved.reason
+    assert rows[(1, 2)].feasible, rows[(1, 2)].reason
+    assert [x.candidate for x in r.best("devices")] == [rows[(1, 2)].candidate]
+    summary = _plain_run(run_command(r, starved), tmp_path / "check")
+    v = judge(summary, constraints={"ttft_ms.p99": Bound(max=200), "tpot_ms.p99": Bound(max=20)})
+    assert v.reason == starved.reason

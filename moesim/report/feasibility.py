@@ -28,6 +28,9 @@ from moesim.report.fields import metric
 KEEP_UP = 0.95
 """A feasible serving run generates at least this share of the offered output tokens over
 the steady-state window: a server falling behind builds a queue."""
+KV_FULL = 0.9
+"""A server falling behind whose KV cache was at least this full on average (over the run)
+is held back by memory: the reason says so."""
 MIN_REQUESTS = 100
 """With an SLO target, at least this many requests must complete in the window (a p99)."""
 
@@ -100,9 +103,16 @@ def keep_up_reasons(summary: Mapping[str, Any]) -> list[str]:
                     f"; the window ({length:.3g} s) is under 3x the median end-to-end latency "
                     "(a ramp, not steady state: lengthen workload.duration_s)"
                 )
+        kv = (summary.get("kv_cache_utilization") or {}).get("mean")
+        full = ""
+        if kv is not None and float(kv) >= KV_FULL:
+            full = (
+                f"; the KV cache is the limit (on average {float(kv):.0%} full): more memory "
+                "per device, a larger tp or more devices"
+            )
         out.append(
             f"falls behind: serves {_share(ratio)} of the offered load over {where} "
-            f"(keep-up rule: >= {KEEP_UP:.0%}){short}"
+            f"(keep-up rule: >= {KEEP_UP:.0%}){short}{full}"
         )
     if summary.get("drained") is False:
         out.append("not drained by the end of the run")

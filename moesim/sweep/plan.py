@@ -87,6 +87,8 @@ class Space:
 
     survivors: list[Candidate] = field(default_factory=list)
     pruned: list[Pruned] = field(default_factory=list)
+    resolved: dict[Candidate, Scenario] = field(default_factory=dict)
+    """Each survivor's scenario as the loader resolved it (validated once, here)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -238,6 +240,7 @@ def search_space(
                         why = closed_form_reason(s, rate, tpot_ms)
                         if why is None:
                             space.survivors.append(cand)
+                            space.resolved[cand] = s
                         else:
                             space.pruned.append(Pruned(cand, why))
     return space

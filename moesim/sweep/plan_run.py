@@ -218,7 +218,7 @@ def run_plan(
         jobs = [
             (
                 Point(index[c], c.values(), (*common, *c.overrides)),
-                _digest(load(list(c.overrides))),
+                _digest(space.resolved[c]),
             )
             for c in group
         ]
