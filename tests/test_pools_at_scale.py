@@ -99,8 +99,10 @@ def test_pd_ratio_goodput_optimum_is_interior() -> None:
     assert good[(2, 2)] > 1.5 * good[(3, 1)]
     assert runs[(1, 3)]["ttft_ms"]["p90"] > 1000 > runs[(2, 2)]["ttft_ms"]["p90"]
     assert runs[(3, 1)]["tpot_ms"]["p90"] > 20 > runs[(2, 2)]["tpot_ms"]["p90"]
-    for s in runs.values():  # goodput never exceeds the throughput
-        assert s["pools"]["goodput"]["tokens_per_s"] <= s["throughput_tokens_per_s"] * 1.000001
+    for s in runs.values():  # goodput never exceeds the measured requests' rate
+        window = s["duration_s"] - s["warmup_s"]
+        assert s["pools"]["goodput"]["requests_per_s"] <= s["measured_requests"] / window + 1e-9
+    print({r: (g, runs[r]["ttft_ms"]["p90"], runs[r]["tpot_ms"]["p90"]) for r, g in good.items()})
 
 
 def test_production_scenario_inputs_are_sourced() -> None:
@@ -124,3 +126,28 @@ def test_production_scenario_inputs_are_sourced() -> None:
             if key in ln and not ln.lstrip().startswith("#"):
                 before = "\n".join(text.splitlines()[max(0, i - 8) : i + 1])
                 assert "source:" in before, f"{key} has no source: {ln}"
+
+
+@pytest.mark.slow
+def test_production_steady_state_against_day6() -> None:
+    """DeepSeek-V3 production at steady state (docs/serving-at-scale.md): a prefill
+    iteration of 16,384 tokens per GPU (chunks of 1,916 computed after 2,467 cached: the
+    mean prompt of 4,383 with 56.3% hits) and a decode step of 128 sequences per GPU at
+    Day 6's KV length of 4,989. Decode output per node within 20% of Day 6's 14.8k; the
+    prefill capacity at or above Day 6's 24-hour average of 73.7k (incl. hits) and below
+    twice it; the all-to-all is on the timeline, not assumed away (exposed > 30%)."""
+    from moesim.workloads.pool_steady import decode_steady, prefill_steady
+
+    s = load_scenario(ROOT / "scenarios" / "deepseek-v3-production-h800.yaml")
+    pre = prefill_steady(s, 16384, 1916, 2467)
+    dec = decode_steady(s, 128, 4988)
+    print(pre, dec)
+    assert pre.nodes == 4 and dec.nodes == 18
+    assert dec.tokens_per_s_per_node == pytest.approx(14_800, rel=0.2)
+    assert 73_700 <= pre.tokens_per_s_per_node < 2 * 73_700
+    assert pre.computed_tokens_per_s_per_node == pytest.approx(
+        pre.tokens_per_s_per_node * 1916 / 4383, rel=1e-12
+    )
+    for p in (pre, dec):
+        assert p.iteration.moe_comm_s > 0.3 * p.iteration.total_s
+    assert dec.per_user_tokens_per_s == pytest.approx(1 / dec.iteration.total_s)

@@ -37,6 +37,11 @@ SERVING_CI = {
     # EP 32 over 4 nodes pays the measured all-to-all alpha: ~30 ms TPOT, so an output of
     # the distribution's max (2048 tokens) could not finish within the 20 s drain cap
     "deepseek-v3-serving-h800": ["workload.output_tokens.max=256"],
+    # prefill/decode pools at EP32 and EP144 (30 nodes): a few short requests
+    "deepseek-v3-production-h800": [
+        "workload.arrival.rate_per_s=10",
+        "workload.output_tokens.max=64",
+    ],
     "mixtral-offload-a5000": [
         "workload.arrival.rate_per_s=2",
         "workload.prompt_tokens.mean=64",
@@ -75,7 +80,7 @@ def test_there_is_a_serving_example() -> None:
 
 
 #: serving examples that take over half a minute of CPU even reduced: run by .ci/run only
-SLOW_SERVING = {"deepseek-v3-serving-h800"}
+SLOW_SERVING = {"deepseek-v3-serving-h800", "deepseek-v3-production-h800"}
 
 
 @pytest.mark.parametrize(
