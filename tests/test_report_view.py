@@ -127,32 +127,66 @@ def test_report_page_and_every_plot_as_a_reader_sees_them(
         png = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert png == (tmp_path / "plots" / f"{name}.png").read_bytes(), name
         assert img_el.get("alt") == caption and caption, name
-        picture = _decode(png)
-        width, height = (round(x) for x in fig.get_size_inches() * document.DPI)
-        assert picture.size == (width, height), name
-        lo, hi = picture.convert("L").getextrema()
-        assert hi - lo > 100, f"{name}: a blank picture"
-        # the same figure with its titles and axis labels hidden: what the text adds
-        renderer = fig.canvas.get_renderer()
-        texts = _texts(fig)
-        boxes = {}
-        for what, artist in texts:
-            assert artist.get_text().strip(), f"{name}: {what} is empty"
-            assert artist.get_visible(), f"{name}: {what} is hidden"
-            b = artist.get_window_extent(renderer)
-            # inside the picture, not clipped at an edge (pixel rows count from the top)
-            assert b.x0 >= 0 and b.y0 >= 0 and b.x1 <= width and b.y1 <= height, (name, what, b)
-            assert min(b.width, b.height) >= 8, f"{name}: {what} is too small to read"
-            boxes[what] = (int(b.x0), int(height - b.y1), int(b.x1) + 1, int(height - b.y0) + 1)
-            assert _dark(picture, boxes[what]) >= 20, f"{name}: no ink where the {what} is"
-        for _, artist in texts:
-            artist.set_visible(False)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi="figure")
-        bare = _decode(buf.getvalue())
-        for what, box in boxes.items():
-            # the ink in that place is the text's own, not a line or bar drawn under it
-            assert _dark(picture, box) - _dark(bare, box) >= 20, f"{name}: {what}"
+        _check_picture(name, fig, png, document.DPI)
+
+
+def _check_picture(name: str, fig: Any, png: bytes, dpi: float) -> None:
+    """The PNG of ``fig`` saved at ``dpi`` decodes to a picture of the figure's size, not
+    blank, with each axis' title and axis labels inside it, legible, and inked by the text
+    itself (the same place is lighter with the text hidden)."""
+    picture = _decode(png)
+    fig.set_dpi(dpi)  # lay it out again as it was saved: extents are then pixels
+    fig.canvas.draw()
+    width, height = (round(x) for x in fig.get_size_inches() * dpi)
+    assert picture.size == (width, height), name
+    lo, hi = picture.convert("L").getextrema()
+    assert hi - lo > 100, f"{name}: a blank picture"
+    renderer = fig.canvas.get_renderer()
+    texts = _texts(fig)
+    boxes = {}
+    for what, artist in texts:
+        assert artist.get_text().strip(), f"{name}: {what} is empty"
+        assert artist.get_visible(), f"{name}: {what} is hidden"
+        b = artist.get_window_extent(renderer)
+        # inside the picture, not clipped at an edge (pixel rows count from the top)
+        assert b.x0 >= 0 and b.y0 >= 0 and b.x1 <= width and b.y1 <= height, (name, what, b)
+        assert min(b.width, b.height) >= 8, f"{name}: {what} is too small to read"
+        boxes[what] = (int(b.x0), int(height - b.y1), int(b.x1) + 1, int(height - b.y0) + 1)
+        assert _dark(picture, boxes[what]) >= 20, f"{name}: no ink where the {what} is"
+    for _, artist in texts:
+        artist.set_visible(False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    bare = _decode(buf.getvalue())
+    for what, box in boxes.items():
+        # the ink in that place is the text's own, not a line or bar drawn under it
+        assert _dark(picture, box) - _dark(bare, box) >= 20, f"{name}: {what}"
+    for _, artist in texts:
+        artist.set_visible(True)
+
+
+def test_sweep_pareto_plot_as_a_reader_sees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's front plot (pareto.png) passes the same picture checks."""
+    from matplotlib.figure import Figure
+    from test_sweep import _files
+
+    from moesim.cli import main
+
+    saved: list[tuple[Any, Any]] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Any, *args: Any, **kwargs: Any) -> Any:
+        saved.append((fig, kwargs.get("dpi")))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    assert main(["sweep", str(_files(tmp_path)), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    monkeypatch.undo()
+    (fig, dpi), *_ = saved
+    png = (tmp_path / "out" / "sweeps" / "tiny-sweep" / "pareto.png").read_bytes()
+    _check_picture("pareto", fig, png, float(dpi))
 
 
 _BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
