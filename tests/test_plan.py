@@ -3,6 +3,7 @@ verdict, resuming, and the chosen configuration checked by a plain run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 from pathlib import Path
@@ -223,3 +224,32 @@ def test_a_kv_starved_layout_is_never_feasible(tmp_path: Path) -> None:
     summary = _plain_run(run_command(r, starved), tmp_path / "check")
     v = judge(summary, constraints={"ttft_ms.p99": Bound(max=200), "tpot_ms.p99": Bound(max=20)})
     assert v.reason == starved.reason
+
+
+def test_expert_tensor_parallelism_is_searched(tmp_path: Path) -> None:
+    """--etp 1,2: on two devices every expert either whole on one device (ep 2) or split
+    over both (ep 1 x etp 2); both fit and are simulated, the etp layouts are labelled and
+    in plan.csv's etp column, and a plain run of the best etp layout gives its p99s."""
+    base = tmp_path / "small.yaml"
+    base.write_text(SMALL)
+    args = ["plan", str(base), "--rate", "200", "--slo", "ttft_ms=200,tpot_ms=20"]
+    args += ["--devices", "2", "--etp", "1,2", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*args, "--workers", "1"]) == 0
+    folder = tmp_path / "out" / "plans" / "cap"
+    rows = list(csv.DictReader((folder / "plan.csv").open()))
+    layouts = {(r["dp"], r["tp"], r["ep"], r["etp"]) for r in rows}
+    assert layouts == {
+        ("2", "1", "2", "1"),
+        ("1", "2", "2", "1"),
+        ("2", "1", "1", "2"),
+        ("1", "2", "1", "2"),
+    }
+    assert all(r["stage"] == "simulated" for r in rows)
+    r = run_plan(base, 200, 200.0, 20.0, devices=[2], etps=[2], out=tmp_path / "out")
+    assert r.reused == len(r.rows) == 2 and r.feasible  # the command's points, reused
+    best = r.best("energy")[0]
+    assert best.candidate.etp == 2 and " etp2" in best.candidate.label
+    assert "parallelism={dp: " in run_command(r, best) and "etp: 2}" in run_command(r, best)
+    summary = _plain_run(run_command(r, best), tmp_path / "check")
+    assert summary["tpot_ms"]["p99"] == best.figures["tpot_ms_p99"]
+    assert main(["plan", str(base), "--rate", "200", "--etp", "0"]) == 2

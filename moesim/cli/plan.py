@@ -41,6 +41,11 @@ def add_parser(sub: Any, scenario_args: Any) -> None:
         default="auto",
         help="auto (default): every tp with the largest ep; all: every ep too",
     )
+    p.add_argument(
+        "--etp",
+        default="1",
+        help="expert tensor-parallel degrees to search, e.g. 1,2 (default 1: whole experts)",
+    )
     p.add_argument("--engines", default=None, help="serving engine presets to search")
     p.add_argument(
         "--capacity-factors", default=None, help="capacity factors to search, e.g. 1.0,1.25,null"
@@ -95,10 +100,11 @@ def plan(args: argparse.Namespace) -> int:
             k, _, v = item.partition("=")
             prices[k.strip()] = float(v)
         devices = [int(x) for x in args.devices.split(",")] if args.devices else []
+        etps = [int(x) for x in args.etp.split(",")]
         cfs = _floats(args.capacity_factors)
         workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-        if args.rate <= 0 or workers < 1 or any(d < 1 for d in devices):
-            raise ValueError("--rate must be > 0, --workers and --devices >= 1")
+        if args.rate <= 0 or workers < 1 or any(d < 1 for d in [*devices, *etps]):
+            raise ValueError("--rate must be > 0, --workers, --devices and --etp >= 1")
     except ValueError as exc:
         print(f"moesim: {exc}", file=sys.stderr)
         return EXIT_SCENARIO_ERROR
@@ -128,6 +134,7 @@ def plan(args: argparse.Namespace) -> int:
             accelerators=args.accelerators.split(",") if args.accelerators else (),
             devices=devices,
             layouts=args.layouts,
+            etps=etps,
             engines=args.engines.split(",") if args.engines else (None,),
             capacity_factors=cfs,
             prices=prices,

@@ -3,7 +3,8 @@
 ``moesim plan`` answers "how many devices, of which accelerator, in which layout, serve
 this model at R requests/s within this SLO, at what energy?". A candidate is one device
 count, accelerator, serving layout (dp x tp data/tensor-parallel attention, ep expert
-parallelism; serving has one pipeline stage), engine and capacity factor (a factor drops
+parallelism, etp expert tensor parallelism when searched; serving has one pipeline stage:
+the engine does not model pipelined serving), engine and capacity factor (a factor drops
 the overflow, ``null`` is dropless), written as
 ``--set`` overrides of the base serving scenario. Before anything is simulated, each
 candidate passes, in order:
@@ -42,6 +43,8 @@ class Candidate:
     dp: int
     tp: int
     ep: int
+    etp: int = 1
+    """Expert tensor parallelism: each expert's weights split over ``etp`` devices."""
     engine: str | None = None
     capacity_factor: float | str | None = "base"
     """The candidate's ``policies.capacity_factor`` ("base": the scenario's own)."""
@@ -49,8 +52,11 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """``8x h100-sxm dp8 tp1 ep8`` (plus engine and capacity factor when searched)."""
-        parts = [f"{self.devices}x {self.accelerator}", f"dp{self.dp} tp{self.tp} ep{self.ep}"]
+        """``8x h100-sxm dp8 tp1 ep8`` (plus etp, engine and capacity factor when searched)."""
+        layout = f"dp{self.dp} tp{self.tp} ep{self.ep}" + (
+            f" etp{self.etp}" if self.etp > 1 else ""
+        )
+        parts = [f"{self.devices}x {self.accelerator}", layout]
         if self.engine is not None:
             parts.append(f"engine {self.engine}")
         if self.capacity_factor != "base":
@@ -66,6 +72,8 @@ class Candidate:
             "tp": self.tp,
             "ep": self.ep,
         }
+        if self.etp > 1:
+            v["etp"] = self.etp
         if self.engine is not None:
             v["engine"] = self.engine
         if self.capacity_factor != "base":
@@ -120,11 +128,15 @@ def cluster_overrides(base: Scenario, accelerator: str, devices: int) -> list[st
     return out
 
 
-def layouts(base: Scenario, devices: int, mode: str) -> list[tuple[int, int, int]]:
-    """``(dp, tp, ep)`` layouts of ``devices`` GPUs for serving: tp a power of two within
-    one node; ``auto``: the largest ep that divides the experts and the devices (expert
-    parallelism over every GPU, as vLLM's ``--enable-expert-parallel``); ``all``: every
-    such ep."""
+def layouts(
+    base: Scenario, devices: int, mode: str, etps: Sequence[int] = (1,)
+) -> list[tuple[int, int, int, int]]:
+    """``(dp, tp, ep, etp)`` layouts of ``devices`` GPUs for serving: tp a power of two
+    within one node; for each expert tensor-parallel degree ``etp`` in ``etps``, ``auto``:
+    the largest ep that divides the experts with ``ep x etp`` dividing the devices (expert
+    parallelism over every GPU, as vLLM's ``--enable-expert-parallel``; with etp > 1 each
+    expert's weights are split over etp GPUs instead of replicated); ``all``: every such
+    ep."""
     c = base.cluster
     per_node = int(getattr(c, "accelerators_per_node", devices))
     experts = base.model.experts
@@ -133,10 +145,11 @@ def layouts(base: Scenario, devices: int, mode: str) -> list[tuple[int, int, int
         if devices % tp:
             continue
         dp = devices // tp
-        eps = [e for e in _divisors(experts) if devices % e == 0]
-        if mode == "auto":
-            eps = eps[-1:]
-        out += [(dp, tp, ep) for ep in eps]
+        for etp in etps:
+            eps = [e for e in _divisors(experts) if devices % (e * etp) == 0]
+            if mode == "auto":
+                eps = eps[-1:]
+            out += [(dp, tp, ep, etp) for ep in eps]
     return out
 
 
@@ -208,6 +221,7 @@ def search_space(
     engines: Sequence[str | None] = (None,),
     capacity_factors: Sequence[float | str | None] = ("base",),
     load: Any = None,
+    etps: Sequence[int] = (1,),
 ) -> Space:
     """Every candidate, pruned in closed form; ``load(overrides)`` resolves a candidate's
     scenario (the loader with the base file and its own overrides)."""
@@ -216,12 +230,13 @@ def search_space(
     space = Space()
     for acc in accelerators:
         for n in sorted(set(devices)):
-            for dp, tp, ep in layouts(base, n, layout_mode):
+            for dp, tp, ep, etp in layouts(base, n, layout_mode, etps):
                 for eng in engines:
                     for cf in capacity_factors:
                         sets = [
                             *cluster_overrides(base, acc, n),
-                            f"parallelism={{dp: {dp}, tp: {tp}, ep: {ep}}}",
+                            f"parallelism={{dp: {dp}, tp: {tp}, ep: {ep}"
+                            + (f", etp: {etp}}}" if etp > 1 else "}"),
                         ]
                         if eng is not None:
                             sets.append(f"workload.engine={eng}")
@@ -231,7 +246,7 @@ def search_space(
                                 sets.append("policies.overflow=drop")  # a factor caps: drop
                             if cf is None and base.policies.overflow != "dropless":
                                 sets.append("policies.overflow=dropless")
-                        cand = Candidate(acc, n, dp, tp, ep, eng, cf, tuple(sets))
+                        cand = Candidate(acc, n, dp, tp, ep, etp, eng, cf, tuple(sets))
                         try:
                             s = load(list(sets))
                         except ScenarioError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ def run_plan(
     accelerators: Sequence[str] = (),
     devices: Sequence[int] = (),
     layouts: str = "auto",
+    etps: Sequence[int] = (1,),
     engines: Sequence[str | None] = (None,),
     capacity_factors: Sequence[float | str | None] = ("base",),
     prices: dict[str, float] | None = None,
@@ -189,6 +191,7 @@ def run_plan(
         engines,
         capacity_factors,
         load,
+        etps,
     )
     folder = Path(out) / "plans" / base.name
     result = PlanResult(
@@ -200,7 +203,8 @@ def run_plan(
     if tpot_ms is not None:
         bounds["tpot_ms.p99"] = Bound(max=tpot_ms)
     counts = sorted({c.devices for c in space.survivors})
-    index = {c: i for i, c in enumerate(space.survivors)}
+    digests = {c: _digest(space.resolved[c]) for c in space.survivors}
+    index = _point_numbers(space.survivors, digests, folder / "points", fresh)
     # per accelerator: the index (into its own counts) of its first feasible count
     found_at: dict[str, int] = {}
     say = progress or (lambda _m: None)
@@ -218,7 +222,7 @@ def run_plan(
         jobs = [
             (
                 Point(index[c], c.values(), (*common, *c.overrides)),
-                _digest(space.resolved[c]),
+                digests[c],
             )
             for c in group
         ]
@@ -246,6 +250,37 @@ def run_plan(
     return result
 
 
+def _point_numbers(
+    survivors: Sequence[Candidate], digests: dict[Candidate, str], points: Path, fresh: bool
+) -> dict[Candidate, int]:
+    """Each survivor's point file number: that of an earlier point with the same resolved
+    scenario where ``points`` holds one (a plan with candidates added or removed still
+    reuses what it simulated), else the lowest number no earlier point file has (in order
+    of the survivors: a new plan numbers them 0, 1, ...)."""
+    known: dict[str, int] = {}
+    for f in [] if fresh else sorted(points.glob("*.json")):
+        try:
+            record = json.loads(f.read_text("utf-8"))
+            number = int(f.stem)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("scenario_sha256_16"), str):
+            known.setdefault(record["scenario_sha256_16"], number)
+    taken = set(known.values())
+    out: dict[Candidate, int] = {}
+    used: set[int] = set()
+    free = 0
+    for c in survivors:
+        number = known.get(digests[c], -1)
+        if number < 0 or number in used:
+            while free in taken or free in used:
+                free += 1
+            number = free
+        used.add(number)
+        out[c] = number
+    return out
+
+
 def _write(r: PlanResult) -> None:
     cols = [
         "throughput_tokens_per_s",
@@ -256,13 +291,13 @@ def _write(r: PlanResult) -> None:
         "usd_per_million_tokens",
         "dropped_fraction",
     ]
-    keys = ["accelerator", "devices", "dp", "tp", "ep", "engine", "capacity_factor"]
+    keys = ["accelerator", "devices", "dp", "tp", "ep", "etp", "engine", "capacity_factor"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*keys, "stage", "feasible", "reason", *cols])
 
     def values(c: Candidate) -> list[Any]:
-        v = c.values()
+        v = {**c.values(), "etp": c.etp}
         return ["" if v.get(k) is None else v.get(k) for k in keys]
 
     for row in r.rows:
