@@ -82,3 +82,31 @@ def test_latency_cdfs_carry_the_slo(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ax = _Recording.figures[name].axes[0]
         xs = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         assert xs == [slo[key]], name
+
+
+def test_a_stall_is_a_gap_in_the_batch_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A failed device stalls the server: no iteration ends for two seconds. The batch
+    line breaks there (no ramp drawn across the stall) and the failure window is shaded."""
+    import numpy as np
+
+    _Recording.figures = {}
+    monkeypatch.setattr(document, "_Plots", _Recording)
+    file, overrides = CASES[3]
+    result = run(load_scenario(SCENARIOS / file, overrides))
+    result.write_report(tmp_path)
+    it = result.records.iterations
+    end = np.sort(it.start_s + it.duration_s)
+    longest = int(np.argmax(np.diff(end)))
+    before, after = end[longest], end[longest + 1]
+    assert after - before > 1.0  # the stall
+    ax = _Recording.figures["batches"].axes[0]
+    for line in ax.get_lines()[:2]:
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        (gap,) = np.flatnonzero(np.isnan(y))
+        assert x[gap - 1] <= before + 0.05 and x[gap + 1] >= after - 0.05
+    window = result.summary["failures"]["windows"][0]
+    (span,) = [p for p in ax.patches if p.get_label() == "device failure"]
+    assert span.get_x() == pytest.approx(window["start_s"])
+    assert "failure windows shaded" in ax.get_title()

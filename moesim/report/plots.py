@@ -12,7 +12,21 @@ from moesim.report.document import AddPlot
 from moesim.report.serving import latencies_s
 
 if TYPE_CHECKING:
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
+
+
+def _log_axis(axis: Axis) -> None:
+    """A log-scaled axis, once everything is drawn on it, labelled in plain numbers (1, 2,
+    5, 10, 20 ... over at most two decades shown, powers of ten beyond), so that no two
+    tick labels overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    span = np.log10(hi / lo) if lo > 0 else 0.0
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if span <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def layer_plots(s: dict[str, Any], add: AddPlot) -> None:
@@ -49,25 +63,49 @@ def layer_plots(s: dict[str, Any], add: AddPlot) -> None:
     add("device_time", "Busy time per device in the layer", devices)
 
 
+def _shade(ax: Any, windows: list[dict[str, Any]]) -> None:
+    """The failure windows as shaded spans, one legend entry per kind."""
+    colors = {"device_failure": "C3", "straggler": "C1", "link": "C4"}
+    for wdw in windows:
+        kind = wdw["kind"].replace("_", " ")
+        labelled = kind in ax.get_legend_handles_labels()[1]
+        ax.axvspan(
+            wdw["start_s"],
+            wdw["end_s"],
+            color=colors.get(wdw["kind"], "0.6"),
+            alpha=0.2,
+            label=None if labelled else kind,
+        )
+
+
 def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) -> None:
-    """Batch size over time, TTFT over time around failure windows, the TTFT CDF."""
+    """Batch size over time (failure windows shaded), TTFT over time around failure
+    windows, the TTFT and TPOT CDFs against the SLO."""
     it, req = rec.iterations, rec.requests
+    windows = (summary.get("failures") or {}).get("windows") or []
     if len(it.start_s):
         end = it.start_s + it.duration_s
 
         bins = np.linspace(0.0, float(end[-1]), min(200, len(end)) + 1)
         mid = (bins[:-1] + bins[1:]) / 2
         count = np.histogram(end, bins)[0]
+
         seen = count > 0
+        # a stall (no iteration ends for 5% of the run, e.g. a failed device) is a gap in
+        # the line, not a ramp drawn across it
+        x = mid[seen]
+        stall = np.flatnonzero(np.diff(x) > 10 * (bins[1] - bins[0])) + 1
 
         def mean_per_bin(values: np.ndarray) -> np.ndarray:
             total = np.histogram(end, bins, weights=values.astype(float))[0]
-            return np.asarray(total[seen] / count[seen])
+            return np.insert(total[seen] / count[seen], stall, np.nan)
 
         def batches(fig: Figure) -> None:
             ax = fig.add_subplot()
-            ax.plot(mid[seen], mean_per_bin(it.batch_tokens), lw=1, label="tokens")
-            ax.plot(mid[seen], mean_per_bin(it.running_seqs), lw=1, label="sequences")
+            at = np.insert(x, stall, np.nan)
+            ax.plot(at, mean_per_bin(it.batch_tokens), lw=1, label="tokens")
+            ax.plot(at, mean_per_bin(it.running_seqs), lw=1, label="sequences")
+            _shade(ax, windows)
             ax.set_xlabel("simulated time (s)")
             ax.set_ylabel("per iteration (mean, count)")
             warm = summary.get("warmup_s")
@@ -78,31 +116,22 @@ def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) ->
                 ax.axvline(steady["start_s"], color="k", ls=":", label="steady state from")
             ax.legend(fontsize=7)
 
-        add("batches", "Batch size over time", batches)
+        shaded = ", failure windows shaded" if windows else ""
+        add("batches", f"Batch size over time{shaded}", batches)
     done = np.isfinite(req.first_token_s)
-    windows = (summary.get("failures") or {}).get("windows") or []
     if windows and done.any():
         arrival = req.arrival_s[done]
         first = (req.first_token_s[done] - arrival) * 1e3
 
         def over_time(fig: Figure) -> None:
             ax = fig.add_subplot()
-            colors = {"device_failure": "C3", "straggler": "C1", "link": "C4"}
-            for wdw in windows:
-                ax.axvspan(
-                    wdw["start_s"],
-                    wdw["end_s"],
-                    color=colors.get(wdw["kind"], "0.6"),
-                    alpha=0.2,
-                    label=wdw["kind"].replace("_", " "),
-                )
+            _shade(ax, windows)
             ax.scatter(arrival, first, s=3, color="C0", label="requests")
             ax.set_yscale("log")
             ax.set_xlabel("arrival (simulated s)")
             ax.set_ylabel("time to first token (ms)")
-            handles, labels = ax.get_legend_handles_labels()
-            unique = dict(zip(labels, handles))
-            ax.legend(unique.values(), unique.keys(), fontsize=7)
+            ax.legend(fontsize=7)
+            _log_axis(ax.yaxis)
 
         add("ttft_over_time", "Time to first token over the run, failure windows shaded", over_time)
     slo = summary.get("slo") or {}
@@ -124,6 +153,7 @@ def serving_plots(summary: dict[str, Any], rec: ServingRecords, add: AddPlot) ->
                 ax.axvline(t, color="C3", ls="--", label=f"SLO {t:g} ms")
             ax.axhline(0.99, color="0.5", ls=":", lw=0.8, label="p99")
             ax.set_xscale("log")
+            _log_axis(ax.xaxis)
             ax.set_xlabel(f"{what} (ms)")
             ax.set_ylabel("fraction of requests")
             ax.grid(alpha=0.3)
