@@ -168,7 +168,7 @@ def training_plots(s: dict[str, Any], add: AddPlot) -> None:
 
     def breakdown(fig: Figure) -> None:
         ax = fig.add_subplot()
-        ax.barh(list(parts), list(parts.values()), color="C2")
+        ax.barh([k.replace("_", " ") for k in parts], list(parts.values()), color="C2")
         ax.set_xlabel("time per step (ms)")
         ax.set_ylabel("part of the step")
 
