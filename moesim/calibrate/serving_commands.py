@@ -50,7 +50,10 @@ def engine_semantics(env: dict[str, Any]) -> dict[str, Any]:
     kernel and whether host work overlaps the device's. An engine that states its own
     semantics (``torch_lean_engine``'s ``semantics``) is taken at its word."""
     if isinstance(env.get("semantics"), dict):
-        return dict(env["semantics"])
+        stated = dict(env["semantics"])
+        if (env.get("lean_config") or {}).get("graphs"):  # decode steps only (its module doc)
+            stated["host"] = {**stated.get("host", {}), "graph_decode": True}
+        return stated
     cb = env.get("cb_config") or {}
     graphs = cb.get("use_cuda_graph", env.get("use_cuda_graph"))
     attn = str(env.get("attn_implementation") or "")
@@ -74,7 +77,11 @@ def engine_semantics(env: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate_engine(
-    from_file: str, name: str, out: str | None, fit_runs: list[str] | None = None
+    from_file: str,
+    name: str,
+    out: str | None,
+    fit_runs: list[str] | None = None,
+    weight: str = "relative",
 ) -> int:
     """Fit an engine preset and print (or write) it as a catalog entry."""
     from moesim.calibrate.serving_fit import fit_engine, fit_table
@@ -96,9 +103,10 @@ def calibrate_engine(
         "host cost fitted by "
         f"`moesim calibrate --from {from_file} --engine {name}"
         + (f" --fit-runs {','.join(fit_runs)}" if fit_runs else "")
+        + (f" --fit-weight {weight}" if weight != "relative" else "")
         + f"` on {today}"
     )
-    preset, rows = fit_engine(records, source, base, fit_runs or ())
+    preset, rows = fit_engine(records, source, base, fit_runs or (), weight)
     print(fit_table(rows), file=sys.stderr)
     text = yaml.safe_dump({name: preset}, sort_keys=False, width=100)
     if out:

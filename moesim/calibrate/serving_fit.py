@@ -11,7 +11,9 @@ squares, relative to each measurement, as
 
 (``per_layer_us`` stays 0: with one model measured, a per-layer term cannot be told apart
 from the fixed one; the fixed term then holds the per-layer dispatch of that model's
-layers). The fit's error on the same measurements is recorded in the preset.
+layers; except for an engine that replays decode steps as CUDA graphs, ``graph_decode``,
+where only the eager steps, those with prompt tokens, pay it). The fit's error on the same
+measurements is recorded in the preset.
 """
 
 from __future__ import annotations
@@ -178,10 +180,13 @@ def fit_engine(
     source: str,
     base: dict[str, Any],
     fit_runs: Sequence[str] = (),
+    weight: str = "relative",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The engine preset (catalog fields) fitted on the records' iterations (and on the
     iterations of the online runs ``fit_runs``), and one row per iteration (measured,
-    device, fitted)."""
+    device, fitted). ``weight``: minimise each iteration's relative error, or its error in
+    seconds (``time``: an iteration weighs by its length, as it does in a request's
+    latency, so a few long eager steps are not outvoted by many short graphed ones)."""
     env = next(r for r in records if r.get("kind") == "env")
     device, model = str(env["gpu"]), str(env["model"])
     scenario = serving_scenario(device, model, {"preset": "ideal", **base})
@@ -200,6 +205,10 @@ def fit_engine(
         *online_iterations(records, fit_runs, int(base.get("output_lag_iterations", 0))),
     ]
     overlap = bool(base.get("host", {}).get("overlap"))
+    # graphed decode steps: the per-layer dispatch is paid by eager steps alone, so it can be
+    # told apart from the fixed cost (else it stays 0: one model cannot separate the two)
+    graph_decode = bool(base.get("host", {}).get("graph_decode"))
+    layers = scenario.model.layers
     for rec in [r for r in measured if "ttft_ms" in r or "step_ms" in r]:
         dev, iters, seqs, toks, kv = predicted_s(cost, rec, budget)
         meas = measured_s(rec)
@@ -207,16 +216,30 @@ def fit_engine(
         # relative least squares: each row scaled by 1 / measured; where host work overlaps
         # the device's, the host loop is the step (the device hides under it; rows where
         # the device is longer are then predicted by max(host, device))
-        design.append([iters / meas, seqs / meas, toks / meas, kv / meas])
+        eager = iters if rec["kind"] == "serving_prefill" else int(bool(rec.get("prompts")))
+        eager_layers = layers * eager if graph_decode else 0
+        design.append([iters / meas, seqs / meas, toks / meas, kv / meas, eager_layers / meas])
         target.append(1.0 if overlap else (meas - dev) / meas)
     if not rows:
         raise ValueError("no serving_prefill or serving_decode records to fit an engine on")
-    coef, _ = nnls(np.array(design), np.array(target))
-    fixed_s, per_seq_s, per_tok_s, per_kv_s = (float(x) for x in coef)
+    a, b = np.array(design), np.array(target)
+    if weight == "time":  # rows back from relative to seconds
+        scale = np.array([float(r["measured_s"]) for r in rows])
+        a, b = a * scale[:, None], b * scale
+    elif weight != "relative":
+        raise ValueError(f"fit weight must be 'relative' or 'time', got {weight!r}")
+    coef, _ = nnls(a, b)
+    fixed_s, per_seq_s, per_tok_s, per_kv_s, per_layer_s = (float(x) for x in coef)
     errors = []
     for row, d in zip(rows, design):
         meas = float(row["measured_s"])
-        host = (d[0] * fixed_s + d[1] * per_seq_s + d[2] * per_tok_s + d[3] * per_kv_s) * meas
+        host = (
+            d[0] * fixed_s
+            + d[1] * per_seq_s
+            + d[2] * per_tok_s
+            + d[3] * per_kv_s
+            + d[4] * per_layer_s
+        ) * meas
         row["host_s"] = host
         dev = float(row["device_s"])
         row["predicted_s"] = max(dev, host) if overlap else dev + host
@@ -228,7 +251,7 @@ def fit_engine(
         "host": {
             **base.get("host", {}),
             "fixed_us": round(fixed_s * 1e6, 3),
-            "per_layer_us": 0.0,
+            "per_layer_us": round(per_layer_s * 1e6, 4),
             "per_sequence_us": round(per_seq_s * 1e6, 4),
             "per_token_us": round(per_tok_s * 1e6, 4),
             "per_kv_token_us": round(per_kv_s * 1e6, 5),

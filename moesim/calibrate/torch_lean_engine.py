@@ -577,7 +577,7 @@ def semantics(lean: LeanConfig, torch_version: str) -> dict[str, Any]:
         "launch": "graph" if lean.graphs else "eager",
         "expert_kernel": "grouped",
         "attention": "fused",
-        "host": {"overlap": False},
+        "host": {"overlap": False, "graph_decode": lean.graphs},
         "output_lag_iterations": 0,
     }
 

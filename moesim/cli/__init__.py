@@ -154,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN,RUN",
         help="with --engine: online runs whose iterations join the fit (the rest stay held out)",
     )
+    ca.add_argument(
+        "--fit-weight",
+        choices=["relative", "time"],
+        default="relative",
+        help="with --engine: minimise each iteration's relative error, or its error in seconds "
+        "(long iterations weigh by their length, as in a request's latency)",
+    )
 
     fi = sub.add_parser("fidelity", help="predicted vs measured MoE layers (held-out shapes)")
     fi.add_argument("--backend", choices=["numpy"], help="measure held-out layers on this host")

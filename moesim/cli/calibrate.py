@@ -23,7 +23,9 @@ def calibrate(args: argparse.Namespace) -> int:
 
         if not args.from_file:
             raise SystemExit("moesim calibrate: --engine fits from --from FILE.jsonl")
-        return calibrate_engine(args.from_file, args.engine, args.out, split(args.fit_runs))
+        return calibrate_engine(
+            args.from_file, args.engine, args.out, split(args.fit_runs), args.fit_weight
+        )
     from moesim.calibrate.commands import calibrate
 
     return calibrate(

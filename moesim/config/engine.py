@@ -41,6 +41,10 @@ class HostCost(Frozen):
     overlap: bool = False
     """Whether the host prepares the next iteration while the device runs this one (then
     an iteration takes max(host, device), else host + device)."""
+    graph_decode: bool = False
+    """Decode-only iterations replay captured CUDA graphs (no Python dispatch of their
+    kernels), iterations that carry prompt tokens run eagerly: ``per_layer_us`` is then
+    paid only by the latter (an engine that graphs every step has it 0)."""
 
     @property
     def zero(self) -> bool:

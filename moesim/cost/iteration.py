@@ -313,10 +313,17 @@ class IterationCost:
         h = self.host
         if h.zero:
             return 0.0
-        per_iteration = h.fixed_us + h.per_layer_us * self.layers
+        layers = h.per_layer_us * self.layers
+        # graphed decode steps: only a rank computing more tokens than it samples (prompt
+        # tokens) dispatches its layers eagerly
+        eager = not h.graph_decode
         worst = max(
             (
-                per_iteration + h.per_sequence_us * k + h.per_token_us * t + h.per_kv_token_us * c
+                h.fixed_us
+                + (layers if eager or t > k else 0.0)
+                + h.per_sequence_us * k
+                + h.per_token_us * t
+                + h.per_kv_token_us * c
                 for t, k, c in zip(tokens, sampled, kv_read)
                 if t > 0
             ),
