@@ -188,3 +188,16 @@ def test_sglang_prefill_with_two_micro_batches() -> None:
     print(one.tokens_per_s_per_node, two.tokens_per_s_per_node)
     assert two.tokens_per_s_per_node == pytest.approx(59_337, rel=0.15)
     assert one.tokens_per_s_per_node < 0.8 * 59_337
+
+
+def test_pool_steady_refuses_bad_arguments() -> None:
+    """The steady-state pricing needs pools and positive sizes (errors before any cost)."""
+    from moesim.workloads.pool_steady import decode_steady, prefill_steady
+
+    with pytest.raises(ValueError, match=r"no workload\.pools"):
+        prefill_steady(load_scenario(ROOT / "scenarios" / "quickstart.yaml"), 16, 8, 0)
+    s = scenario_from_dict(_trace_scenario([(0.5, 1024, 4)]))
+    with pytest.raises(ValueError, match="computed >= 1"):
+        prefill_steady(s, 16, 0, 0)
+    with pytest.raises(ValueError, match="seqs_per_rank >= 1"):
+        decode_steady(s, 0, 10)
