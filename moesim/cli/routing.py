@@ -33,6 +33,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     fi.add_argument("--tokens", type=int, default=32768, help="tokens whose curve is matched")
     fi.add_argument("--shared-bias", action="store_true", help="one bias row for every layer")
     fi.add_argument("--seed", type=int, default=0, help="seed of the model's draws while fitting")
+    fi.add_argument(
+        "--independent",
+        action="store_true",
+        help="independent tokens: no token correlation (bias and noise only)",
+    )
+    fi.add_argument(
+        "--hold-out",
+        choices=("halves", "blocks"),
+        help="fit on part of the tokens and check the curve on the rest: halves (the first"
+        " half, then the second) or blocks (alternate blocks of 128 tokens)",
+    )
 
 
 def routing(args: argparse.Namespace) -> int:
@@ -67,24 +78,55 @@ def _stats(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int
 
 
 def _fit(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
-    from moesim.routing.logits import fit_logits
+    import numpy as np
 
+    from moesim.routing.logits import batch_sizes, distinct_curve, fit_logits, model_curve, split
+
+    counts = info.counts
+    check = None
+    if args.hold_out:
+        sample, check = split(sample, args.hold_out)
+        if len(sample) < 8:
+            print(
+                f"moesim routing: {args.trace}: {info.tokens} tokens are too few to hold out"
+                f" {args.hold_out}",
+                file=sys.stderr,
+            )
+            return EXIT_SCENARIO_ERROR
+        counts = np.stack(
+            [np.bincount(sample[:, j].ravel(), minlength=info.experts) for j in range(len(counts))]
+        )
     fit = fit_logits(
-        info.counts,
+        counts,
         sample,
         info.experts,
         info.top_k,
         seed=args.seed,
         per_layer=not args.shared_bias,
+        correlated=not args.independent,
     )
     c = fit.config
     rows = ",\n    ".join("[" + ", ".join(f"{v:.4f}" for v in r) + "]" for r in c.bias)
-    print(f"# fitted to {args.trace}: {info.tokens} tokens, {info.moe_layers} MoE layers")
-    print("# distinct experts touched per layer (batch: trace / model):")
-    for b, t, m in zip(fit.batches, fit.trace_curve, fit.model_curve):
-        print(f"#   {b:>5}: {t:8.3f} / {m:8.3f}")
-    print(f"# worst relative difference {fit.worst_error:.1%}")
+    part = f" (fitted on {len(sample)} of them: {args.hold_out})" if check is not None else ""
+    print(f"# fitted to {args.trace}: {info.tokens} tokens{part}, {info.moe_layers} MoE layers")
+    _curves("fitted", fit.batches, fit.trace_curve, fit.model_curve)
+    if check is not None:
+        batches = batch_sizes(len(check))
+        trace = distinct_curve(check, batches, info.experts)
+        model = model_curve(c, batches, info.experts, info.top_k, info.moe_layers, args.seed + 1)
+        _curves(f"held out ({len(check)} other tokens)", batches, trace, model)
     print("routing:\n  kind: logits")
     print(f"  noise_std: {c.noise_std:.6g}")
+    print(f"  token_correlation: {c.token_correlation:.6g}")
+    print(f"  correlated_share: {c.correlated_share:.6g}")
     print(f"  bias: [\n    {rows}\n  ]")
     return 0
+
+
+def _curves(what: str, batches: list[int], trace: np.ndarray, model: np.ndarray) -> None:
+    from moesim.routing.logits import worst_error
+
+    print(f"# {what}: distinct experts touched per layer (batch: trace / model):")
+    for b, t, m in zip(batches, trace, model):
+        print(f"#   {b:>5}: {t:8.3f} / {m:8.3f}")
+    print(f"# {what}: worst relative difference {worst_error(trace, model):.1%}")

@@ -115,7 +115,8 @@ class TraceRouting(_Replayed):
 class LogitsRouting(_Replayed):
     """Router logits as a per-expert bias plus Gaussian token noise; each token takes the
     top_k of ``bias + noise_std x z`` (z standard normal per token, layer and expert,
-    optionally AR(1)-correlated over consecutive tokens and across consecutive MoE layers).
+    optionally AR(1)-correlated over consecutive tokens, in a share of its variance, and
+    across consecutive MoE layers).
     ``moesim routing fit TRACE`` fits it to a recorded trace."""
 
     kind: Literal["logits"]
@@ -125,6 +126,9 @@ class LogitsRouting(_Replayed):
     """Standard deviation of the token noise, in logit units."""
     token_correlation: float = Field(default=0.0, ge=0, lt=1)
     """AR(1) coefficient of a token's noise on the previous token's (temporal locality)."""
+    correlated_share: float = Field(default=1.0, ge=0, le=1)
+    """Share of the noise variance that carries ``token_correlation``; the rest is drawn
+    afresh for every token (1: all of it, the plain AR(1))."""
     layer_correlation: float = Field(default=0.0, ge=0, lt=1)
     """AR(1) coefficient of a token's noise at a MoE layer on its noise at the previous one."""
 
