@@ -14,6 +14,7 @@ too. The test skips cleanly where no such browser is installed.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import shutil
@@ -48,10 +49,16 @@ class _Recording(document._Plots):
         super().add(name, title, keep)
 
 
+@functools.cache
+def _run(file: str, overrides: tuple[str, ...]) -> Any:
+    """One simulation per case, shared by the tests here (a report is written from it)."""
+    return run(load_scenario(SCENARIOS / file, list(overrides)))
+
+
 def _write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, overrides: list[str]):
     _Recording.figures = []
     monkeypatch.setattr(document, "_Plots", _Recording)
-    result = run(load_scenario(SCENARIOS / file, overrides))
+    result = _run(file, tuple(overrides))
     result.write_report(tmp_path)
     return result, list(_Recording.figures)
 
