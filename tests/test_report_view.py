@@ -134,6 +134,8 @@ def test_report_page_and_every_plot_as_a_reader_sees_them(
         png = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert png == (tmp_path / "plots" / f"{name}.png").read_bytes(), name
         assert img_el.get("alt") == caption and caption, name
+        # the page names the plot as the picture's own title does
+        assert caption in [ax.get_title() for ax in fig.axes], (name, caption)
         _check_picture(name, fig, png, document.DPI)
 
 
