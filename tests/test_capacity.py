@@ -106,15 +106,21 @@ def test_capacity_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_more_seeds_never_raise_capacity(tmp_path: Path) -> None:
     """A rate must pass every seed: each added seed can only lower (or keep) the capacity, exactly."""
-    # seed 6: a base seed whose second seed fails a rate its first passes (with the launch-
-    # pipeline layer costs of 2026-12-03, seeds 4 and 5 agree on the first two)
-    text = SCENARIO.replace("seed: 4", "seed: 6")
-    runs = [
-        find_capacity(_file(tmp_path, text), target=0.95, tolerance=0.1, seeds=n) for n in (1, 2, 3)
-    ]
-    best = [r.best.rate_per_s for r in runs if r.best is not None]
-    assert len(best) == 3 and best == sorted(best, reverse=True), best
-    assert best[1] < best[0]  # the second seed fails a rate the first passes: the check has teeth
+    # the check has teeth only for a base seed whose second seed fails a rate its first
+    # passes: the first such seed is taken (3 with the costs of 2026-12-03; which one it is
+    # moves whenever the layer costs do), every seed tried must be monotone
+    for seed in range(3, 10):
+        text = SCENARIO.replace("seed: 4", f"seed: {seed}")
+        runs = [
+            find_capacity(_file(tmp_path, text), target=0.95, tolerance=0.1, seeds=n)
+            for n in (1, 2, 3)
+        ]
+        best = [r.best.rate_per_s for r in runs if r.best is not None]
+        assert len(best) == 3 and best == sorted(best, reverse=True), (seed, best)
+        if best[1] < best[0]:
+            break
+    else:
+        pytest.fail("no base seed in 3..9 whose second seed fails a rate its first passes")
     for r in runs:
         for p in r.probes:  # the reported probe is the worst seed's
             if p.feasible:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from moesim.cost.layer_cost import bucket_points
@@ -82,6 +83,7 @@ def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(layer_cost, "SAMPLE_TOKENS", 32)
+    monkeypatch.setattr(layer_cost, "SAMPLE_REL_SE", -1.0)  # no early stop here
     monkeypatch.setattr(cost, "simulate", counting)
     cost.time_s(64)  # sizes up to 64 are buckets of their own
     assert len(calls) == 1
@@ -89,3 +91,30 @@ def test_huge_batches_average_fewer_routing_samples(monkeypatch: pytest.MonkeyPa
     assert len(calls) == 1 + 2
     cost.time_s(8)
     assert len(calls) == 1 + 2 + 3
+
+
+def test_a_bucket_stops_sampling_once_its_mean_is_settled() -> None:
+    """After two samples a bucket stops when the standard error of its mean time is
+    within SAMPLE_REL_SE of it; samples that disagree more draw the third; the mean is
+    that of the samples drawn."""
+    from moesim.cost import layer_cost
+    from moesim.cost.layer_cost import LayerRun
+
+    cost = simulated_layer_cost(build_system(scenario_from_dict(SCENARIO)))
+    n_links = len(cost.system.paths.bandwidth_gbps)
+    plan = {40: [1.0, 1.001, 5.0], 50: [1.0, 1.1, 1.3]}  # ms per sample, by tokens (exact buckets)
+    calls: dict[int, int] = {}
+
+    def fake(system, routing):  # type: ignore[no-untyped-def]
+        tokens = int(routing.tokens_per_rank.sum())
+        i = calls.get(tokens, 0)
+        calls[tokens] = i + 1
+        return LayerRun(plan[tokens][i] * 1e-3, 0.0, np.zeros(n_links))
+
+    cost.simulate = fake
+    assert cost.samples_for(40) == cost.samples_for(50) == 3
+    # 1.0 and 1.001: standard error 0.05% of the mean (<= 0.2%): two samples
+    assert cost.sample(40).time_s == pytest.approx(1.0005e-3) and calls[40] == 2
+    # 1.0 and 1.1: 4.8% > 0.2%: the third sample is drawn
+    assert cost.sample(50).time_s == pytest.approx(3.4e-3 / 3) and calls[50] == 3
+    assert layer_cost.SAMPLE_REL_SE == 0.002

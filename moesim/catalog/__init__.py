@@ -26,7 +26,8 @@ def data_path(kind: Kind) -> str:
 @cache
 def _raw(kind: Kind) -> dict[str, dict[str, Any]]:
     text = (resources.files("moesim.catalog") / "data" / f"{kind}.yaml").read_text("utf-8")
-    loaded = yaml.safe_load(text) or {}
+    # shipped data: libyaml's parser where PyYAML has it (same data, ~10x faster)
+    loaded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{data_path(kind)}: expected a mapping of preset names")
     return loaded

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from moesim.cost.fairshare import incidence, max_min_rates
+from moesim.cost.fairshare import max_min_rates_coo
 from moesim.topology.paths import PathTable
 from moesim.units import GB
 
@@ -35,15 +35,14 @@ def _step_s(
     paths: PathTable, pairs: Sequence[tuple[int, int]], nbytes: float, alpha_s: float
 ) -> float:
     """One step: every (src, dst) pair sends ``nbytes`` at the same time."""
-    flows = [(s, d) for s, d in pairs if s != d]
-    if not flows or nbytes <= 0:
+    flows = np.array([(s, d) for s, d in pairs if s != d], dtype=np.int64).reshape(-1, 2)
+    if not len(flows) or nbytes <= 0:
         return 0.0
-    edge_paths = [paths.edge_ids(s, d) for s, d in flows]
-    links, a = incidence(edge_paths)
-    rates = max_min_rates(a, paths.bandwidth_gbps[links] * GB)
+    flow, edge, latency_s = paths.edge_pairs(flows[:, 0], flows[:, 1])
+    links, rows = np.unique(edge, return_inverse=True)
+    rates = max_min_rates_coo(rows, flow, len(flows), paths.bandwidth_gbps[links] * GB)
     slowest = float(np.max(nbytes / rates))
-    latency = max(paths.latency_s(s, d) for s, d in flows)
-    return slowest + latency + alpha_s
+    return slowest + float(latency_s.max()) + alpha_s
 
 
 def ring_pairs(group: Sequence[int]) -> list[tuple[int, int]]:

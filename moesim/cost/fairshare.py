@@ -78,11 +78,3 @@ def max_min_rates_coo(
         )
         active &= ~frozen
     return rates
-
-
-def incidence_pairs(paths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The links the flows use and the (link row, flow) pairs of the incidence."""
-    lengths = np.fromiter((len(p) for p in paths), dtype=np.int64, count=len(paths))
-    flat = np.concatenate(paths) if paths else np.zeros(0, dtype=np.int64)
-    links, rows = np.unique(flat, return_inverse=True)
-    return links, rows, np.repeat(np.arange(len(paths)), lengths)

@@ -46,39 +46,47 @@ def batch_finish_s(
     nbytes: np.ndarray,
     capacity_bytes_per_s: np.ndarray,
     link_free_s: np.ndarray,
+    inplace: bool = False,
 ) -> BatchTimes:
     """Finish times of flows ``nbytes`` (one per flow) starting at ``now_s``.
 
     ``(flow, edge)`` are the incidence pairs of the flows' routes; ``link_free_s`` is when
     each link drains the bytes of earlier batches (a backlog served before this batch).
-    Flows crossing no link finish at ``now_s``.
+    Flows crossing no link finish at ``now_s``. With ``inplace``, ``link_free_s`` itself is
+    updated and returned (the caller's own array) instead of a copy.
     """
     n_flows = len(nbytes)
     done = np.full(n_flows, now_s, dtype=float)
-    free = link_free_s.copy()
+    free = link_free_s if inplace else link_free_s.copy()
     if len(flow) == 0:
         return BatchTimes(done, free)
     size = nbytes[flow]
     # pairs grouped by link, smallest flow first within a link
     order = np.lexsort((size, edge))
     e, b = edge[order], size[order]
-    starts = np.flatnonzero(np.concatenate([[True], e[1:] != e[:-1]]))
-    counts = np.diff(np.concatenate([starts, [len(e)]]))
-    group_start = np.repeat(starts, counts)
+    first_of_link = np.empty(len(e), dtype=bool)
+    first_of_link[0] = True
+    np.not_equal(e[1:], e[:-1], out=first_of_link[1:])
+    starts = np.flatnonzero(first_of_link)
+    ends = np.append(starts[1:], len(e))
+    group = np.cumsum(first_of_link) - 1  # each pair's link group
     cum = np.cumsum(b)
-    before = cum - b - np.where(group_start > 0, cum[group_start - 1], 0.0)  # smaller ones
-    later = np.repeat(starts + counts, counts) - np.arange(len(e)) - 1  # same size or larger
+    cum_before_link = np.concatenate([[0.0], cum[starts[1:] - 1]])
+    before = cum - b - cum_before_link[group]  # smaller ones
+    later = ends[group] - np.arange(len(e)) - 1  # same size or larger
     shared = before + b + b * later  # sum over the link's flows of min(b_g, b)
     links = e[starts]
     backlog = np.maximum(free[links] - now_s, 0.0)
-    cap = capacity_bytes_per_s[e]
-    t = now_s + np.repeat(backlog, counts) + shared / cap
+    t = now_s + backlog[group] + shared / capacity_bytes_per_s[e]
     per_pair = np.empty(len(t))
     per_pair[order] = t
-    by_flow = np.argsort(flow, kind="stable")
-    f = flow[by_flow]
+    if len(flow) > 1 and bool((flow[1:] < flow[:-1]).any()):
+        by_flow = np.argsort(flow, kind="stable")
+        f, per_pair = flow[by_flow], per_pair[by_flow]
+    else:  # already grouped by flow, in order (routes as edge_pairs gives them)
+        f = flow
     first = np.flatnonzero(np.concatenate([[True], f[1:] != f[:-1]]))
-    done[f[first]] = np.maximum(now_s, np.maximum.reduceat(per_pair[by_flow], first))
-    load = cum[starts + counts - 1] - np.where(starts > 0, cum[starts - 1], 0.0)
+    done[f[first]] = np.maximum(now_s, np.maximum.reduceat(per_pair, first))
+    load = cum[ends - 1] - cum_before_link
     free[links] = now_s + backlog + load / capacity_bytes_per_s[links]
     return BatchTimes(done, free)

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from moesim import rng
+from moesim.cost.cost_store import LayerCostStore, StoredBucket, layer_key
 from moesim.derived.expert_replicas import route_replicated
 from moesim.routing.distributions import layer_popularities
 from moesim.routing.replay import replayed, window_choices
@@ -35,6 +36,12 @@ EXACT_UP_TO = 64
 STEP = 1.125
 SAMPLE_TOKENS = 131_072
 """Routing samples per bucket are capped at ceil(SAMPLE_TOKENS / tokens)."""
+SAMPLE_REL_SE = 0.002
+"""A bucket stops drawing routing samples once the standard error of its mean time,
+estimated from the samples so far (at least two), is within this fraction of the mean.
+Measured on the Mixtral serving hour (``benchmarks/serving_mixtral.py``): the three
+samples of a bucket spread by 0.065% (median relative standard deviation; 1.6% at most,
+for a handful of tokens), so most buckets need two; a bucket's mean moved by at most 0.94%."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,13 @@ class LayerCostModel(Protocol):
         ...
 
 
+def _settled(times: list[float]) -> bool:
+    """Whether the mean of ``times`` is known well enough (:data:`SAMPLE_REL_SE`)."""
+    mean = float(np.mean(times))
+    se = float(np.std(times, ddof=1)) / math.sqrt(len(times))
+    return mean > 0 and se <= SAMPLE_REL_SE * mean
+
+
 def bucket_points(tokens: int) -> tuple[int, int]:
     """The two bucket sizes around ``tokens`` (equal when it is a bucket itself)."""
     if tokens <= EXACT_UP_TO:
@@ -113,12 +127,15 @@ class MoELayerCost:
     network_events: int = 0
     """Network re-ratings (flow by flow) or batches (bulk) of those simulations."""
     _used: set[int] = field(default_factory=set)
+    store: LayerCostStore | None = None
+    """Where priced buckets are also kept for other processes and runs (None: memory only;
+    :mod:`moesim.cost.cost_store`)."""
 
     def sharing(self, system: System) -> MoELayerCost:
         """A cost for another run of the same layer (same cluster, model, layout, routing,
         policies and seed) that reuses this one's priced buckets; its ``evaluations`` count
         the buckets that run asks for, as if it had priced them itself."""
-        return MoELayerCost(system, self.simulate, self.samples, self._cache)
+        return MoELayerCost(system, self.simulate, self.samples, self._cache, store=self.store)
 
     def __post_init__(self) -> None:
         s = self.system.scenario
@@ -131,6 +148,7 @@ class MoELayerCost:
         self._popularity = self._pops[0]
         self._per_layer = s.routing.layers == "independent" and len(self._pops) > 1
         self._replayed = replayed(s.routing)
+        self._store_key = layer_key(s, self.samples) if self.store is not None else ""
 
     def samples_for(self, tokens: int) -> int:
         """Routing samples averaged for a bucket of ``tokens`` tokens (more when the layers
@@ -151,11 +169,22 @@ class MoELayerCost:
 
     def _at(self, tokens: int) -> LayerSample:
         self._used.add(tokens)
+        if tokens not in self._cache and self.store is not None:
+            kept = self.store.get(self._store_key, tokens)
+            if kept is not None:
+                self._cache[tokens] = LayerSample(
+                    kept.time_s, kept.dropped_fraction, kept.comm_s, kept.link_bytes
+                )
         if tokens not in self._cache:
             s = self.system.scenario
-            times, drops, comms, links = [], [], [], []
+            times: list[float] = []
+            drops, comms, links = [], [], []
             n = self.samples_for(tokens)
+            # samples that stand for distinct layers or trace windows are all kept
+            early_stop = n > 2 and not self._per_layer and not self._replayed
             for i in range(n):
+                if early_stop and i >= 2 and _settled(times):
+                    break
                 gen = rng.stream(s.seed, "layer-cost", tokens, i)
                 choices = None
                 if self._replayed:  # a trace's tokens [i N, (i+1) N), or logits draws
@@ -182,6 +211,10 @@ class MoELayerCost:
                 float(np.mean(comms)),
                 np.mean(links, axis=0),
             )
+            if self.store is not None:
+                c = self._cache[tokens]
+                bucket = StoredBucket(c.time_s, c.dropped_fraction, c.comm_s, c.link_bytes)
+                self.store.put(self._store_key, tokens, bucket)
         return self._cache[tokens]
 
     def sample(self, tokens: int) -> LayerSample:

@@ -29,6 +29,7 @@ import numpy as np
 import simpy
 
 from moesim.engine.netapi import Network
+from moesim.topology.paths import ranges
 
 
 class BulkExchange:
@@ -60,7 +61,11 @@ class BulkExchange:
         by_dst = np.argsort(self.dst, kind="stable")
         self._dst_keys, dst_starts = np.unique(self.dst[by_dst], return_index=True)
         self._dst_split = np.split(by_dst, dst_starts[1:]) if n else []
-        self._pending = {int(d): len(m) for d, m in zip(self._dst_keys, self._dst_split)}
+        self._pending = np.bincount(self.dst, minlength=int(self.dst.max()) + 1 if n else 0)
+        """Messages not yet sent to each device (indexed by device id)."""
+        # each source's messages with their routes' hops, gathered once:
+        # (messages, hop's message position within them, hop's edge)
+        self._src_pairs = [self._pairs(m) for m in self._src_split]
         self._inbound: dict[int, simpy.Event] = {}
         self._last: dict[int, int] = {}
         self._batch: list[int] = []
@@ -77,27 +82,43 @@ class BulkExchange:
             self.env.timeout(0).callbacks.append(self._flush)
         self._batch.append(src)
 
-    def _flush(self, _: simpy.Event) -> None:
-        sources, self._batch = self._batch, []
-        idx = np.concatenate(
-            [self._messages_of(self._src_keys, self._src_split, s) for s in sources]
-        )
-        if not len(idx):
-            return
+    def _pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Messages ``idx`` and the (position in ``idx``, edge) pairs of their hops."""
         start, stop = self._offsets[idx], self._offsets[idx + 1]
         lengths = stop - start
         flow = np.repeat(np.arange(len(idx)), lengths)
-        pos = np.repeat(start - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        edge = self._edge[pos + np.arange(len(pos))]
+        return idx, flow, self._edge[ranges(start, lengths)]
+
+    def _batch_pairs(self, sources: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        parts = []
+        for s in sources:
+            i = int(np.searchsorted(self._src_keys, s))
+            if i < len(self._src_keys) and self._src_keys[i] == s:
+                parts.append(self._src_pairs[i])
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        shift = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] + k for p, k in zip(parts, shift)]),
+            np.concatenate([p[2] for p in parts]),
+        )
+
+    def _flush(self, _: simpy.Event) -> None:
+        sources, self._batch = self._batch, []
+        idx, flow, edge = self._batch_pairs(sources)
+        if not len(idx):
+            return
         self.arrived[idx] = self.net.transfer_routed(
             flow, edge, self._latency[idx], self.nbytes[idx], self.extra
         )
         now = self.env.now
-        for d, count in zip(*np.unique(self.dst[idx], return_counts=True)):
-            d = int(d)
-            self._pending[d] -= int(count)
-            if self._pending[d]:
-                continue
+        dst = self.dst[idx]
+        self._pending -= np.bincount(dst, minlength=len(self._pending))
+        for d in np.unique(dst[self._pending[dst] == 0]).tolist():
             into = self._messages_of(self._dst_keys, self._dst_split, d)
             times = self.arrived[into]
             k = int(np.argmax(times))  # the first message (in message order) among the latest
@@ -119,7 +140,8 @@ class BulkExchange:
         if ev is None:
             ev = self.env.event()
             self._inbound[dst] = ev
-            if self._pending.get(dst, 0) == 0 and dst not in self._last:
+            waiting = int(self._pending[dst]) if dst < len(self._pending) else 0
+            if waiting == 0 and dst not in self._last:
                 ev.succeed()  # nothing to wait for
         return ev
 

@@ -16,6 +16,7 @@ import simpy
 from moesim import rng
 from moesim.config.scenario import Scenario
 from moesim.config.workload import LayerWorkload
+from moesim.cost.cost_store import default_store
 from moesim.cost.layer_cost import LayerRun, MoELayerCost
 from moesim.cost.padded import PaddedExperts
 from moesim.derived.expert_replicas import route_replicated
@@ -159,5 +160,7 @@ def layer_run(system: System, routing: LayerRouting) -> LayerRun:
 
 
 def simulated_layer_cost(system: System, samples: int = 3) -> MoELayerCost:
-    """The memoized MoE layer cost of a system, each sample simulated on its network."""
-    return MoELayerCost(system, layer_run, samples)
+    """The memoized MoE layer cost of a system, each sample simulated on its network
+    (priced buckets also kept in the process's cost store, if one is set:
+    :func:`moesim.cost.cost_store.default_store`)."""
+    return MoELayerCost(system, layer_run, samples, store=default_store())

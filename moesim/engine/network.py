@@ -20,20 +20,22 @@ exchange (the MoE layer picks by the exchange's size).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import simpy
 
-from moesim.cost.fairshare import incidence_pairs, max_min_rates_coo
+from moesim.cost.fairshare import max_min_rates_coo
 from moesim.cost.fluid import batch_finish_s
 from moesim.topology.paths import PathTable
 from moesim.units import GB
 
 EXACT_FLOWS = 256
 """Up to this many flows in flight, every completion re-rates the others exactly."""
+DIRECT_LINKS = 1024
+"""Topologies with up to this many directed edges rate flows over every edge (unused ones
+are skipped by the rating); larger ones over the edges in use only."""
 BATCH_WINDOW = 0.01
 """Above it, completions due within this fraction of the network's elapsed time (since it
 was built, i.e. since its layer started) are batched."""
@@ -116,7 +118,7 @@ class _BatchPricing:
             flow, edge = flow[keep], edge[keep]
         sizes = np.where(remote, nbytes, 0.0)
         self.events += 1
-        times = batch_finish_s(now, flow, edge, sizes, self.capacity, self._free_s)
+        times = batch_finish_s(now, flow, edge, sizes, self.capacity, self._free_s, inplace=True)
         self._free_s = times.link_free_s
         self.link_bytes += np.bincount(edge, weights=sizes[flow], minlength=len(self.link_bytes))
         self.sent_bytes += float(sizes.sum())
@@ -135,7 +137,10 @@ class FlowNetwork(_BatchPricing):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._paths: list[np.ndarray] = []
+        # the routes of the flows in flight as incidence pairs: hop i of the flows is
+        # edge _pair_edge[i] of flow _pair_flow[i] (flows in order, each one's hops in order)
+        self._pair_flow = np.zeros(0, dtype=np.int64)
+        self._pair_edge = np.zeros(0, dtype=np.int64)
         self._done: list[simpy.Event] = []
         self._remaining = np.zeros(0)
         self._size = np.zeros(0)
@@ -148,7 +153,7 @@ class FlowNetwork(_BatchPricing):
     @property
     def active(self) -> int:
         """Flows in flight."""
-        return len(self._paths)
+        return len(self._done)
 
     def transfer_many(
         self, flows: Sequence[tuple[int, int, float]], extra_latency_s: float = 0.0
@@ -159,16 +164,22 @@ class FlowNetwork(_BatchPricing):
         launch and synchronisation, as measured)."""
         out, remote = self._delivery_events(flows)
         self._advance()
-        sizes, latencies = [], []
+        sizes, latencies, routes = [], [], []
         for src, dst, nbytes, ev in remote:
             path = self.paths.edge_ids(src, dst)
             self.link_bytes[path] += nbytes
             self.sent_bytes += nbytes
-            self._paths.append(path)
+            routes.append(path)
             self._done.append(ev)
             sizes.append(nbytes)
             latencies.append(self.paths.latency_s(src, dst) + extra_latency_s)
         if sizes:
+            first = len(self._remaining)
+            hops = [len(r) for r in routes]
+            self._pair_edge = np.concatenate([self._pair_edge, *routes])
+            self._pair_flow = np.concatenate(
+                [self._pair_flow, np.repeat(np.arange(first, first + len(routes)), hops)]
+            )
             self._remaining = np.concatenate([self._remaining, sizes])
             self._size = np.concatenate([self._size, sizes])
             self._latency = np.concatenate([self._latency, latencies])
@@ -177,24 +188,32 @@ class FlowNetwork(_BatchPricing):
 
     def _advance(self) -> None:
         dt = self.env.now - self._last
-        if dt > 0 and self._paths:
+        if dt > 0 and self._done:
             self._remaining -= self._rates * dt
         self._last = self.env.now
 
     def _reschedule(self) -> None:
         self._version += 1
-        if not self._paths:
+        if not self._done:
             return
         self.events += 1
-        links, rows, cols = incidence_pairs(self._paths)
-        self._rates = max_min_rates_coo(rows, cols, len(self._paths), self.capacity[links])
+        if len(self.capacity) <= DIRECT_LINKS:  # rows are the edge ids themselves
+            rows, capacity = self._pair_edge, self.capacity
+        else:  # only the links in use get a row
+            links, rows = np.unique(self._pair_edge, return_inverse=True)
+            capacity = self.capacity[links]
+        self._rates = max_min_rates_coo(rows, self._pair_flow, len(self._done), capacity)
         wait = float(np.min(np.maximum(self._remaining, 0.0) / self._rates))
-        self.env.process(self._wake(self._version, wait))
+        version = self._version
 
-    def _wake(self, version: int, wait: float) -> Generator[simpy.Event, Any, None]:
-        yield self.env.timeout(wait)
-        if version != self._version:
-            return  # a newer flow changed the rates; a newer wake-up is pending
+        def wake(_: simpy.Event) -> None:
+            if version == self._version:  # else a newer flow changed the rates
+                self._wake()
+
+        self.env.timeout(wait).callbacks.append(wake)
+
+    def _wake(self) -> None:
+        """The earliest completion is due: deliver what has finished, re-rate the rest."""
         self._advance()
         # Flows due within a hair of now finish together (equal sizes, same rate). With
         # many flows in flight, those due within a small window of the earliest also
@@ -205,13 +224,16 @@ class FlowNetwork(_BatchPricing):
         # network per layer), never of the absolute clock, so a layer priced an hour into
         # a run takes what it takes at t = 0.
         left = np.maximum(self._remaining, 0.0) / self._rates
-        window = BATCH_WINDOW if len(self._paths) > EXACT_FLOWS else 0.0
+        window = BATCH_WINDOW if len(self._done) > EXACT_FLOWS else 0.0
         horizon = (self.env.now - self._epoch) * window
         finished = (self._remaining <= 1e-9 * self._size + 1e-6) | (left <= 1e-12 + horizon)
         for i in np.flatnonzero(finished):
             self._deliver(self._done[i], float(self._latency[i] + left[i]))
         keep = ~finished
-        self._paths = [p for p, k in zip(self._paths, keep) if k]
+        kept_pair = keep[self._pair_flow]
+        renumber = np.cumsum(keep) - 1
+        self._pair_flow = renumber[self._pair_flow[kept_pair]]
+        self._pair_edge = self._pair_edge[kept_pair]
         self._done = [e for e, k in zip(self._done, keep) if k]
         self._remaining = self._remaining[keep]
         self._size = self._size[keep]

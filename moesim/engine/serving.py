@@ -49,6 +49,7 @@ from moesim.cost.layer_cost import MoELayerCost
 from moesim.cost.offload import ExpertOffload, expert_offload
 from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
+from moesim.engine.iteration_log import IterationLog
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.serving_hooks import HealthyServing, ServingHooks
 from moesim.routing.replay import RoutingUse, routing_feed
@@ -276,8 +277,8 @@ class _Server:
         self.catch_ups = 0
         """Timeouts that moved SimPy's clock to the loop's time after such iterations."""
         self.arrivals_done = False
-        self.rows: list[tuple[float, ...]] = []
-        self.kv_rows: list[list[int]] = []
+        self.log = IterationLog(13, self.dp)
+        """Each iteration's row and the KV blocks each rank uses (columns of numpy chunks)."""
 
     def arrivals(self) -> Generator[simpy.Event, Any, None]:
         env, st = self.env, self.state
@@ -362,8 +363,7 @@ class _Server:
                 sampled += r.complete(b, t)
             if self.on_done is not None:
                 self.on_done(self, t)
-            self.kv_rows.append(used)
-            self.rows.append(
+            self.log.append(
                 (
                     start,
                     delay,
@@ -378,7 +378,8 @@ class _Server:
                     it.dropped_fraction,
                     it.moe_comm_s,
                     it.host_s,
-                )
+                ),
+                used,
             )
 
     def _catch_up(self, t: float) -> Generator[simpy.Event, Any, None]:
@@ -404,22 +405,22 @@ class _Server:
         for r in self.ranks:
             r.sync()
         st = self.state
-        cols = np.array(self.rows, dtype=float).reshape(-1, 13)
+        cols, kv_used = self.log.columns()
         it = IterationRecords(
-            start_s=cols[:, 0],
-            duration_s=cols[:, 1],
-            batch_tokens=cols[:, 2].astype(np.int64),
-            prefill_tokens=cols[:, 3].astype(np.int64),
-            running_seqs=cols[:, 4].astype(np.int64),
-            sampled_tokens=cols[:, 5].astype(np.int64),
-            kv_blocks_used=np.array(self.kv_rows, dtype=np.int64).reshape(-1, self.dp),
-            attention_s=cols[:, 6],
-            moe_s=cols[:, 7],
-            dense_s=cols[:, 8],
-            head_s=cols[:, 9],
-            dropped_fraction=cols[:, 10],
-            moe_comm_s=cols[:, 11],
-            host_s=cols[:, 12],
+            start_s=cols[0],
+            duration_s=cols[1],
+            batch_tokens=cols[2].astype(np.int64),
+            prefill_tokens=cols[3].astype(np.int64),
+            running_seqs=cols[4].astype(np.int64),
+            sampled_tokens=cols[5].astype(np.int64),
+            kv_blocks_used=kv_used,
+            attention_s=cols[6],
+            moe_s=cols[7],
+            dense_s=cols[8],
+            head_s=cols[9],
+            dropped_fraction=cols[10],
+            moe_comm_s=cols[11],
+            host_s=cols[12],
         )
         n = len(st.arrival_s)
         lag = self.w.engine.output_lag_iterations

@@ -22,7 +22,8 @@ from moesim.loader.yamlpos import Path, Positions, load_located
 @cache
 def _catalog_positions(kind: catalog.Kind) -> Positions:
     path = catalog.data_path(kind)
-    _, positions = load_located(FsPath(path).read_text("utf-8"), _short_catalog_path(kind))
+    text = FsPath(path).read_text("utf-8")
+    _, positions = load_located(text, _short_catalog_path(kind), trusted=True)
     return positions
 
 
@@ -345,9 +346,17 @@ def _unknown_preset(kind: catalog.Kind, name: object) -> str:
     return f"unknown {_singular(kind)} preset {name!r}{hint}; expected one of: {', '.join(choices)}"
 
 
+@cache
+def _shipped_profile(file: FsPath) -> Any:
+    loaded, _ = load_located(file.read_text("utf-8"), str(file), trusted=True)
+    return loaded
+
+
 def read_profile(file: FsPath, loc: Location, at: Path, issues: list[Issue]) -> Any:
+    """A shipped profile's data (trusted catalog text, parsed once per process; each
+    caller gets its own copy)."""
     try:
-        loaded, _ = load_located(file.read_text("utf-8"), str(file))
+        loaded = copy.deepcopy(_shipped_profile(file))
     except OSError as exc:
         issues.append(
             Issue(

@@ -9,6 +9,7 @@ tables the same way, so the resolved scenario holds every hardware figure a run 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path as FsPath
 from typing import Any
@@ -17,6 +18,24 @@ from moesim.errors import Issue, Location, ScenarioError, dotted
 from moesim.loader.files import MAX_YAML_BYTES, PathPolicy, read_input
 from moesim.loader.merge import is_preset_path, merge
 from moesim.loader.yamlpos import Positions, decode_text, is_valid_yaml, load_located, parse_value
+
+_PARSED: dict[tuple[str, bytes], tuple[Any, Positions]] = {}
+_PARSED_MAX = 16
+"""Parses kept per process: a sweep or a capacity search loads the same base file for
+every point (the bytes are read each time; only an identical file reuses a parse)."""
+
+
+def _parsed(raw: bytes, file: str) -> tuple[Any, Positions]:
+    """``load_located`` of a file's bytes, reusing the parse of the same bytes and name;
+    callers get their own copy (resolution edits the data in place)."""
+    key = (file, raw)
+    hit = _PARSED.get(key)
+    if hit is None:
+        hit = load_located(decode_text(raw, file), file)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = hit
+    return copy.deepcopy(hit[0]), dict(hit[1])
 
 
 def read_mapping(
@@ -30,7 +49,7 @@ def read_mapping(
     it may be read is the caller's check (:meth:`PathPolicy.problem`)."""
     file = str(path)
     raw = read_input(FsPath(path), MAX_YAML_BYTES, loc or Location(file), field_path)
-    data, positions = load_located(decode_text(raw, file), file)
+    data, positions = _parsed(raw, file)
     if not isinstance(data, dict):
         raise ScenarioError([Issue(positions[()], "", f"{what} must be a YAML mapping")])
     return data, positions

@@ -137,18 +137,40 @@ def sample_choices(
     """
     experts = p.shape[0]
     depth = min(depth, experts)
-    e = rng.standard_exponential((tokens, experts), dtype=np.float32)
-    np.maximum(e, np.finfo(np.float32).tiny, out=e)
-    w = p.astype(np.float32)[None, :] / e
-    w /= w.sum(axis=1, keepdims=True)
     if groups is not None and groups[1] < groups[0]:
-        w, reach = group_limited(w, groups)
-        depth = min(depth, reach)
-    return top_choices(w, depth)
+        depth = min(depth, groups[1] * (experts // groups[0]))
+    ranking = np.empty((tokens, depth), dtype=np.int32)
+    scores = np.empty((tokens, depth), dtype=np.float32)
+    # Drawn in chunks of rows: the same stream and the same float32 operations as one
+    # draw of (tokens x experts), but the work array stays in cache and is reused.
+    rows = max(1, min(tokens, _CHUNK_ELEMENTS // max(1, experts)))
+    buf = np.empty((rows, experts), dtype=np.float32)
+    p32 = p.astype(np.float32)[None, :]
+    tiny = np.finfo(np.float32).tiny
+    for start in range(0, tokens, rows):
+        n = min(rows, tokens - start)
+        w = buf[:n]
+        rng.standard_exponential(out=w, dtype=np.float32)
+        np.maximum(w, tiny, out=w)
+        np.divide(p32, w, out=w)
+        w /= w.sum(axis=1, keepdims=True)
+        if groups is not None and groups[1] < groups[0]:
+            w, _ = group_limited(w, groups)
+        rk, sc = top_choices(w, depth, inplace=True)
+        ranking[start : start + n] = rk
+        scores[start : start + n] = sc
+    return ranking, scores
 
 
-def top_choices(w: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``depth`` largest entries, best first: (ranking int32, scores float32)."""
+_CHUNK_ELEMENTS = 1 << 18
+"""Elements of the work array of :func:`sample_choices` (1 MiB of float32)."""
+
+
+def top_choices(
+    w: np.ndarray, depth: int, inplace: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``depth`` largest entries, best first: (ranking int32, scores float32).
+    With ``inplace`` the chosen entries of ``w`` may be overwritten."""
     tokens, experts = w.shape
     if depth == experts:
         ranking = np.argsort(-w, axis=1, kind="stable")
@@ -157,7 +179,7 @@ def top_choices(w: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         ranking = np.empty((tokens, depth), dtype=np.int64)
         scores = np.empty((tokens, depth), dtype=np.float32)
         rows = np.arange(tokens)
-        work = w.copy()
+        work = w if inplace else w.copy()
         for j in range(depth):  # repeated argmax beats a partition for small k
             ranking[:, j] = work.argmax(axis=1)
             scores[:, j] = work[rows, ranking[:, j]]

@@ -24,11 +24,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moesim.config.sweep import SweepConfig
+from moesim.cost.cost_store import LAYER_COST_KEYS
 from moesim.errors import Issue, Location, ScenarioError
 from moesim.loader.yamlpos import Positions
 from moesim.report.feasibility import judge
@@ -148,25 +149,26 @@ def _check_metrics(
         raise ScenarioError(issues)
 
 
-#: the sections an MoE layer's cost depends on: serving points that agree on them (a rate
-#: sweep) can share one memoized layer cost
-LAYER_COST_KEYS = ("seed", "cluster", "model", "routing", "parallelism", "policies")
-
-
 def _run_point(
     base: str,
     overrides: tuple[str, ...],
     costs: dict[str, Any] | None = None,
     allow_paths: tuple[str, ...] = (),
     limits: bool = True,
+    cost_cache: str | None = None,
 ) -> tuple[dict[str, Any], float]:
     """One point's outcome and wall time (runs in a worker process): ``{"status": "ok",
     "summary": ...}`` or ``{"status": "failed", "error": ...}`` (a point that fails does
     not stop the sweep). ``costs`` memoizes serving points' MoE layer costs by the sections
-    they depend on (in-process runs); a point's summary is the same with or without it."""
+    they depend on (in-process runs); ``cost_cache`` is a folder of priced layer buckets
+    shared by the sweep's processes (:mod:`moesim.cost.cost_store`). A point's summary is
+    the same with or without either."""
+    from moesim.cost.cost_store import store_in
+
     t0 = time.perf_counter()
     try:
-        summary = _simulate_point(base, overrides, costs, allow_paths, limits)
+        with store_in(cost_cache):
+            summary = _simulate_point(base, overrides, costs, allow_paths, limits)
         outcome: dict[str, Any] = {"status": "ok", "summary": summary}
     except ScenarioError as exc:
         outcome = {"status": "failed", "error": "; ".join(str(i) for i in exc.issues)}
@@ -207,16 +209,26 @@ class Options:
 
     allow_paths: tuple[str, ...] = ()
     limits: bool = True
+    cost_cache: str | None = None
+    """A folder of priced MoE layer buckets the points share (None: none)."""
 
 
 Job = tuple[Point, str]
+
+
+def _job_args(base: str, p: Point, opts: Options) -> tuple[Any, ...]:
+    """:func:`_run_point`'s arguments for a point run in another process."""
+    return (base, p.overrides, None, opts.allow_paths, opts.limits, opts.cost_cache)
+
+
 Done = tuple[Point, str, dict[str, Any], float]
 
 
 def _in_process(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Done]:
     costs: dict[str, Any] = {}  # shared MoE layer costs, for this sweep only
     for p, digest in jobs:
-        outcome, wall = _run_point(base, p.overrides, costs, opts.allow_paths, opts.limits)
+        args = (opts.allow_paths, opts.limits, opts.cost_cache)
+        outcome, wall = _run_point(base, p.overrides, costs, *args)
         yield p, digest, outcome, wall
 
 
@@ -230,13 +242,7 @@ def _ignore_sigint() -> None:
 def _process_pool(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Done]:
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
     try:
-        pending = {
-            pool.submit(_run_point, base, p.overrides, None, opts.allow_paths, opts.limits): (
-                p,
-                d,
-            )
-            for p, d in jobs
-        }
+        pending = {pool.submit(_run_point, *_job_args(base, p, opts)): (p, d) for p, d in jobs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in sorted(done, key=lambda f: pending[f][0].index):
@@ -264,10 +270,7 @@ def _ray(base: str, jobs: list[Job], workers: int, opts: Options) -> Iterator[Do
         ) from None
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     remote = ray.remote(_run_point)
-    pending = {
-        remote.remote(base, p.overrides, None, opts.allow_paths, opts.limits): (p, d)
-        for p, d in jobs
-    }
+    pending = {remote.remote(*_job_args(base, p, opts)): (p, d) for p, d in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -324,7 +327,11 @@ def run_points(
     runner = (
         _in_process if n == 1 and settings.executor == "process" else EXECUTORS[settings.executor]
     )
-    for k, (p, digest, outcome, wall) in enumerate(runner(base, todo, n, settings.opts), 1):
+    # the points' processes share their priced MoE layer buckets beside the points
+    opts = settings.opts
+    if opts.cost_cache is None:
+        opts = replace(opts, cost_cache=str(points_dir.parent / "cost-cache"))
+    for k, (p, digest, outcome, wall) in enumerate(runner(base, todo, n, opts), 1):
         record = {
             "index": p.index,
             "values": p.values,

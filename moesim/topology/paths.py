@@ -233,6 +233,36 @@ class PathTable:
         self._check(table, src, dst)
         return float(table.latency_s[dst])
 
+    def _cached_pairs(
+        self, src: np.ndarray, dst: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`edge_pairs` on a compiled table: pairs walked before are read from the
+        pair cache (an all-to-all's pairs recur layer after layer); the others are walked
+        once and added to it. The same routes as walking every pair."""
+        n = self.device_count
+        key = src * n + dst
+        c = self._pair_cache
+        pos = np.searchsorted(c.keys, key)
+        pos_ok = np.minimum(pos, max(len(c.keys) - 1, 0))
+        hit = (pos < len(c.keys)) & (c.keys[pos_ok] == key) if len(c.keys) else pos < 0
+        if not hit.all():
+            miss = np.unique(key[~hit])
+            flow, edge, latency, reachable = self._walk(miss // n, miss % n)
+            if not reachable.all():
+                i = int(np.argmin(reachable))
+                s, d = int(miss[i] // n), int(miss[i] % n)
+                self._check(self.routes_from(s), s, d)
+            c.add(miss, np.bincount(flow, minlength=len(miss)), edge, latency)
+            pos = np.searchsorted(c.keys, key)
+        slot = c.slot[pos]
+        lengths = c.length[slot]
+        edge = c.edges[ranges(c.start[slot], lengths)]
+        return np.repeat(np.arange(len(key)), lengths), edge, c.latency_s[slot].copy()
+
+    @cached_property
+    def _pair_cache(self) -> _PairCache:
+        return _PairCache()
+
     def edge_pairs(
         self, src: np.ndarray, dst: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,11 +274,7 @@ class PathTable:
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
         if self.compiled:
-            flow, edge, latency, reachable = self._walk(src, dst)
-            if not reachable.all():
-                i = int(np.argmin(reachable))
-                self._check(self.routes_from(int(src[i])), int(src[i]), int(dst[i]))
-            return flow, edge, latency
+            return self._cached_pairs(src, dst)
         flows: list[np.ndarray] = []
         edges: list[np.ndarray] = []
         latency = np.zeros(len(src))
@@ -261,10 +287,7 @@ class PathTable:
                 self._check(table, int(s), int(d[np.argmax(bad)]))
             start, stop = table.offsets[d], table.offsets[d + 1]
             lengths = stop - start
-            total = int(lengths.sum())
-            # positions start[i] .. stop[i] - 1 of every pair, concatenated
-            base = np.repeat(start - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-            edges.append(table.edges[base + np.arange(total)])
+            edges.append(table.edges[ranges(start, lengths)])
             flows.append(np.repeat(which, lengths))
             latency[which] = table.latency_s[d]
         if not flows:
@@ -273,3 +296,39 @@ class PathTable:
         edge = np.concatenate(edges)
         order = np.argsort(flow, kind="stable")
         return flow[order], edge[order], latency
+
+
+def ranges(start: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions ``start[i] .. start[i] + lengths[i] - 1`` of every ``i``, concatenated."""
+    base = np.repeat(start - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return base + np.arange(int(lengths.sum()))
+
+
+class _PairCache:
+    """Routes of (src, dst) pairs already walked, by key ``src * devices + dst``: each
+    pair's slot holds its hops (``edges[start:start + length]``) and its latency."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        """Cached keys, sorted."""
+        self.slot = np.zeros(0, dtype=np.int64)
+        """The slot of each sorted key."""
+        self.start = np.zeros(0, dtype=np.int64)
+        self.length = np.zeros(0, dtype=np.int64)
+        self.latency_s = np.zeros(0)
+        self.edges = np.zeros(0, dtype=np.int64)
+
+    def add(
+        self, keys: np.ndarray, lengths: np.ndarray, edges: np.ndarray, latency_s: np.ndarray
+    ) -> None:
+        """Add new pairs (``keys`` not yet cached) with their hops, in key order."""
+        first = len(self.start)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) + len(self.edges)
+        self.start = np.concatenate([self.start, offsets])
+        self.length = np.concatenate([self.length, lengths])
+        self.latency_s = np.concatenate([self.latency_s, latency_s])
+        self.edges = np.concatenate([self.edges, edges])
+        all_keys = np.concatenate([self.keys, keys])
+        all_slots = np.concatenate([self.slot, first + np.arange(len(keys))])
+        order = np.argsort(all_keys, kind="stable")
+        self.keys, self.slot = all_keys[order], all_slots[order]
