@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write report.md with plots and the inputs' sources into the run folder",
     )
+    r.add_argument(
+        "--quiet", action="store_true", help="no progress bar (drawn only on a terminal)"
+    )
 
     cmp = sub.add_parser("compare", help="run two scenarios and show their summaries side by side")
     cmp.add_argument("a", help="scenario A")

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_write:  # before the run, not after it
         out = args.out if args.out is not None else scenario.output.dir
         check_output_dir(Path(out), "--out" if args.out is not None else "output.dir")
-    result = run(scenario)
+    result = _with_progress(args, scenario.name, lambda: run(scenario))
     run_dir = None if args.no_write else result.write(args.out, report=args.report)
     if run_dir is not None and scenario.workload.kind == "serving":
         from moesim.report.records import write_request_records
@@ -52,6 +52,22 @@ def run(args: argparse.Namespace) -> int:
         if run_dir is not None:
             print(f"\nrun folder: {run_dir}")
     return 0
+
+
+def _with_progress(args: argparse.Namespace, label: str, work: Any) -> Any:
+    """``work()`` with a bar of simulated time on a terminal (long serving runs), unless
+    ``--quiet``."""
+    if getattr(args, "quiet", False):
+        return work()
+    from moesim.engine.progress import reporting
+    from moesim.report.progress import SimulatedTime
+
+    bar = SimulatedTime(label)
+    try:
+        with reporting(bar.update):
+            return work()
+    finally:
+        bar.close()
 
 
 def compare(args: argparse.Namespace) -> int:

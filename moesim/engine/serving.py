@@ -51,6 +51,7 @@ from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
 from moesim.engine.iteration_log import IterationLog
 from moesim.engine.layer_sim import simulated_layer_cost
+from moesim.engine.progress import current as current_progress
 from moesim.engine.serving_hooks import HealthyServing, ServingHooks
 from moesim.routing.replay import RoutingUse, routing_feed
 from moesim.system import System
@@ -310,6 +311,9 @@ class _Server:
         env, ranks = self.env, self.ranks
         fold = isinstance(self.hooks, HealthyServing)
         t = env.now
+        progress = current_progress()
+        every = progress.every if progress is not None else 0
+        iterations = 0
         while t < cap_s:
             wait = self.hooks.advance(t, self.ranks, self.state, self.rank_of)
             if wait > 0:  # no rank can run (failures): wait for a recovery
@@ -381,6 +385,9 @@ class _Server:
                 ),
                 used,
             )
+            iterations += 1
+            if every and iterations % every == 0 and progress is not None:
+                progress.sink(t, self.w.duration_s)
 
     def _catch_up(self, t: float) -> Generator[simpy.Event, Any, None]:
         """Move SimPy's clock to the loop's time ``t`` (exact: an iteration is finished in
