@@ -60,3 +60,25 @@ def test_run_takes_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", path, "--no-write", "--quiet", *[a for s in SHORT for a in ("--set", s)]]
     assert main(args) == 0
     assert "sim s" not in capsys.readouterr().err
+
+
+def test_calibration_layers_report_k_of_n() -> None:
+    """The numpy calibration's layer timings come as ``[k/n]`` lines (a bar with ETA on a
+    terminal, through :class:`moesim.report.progress.Progress`), k running 1..n."""
+    import dataclasses
+    import re
+
+    from moesim.calibrate.numpy_bench import SIZES, measure_layers
+    from moesim.calibrate.records import Writer
+
+    tiny = dataclasses.replace(
+        SIZES["ci"], scale=64, tokens=(1, 8), max_gflop=0.05, min_time_s=0.0
+    )
+    lines: list[str] = []
+    measure_layers(Writer(None), tiny, ("mixtral-8x7b",), 1, lines.append)
+    steps = [re.match(r"^\[(\d+)/(\d+)\] mixtral-8x7b T=\d+ (uniform|zipf1): ", s) for s in lines]
+    assert lines and all(steps), lines
+    n = len(lines)
+    assert [(int(m.group(1)), int(m.group(2))) for m in steps if m] == [
+        (k, n) for k in range(1, n + 1)
+    ]

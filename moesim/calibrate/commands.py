@@ -14,6 +14,7 @@ from moesim.calibrate.predict import cluster_for, predict_replayed_s, scenario_f
 from moesim.calibrate.records import Record, Writer
 from moesim.config.profile import DeviceProfile
 from moesim.report.files import write_text_atomic
+from moesim.report.progress import Progress
 
 DEFAULT_FIT_MODELS = ("olmoe-1b-7b",)
 TARGETS = {"numpy": (0.15, None), "torch": (0.10, 0.25)}
@@ -93,7 +94,11 @@ def calibrate(
         from moesim.calibrate.numpy_bench import SIZES, measure_host
 
         w = Writer(measurements)
-        measure_host(w, SIZES[size], seed, _progress)
+        bar = Progress("calibrate")  # a bar with ETA over the timed layers on a terminal
+        try:
+            measure_host(w, SIZES[size], seed, bar.message)
+        finally:
+            bar.close()
         w.close()
         records = w.records
         source = (
@@ -159,7 +164,11 @@ def fidelity(
 
         w = Writer(measurements)
         measure_env(w)
-        measure_layers(w, SIZES[size], SIZES[size].heldout_models, seed, _progress)
+        bar = Progress("fidelity")
+        try:
+            measure_layers(w, SIZES[size], SIZES[size].heldout_models, seed, bar.message)
+        finally:
+            bar.close()
         w.close()
         records = w.records
     else:

@@ -292,6 +292,9 @@ def layer_record(
 def measure_layers(
     w: Writer, size: Size, models: tuple[str, ...], seed: int, progress: Callable[[str], None]
 ) -> None:
+    """Time whole MoE layers of each model that fits this size; ``progress`` gets one
+    ``[k/n] ...`` line per layer timed (a bar with ETA on a terminal)."""
+    jobs = []
     for name in models:
         model = scaled_model(name, size.scale)
         weight_gib = (
@@ -316,11 +319,12 @@ def measure_layers(
             )
             if flops / 1e9 > size.max_gflop:
                 continue
-            for routing in ("uniform", "zipf1"):
-                rec = layer_record(model, name, tokens, routing, seed, size.min_time_s)
-                rec["scale"] = size.scale
-                w.add(rec)
-                progress(f"{name} T={tokens} {routing}: {rec['ms']:.2f} ms")
+            jobs += [(name, model, tokens, routing) for routing in ("uniform", "zipf1")]
+    for k, (name, model, tokens, routing) in enumerate(jobs, 1):
+        rec = layer_record(model, name, tokens, routing, seed, size.min_time_s)
+        rec["scale"] = size.scale
+        w.add(rec)
+        progress(f"[{k}/{len(jobs)}] {name} T={tokens} {routing}: {rec['ms']:.2f} ms")
 
 
 def measure_host(
