@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -205,3 +206,42 @@ def test_show_cluster_gives_the_planning_figures(capsys) -> None:  # type: ignor
     assert "8 x ib-ndr per node = 50 GB/s per device" in out
     assert main(["show", "cluster", "tpu-v3-32"]) == 0
     assert "per neighbour" in capsys.readouterr().out
+
+
+def test_help_shows_defaults_worth_showing(capsys: pytest.CaptureFixture[str]) -> None:
+    """Options with a value default show it in --help; flags and None defaults do not."""
+    with pytest.raises(SystemExit):
+        main(["capacity", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "share of requests within SLO (default: 0.99)" in out
+    assert "(default: True)" not in out and "(default: None)" not in out
+    assert "(default: False)" not in out
+
+
+def test_shell_completion_names_the_commands(tmp_path: Path) -> None:
+    """With argcomplete (a dev dependency; the `completion` extra for users), the command
+    line completes subcommands and options as a shell asks for them (in a subprocess:
+    argcomplete takes over the process's standard streams)."""
+    pytest.importorskip("argcomplete")
+    out = tmp_path / "completions.txt"
+    script = (
+        "import sys, argcomplete\n"
+        "from moesim.cli import _parser\n"
+        "with open(sys.argv[1], 'w') as out:\n"
+        "    argcomplete.autocomplete(_parser(), exit_method=lambda code=0: None, "
+        "output_stream=out)\n"
+    )
+
+    def complete(line: str) -> set[str]:
+        env = {
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": "\n",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+        }
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+        return {w.strip() for w in out.read_text().split("\n") if w.strip()}
+
+    assert {"calibrate", "capacity"} <= complete("moesim ca")
+    assert "--tolerance" in complete("moesim capacity x.yaml --tol")

@@ -17,6 +17,28 @@ from moesim.cli.calibrate import FIT_MODELS
 from moesim.errors import EXIT_INTERRUPTED, EXIT_SCENARIO_ERROR, OutputError, ScenarioError
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth showing (not None,
+    False or an empty list, and not already described in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = action.default in (None, False, [], argparse.SUPPRESS)
+        flag = isinstance(action, argparse._StoreConstAction)  # store_true, store_false
+        if quiet or flag or "default" in text or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+def _with_defaults(p: argparse.ArgumentParser) -> None:
+    """Every parser and sub-parser of the command line formats its help with :class:`_Help`."""
+    p.formatter_class = _Help
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _with_defaults(sp)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moesim",
@@ -254,11 +276,19 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--name", help="model name (default: the config's folder name)")
     routing.add_parser(sub)
     plan.add_parser(sub, scenario_args)
+    _with_defaults(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:  # shell completion where argcomplete is installed (pip install 'moesim[completion]')
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
     try:
         handler = {
             "run": simulate.run,
