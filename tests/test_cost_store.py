@@ -130,3 +130,22 @@ def test_a_sweep_keeps_its_buckets_beside_its_points(tmp_path: Path) -> None:
     assert result.ran == 2
     stored = list((result.folder / "cost-cache").rglob("*.npz"))
     assert stored and len({f.parent for f in stored}) == 1  # one layer, one key
+
+
+def test_a_replayed_trace_keys_by_its_bytes(tmp_path: Path) -> None:
+    """The same trace path with other contents is another layer (no stale buckets)."""
+    import shutil
+
+    trace = tmp_path / "t.jsonl"
+    shutil.copy("scenarios/traces/mixtral-l8-h200.decode.jsonl", trace)
+    from moesim.loader import load_scenario
+
+    scenario = load_scenario(
+        "scenarios/mixtral-offload-decode-h200.yaml",
+        [f"routing.path={trace}"],
+        allow_paths=(str(tmp_path),),
+    )
+    before = layer_key(scenario, 3)
+    assert layer_key(scenario, 3) == before
+    trace.write_bytes(trace.read_bytes() + b"\n")
+    assert layer_key(scenario, 3) != before

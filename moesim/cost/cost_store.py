@@ -8,8 +8,8 @@ bucket priced once is read back by any later cost of the same layer:
 - **Key.** The layer's inputs (the resolved scenario's ``seed``, ``cluster``, ``model``,
   ``routing``, ``parallelism`` and ``policies``: everything the layer simulation reads,
   :data:`LAYER_COST_KEYS`), the number of routing samples, and a digest of moesim's own
-  code and catalog (so a changed cost model never reads an old figure). The bucket's
-  token count names the file.
+  code and catalog (so a changed cost model never reads an old figure), and the bytes of a
+  replayed routing trace. The bucket's token count names the file.
 - **Exact.** A stored bucket holds the same float64 figures the simulation gave (``.npz``),
   so a run with the store gives the same summary as one without.
 - **Safe.** Files are written atomically (a temporary file renamed into place): processes
@@ -59,7 +59,14 @@ def code_digest() -> str:
 def layer_key(scenario: Any, samples: int) -> str:
     """The store key of a scenario's MoE layer priced with ``samples`` routing samples."""
     inputs = scenario.model_dump(mode="json", include=set(LAYER_COST_KEYS))
-    text = json.dumps({"layer": inputs, "samples": samples, "code": code_digest()}, sort_keys=True)
+    # a replayed trace is named by its path: its bytes go in the key (an edited trace at the
+    # same path must not read back buckets priced from the old one)
+    trace = getattr(scenario.routing, "path", None)
+    traced = hashlib.sha256(Path(trace).read_bytes()).hexdigest() if trace else None
+    text = json.dumps(
+        {"layer": inputs, "samples": samples, "code": code_digest(), "trace": traced},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
