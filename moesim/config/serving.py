@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from moesim.config.base import Frozen
 from moesim.config.engine import EngineConfig
 from moesim.config.pools import PoolsConfig
+from moesim.config.speculative import SpeculativeConfig
 
 # --- arrival processes ---------------------------------------------------------------------
 
@@ -244,6 +245,9 @@ class ServingWorkload(Frozen):
     pools: PoolsConfig | None = None
     """Prefill/decode disaggregation (:mod:`moesim.config.pools`); None: co-located, every
     rank prefills and decodes (the scenario's ``parallelism``)."""
+    speculative: SpeculativeConfig | None = None
+    """Multi-token prediction / speculative decoding in decode steps
+    (:mod:`moesim.config.speculative`); None: one token per decode step."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServingWorkload:

@@ -53,6 +53,7 @@ from moesim.engine.iteration_log import IterationLog
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.progress import current as current_progress
 from moesim.engine.serving_hooks import HealthyServing, ServingHooks
+from moesim.engine.speculative import SpeculativeScheduler, draft_load, with_draft
 from moesim.routing.replay import RoutingUse, routing_feed
 from moesim.system import System
 
@@ -255,11 +256,14 @@ class _Server:
         )
         t, prompt, output = requests if requests is not None else arrival_times(w, s.seed)
         self.state = RequestState(t.tolist(), prompt.tolist(), output.tolist())
+        self.spec = w.speculative
         self.ranks = [
             # steady decode runs skip per-request work unless hooks may touch the state
             RankScheduler(
                 self.state, w.scheduler, self.kv_blocks, lazy=isinstance(hooks, HealthyServing)
             )
+            if self.spec is None
+            else SpeculativeScheduler(self.state, w.scheduler, self.kv_blocks, self.spec, s.seed)
             for _ in range(self.dp)
         ]
         self.cost = IterationCost(
@@ -352,6 +356,8 @@ class _Server:
             if not total:  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
+            if self.spec is not None:  # the drafter's passes (workload.speculative)
+                it = with_draft(self.cost, it, self.spec, *draft_load(batches))
             routed = self.feed.take(total) if self.feed is not None else None
             stall = self.offload.stall_for(start, total, it, routed)
             delay = it.total_s + stall
