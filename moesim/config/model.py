@@ -120,6 +120,12 @@ class ModelConfig(Frozen):
     """MLA per-head (shared-key) rotary width, elements."""
     v_head_dim: int | None = Field(default=None, ge=1)
     """MLA per-head value width, elements."""
+    attention_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
+    """Precision of the attention core as served (the scores and the attention-weighted
+    values); None: the model's ``dtype`` (DeepSeek's production: bf16 with fp8 weights)."""
+    kv_cache_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
+    """Storage type of the KV cache (MLA: its latent and rotary key); None: the model's
+    ``dtype``."""
 
     @field_validator("sources")
     @classmethod

@@ -39,10 +39,12 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from moesim.config.hardware import AcceleratorSpec
 from moesim.config.model import ModelConfig
 from moesim.config.profile import DeviceProfile
 from moesim.cost.compute import Roofline
 from moesim.derived.serving_memory import kv_bytes_per_token_per_layer
+from moesim.units import BYTES_PER_ELEMENT
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,11 @@ class AttentionCost:
         tp: int,
         kernel: AttentionKernel = "fused",
         rate: KernelRate | None = None,
+        accelerator: AcceleratorSpec | None = None,
     ) -> None:
+        """``accelerator``: its datasheet peaks price a core in ``model.attention_dtype``
+        other than the model's ``dtype`` (serving passes it; without it, as in training's
+        mixed-precision convention, the core runs at ``rf``'s rate and width)."""
         self.rf = rf
         self.kernel = kernel
         self.rate = rate
@@ -128,6 +134,19 @@ class AttentionCost:
         """Query plus output elements of one token, and score FLOPs / 2 per (query, key)."""
         self.kv_bytes = kv_bytes_per_token_per_layer(model, tp)
         """KV bytes of one token in one block on this device."""
+        core = model.attention_dtype if accelerator is not None else None
+        self.core_bytes_per_element = BYTES_PER_ELEMENT[core] if core else rf.bytes_per_element
+        """Bytes of one query or output element of the core (``attention_dtype``)."""
+        self.core_scale = (
+            accelerator.peak_tflops.for_dtype(model.dtype) / accelerator.peak_tflops.for_dtype(core)
+            if accelerator is not None and core is not None and core != model.dtype
+            else 1.0
+        )
+        """The core's FLOPs as GEMM-rate-equivalent FLOPs of ``rf`` (the datasheet peak
+        ratio of the model's dtype to the core's: 2 for a bf16 core of an fp8 model on
+        Hopper); 1 when the core runs in the model's dtype."""
+        self.core_flops_per_s = rf.flops_per_s / self.core_scale
+        """The core's FLOP rate."""
         self._proj: dict[int, float] = {}
 
     def projections_s(self, tokens: int) -> float:
@@ -190,10 +209,12 @@ class AttentionCost:
         if self.rate is not None:  # the measured kernel rate, as GEMM-rate-equivalent FLOPs
             per_query = k / np.maximum(np.asarray(tokens, dtype=float), 1.0)
             flops = flops * self._rate_scale(per_query)
+        elif self.core_scale != 1.0:  # a core in another precision than the weights
+            flops = flops * self.core_scale
         return self.rf.product_s(
             flops,
             np.asarray(kv_read_tokens, dtype=float) * self.kv_bytes
-            + np.asarray(tokens, dtype=float) * w * self.rf.bytes_per_element,
+            + np.asarray(tokens, dtype=float) * w * self.core_bytes_per_element,
         )
 
     def _rate_scale(self, per_query: np.ndarray | float) -> np.ndarray | float:
@@ -219,9 +240,11 @@ class AttentionCost:
         flops = 2.0 * w * float(keys)
         if self.rate is not None:
             flops *= float(self._rate_scale(float(keys) / max(float(tokens), 1.0)))
+        elif self.core_scale != 1.0:
+            flops *= self.core_scale
         return rf.product_scalar_s(
             flops,
-            float(kv_read_tokens) * self.kv_bytes + float(tokens) * w * rf.bytes_per_element,
+            float(kv_read_tokens) * self.kv_bytes + float(tokens) * w * self.core_bytes_per_element,
         )
 
     def forward(self, sequences: Iterable[tuple[int, int]]) -> AttentionTime:

@@ -96,7 +96,7 @@ class IterationCost:
         self.n_dense = m.layers - self.n_moe
         rate = measured_rate(s.cluster.profile or s.cluster.accelerator.profile)
         self.attention = AttentionCost(
-            self.rf, m, p.tp, kernel, rate if kernel == "fused" else None
+            self.rf, m, p.tp, kernel, rate if kernel == "fused" else None, s.cluster.accelerator
         )
         self.act_bytes = system.layer_costs.combine_bytes_per_token // m.d_model
         self._dense: dict[int, float] = {}
@@ -131,13 +131,14 @@ class IterationCost:
                 2.0 * a.width,
                 a.width,
                 a.kv_bytes,
-                rf.bytes_per_element,
+                a.core_bytes_per_element,
                 rf.flops_per_s,
                 rf.bytes_per_s,
                 overhead,
             )
             if kernel == "fused"
             and a.rate is None
+            and a.core_scale == 1.0
             and (rf.smoothness == float("inf") or rf.smoothness > 1e6)
             else None
         )

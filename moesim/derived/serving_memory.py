@@ -11,7 +11,7 @@ shard attention heads, FFN columns and the vocabulary (norms and routers, under 
 any preset, are counted as split too). Pipeline stages hold ``1/pp`` of the blocks.
 
 **KV cache per token** (PagedAttention, Kwon et al., SOSP 2023), per device, summed over
-the blocks of the stage, at the model's dtype:
+the blocks of the stage, at the model's ``kv_cache_dtype`` (by default its ``dtype``):
 
 - MHA / GQA: ``2 (K and V) x kv_heads_per_device x head_dim x bytes`` per block, where
   ``kv_heads_per_device = max(1, kv_heads // tp)``: heads are split over TP and replicated
@@ -41,7 +41,7 @@ from moesim.config.model import ModelConfig
 from moesim.config.offload import ExpertOffloadConfig
 from moesim.config.parallelism import ParallelismConfig
 from moesim.derived.model_figures import figures
-from moesim.units import GIB
+from moesim.units import BYTES_PER_ELEMENT, GIB
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,14 @@ def kv_bytes_per_token_per_layer(m: ModelConfig, tp: int) -> int:
     if m.attention == "mla":
         if m.kv_lora_rank is None or m.qk_rope_head_dim is None:
             raise ValueError("MLA needs kv_lora_rank and qk_rope_head_dim")
-        return (m.kv_lora_rank + m.qk_rope_head_dim) * m.bytes_per_param
+        return (m.kv_lora_rank + m.qk_rope_head_dim) * kv_element_bytes(m)
     heads = max(1, m.kv_heads_resolved // tp)
-    return 2 * heads * m.head_dim_resolved * m.bytes_per_param
+    return 2 * heads * m.head_dim_resolved * kv_element_bytes(m)
+
+
+def kv_element_bytes(m: ModelConfig) -> int:
+    """Bytes of one KV cache element: ``kv_cache_dtype``, else the model's ``dtype``."""
+    return BYTES_PER_ELEMENT[m.kv_cache_dtype] if m.kv_cache_dtype else m.bytes_per_param
 
 
 def devices_per_host(c: ClusterConfig) -> int:
