@@ -94,6 +94,7 @@ def build_system(s: Scenario) -> System:
         a2a_overhead_s=_a2a_alpha_s(s),
         ep_host_overhead_s=_ep_host_overhead_s(s),
         a2a=s.parallelism.a2a,
+        a2a_mode=s.parallelism.deepep_mode,
         topology=topo,
     )
     layout = Layout.of(s.parallelism, m.experts, s.policies.experts.redundant)

@@ -80,45 +80,6 @@ def test_node_token_counts_counts_each_token_once_per_node() -> None:
     assert node_token_counts(expert, expert_node, 2).tolist() == [2, 2]
 
 
-def _dedup(direction: str, messages, node_bytes):
-    from moesim.engine.exchange import DedupExchange
-
-    system = build_system(scenario_from_dict(TWO_NODES))
-    topo = system.topology
-    env = simpy.Environment()
-    net = FlowNetwork(env, system.paths)
-    ex = DedupExchange(
-        env, net, messages, direction, topo.node_of, topo.device_at, topo.local_of, node_bytes
-    )
-    for src in sorted({s for s, _, _ in messages}):
-        ex.send(src)
-    env.run(env.all_of(list(ex.delivered.values())))
-    used = {system.paths.edges[i]: b for i, b in enumerate(net.link_bytes) if b > 0}
-    return ex, used
-
-
-def test_deepep_dispatch_crosses_once_per_node_then_fans_out() -> None:
-    """n0.gpu0 -> experts on n1.gpu1 and n1.gpu2: one deduplicated message on rail 0 to
-    n1.gpu0, then NVLink to each expert."""
-    slot, tok = 64e6, 40e6  # per-expert slot bytes; the node's distinct tokens' bytes
-    ex, used = _dedup("dispatch", [(0, 9, slot), (0, 10, slot)], {(0, 1): tok})
-    assert all(e.triggered for e in ex.delivered.values())
-    assert used[("n0.nic0", "rail0")] == tok
-    assert not any(e[0].startswith("n0.nic") and e != ("n0.nic0", "rail0") for e in used)
-    assert used[("n1.gpu0", "n1.nvswitch")] == 2 * slot
-
-
-def test_deepep_combine_reduces_inside_the_node_first() -> None:
-    """Experts n1.gpu1 and n1.gpu2 -> rank n0.gpu0: partial sums meet at n1.gpu0, which
-    sends the token bytes once across nodes."""
-    slot, tok = 64e6, 40e6
-    ex, used = _dedup("combine", [(9, 0, slot), (10, 0, slot)], {(0, 1): tok})
-    assert set(ex.arrived_s) == {(9, 0), (10, 0)}
-    assert used[("n1.gpu1", "n1.nvswitch")] == slot and used[("n1.gpu2", "n1.nvswitch")] == slot
-    nic_out = {e: b for e, b in used.items() if e[0].startswith("n1.nic")}
-    assert nic_out == {("n1.nic0", "rail0"): tok}
-
-
 def test_deepep_layer_moves_fewer_bytes_across_nodes_than_direct() -> None:
     """On DeepSeek-V3 over 4 nodes, deduplication cuts the bytes on the NICs."""
     import moesim

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moesim.config.model import ModelConfig
-from moesim.config.parallelism import A2AAlgorithm
+from moesim.config.parallelism import A2AAlgorithm, DeepEPMode
 from moesim.cost.compute import ExpertKernel, Roofline
 from moesim.topology.graph import Topology
 
@@ -33,6 +33,8 @@ class LayerCosts:
     ``ep_host_overhead_us``; 0 with one expert-parallel rank or CUDA graphs)."""
     a2a: A2AAlgorithm = "direct"
     """All-to-all algorithm: direct or hierarchical (see moesim.engine.exchange)."""
+    a2a_mode: DeepEPMode | None = None
+    """DeepEP's kernels with ``a2a: deepep`` (:mod:`moesim.engine.deepep`); None otherwise."""
     topology: Topology | None = None
     """The cluster (device -> node and local index) for hierarchical exchanges."""
     bulk_a2a_min_flows: int = BULK_A2A_MIN_FLOWS

@@ -1,5 +1,6 @@
-"""One all-to-all phase over the network, message by message: direct, hierarchical or
-DeepEP-style, on any back-end of :class:`moesim.engine.netapi.Network`.
+"""One all-to-all phase over the network, message by message: direct or hierarchical, on
+any back-end of :class:`moesim.engine.netapi.Network` (DeepEP's kernels are
+:mod:`moesim.engine.deepep`).
 
 Messages are ``(src, dst, bytes)``; each has a delivery event. A source starts sending when
 it calls :meth:`Exchange.send` (when its data is ready), so sources that finish early send
@@ -13,19 +14,12 @@ early.
   contribution from its node has arrived. Inter-node traffic thus moves on rail-aligned
   NICs in fewer, larger messages. Each hop pays the collective's fixed cost
   (``extra_latency_s``): a hierarchical exchange is two collective calls.
-- ``deepep`` (:class:`DedupExchange`; DeepSeek-V3 report, Sec. 3.2.2, and DeepEP's
-  normal kernels): a token crosses the fabric once per destination node, whatever number
-  of experts it uses there. Dispatch goes first across nodes, to the GPU of the destination
-  node on the source's rail, then over the scale-up fabric to each expert; combine goes
-  first inside the expert's node to that rail GPU, which sums the token's partial results,
-  then across nodes once per token.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import simpy
 
@@ -131,111 +125,4 @@ class Exchange(_Deliveries):
             return
         keys = [(s, d) for s in self._members[(r, d)]]
         (ev,) = self.net.transfer_many([(r, d, self._bytes[(r, d)])], self.extra)
-        ev.callbacks.append(self._deliver_cb(keys))
-
-
-class DedupExchange(_Deliveries):
-    """An all-to-all phase that sends each token once per node across the fabric.
-
-    ``messages`` are per expert device as in :class:`Exchange`; ``node_bytes[(rank, node)]``
-    gives the deduplicated bytes a source rank exchanges with a node (its distinct tokens
-    there times the bytes per token). ``direction`` is ``"dispatch"`` (rank -> experts) or
-    ``"combine"`` (experts -> rank).
-    """
-
-    def __init__(
-        self,
-        env: simpy.Environment,
-        net: Network,
-        messages: Sequence[tuple[int, int, float]],
-        direction: Literal["dispatch", "combine"],
-        node_of: Sequence[int],
-        device_at: dict[tuple[int, int], int],
-        local_of: Sequence[int],
-        node_bytes: dict[tuple[int, int], float],
-        extra_latency_s: float = 0.0,
-    ) -> None:
-        self.env, self.net, self.extra = env, net, extra_latency_s
-        self.direction = direction
-        self.node_of, self.device_at, self.local_of = node_of, device_at, local_of
-        self.node_bytes = node_bytes
-        self._index(messages)
-        self._out: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        # combine: contributions awaited by (relay, rank) before the one cross-node send
-        self._pending: dict[tuple[int, int], int] = defaultdict(int)
-        self._members: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for s, d, b in messages:
-            self._out[s].append((d, b))
-            if direction == "combine" and node_of[s] != node_of[d]:
-                relay = self._relay(node_of[s], d)
-                self._pending[(relay, d)] += 1
-                self._members[(relay, d)].append(s)
-
-    def _relay(self, node: int, rank: int) -> int:
-        """The GPU of ``node`` on ``rank``'s rail."""
-        return self.device_at.get((node, self.local_of[rank]), rank)
-
-    def send(self, src: int) -> None:
-        """Start every message of ``src`` now."""
-        if self.direction == "dispatch":
-            self._dispatch(src)
-        else:
-            self._combine(src)
-
-    def _dispatch(self, src: int) -> None:
-        local, by_node = [], defaultdict(list)
-        for d, b in self._out.get(src, []):
-            if self.node_of[d] == self.node_of[src]:
-                local.append((src, d, b))
-            else:
-                by_node[self.node_of[d]].append((d, b))
-        extra = self.extra if any(s != d for s, d, _ in local) else 0.0
-        for (s, d, _), ev in zip(local, self.net.transfer_many(local, extra)):
-            ev.callbacks.append(self._deliver_cb([(s, d)]))
-        hops = [(src, self._relay(n, src), self.node_bytes.get((src, n), 0.0)) for n in by_node]
-        for (n, targets), ev in zip(by_node.items(), self.net.transfer_many(hops, self.extra)):
-            ev.callbacks.append(self._forward(src, self._relay(n, src), targets))
-
-    def _forward(
-        self, src: int, relay: int, targets: list[tuple[int, float]]
-    ) -> Callable[[simpy.Event], None]:
-        def fire(_event: simpy.Event) -> None:
-            flows = [(relay, d, b) for d, b in targets]
-            extra = self.extra if any(r != d for r, d, _ in flows) else 0.0
-            for (_r, d, _b), ev in zip(flows, self.net.transfer_many(flows, extra)):
-                ev.callbacks.append(self._deliver_cb([(src, d)]))
-
-        return fire
-
-    def _combine(self, src: int) -> None:
-        direct, hop1, at_relay = [], [], []
-        for d, b in self._out.get(src, []):
-            if self.node_of[d] == self.node_of[src]:
-                direct.append((src, d, b))
-                continue
-            relay = self._relay(self.node_of[src], d)
-            if relay == src:
-                at_relay.append((relay, d))
-            else:
-                hop1.append((src, relay, b, d))
-        extra = self.extra if any(s != d for s, d, _ in direct) else 0.0
-        for (s, d, _), ev in zip(direct, self.net.transfer_many(direct, extra)):
-            ev.callbacks.append(self._deliver_cb([(s, d)]))
-        flows = [(s, r, b) for s, r, b, _ in hop1]
-        for (_, r, _, d), ev in zip(hop1, self.net.transfer_many(flows, self.extra)):
-            ev.callbacks.append(self._arrive_cb(r, d))
-        for r, d in at_relay:
-            self._arrive(r, d)
-
-    def _arrive_cb(self, relay: int, rank: int) -> Callable[[simpy.Event], None]:
-        return lambda _: self._arrive(relay, rank)
-
-    def _arrive(self, relay: int, rank: int) -> None:
-        """One expert's partial results reached the relay; the last one triggers the send."""
-        self._pending[(relay, rank)] -= 1
-        if self._pending[(relay, rank)]:
-            return
-        nbytes = self.node_bytes.get((rank, self.node_of[relay]), 0.0)
-        keys = [(s, rank) for s in self._members[(relay, rank)]]
-        (ev,) = self.net.transfer_many([(relay, rank, nbytes)], self.extra)
         ev.callbacks.append(self._deliver_cb(keys))

@@ -34,10 +34,13 @@ import numpy as np
 import simpy
 
 from moesim.config.parallelism import A2AAlgorithm
+from moesim.cost.deepep import kernel as deepep_kernel
 from moesim.cost.layer_inputs import LayerCosts
 from moesim.cost.padded import PaddedExperts
 from moesim.engine.bulk_exchange import BulkExchange
-from moesim.engine.exchange import DedupExchange, Exchange
+from moesim.engine.deepep import DeepEPExchange, layer_exchanges
+from moesim.engine.deepep import traffic as deepep_traffic
+from moesim.engine.exchange import Exchange
 from moesim.engine.netapi import Network
 from moesim.layout import Layout
 from moesim.routing.route import LayerRouting
@@ -183,11 +186,20 @@ def run_layer(
     node_of = topo.node_of if topo is not None else ()
     local_of = topo.local_of if topo is not None else ()
     device_at = topo.device_at if topo is not None else {}
-    dispatch: Exchange | DedupExchange | BulkExchange
-    combine: Exchange | DedupExchange | BulkExchange
+    dispatch: Exchange | DeepEPExchange | BulkExchange
+    combine: Exchange | DeepEPExchange | BulkExchange
     plain: A2AAlgorithm = "direct" if algo == "deepep" else algo
-    deepep = algo == "deepep" and routing.node_tokens is not None
-    if not deepep and plain == "direct" and len(src_a) >= costs.bulk_a2a_min_flows:
+    deepep = algo == "deepep" and routing.node_tokens is not None and topo is not None
+    host_s = costs.ep_host_overhead_s
+    if deepep and topo is not None:
+        # DeepEP's kernels (moesim.engine.deepep): no NCCL alpha; the low-latency kernels
+        # use fixed-size buffers, so no host read of the split sizes either
+        kernel = deepep_kernel(costs.a2a_mode or "normal")
+        t = deepep_traffic(routing, layout, stage, topo, src_a, dst_a, tok_a)
+        dispatch, combine = layer_exchanges(env, net, kernel, m, t)
+        if kernel.mode == "low_latency":
+            host_s = 0.0
+    elif plain == "direct" and len(src_a) >= costs.bulk_a2a_min_flows:
         dispatch = BulkExchange(
             env,
             net,
@@ -205,47 +217,18 @@ def run_layer(
             costs.a2a_overhead_s,
         )
     else:
-        # relayed exchanges need per-flow delivery events (a relay forwards once its
-        # contributions are in); large ones run on a network that prices them in
+        # relayed (hierarchical) exchanges need per-flow delivery events (a relay forwards
+        # once its contributions are in); large ones run on a network that prices them in
         # per-instant batches (chosen where the network is built)
         triples = list(zip(src_a.tolist(), dst_a.tolist(), tok_a.tolist()))
         dispatch_msgs = [(s, d, n * costs.dispatch_bytes_per_token) for s, d, n in triples]
         combine_msgs = [(d, s, n * costs.combine_bytes_per_token) for s, d, n in triples]
-        if deepep and routing.node_tokens is not None:
-            tokens = {
-                (layout.device(stage, r), n): int(c)
-                for r, row in enumerate(routing.node_tokens)
-                for n, c in enumerate(row)
-            }
-            dispatch = DedupExchange(
-                env,
-                net,
-                dispatch_msgs,
-                "dispatch",
-                node_of,
-                device_at,
-                local_of,
-                {k: v * costs.dispatch_bytes_per_token for k, v in tokens.items()},
-                costs.a2a_overhead_s,
-            )
-            combine = DedupExchange(
-                env,
-                net,
-                combine_msgs,
-                "combine",
-                node_of,
-                device_at,
-                local_of,
-                {k: v * costs.combine_bytes_per_token for k, v in tokens.items()},
-                costs.a2a_overhead_s,
-            )
-        else:
-            dispatch = Exchange(
-                env, net, dispatch_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
-            )
-            combine = Exchange(
-                env, net, combine_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
-            )
+        dispatch = Exchange(
+            env, net, dispatch_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+        )
+        combine = Exchange(
+            env, net, combine_msgs, plain, node_of, device_at, local_of, costs.a2a_overhead_s
+        )
 
     def source(local: int) -> Generator[simpy.Event, Any, None]:
         src = layout.device(stage, local)
@@ -261,7 +244,7 @@ def run_layer(
             else:
                 permute = padded.dispatch_s(rf, n_tok, m.d_model)
                 timeline.dispatch_einsum_s[src] = permute
-            yield env.timeout(gate + permute + costs.ep_host_overhead_s)
+            yield env.timeout(gate + permute + host_s)
             timeline.intervals.append(Interval(src, "compute", "gate+permute", t0, env.now))
         timeline.gate_end_s[src] = env.now
         dispatch.send(src)

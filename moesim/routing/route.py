@@ -34,12 +34,28 @@ class LayerRouting:
     node_tokens: np.ndarray | None = None
     """Distinct tokens of each rank with at least one kept slot on each node (ranks x
     nodes), for all-to-alls that send a token once per node; None when not computed."""
+    rank_tokens: np.ndarray | None = None
+    """Distinct tokens of each rank with at least one kept slot on each EP rank (ranks x
+    ep), for all-to-alls that send a token once per device (DeepEP's normal kernels);
+    computed with ``node_tokens``."""
 
 
 def node_token_counts(expert: np.ndarray, expert_node: np.ndarray, nodes: int) -> np.ndarray:
     """For a group's (tokens x top_k) kept experts (-1 dropped), the distinct tokens per node."""
     where = np.where(expert >= 0, expert_node[np.maximum(expert, 0)], -1)
     return np.array([int((where == n).any(axis=1).sum()) for n in range(nodes)], dtype=np.int64)
+
+
+def distinct_counts(expert: np.ndarray, group_of: np.ndarray, groups: int) -> np.ndarray:
+    """For (tokens x top_k) kept experts (-1 dropped), the distinct tokens per group
+    (``group_of[expert]``); :func:`node_token_counts` vectorized over the groups."""
+    if expert.size == 0:
+        return np.zeros(groups, dtype=np.int64)
+    where = np.where(expert >= 0, group_of[np.maximum(expert, 0)], -1).reshape(len(expert), -1)
+    w = np.sort(where, axis=1)
+    new = np.ones(w.shape, dtype=bool)
+    np.not_equal(w[:, 1:], w[:, :-1], out=new[:, 1:])
+    return np.bincount(w[new & (w >= 0)], minlength=groups).astype(np.int64)
 
 
 def model_groups(model: ModelConfig) -> tuple[int, int] | None:
@@ -79,6 +95,7 @@ def route_layer(
     cap_max: int | None = None
     nodes = int(expert_node.max()) + 1 if expert_node is not None else 0
     node_tokens = np.zeros((len(per_rank), nodes), dtype=np.int64)
+    rank_tokens = np.zeros((len(per_rank), layout.ep), dtype=np.int64)
     start = 0
     for r, n in enumerate(per_rank):
         rk, sc = ranking[start : start + n], scores[start : start + n]
@@ -93,6 +110,7 @@ def route_layer(
         fully += int((a.expert < 0).all(axis=1).sum())
         if expert_node is not None:
             node_tokens[r] = node_token_counts(a.expert, expert_node[layout.edp_group(r)], nodes)
+            rank_tokens[r] = distinct_counts(a.expert, layout.owner, layout.ep)
         if cap is not None:
             cap_max = max(cap_max or 0, cap)
     return LayerRouting(
@@ -103,4 +121,5 @@ def route_layer(
         fully,
         cap_max,
         node_tokens if expert_node is not None else None,
+        rank_tokens if expert_node is not None else None,
     )
