@@ -4,7 +4,9 @@ Run: ``python benchmarks/deepep_layers.py`` (``--repeat N``). Two layers of
 ``scenarios/deepseek-v3-production-h800.yaml``: a decode layer of the EP144 pool (18 H800
 nodes, 128 sequences per GPU, 32 redundant experts, CUDA graphs) and a prefill layer of an
 EP32 instance (4 nodes, 16,384 tokens per GPU), each one ``layer`` workload run (routing
-+ one simulated layer). Prints CPU seconds (best of ``--repeat``), SimPy events, the layer's
++ one simulated layer), and one evaluation of the decode pool's memoized layer cost at a
+9,216-token bucket (``MoELayerCost``: up to 3 routed samples, what a serving run prices per
+bucket). Prints CPU seconds (best of ``--repeat``), SimPy events, the layer's
 time and its dispatch / combine on the critical path. Runs on older trees too (without
 ``parallelism.a2a_mode`` it leaves the mode out), so a before/after is this script run in
 both. Results go in docs/fidelity/deepep.md (not a timed test).
@@ -49,6 +51,19 @@ def scenario(nodes: int, tokens_per_gpu: int, mode: str) -> Any:
     )
 
 
+def cost_evaluation(tokens: int, mode: str) -> tuple[float, int, float]:
+    """CPU seconds, SimPy events and the time of one MoE-layer cost evaluation."""
+    from moesim.cost.layer_cost import MoELayerCost
+    from moesim.engine.layer_sim import layer_run
+    from moesim.system import build_system
+
+    system = build_system(scenario(18, 128, mode))
+    cost = MoELayerCost(system, layer_run)
+    t0 = time.process_time()
+    t = cost.sample(tokens).time_s
+    return time.process_time() - t0, cost.sim_events, t
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=1)
@@ -69,6 +84,10 @@ def main() -> None:
             f"layer {summary['time_ms']:8.3f} ms  dispatch {b['dispatch']:7.3f} ms  "
             f"combine {b['combine']:7.3f} ms"
         )
+    for mode in ("low_latency", "normal") if MODES else ("normal",):
+        cpu, events, t = min(cost_evaluation(9216, mode) for _ in range(args.repeat))
+        label = f"cost EP144 9216 {mode if MODES else '(no modes)'}"
+        print(f"{label:<28} cpu {cpu:7.2f} s  events {events:>7}  layer {t * 1e3:8.3f} ms")
 
 
 if __name__ == "__main__":

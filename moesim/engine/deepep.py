@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import simpy
@@ -88,44 +89,6 @@ class Legs:
     arr_leg: np.ndarray
 
 
-class _LegBuilder:
-    """Legs keyed by what they carry, so a shared leg (a node's RDMA send) is made once."""
-
-    def __init__(self) -> None:
-        self.index: dict[tuple[str, int, int], int] = {}
-        self.src: list[int] = []
-        self.dst: list[int] = []
-        self.nbytes: list[float] = []
-        self.trig: list[tuple[int, int]] = []
-        self.arr: list[tuple[int, int]] = []
-
-    def leg(self, key: tuple[str, int, int], src: int, dst: int, nbytes: float) -> int:
-        j = self.index.get(key)
-        if j is None:
-            j = self.index[key] = len(self.src)
-            self.src.append(src)
-            self.dst.append(dst)
-            self.nbytes.append(nbytes)
-        return j
-
-    def build(self) -> Legs:
-        def pairs(p: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-            a = np.array(p, dtype=np.int64).reshape(-1, 2)
-            return a[:, 0].copy(), a[:, 1].copy()
-
-        tm, tl = pairs(self.trig)
-        am, al = pairs(self.arr)
-        return Legs(
-            np.array(self.src, dtype=np.int64),
-            np.array(self.dst, dtype=np.int64),
-            np.array(self.nbytes, dtype=float),
-            tm,
-            tl,
-            am,
-            al,
-        )
-
-
 @dataclass(frozen=True)
 class Traffic:
     """One layer's messages and the distinct-token counts DeepEP's normal kernels send.
@@ -144,65 +107,92 @@ class Traffic:
     local_of: Sequence[int]
     device_at: dict[tuple[int, int], int]
 
-    def relay(self, node: int, rank: int) -> int:
-        """The GPU of ``node`` on ``rank``'s rail."""
-        return self.device_at.get((node, self.local_of[rank]), rank)
-
-    def rows(self) -> zip[tuple[int, int, int, int]]:
-        """``(message, rank, expert device, distinct tokens)`` per message."""
-        return zip(
-            range(len(self.src)), self.src.tolist(), self.dst.tolist(), self.gpu_tokens.tolist()
-        )
-
-
-def dispatch_legs(t: Traffic, mode: DeepEPMode, bytes_per_token: float) -> Legs:
-    """The legs of a dispatch (messages ``t.src[i] -> t.dst[i]``)."""
-    b = _LegBuilder()
-    slots = t.slots.tolist()
-    for i, r, e, distinct in t.rows():
-        if mode == "low_latency" or t.node_of[r] == t.node_of[e]:
-            tokens = slots[i] if mode == "low_latency" else distinct
-            if r != e:
-                j = b.leg(("direct", r, e), r, e, tokens * bytes_per_token)
-                b.trig.append((i, j))
-                b.arr.append((i, j))
-            continue
-        node = t.node_of[e]
-        relay = t.relay(node, r)
-        across = float(t.node_tokens[r - t.first, node]) * bytes_per_token
-        rdma = b.leg(("rdma", r, node), r, relay, across)
-        b.trig.append((i, rdma))
-        b.arr.append((i, rdma))
-        if relay != e:
-            nvl = b.leg(("nvl", r, e), relay, e, distinct * bytes_per_token)
-            b.trig.append((i, nvl))
-            b.arr.append((i, nvl))
-    return b.build()
+    def relays(self, nodes: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """The GPU of each ``nodes[i]`` on ``ranks[i]``'s rail (the rank itself where that
+        node has no such GPU)."""
+        local = np.asarray(self.local_of, dtype=np.int64)
+        at = np.full((int(np.max(nodes, initial=0)) + 1, int(local.max()) + 1), -1, np.int64)
+        for (n, i), dev in self.device_at.items():
+            if n < at.shape[0]:
+                at[n, i] = dev
+        out = at[nodes, local[ranks]]
+        return np.where(out >= 0, out, ranks)
 
 
-def combine_legs(t: Traffic, mode: DeepEPMode, bytes_per_token: float) -> Legs:
-    """The legs of a combine (messages ``t.dst[i] -> t.src[i]``: expert device -> rank)."""
-    b = _LegBuilder()
-    slots = t.slots.tolist()
-    for i, r, e, distinct in t.rows():
-        if mode == "low_latency" or t.node_of[r] == t.node_of[e]:
-            tokens = slots[i] if mode == "low_latency" else distinct
-            if r != e:
-                j = b.leg(("direct", e, r), e, r, tokens * bytes_per_token)
-                b.trig.append((i, j))
-                b.arr.append((i, j))
-            continue
-        node = t.node_of[e]
-        relay = t.relay(node, r)
-        if relay != e:
-            nvl = b.leg(("nvl", e, r), e, relay, distinct * bytes_per_token)
-            b.trig.append((i, nvl))
-            b.arr.append((i, nvl))
-        across = float(t.node_tokens[r - t.first, node]) * bytes_per_token
-        rdma = b.leg(("rdma", node, r), relay, r, across)
-        b.trig.append((i, rdma))  # the relay sends once the node's last part is in
-        b.arr.append((i, rdma))
-    return b.build()
+def phase_legs(
+    t: Traffic, mode: DeepEPMode, bytes_per_token: float, phase: Literal["dispatch", "combine"]
+) -> Legs:
+    """The legs of a dispatch (messages ``t.src[i] -> t.dst[i]``) or a combine (the same
+    messages back, expert device -> rank), built as arrays.
+
+    Low-latency, or inside a node: one leg per message (slots in low-latency, distinct
+    tokens in normal mode). Normal mode across nodes: one RDMA leg per (rank, node), between
+    the rank and the node's GPU on its rail, carrying the rank's distinct tokens there,
+    shared by the rank's messages to that node (a combine's starts once all of them are
+    sent: the relay reduces first), and one NVLink leg per message between that GPU and
+    the expert's (none when it is the expert's)."""
+    r, e = t.src, t.dst
+    m = len(r)
+    idx = np.arange(m, dtype=np.int64)
+    node = np.asarray(t.node_of, dtype=np.int64)
+    tokens = t.slots if mode == "low_latency" else t.gpu_tokens
+    if mode == "low_latency":
+        direct = r != e
+        across = np.zeros(m, dtype=bool)
+    else:
+        same = node[r] == node[e]
+        direct = same & (r != e)
+        across = ~same
+    forward = phase == "dispatch"
+    srcs: list[np.ndarray] = []
+    dsts: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    legs: list[np.ndarray] = []
+
+    def add(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        first = int(sum(len(x) for x in srcs))
+        srcs.append(src)
+        dsts.append(dst)
+        sizes.append(nbytes.astype(float))
+        return np.arange(first, first + len(src), dtype=np.int64)
+
+    d = idx[direct]
+    ids = (
+        add(r[d], e[d], tokens[d] * bytes_per_token)
+        if forward
+        else add(e[d], r[d], tokens[d] * bytes_per_token)
+    )
+    owners.append(d)
+    legs.append(ids)
+    c = idx[across]
+    if len(c):
+        nodes_c = node[e[c]]
+        relay = t.relays(nodes_c, r[c])
+        key = r[c] * (int(node.max()) + 1) + nodes_c
+        _, first_of, inv = np.unique(key, return_index=True, return_inverse=True)
+        r0, n0, relay0 = r[c][first_of], nodes_c[first_of], relay[first_of]
+        nbytes = t.node_tokens[r0 - t.first, n0] * bytes_per_token
+        ids = add(r0, relay0, nbytes) if forward else add(relay0, r0, nbytes)
+        owners.append(c)
+        legs.append(ids[inv.ravel()])
+        k = relay != e[c]
+        ck = c[k]
+        nvl = tokens[ck] * bytes_per_token
+        ids = add(relay[k], e[ck], nvl) if forward else add(e[ck], relay[k], nvl)
+        owners.append(ck)
+        legs.append(ids)
+    msg = np.concatenate(owners)
+    leg = np.concatenate(legs)
+    return Legs(
+        np.concatenate(srcs).astype(np.int64),
+        np.concatenate(dsts).astype(np.int64),
+        np.concatenate(sizes),
+        msg,
+        leg,
+        msg,
+        leg,
+    )
 
 
 def _csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -390,7 +380,7 @@ def layer_exchanges(
         wire,
         t.src,
         t.dst,
-        dispatch_legs(t, mode, dispatch_bytes_per_token(model.d_model, model.dtype, mode)),
+        phase_legs(t, mode, dispatch_bytes_per_token(model.d_model, model.dtype, mode), "dispatch"),
         kernel.dispatch_latency_s,
     )
     combine = DeepEPExchange(
@@ -399,7 +389,7 @@ def layer_exchanges(
         wire,
         t.dst,
         t.src,
-        combine_legs(t, mode, combine_bytes_per_token(model.d_model)),
+        phase_legs(t, mode, combine_bytes_per_token(model.d_model), "combine"),
         kernel.combine_latency_s,
     )
     return dispatch, combine
