@@ -232,3 +232,23 @@ def test_distinct_counts_match_the_per_group_loop() -> None:
         np.testing.assert_array_equal(
             distinct_counts(expert, group_of, groups), node_token_counts(expert, group_of, groups)
         )
+
+
+def test_low_latency_fuses_permute_and_reduction_into_its_kernels() -> None:
+    """The low-latency kernels gather into per-expert buffers and reduce the combine
+    themselves (their fitted times include it): no combine kernel on the ranks, a shorter
+    gate phase; the normal kernels keep both."""
+    from moesim.engine.layer_sim import simulate_routed_layer
+
+    out = {}
+    for mode in ("normal", "low_latency"):
+        over = ["parallelism.a2a=deepep", f"parallelism.a2a_mode={mode}", "cluster.launch=graph"]
+        s, system = _layer(over)
+        assert system.layer_costs.ep_host_overhead_s == 0.0
+        r = moesim.run(s).simulated.records.routing
+        tl = simulate_routed_layer(system, r).timeline
+        combines = [iv for iv in tl.intervals if iv.name == "combine"]
+        gate = max(iv.end_s - iv.start_s for iv in tl.intervals if iv.name == "gate+permute")
+        out[mode] = (len(combines), gate)
+    assert out["normal"][0] == 32 and out["low_latency"][0] == 0
+    assert out["low_latency"][1] < out["normal"][1]

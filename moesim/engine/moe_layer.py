@@ -191,14 +191,17 @@ def run_layer(
     plain: A2AAlgorithm = "direct" if algo == "deepep" else algo
     deepep = algo == "deepep" and routing.node_tokens is not None and topo is not None
     host_s = costs.ep_host_overhead_s
+    fused = False  # the permute and the weighted combine run inside the exchange's kernels
     if deepep and topo is not None:
         # DeepEP's kernels (moesim.engine.deepep): no NCCL alpha; the low-latency kernels
-        # use fixed-size buffers, so no host read of the split sizes either
+        # use fixed-size buffers, so no host read of the split sizes either, and they
+        # gather the tokens into per-expert buffers and reduce the combine themselves (the
+        # fitted kernel times include both), so no permute or scatter kernel on the rank
         kernel = deepep_kernel(costs.a2a_mode or "normal")
         t = deepep_traffic(routing, layout, stage, topo, src_a, dst_a, tok_a)
         dispatch, combine = layer_exchanges(env, net, kernel, m, t)
         if kernel.mode == "low_latency":
-            host_s = 0.0
+            host_s, fused = 0.0, True
     elif plain == "direct" and len(src_a) >= costs.bulk_a2a_min_flows:
         dispatch = BulkExchange(
             env,
@@ -240,7 +243,7 @@ def run_layer(
             gate = float(rf.gemm_s(n_tok, m.d_model, m.experts)) if n_tok else 0.0
             gate += rf.routing_s(n_tok, m.experts, m.top_k)
             if padded is None:
-                permute = rf.gather_s(slots, m.d_model)
+                permute = 0.0 if fused else rf.gather_s(slots, m.d_model)
             else:
                 permute = padded.dispatch_s(rf, n_tok, m.d_model)
                 timeline.dispatch_einsum_s[src] = permute
@@ -267,7 +270,7 @@ def run_layer(
                 timeline.combine_einsum_s[src] = back
                 yield env.timeout(back)
                 timeline.intervals.append(Interval(src, "compute", "combine", t0, env.now))
-        elif slots and padded is None:
+        elif slots and padded is None and not fused:
             with compute[src].request() as req:
                 yield req
                 t0 = env.now
