@@ -124,6 +124,10 @@ class IterationCost:
         self._ar = [(float(a), float(b)) for a, b in self.ar]
         self._ag = [(float(a), float(b)) for a, b in self.ag]
         self._moe: dict[int, LayerSample] = {}
+        self.routed: tuple[int, LayerSample] | None = None
+        """(tokens, MoE sample) of the iteration about to be priced when its routing is
+        consumed in order (trace, logits: :mod:`moesim.cost.routed_layers`); used by
+        :meth:`time` for a batch of exactly those tokens, in place of the memoized one."""
         rf, a = self.rf, self.attention
         overhead = rf.overhead_s if rf.gemm_overhead_s is None else rf.gemm_overhead_s
         self._fused_max = (
@@ -278,7 +282,8 @@ class IterationCost:
         """The iteration from the busiest rank's block costs: every layer's attention, the
         MoE layers at the iteration's total tokens, the dense FFNs, the head, and the
         engine's host time (see :meth:`with_host`)."""
-        moe = self._moe_sample(total_tokens)
+        r = self.routed
+        moe = r[1] if r is not None and r[0] == total_tokens else self._moe_sample(total_tokens)
         parts = (self.layers * attention, self.n_moe * moe.time_s, self.n_dense * dense, head)
         return self.with_host(
             parts,

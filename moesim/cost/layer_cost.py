@@ -130,6 +130,9 @@ class MoELayerCost:
     store: LayerCostStore | None = None
     """Where priced buckets are also kept for other processes and runs (None: memory only;
     :mod:`moesim.cost.cost_store`)."""
+    pinned: dict[int, LayerSample] = field(default_factory=dict)
+    """Samples fixed for given batch sizes: a training run whose routing is consumed in
+    order prices its micro-batches from their own tokens (:mod:`moesim.cost.routed_layers`)."""
 
     def sharing(self, system: System) -> MoELayerCost:
         """A cost for another run of the same layer (same cluster, model, layout, routing,
@@ -221,6 +224,8 @@ class MoELayerCost:
         """Expected time and dropped fraction of one MoE layer over ``tokens`` tokens."""
         if tokens <= 0:
             return LayerSample(0.0, 0.0, 0.0)
+        if tokens in self.pinned:
+            return self.pinned[tokens]
         lo, hi = bucket_points(tokens)
         a = self._at(lo)
         if hi == lo:

@@ -47,6 +47,7 @@ from moesim.config.serving import (
 from moesim.cost.iteration import IterationCost
 from moesim.cost.layer_cost import MoELayerCost
 from moesim.cost.offload import ExpertOffload, expert_offload
+from moesim.cost.routed_layers import routed_layer_cost
 from moesim.derived.serving_memory import serving_memory
 from moesim.engine.batching import RankScheduler, RequestState
 from moesim.engine.iteration_log import IterationLog
@@ -271,6 +272,7 @@ class _Server:
         )
         self.offload = expert_offload(system)
         self.feed = routing_feed(s)  # a trace or logits routing, consumed in order
+        self.routed_cost = routed_layer_cost(system, self.cost.moe_cost, self.feed)
         self.rank_of = np.arange(len(t), dtype=np.int64) % self.dp
         self.rejected = np.zeros(len(t), dtype=bool)
         self.env = env if env is not None else simpy.Environment()
@@ -355,10 +357,12 @@ class _Server:
                 seqs += len(b.ids)
             if not total:  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
+            routed = self.feed.take(total) if self.feed is not None else None
+            if routed is not None and self.routed_cost is not None:  # priced from its tokens
+                self.cost.routed = (total, self.routed_cost.price(routed))
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
             if self.spec is not None:  # the drafter's passes (workload.speculative)
                 it = with_draft(self.cost, it, self.spec, *draft_load(batches))
-            routed = self.feed.take(total) if self.feed is not None else None
             stall = self.offload.stall_for(start, total, it, routed)
             delay = it.total_s + stall
             t = start + delay  # where env.timeout(delay) from ``start`` lands

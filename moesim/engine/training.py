@@ -27,10 +27,12 @@ from moesim.cost.offload import (
     offload_stages,
     optimizer_offload,
 )
+from moesim.cost.routed_layers import routed_training
 from moesim.cost.training import StageCost, block_costs, stage_costs, step_kernels
 from moesim.derived.serving_memory import serving_memory
 from moesim.derived.training_memory import TrainingMemory, training_memory
 from moesim.engine.layer_sim import simulated_layer_cost
+from moesim.routing.replay import RoutingUse
 from moesim.system import System
 
 
@@ -61,6 +63,9 @@ class TrainingRecords:
     """Expert streaming per micro-batch pass (expert offloading), else None."""
     optimizer_offload: OptimizerOffload | None = None
     """ZeRO-Offload's host-side optimizer work for the device's shard, else None."""
+    routed: RoutingUse | None = None
+    """What a trace or logits routing handed out over every step's micro-batches, in order
+    (None for popularity sampling)."""
 
 
 def schedule(kind: str, stages: int, stage: int, microbatches: int) -> list[tuple[str, int]]:
@@ -125,6 +130,9 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
     s = system.scenario
     m, p = s.model, s.parallelism
     cost = simulated_layer_cost(system)
+    # a trace or logits routing: every micro-batch of every step priced from its tokens
+    moe_tokens = w.seq_len * w.micro_batch_sequences * p.dp
+    routed = routed_training(system, cost, moe_tokens, w.steps * w.microbatches)
     blocks = block_costs(system, w, cost)
     stages = offload_stages(system, stage_costs(system, w, blocks))
     pipeline_s, ops, events = run_pipeline(stages, w.schedule, w.microbatches)
@@ -160,7 +168,6 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         host_opt = optimizer_offload(s, w, host_params)
         optimizer = optimizer_offload(s, w, shard_params).total_s
     tokens = p.dp * w.micro_batch_sequences * w.microbatches * w.seq_len
-    moe_tokens = w.seq_len * w.micro_batch_sequences * p.dp
     return TrainingRecords(
         step_s=pipeline_s + sync + optimizer,
         pipeline_s=pipeline_s,
@@ -180,6 +187,7 @@ def simulate_training(system: System, w: TrainingWorkload) -> TrainingRecords:
         * w.microbatches,
         expert_stream=expert_stream(s),
         optimizer_offload=host_opt,
+        routed=routed,
     )
 
 

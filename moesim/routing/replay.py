@@ -52,6 +52,10 @@ class RoutingUse:
     trace_tokens: int | None = None
     counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     """int64 [moe_layers, experts]: choices handed out per layer and expert."""
+    priced: np.ndarray | None = None
+    """int64 [moe_layers, experts]: kept token slots of the routed layers that priced the
+    run's batches (serving iterations, training micro-batches), per layer and expert;
+    None where nothing was priced per batch (:mod:`moesim.cost.routed_layers`)."""
 
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind, "tokens": self.tokens}

@@ -36,16 +36,12 @@ class TrainingKind:
     def simulate(self, system: System, moe_cost: MoELayerCost | None) -> Simulated:
         from moesim.engine.training import simulate_training
         from moesim.failures.training_run import simulate_training_run
-        from moesim.routing.replay import consume
 
-        s = system.scenario
-        w = _workload(s)
+        w = _workload(system.scenario)
         records = simulate_training(system, w)
         run = simulate_training_run(system, w, records) if w.duration_s is not None else None
-        # a trace or logits routing: every micro-batch of every step takes the next tokens
-        batch = w.seq_len * w.micro_batch_sequences * s.parallelism.dp
-        routed = consume(s, w.steps * w.microbatches * batch, batch)
-        return Simulated(records, run, routed)
+        # a trace or logits routing: every micro-batch of every step took the next tokens
+        return Simulated(records, run, records.routed)
 
     def shares_layer_cost(self) -> bool:
         return False
