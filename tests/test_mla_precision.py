@@ -78,3 +78,29 @@ def test_defaults_are_the_model_dtype() -> None:
         assert float(a.scores_s([n], [k], [kv])[0]) == a.score_s(n, k, kv)
     training = AttentionCost(a.rf, _scenario(attention_dtype="bf16").model, 1)
     assert training.core_scale == 1.0  # training keeps its own precision convention
+
+
+def test_absorbed_decode_attends_in_the_latent_space() -> None:
+    """With ``mla_absorbed_decode`` a batch whose every computed token gets logits (decodes,
+    verified drafts) attends over the 576-wide latent keys and 512-wide latent values of
+    each of the 128 heads: 2 x 128 x 1,088 FLOPs per (query, key) instead of the
+    un-absorbed 2 x 128 x 320; a prefill chunk (fewer logits than tokens) stays
+    un-absorbed; the scalar and vectorized forms agree; off by default."""
+    a = _cost(attention_dtype="bf16", kv_cache_dtype="bf16", mla_absorbed_decode=True)
+    plain = _cost(attention_dtype="bf16", kv_cache_dtype="bf16")
+    assert a.absorbed_width == 128 * (2 * 512 + 64) and plain.absorbed_width == 0
+    assert a.width == plain.width == 128 * (192 + 128)
+    seqs, c, q = 128, 5000, 2  # two tokens per sequence: one draft verified
+    keys = seqs * (q * c + q * (q + 1) // 2)
+    kv = seqs * (c + q)
+    over = a.rf.overhead_s
+    dec = a.score_s(seqs * q, keys, kv, seqs * q) - over
+    flops = 2.0 * a.absorbed_width * keys * a.core_scale
+    reads = kv * 1152 + seqs * q * a.absorbed_width * 2
+    assert dec == pytest.approx(max(flops / a.rf.flops_per_s, reads / a.rf.bytes_per_s), rel=1e-9)
+    assert dec > plain.score_s(seqs * q, keys, kv, seqs * q) - over
+    pre = (4096, 4096 * 4097 // 2, 4096, 1)
+    assert a.score_s(*pre) == plain.score_s(*pre)
+    vec = a.scores_s([seqs * q, 4096], [keys, pre[1]], [kv, 4096], [seqs * q, 1])
+    assert float(vec[0]) == a.score_s(seqs * q, keys, kv, seqs * q)
+    assert float(vec[1]) == a.score_s(*pre)

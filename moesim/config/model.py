@@ -126,6 +126,12 @@ class ModelConfig(Frozen):
     kv_cache_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
     """Storage type of the KV cache (MLA: its latent and rotary key); None: the model's
     ``dtype``."""
+    mla_absorbed_decode: bool = False
+    """MLA only: decode steps attend in the latent space (the key up-projection folded into
+    the query, the value's into the output: per head ``kv_lora_rank + qk_rope_head_dim``
+    query/key and ``kv_lora_rank`` value widths over the cached latent), as DeepSeek's
+    FlashMLA decode kernel does; a batch that computes logits at every token it computes
+    (decodes, speculative verification) is priced so. False: every batch un-absorbed."""
 
     @field_validator("sources")
     @classmethod

@@ -148,6 +148,20 @@ class AttentionCost:
         self.core_flops_per_s = rf.flops_per_s / self.core_scale
         """The core's FLOP rate."""
         self._proj: dict[int, float] = {}
+        self.absorbed_width = 0
+        """Query plus output elements of one token in the absorbed MLA form (0: never
+        absorbed; see ``ModelConfig.mla_absorbed_decode``)."""
+        if model.attention == "mla" and model.mla_absorbed_decode and kernel == "fused":
+            assert model.kv_lora_rank and model.qk_rope_head_dim
+            self.absorbed_width = self.heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+
+    def width_for(self, tokens: float, sampled: float | None) -> int:
+        """The core's per-token width for a batch of ``tokens`` computed tokens with
+        logits at ``sampled`` of them: absorbed when the model says so and every computed
+        token is a decode or verified draft (``sampled == tokens``)."""
+        if self.absorbed_width and sampled is not None and tokens > 0 and sampled == tokens:
+            return self.absorbed_width
+        return self.width
 
     def projections_s(self, tokens: int) -> float:
         """QKV (or MLA q/kv) and output projections over ``tokens`` new tokens."""
@@ -179,6 +193,7 @@ class AttentionCost:
         tokens: ArrayLike,
         keys: ArrayLike,
         kv_read_tokens: ArrayLike,
+        sampled: ArrayLike | None = None,
     ) -> np.ndarray:
         """The attention kernel over batches of ``tokens`` new tokens attending ``keys``
         (query, key) pairs and reading the KV of ``kv_read_tokens`` tokens (arrays: one
@@ -205,6 +220,9 @@ class AttentionCost:
             )
             return self.rf.product_s(2.0 * w * q * kv, moved)
         k = np.asarray(keys, dtype=float)
+        if self.absorbed_width and sampled is not None:  # decode ranks in the latent space
+            n = np.asarray(tokens, dtype=float)
+            w = np.where((n > 0) & (np.asarray(sampled, dtype=float) == n), self.absorbed_width, w)
         flops = 2.0 * w * k
         if self.rate is not None:  # the measured kernel rate, as GEMM-rate-equivalent FLOPs
             per_query = k / np.maximum(np.asarray(tokens, dtype=float), 1.0)
@@ -224,7 +242,9 @@ class AttentionCost:
         safe = np.maximum(per_query, 1e-9)
         return (self.rf.flops_per_s / r.flops_per_s) * (safe + r.keys_knee) / safe
 
-    def score_s(self, tokens: int, keys: float, kv_read_tokens: int) -> float:
+    def score_s(
+        self, tokens: int, keys: float, kv_read_tokens: int, sampled: int | None = None
+    ) -> float:
         """:meth:`scores_s` of one batch as a float (plain arithmetic, the same operations
         in the same order; serving calls it once per DP rank per iteration)."""
         w = self.width
@@ -237,6 +257,8 @@ class AttentionCost:
                 2 * kv * self.kv_bytes + kv * self.kv_bytes + 2 * expanded + q * kv * b + q * w * b
             )
             return rf.product_scalar_s(2.0 * w * q * kv, moved)
+        if self.absorbed_width:
+            w = self.width_for(tokens, sampled)
         flops = 2.0 * w * float(keys)
         if self.rate is not None:
             flops *= float(self._rate_scale(float(keys) / max(float(tokens), 1.0)))

@@ -143,6 +143,7 @@ class IterationCost:
             if kernel == "fused"
             and a.rate is None
             and a.core_scale == 1.0
+            and not a.absorbed_width
             and (rf.smoothness == float("inf") or rf.smoothness > 1e6)
             else None
         )
@@ -196,7 +197,7 @@ class IterationCost:
         n = np.asarray(tokens, dtype=float)
         busy = n > 0
         attn = self.attention
-        core = attn.scores_s(n, keys, kv_read_tokens)
+        core = attn.scores_s(n, keys, kv_read_tokens, sampled)
         hidden = n * self.model.d_model * self.act_bytes
         reduce = np.where(busy & (self.tp > 1), self.ar[:, 0] + self.ar[:, 1] * hidden, 0.0)
         proj = np.array([attn.projections_s(t) for t in tokens])
@@ -245,7 +246,7 @@ class IterationCost:
                     tm = (float(kv_read_tokens[r]) * kvb + float(t) * w * bpe) / bps
                     core = (tc if tc >= tm else tm) + ovh
                 else:
-                    core = attn.score_s(t, keys[r], kv_read_tokens[r])
+                    core = attn.score_s(t, keys[r], kv_read_tokens[r], sampled[r])
                 pr = proj.get(t)
                 if pr is None:
                     pr = attn.projections_s(t)
