@@ -85,6 +85,15 @@ class RoutedLayerCost:
         self._kernel = lc.expert_kernel
         self._rf = lc.roofline
         self._local = self.layout.ep * self.layout.etp == 1
+        self._experts_of = [self.layout.local_experts(q) for q in range(self.layout.ep)]
+        self._per_rank: dict[int, np.ndarray] = {}
+
+    def tokens_per_rank(self, tokens: int) -> np.ndarray:
+        """The layout's split of a batch over the stage's ranks (memoized)."""
+        got = self._per_rank.get(tokens)
+        if got is None:
+            got = self._per_rank[tokens] = self.layout.tokens_per_rank(tokens)
+        return got
 
     # --- routing ------------------------------------------------------------------------
     def route(self, x: np.ndarray) -> list[LayerRouting] | np.ndarray:
@@ -92,7 +101,7 @@ class RoutedLayerCost:
         rank, expert) as one array; otherwise each layer routed by
         :func:`moesim.routing.route.route_layer` (capacity, overflow, replicas)."""
         n = len(x)
-        per_rank = self.layout.tokens_per_rank(n)
+        per_rank = self.tokens_per_rank(n)
         if self.fast:
             ranks, e = len(per_rank), self.model.experts
             rank = np.repeat(np.arange(ranks), per_rank)
@@ -139,7 +148,7 @@ class RoutedLayerCost:
             groups = counts.reshape(lay.edp, lay.ep * lay.etp, counts.shape[1]).sum(axis=1)
         for g in range(groups.shape[0]):
             for q in range(lay.ep):
-                loads = groups[g] if self._local else groups[g, lay.local_experts(q)]
+                loads = groups[g] if self._local else groups[g, self._experts_of[q]]
                 tok = int(tokens_per_rank[g]) if self._local else 0
                 slots = int(loads.sum()) if self._local else 0
                 key = (loads.tobytes(), tok, slots)
@@ -198,7 +207,7 @@ class RoutedLayerCost:
         if n == 0:
             return LayerSample(0.0, 0.0, 0.0)
         base = self.cost.sample(n)
-        per_rank = self.layout.tokens_per_rank(n)
+        per_rank = self.tokens_per_rank(n)
         routed = self.route(x)
         step = dropped = 0.0
         for j in range(self.layers):
@@ -218,7 +227,7 @@ class RoutedLayerCost:
         """The per-layer mean time of the batch with every routed layer simulated (the
         reference the closed form is measured against; memoized by routing outcome)."""
         n = len(x)
-        per_rank = self.layout.tokens_per_rank(n)
+        per_rank = self.tokens_per_rank(n)
         routed = self.route(x)
         total = 0.0
         for j in range(self.layers):
