@@ -220,10 +220,12 @@ class AttentionCost:
             )
             return self.rf.product_s(2.0 * w * q * kv, moved)
         k = np.asarray(keys, dtype=float)
+        width: int | np.ndarray = w
         if self.absorbed_width and sampled is not None:  # decode ranks in the latent space
             n = np.asarray(tokens, dtype=float)
-            w = np.where((n > 0) & (np.asarray(sampled, dtype=float) == n), self.absorbed_width, w)
-        flops = 2.0 * w * k
+            decode = (n > 0) & (np.asarray(sampled, dtype=float) == n)
+            width = np.where(decode, self.absorbed_width, w)
+        flops = 2.0 * width * k
         if self.rate is not None:  # the measured kernel rate, as GEMM-rate-equivalent FLOPs
             per_query = k / np.maximum(np.asarray(tokens, dtype=float), 1.0)
             flops = flops * self._rate_scale(per_query)
@@ -232,7 +234,7 @@ class AttentionCost:
         return self.rf.product_s(
             flops,
             np.asarray(kv_read_tokens, dtype=float) * self.kv_bytes
-            + np.asarray(tokens, dtype=float) * w * self.core_bytes_per_element,
+            + np.asarray(tokens, dtype=float) * width * self.core_bytes_per_element,
         )
 
     def _rate_scale(self, per_query: np.ndarray | float) -> np.ndarray | float:
