@@ -276,14 +276,22 @@ class DeepEPExchange:
         )
         receivers = self.receiver[ready]
         np.subtract.at(self._recv_pending, receivers, 1)
-        for d in np.unique(receivers[self._recv_pending[receivers] == 0]).tolist():
-            into = _take(*self._by_receiver, np.array([d]))
-            times = self.arrived[into]
-            k = int(np.argmax(times))  # the first message (in message order) among the latest
-            self._last[d] = int(self.sender[into[k]])
-            self.env.timeout(max(0.0, float(times[k]) - now)).callbacks.append(
-                _fire(self.inbound(d))
-            )
+        complete = np.unique(receivers[self._recv_pending[receivers] == 0])
+        if not len(complete):
+            return
+        # each complete receiver's last arrival, and its first sender (in message order)
+        # among the latest
+        off, by_receiver = self._by_receiver
+        counts = off[complete + 1] - off[complete]
+        into = by_receiver[ranges(off[complete], counts)]
+        times = self.arrived[into]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        latest = np.maximum.reduceat(times, starts)
+        pos = np.where(times == np.repeat(latest, counts), np.arange(len(times)), len(times))
+        last = self.sender[into[np.minimum.reduceat(pos, starts)]]
+        for d, t, who in zip(complete.tolist(), latest.tolist(), last.tolist()):
+            self._last[d] = who
+            self.env.timeout(max(0.0, t - now)).callbacks.append(_fire(self.inbound(d)))
 
     def _price(self, legs: np.ndarray, now: float) -> None:
         """Legs ``legs`` start now: one fluid batch on the wire, bytes on the counters."""

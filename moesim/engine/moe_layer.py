@@ -89,6 +89,14 @@ class LayerTimeline:
     """Padded layers: each source rank's combine einsum (its combine phase)."""
 
 
+def _per_ep_rank(counts: np.ndarray, layout: Layout) -> np.ndarray:
+    """``counts`` (ranks x experts) summed over each EP rank's experts (ranks x ep): a
+    float64 product through BLAS, exact for counts below 2**53."""
+    onehot = np.zeros((layout.experts, layout.ep))
+    onehot[np.arange(layout.experts), layout.owner] = 1.0
+    return np.rint(counts.astype(np.float64) @ onehot).astype(np.int64)
+
+
 def traffic_arrays(
     routing: LayerRouting, layout: Layout, stage: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
@@ -101,9 +109,7 @@ def traffic_arrays(
     """
     ep, etp = layout.ep, layout.etp
     ranks = layout.stage_ranks
-    onehot = np.zeros((layout.experts, ep), dtype=np.int64)
-    onehot[np.arange(layout.experts), layout.owner] = 1
-    per_ep = routing.counts @ onehot  # (ranks x ep) tokens of each rank for each EP rank
+    per_ep = _per_ep_rank(routing.counts, layout)  # (ranks x ep) slots of each rank per EP rank
     local = np.arange(ranks)
     base = (local // (ep * etp)) * ep * etp  # first rank of each rank's edp group
     dst_local = base[:, None, None] + (np.arange(ep) * etp)[None, :, None] + np.arange(etp)
@@ -139,9 +145,7 @@ def dispatch_messages(routing: LayerRouting, layout: Layout) -> int:
     """How many messages one all-to-all phase of the layer has: the length of
     :func:`traffic_arrays`' message arrays (non-empty (source rank, expert device) pairs),
     without building them."""
-    onehot = np.zeros((layout.experts, layout.ep), dtype=np.int64)
-    onehot[np.arange(layout.experts), layout.owner] = 1
-    return int(np.count_nonzero(routing.counts @ onehot)) * layout.etp
+    return int(np.count_nonzero(_per_ep_rank(routing.counts, layout))) * layout.etp
 
 
 def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, list[int]]:

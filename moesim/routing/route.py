@@ -42,13 +42,12 @@ class LayerRouting:
 
 def node_token_counts(expert: np.ndarray, expert_node: np.ndarray, nodes: int) -> np.ndarray:
     """For a group's (tokens x top_k) kept experts (-1 dropped), the distinct tokens per node."""
-    where = np.where(expert >= 0, expert_node[np.maximum(expert, 0)], -1)
-    return np.array([int((where == n).any(axis=1).sum()) for n in range(nodes)], dtype=np.int64)
+    return distinct_counts(expert, expert_node, nodes)
 
 
 def distinct_counts(expert: np.ndarray, group_of: np.ndarray, groups: int) -> np.ndarray:
     """For (tokens x top_k) kept experts (-1 dropped), the distinct tokens per group
-    (``group_of[expert]``); :func:`node_token_counts` vectorized over the groups."""
+    (``group_of[expert]``): per row, the groups sorted and counted once each."""
     if expert.size == 0:
         return np.zeros(groups, dtype=np.int64)
     where = np.where(expert >= 0, group_of[np.maximum(expert, 0)], -1).reshape(len(expert), -1)
