@@ -12,11 +12,11 @@ receiver waits for all its messages) but prices the messages analytically:
   :mod:`moesim.cost.fluid`); later batches queue behind the links' backlog;
 - each receiver gets one event, at the arrival of its last message.
 
-Only the ``direct`` algorithm is modelled this way; relayed exchanges (hierarchical,
-deepep) keep their per-flow delivery events (a relay forwards once its contributions are
-in) but, above the same size, run on a network built to price their flows in per-instant
-batches (:class:`moesim.engine.network.BatchedFlowNetwork`). The MoE layer switches to
-this exchange above a message count
+Only the ``direct`` algorithm is modelled this way (DeepEP's: :mod:`moesim.engine.deepep`);
+relayed (hierarchical) exchanges keep their per-flow delivery events (a relay forwards
+once its contributions are in) but, above the same size, run on a network built to price
+their flows in per-instant batches (:class:`moesim.engine.network.BatchedFlowNetwork`).
+The MoE layer switches to this exchange above a message count
 (:attr:`moesim.cost.layer_inputs.LayerCosts.bulk_a2a_min_flows`); ``tests/test_fluid.py``
 compares the two where both run.
 """

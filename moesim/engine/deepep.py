@@ -15,8 +15,9 @@ moves them as *legs* on the cluster's links:
   starts when the node's last expert GPU has sent its part).
 - ``low_latency`` (DeepEP's low-latency kernels): every (token, expert) straight to the
   expert's GPU: over NVLink inside the node, RDMA (the topology's route) across nodes; the
-  combine sends every (token, expert) result back, reduced at the receiver (its cost is the
-  rank's combine kernel, :func:`moesim.engine.moe_layer.run_layer`).
+  combine sends every (token, expert) result back, reduced at the receiver inside the
+  kernel (so the rank runs no permute or scatter kernel of its own in this mode:
+  :func:`moesim.engine.moe_layer.run_layer`).
 
 Bytes per token are DeepEP's (FP8 dispatch with scales, BF16 combine:
 :mod:`moesim.cost.deepep`); neither mode pays the NCCL per-call alpha of the cluster's
@@ -27,7 +28,8 @@ The senders that call :meth:`DeepEPExchange.send` at one simulated instant form 
 the legs they start are priced in one pass of :func:`moesim.cost.fluid.batch_finish_s`
 (per-link fair sharing, after the links' backlog from earlier batches of the layer's
 dispatch and combine), and each receiver gets one event, at its last message's arrival. No
-event per flow: an EP144 decode layer is a few hundred events.
+event per flow: a DeepSeek-V3 EP144 decode layer is ~2,600 SimPy events in all (its
+compute processes included), against ~106,000 with a relayed per-flow exchange.
 """
 
 from __future__ import annotations

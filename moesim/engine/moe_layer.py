@@ -10,7 +10,8 @@ sends results back; the layer ends when every rank has combined its tokens.
 A direct all-to-all phase with at least ``LayerCosts.bulk_a2a_min_flows`` messages (an
 expert-parallel group of 64 ranks or more) is priced in batches by
 :class:`moesim.engine.bulk_exchange.BulkExchange` (one event per receiver, per-link fair
-sharing) instead of flow by flow. Relayed algorithms (hierarchical, deepep) use whichever
+sharing) instead of flow by flow. DeepEP's kernels (``a2a: deepep``) are always priced per
+instant as vectors (:mod:`moesim.engine.deepep`). The hierarchical algorithm uses whichever
 network back-end they are given (:class:`moesim.engine.netapi.Network`); the layer
 simulation builds one that prices each instant's flows as one batch for layers of that
 size (:func:`moesim.engine.layer_sim.layer_network`, by :func:`dispatch_messages`; within

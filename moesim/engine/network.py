@@ -258,7 +258,7 @@ class BatchedFlowNetwork(_BatchPricing):
     The flows :meth:`transfer_many` starts at one simulated instant form one
     :meth:`transfer_bulk` batch, and each delivery event fires at its priced arrival (one
     timeout per distinct arrival time, no re-rating). Used for large relayed all-to-alls
-    (hierarchical, deepep), whose forwarding needs per-flow events; within 2% of
+    (hierarchical), whose forwarding needs per-flow events; within 2% of
     :class:`FlowNetwork` on DeepSeek-V3 EP 32 (``tests/test_fluid.py``).
     """
 
