@@ -252,3 +252,14 @@ def test_low_latency_fuses_permute_and_reduction_into_its_kernels() -> None:
         out[mode] = (len(combines), gate)
     assert out["normal"][0] == 32 and out["low_latency"][0] == 0
     assert out["low_latency"][1] < out["normal"][1]
+
+
+def test_pool_mode_is_validated_at_the_pools_field() -> None:
+    path = ROOT / "scenarios" / "deepseek-v3-production-h800.yaml"
+    key = "workload.pools.decode.parallelism.a2a_mode"
+    s = load_scenario(path, [f"{key}=low_latency"])
+    pools = getattr(s.workload, "pools", None)
+    assert pools is not None and pools.decode.parallelism.deepep_mode == "low_latency"
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path, [f"{key}=fast"])
+    assert [i.path for i in info.value.issues] == [key]
