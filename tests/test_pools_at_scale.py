@@ -201,3 +201,36 @@ def test_pool_steady_refuses_bad_arguments() -> None:
         prefill_steady(s, 16, 0, 0)
     with pytest.raises(ValueError, match="seqs_per_rank >= 1"):
         decode_steady(s, 0, 10)
+
+
+def test_steady_decode_with_speculation_in_closed_form() -> None:
+    """A steady decode step with k = 2 drafts at per-depth rates (0.8, 0.5): each sequence
+    verifies 3 tokens after its cached ones (keys 3c + 6, KV read c + 3, logits at 3
+    positions), the MTP drafter's 2 passes follow, and each sequence gains
+    1 + 0.8 + 0.4 = 2.2 tokens per step: per-user speed 2.2 / step, per-node throughput
+    dp x sequences x 2.2 / step / nodes. Without speculation: the plain step."""
+    from moesim.cost.iteration import IterationCost
+    from moesim.cost.speculative import with_draft
+    from moesim.engine.layer_sim import simulated_layer_cost
+    from moesim.system import build_system
+    from moesim.workloads.pool_steady import decode_steady
+    from moesim.workloads.pools import pool_scenario
+
+    d = _trace_scenario([(0.5, 1024, 4)])
+    plain = decode_steady(scenario_from_dict(d), 16, 1000)
+    d["workload"]["speculative"] = {"draft_tokens": 2, "acceptance": [0.8, 0.5]}
+    s = scenario_from_dict(d)
+    spec = decode_steady(s, 16, 1000)
+    sub = build_system(pool_scenario(s, "decode"))
+    cost = IterationCost(sub, simulated_layer_cost(sub))
+    m, c, dp = 16, 1000, 8
+    it = cost.time([3 * m] * dp, [float(m * (3 * c + 6))] * dp, [m * (c + 3)] * dp, [3 * m] * dp)
+    cfg = s.workload.speculative  # type: ignore[union-attr]
+    want = with_draft(cost, it, cfg, [m] * dp, [m * (c + 3)] * dp)
+    assert spec.iteration.total_s == pytest.approx(want.total_s, rel=1e-12)
+    assert spec.iteration.total_s > it.total_s > plain.iteration.total_s
+    assert spec.tokens_per_step == pytest.approx(2.2, rel=1e-12)
+    assert spec.per_user_tokens_per_s == pytest.approx(2.2 / want.total_s, rel=1e-12)
+    assert spec.tokens_per_s_per_node == pytest.approx(dp * m * 2.2 / want.total_s, rel=1e-12)
+    assert plain.tokens_per_step == 1.0
+    assert plain.per_user_tokens_per_s == pytest.approx(1 / plain.iteration.total_s, rel=1e-12)

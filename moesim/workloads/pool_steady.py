@@ -14,7 +14,12 @@ beside it:
   the cache), each chunk attending ``computed x cached + computed (computed + 1) / 2``
   keys and reading ``cached + computed`` tokens' KV; one token sampled per chunk;
 - **decode**: every rank's ``seqs_per_rank`` sequences each compute one token after
-  ``kv_tokens`` cached ones.
+  ``kv_tokens`` cached ones; with ``workload.speculative`` (k drafts) each verifies
+  ``k + 1`` tokens after them (``(k + 1) c + (k + 1)(k + 2) / 2`` keys, ``c + k + 1`` KV
+  tokens read, logits at ``k + 1`` positions), the drafter's ``k`` passes follow
+  (:func:`moesim.cost.speculative.with_draft`), and a step yields the chain's expected
+  ``1 + p1 + p1 p2 + ...`` tokens per sequence (the engine draws them; at steady state
+  their mean is what the throughput sees).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moesim.config.scenario import Scenario
+from moesim.config.serving import ServingWorkload
 from moesim.cost.iteration import IterationCost, IterationTime
+from moesim.cost.speculative import with_draft
 from moesim.engine.dual_batch import dual_batch_hooks
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.system import System, build_system
@@ -40,16 +47,29 @@ class SteadyPool:
     computed_tokens_per_s_per_node: float
     """Prefill: input tokens computed (no hits); decode: as above."""
     per_user_tokens_per_s: float
-    """Decode: tokens per second each sequence sees (1 / step); prefill: 0."""
+    """Decode: tokens per second each sequence sees (tokens per step / step); prefill: 0."""
+    tokens_per_step: float = 1.0
+    """Decode: tokens each sequence gains per step (1 without speculative decoding)."""
 
 
 def _iteration(
-    sub: System, micro_batches: int, batch: tuple[list[int], list[float], list[int], list[int]]
+    sub: System,
+    micro_batches: int,
+    batch: tuple[list[int], list[float], list[int], list[int]],
+    draft: tuple[list[int], list[int]] | None = None,
 ) -> IterationTime:
+    """The pool's iteration over ``batch``; ``draft``: the drafting sequences and their KV
+    tokens per rank when the workload decodes speculatively."""
     cost = IterationCost(sub, simulated_layer_cost(sub))
     if micro_batches == 2:
-        return dual_batch_hooks(sub).iteration_time(cost, *batch)
-    return cost.time(*batch)
+        it = dual_batch_hooks(sub).iteration_time(cost, *batch)
+    else:
+        it = cost.time(*batch)
+    w = sub.scenario.workload
+    spec = w.speculative if isinstance(w, ServingWorkload) else None
+    if draft is not None and spec is not None:
+        it = with_draft(cost, it, spec, *draft)
+    return it
 
 
 def _pool(s: Scenario, name: str) -> tuple[System, int, int]:
@@ -88,8 +108,14 @@ def decode_steady(s: Scenario, seqs_per_rank: int, kv_tokens: int) -> SteadyPool
         raise ValueError("need seqs_per_rank >= 1 and kv_tokens >= 0")
     sub, nodes, mb = _pool(s, "decode")
     dp = sub.scenario.parallelism.dp
-    kv = seqs_per_rank * (kv_tokens + 1)
-    batch = ([seqs_per_rank] * dp, [float(kv)] * dp, [kv] * dp, [seqs_per_rank] * dp)
-    it = _iteration(sub, mb, batch)
-    rate = dp * seqs_per_rank / it.total_s / nodes
-    return SteadyPool(it, nodes, rate, rate, 1.0 / it.total_s)
+    w = sub.scenario.workload
+    spec = w.speculative if isinstance(w, ServingWorkload) else None
+    q = 1 + (spec.draft_tokens if spec is not None else 0)  # query tokens per sequence
+    m, c = seqs_per_rank, kv_tokens
+    kv = m * (c + q)
+    keys = float(m * (q * c + q * (q + 1) // 2))
+    batch = ([m * q] * dp, [keys] * dp, [kv] * dp, [m * q] * dp)
+    it = _iteration(sub, mb, batch, ([m] * dp, [kv] * dp) if spec is not None else None)
+    per_step = spec.expected_tokens_per_step if spec is not None else 1.0
+    rate = dp * m * per_step / it.total_s / nodes
+    return SteadyPool(it, nodes, rate, rate, per_step / it.total_s, per_step)
