@@ -44,12 +44,16 @@ def test_training_prices_every_micro_batch_of_every_step(tmp_path):
 
 @pytest.mark.parametrize(
     ("par", "cluster", "bound"),
-    [("{dp: 1, ep: 1}", "single-h200", 1e-9), ("{dp: 8, ep: 8}", "dgx-h100", 0.01)],
+    [
+        ("{dp: 1, ep: 1}", "single-h200", 1e-9),
+        ("{dp: 8, ep: 8}", "dgx-h100", 0.01),
+        ("{dp: 8, ep: 2}", "dgx-h100", 0.03),
+    ],
 )
 def test_the_closed_form_against_every_routed_layer_simulated(tmp_path, par, cluster, bound):
     """One expert device: the closed form is the layer simulation's time exactly (nothing
     else in the layer depends on the routing); with expert parallelism its all-to-all is the
-    bucket's mean (measured within 0.04% here, bound 1%). The bucket alone is off by up to
+    bucket's mean (measured within 0.04% at ep 8 and 1.9% at ep 2, bounds 1% and 3%). The bucket alone is off by up to
     15% on one device: the per-batch routing matters."""
     x = recorded(6000, seed=4)
     write_jsonl(tmp_path / "t.jsonl", x)
