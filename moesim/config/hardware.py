@@ -145,6 +145,9 @@ class AcceleratorSpec(Frozen):
     """Achievable fractions of peak compute and memory bandwidth."""
     kernel_overhead_us: float = Field(ge=0)
     """Fixed per-kernel launch overhead, microseconds."""
+    streaming_multiprocessors: int | None = Field(default=None, ge=1)
+    """GPU streaming multiprocessors (SMs), count; None if not given (then nothing is
+    priced from it: communication kernels taking SMs from compute)."""
     profile: DeviceProfile | None = None
     """Measured cost-model profile of this device (a catalog profile name in presets);
     when present it replaces peak x efficiency in the cost model."""

@@ -28,10 +28,10 @@ whole batch's, as in an un-split iteration.
 
 Split (:func:`split_batch`): each rank's tokens, attended keys, KV reads and sampled
 sequences in halves (A takes the odd one), so the two micro-batches carry equal attention
-work, as DeepSeek balances them. Not modelled: SMs that the communication kernels take
-from the compute (DeepEP's normal kernels run on some of the GPU's SMs; the low-latency
-kernels free them after issuing the RDMA writes), and DeepSeek's decode-time split of the
-attention into two steps (a 5-stage pipeline, which changes only the interleaving grain).
+work, as DeepSeek balances them. The SMs DeepEP's normal kernels take from the compute
+slow it while they run (:mod:`moesim.engine.sm_sharing`). Not modelled: DeepSeek's
+decode-time split of the attention into two steps (a 5-stage pipeline, which changes only
+the interleaving grain).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from moesim.cost.iteration import IterationCost, IterationTime
 from moesim.engine.serving_hooks import HealthyServing
+from moesim.engine.sm_sharing import compute_rate_during_comm, shared_overlapped_s
 from moesim.system import System
 
 COMPUTE, COMM = 0, 1
@@ -106,11 +107,15 @@ def overlapped_s(moe_layers: list[bool], a: MicroBatchOps, b: MicroBatchOps) -> 
 class DualBatchServing(HealthyServing):
     """Healthy serving hooks whose iterations run as two overlapped micro-batches."""
 
-    def __init__(self, dp: int, moe_layers: list[bool], dispatch_share: float) -> None:
+    def __init__(
+        self, dp: int, moe_layers: list[bool], dispatch_share: float, compute_rate: float = 1.0
+    ) -> None:
         """``moe_layers``: which of the model's layers are MoE layers, in order;
         ``dispatch_share``: the dispatch's share of the all-to-all bytes per token
-        (dispatch / (dispatch + combine))."""
+        (dispatch / (dispatch + combine)); ``compute_rate``: the compute's progress rate
+        while the all-to-all runs (:mod:`moesim.engine.sm_sharing`; 1: unaffected)."""
         super().__init__(dp)
+        self.compute_rate = compute_rate
         self.moe_layers = moe_layers
         self.n_moe = sum(moe_layers)
         self.n_dense = len(moe_layers) - self.n_moe
@@ -148,7 +153,10 @@ class DualBatchServing(HealthyServing):
         ia = cost.time([int(x) for x in ta], ka, [int(x) for x in ra], [int(x) for x in sa])
         ib = cost.time([int(x) for x in tb], kb, [int(x) for x in rb], [int(x) for x in sb])
         oa, ob = self._ops(ia), self._ops(ib)
-        span = overlapped_s(self.moe_layers, oa, ob)
+        if self.compute_rate < 1.0:
+            span = shared_overlapped_s(self.moe_layers, oa, ob, self.compute_rate)
+        else:
+            span = overlapped_s(self.moe_layers, oa, ob)
         attention = ia.attention_s + ib.attention_s
         dense = ia.dense_s + ib.dense_s
         head = ia.head_s + ib.head_s
@@ -171,4 +179,5 @@ def dual_batch_hooks(system: System) -> DualBatchServing:
     moe = set(m.moe_layer_indices)
     lc = system.layer_costs
     share = lc.dispatch_bytes_per_token / (lc.dispatch_bytes_per_token + lc.combine_bytes_per_token)
-    return DualBatchServing(s.parallelism.dp, [i in moe for i in range(m.layers)], share)
+    rate = compute_rate_during_comm(s.cluster.accelerator, s.parallelism)
+    return DualBatchServing(s.parallelism.dp, [i in moe for i in range(m.layers)], share, rate)
