@@ -333,6 +333,29 @@ def test_graphed_decode_steps_skip_the_per_layer_dispatch() -> None:
         )
 
 
+def test_each_prompt_pays_its_own_dispatch_in_the_step_that_prefills_it() -> None:
+    """``per_prompt_layer_us``: a step prefilling p prompts pays p x layers x the term on
+    top of its other host costs; decode steps pay nothing of it. On the constant workload
+    (all BATCH prompts prefilled in the first step, whole) TTFT grows by exactly BATCH x
+    layers x the term, TPOT not at all; with the term 0 nothing changes to the last bit."""
+    layers = scenario_from_dict(_constant()).model.layers
+    host = {"fixed_us": 300.0, "per_layer_us": 40.0, "graph_decode": True}
+    budget = BATCH * PROMPT
+
+    def summary(per: float | None) -> dict[str, Any]:
+        h = host if per is None else {**host, "per_prompt_layer_us": per}
+        engine = {"preset": "ideal", "name": "graphed", "host": h}
+        return _summary(_constant(engine, max_batch_tokens=budget))
+
+    base, per = summary(None), 25.0
+    assert summary(0.0) == base
+    prompted = summary(per)
+    assert prompted["tpot_ms"]["p50"] == pytest.approx(base["tpot_ms"]["p50"], rel=1e-12)
+    assert prompted["ttft_ms"]["p50"] == pytest.approx(
+        base["ttft_ms"]["p50"] + BATCH * layers * per / 1e3, rel=1e-9
+    )
+
+
 LEAN = "moesim/catalog/measurements/h200_lean_torch_cudagraph_serving_online_2026-12-03.jsonl"
 LEAN_HELD_OUT = (
     "l4-p600-o128",

@@ -23,8 +23,9 @@ from moesim.config.profile import FitQuality
 class HostCost(Frozen):
     """Host-side time of one iteration of one data-parallel rank, microseconds:
     ``fixed_us + per_layer_us x layers + per_sequence_us x sequences + per_token_us x
-    tokens + per_kv_token_us x kv tokens``, where sequences are those that sample a token
-    this iteration and kv tokens those whose KV the batch's attention reads."""
+    tokens + per_kv_token_us x kv tokens + per_prompt_layer_us x prompts x layers``, where
+    sequences are those that sample a token this iteration, kv tokens those whose KV the
+    batch's attention reads and prompts those it prefills (a chunk of one)."""
 
     fixed_us: float = Field(default=0.0, ge=0)
     """Per iteration: scheduling, input preparation, output handling."""
@@ -38,6 +39,11 @@ class HostCost(Frozen):
     """Per cached token the batch's attention reads: engines that build the cache-read
     index of every KV token on the host each iteration (transformers' paged attention
     lists them in Python)."""
+    per_prompt_layer_us: float = Field(default=0.0, ge=0)
+    """Per prompt an iteration prefills, per decoder layer: engines that run each prompt's
+    attention and cache writes as their own kernels (one SDPA call per prompt and layer,
+    dispatched from Python: the lean engine's eager steps); 0 where prompts share one
+    kernel (transformers' packed attention, varlen flash attention)."""
     overlap: bool = False
     """Whether the host prepares the next iteration while the device runs this one (then
     an iteration takes max(host, device), else host + device)."""
@@ -55,6 +61,7 @@ class HostCost(Frozen):
             or self.per_sequence_us
             or self.per_token_us
             or self.per_kv_token_us
+            or self.per_prompt_layer_us
         )
 
 

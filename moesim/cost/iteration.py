@@ -314,13 +314,35 @@ class IterationCost:
             s = self._moe[tokens] = self.moe_cost.sample(tokens)
         return s
 
-    def host_s(self, tokens: list[int], sampled: list[int], kv_read: list[int]) -> float:
+    def with_prompts(
+        self,
+        it: IterationTime,
+        tokens: list[int],
+        sampled: list[int],
+        kv_read: list[int],
+        prompts: list[int],
+    ) -> IterationTime:
+        """``it`` with its host time recomputed for ``prompts`` prompts prefilled per rank
+        (``per_prompt_layer_us``); the device parts as they are."""
+        parts = (it.attention_s, it.moe_s, it.dense_s, it.head_s)
+        host = self.host_s(tokens, sampled, kv_read, prompts)
+        return self.with_host(parts, it.dropped_fraction, it.moe_comm_s, host)
+
+    def host_s(
+        self,
+        tokens: list[int],
+        sampled: list[int],
+        kv_read: list[int],
+        prompts: list[int] | None = None,
+    ) -> float:
         """The engine's host-side time of the iteration: the busiest DP rank's (each rank's
-        host process prepares its own batch), seconds."""
+        host process prepares its own batch), seconds; ``prompts``: per rank, the prompts
+        (or prompt chunks) it prefills, each dispatching its own per-layer kernels."""
         h = self.host
         if h.zero:
             return 0.0
         layers = h.per_layer_us * self.layers
+        per_prompt = h.per_prompt_layer_us * self.layers if prompts else 0.0
         # graphed decode steps: only a rank computing more tokens than it samples (prompt
         # tokens) dispatches its layers eagerly
         eager = not h.graph_decode
@@ -331,7 +353,8 @@ class IterationCost:
                 + h.per_sequence_us * k
                 + h.per_token_us * t
                 + h.per_kv_token_us * c
-                for t, k, c in zip(tokens, sampled, kv_read)
+                + (per_prompt * prompts[r] if per_prompt and prompts else 0.0)
+                for r, (t, k, c) in enumerate(zip(tokens, sampled, kv_read))
                 if t > 0
             ),
             default=0.0,

@@ -270,6 +270,8 @@ class _Server:
         self.cost = IterationCost(
             system, moe_cost if moe_cost is not None else simulated_layer_cost(system)
         )
+        # each prompt's own host dispatch (engine host.per_prompt_layer_us; 0: not counted)
+        self.per_prompt = bool(self.cost.host.per_prompt_layer_us)
         self.offload = expert_offload(system)
         self.feed = routing_feed(s)  # a trace or logits routing, consumed in order
         self.routed_cost = routed_layer_cost(system, self.cost.moe_cost, self.feed)
@@ -361,6 +363,9 @@ class _Server:
             if routed is not None and self.routed_cost is not None:  # priced from its tokens
                 self.cost.routed = (total, self.routed_cost.price(routed))
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
+            if self.per_prompt:
+                prompts = [len(b.ids) - b.decodes for b in batches]
+                it = self.cost.with_prompts(it, tokens, samples, kv_read, prompts)
             if self.spec is not None:  # the drafter's passes (workload.speculative)
                 it = with_draft(self.cost, it, self.spec, *draft_load(batches))
             stall = self.offload.stall_for(start, total, it, routed)
