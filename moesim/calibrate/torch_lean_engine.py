@@ -181,6 +181,10 @@ class Mixtral:
         gm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
         self.grouped_mm = gm if device.type == "cuda" else None
         self.expert_path = "grouped_mm" if self.grouped_mm is not None else "loop"
+        self.trace: list[tuple[Any, Any, Any]] | None = None
+        """Set to a list to record, per layer of each forward: the hidden states after the
+        layer (fp32) and every row's top ``topk + 1`` router probabilities and experts."""
+        self._route: tuple[Any, Any] | None = None
 
     def params(self) -> int:
         n = self.embed.numel() + self.lm_head.numel() + self.norm.numel()
@@ -196,6 +200,8 @@ class Mixtral:
         torch = self.torch
         probs = torch.softmax((x @ layer["router"]).float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.topk, dim=-1)
+        if self.trace is not None:
+            self._route = torch.topk(probs, min(self.topk + 1, self.e), dim=-1)
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
         flat = top_i.reshape(-1)
         ids, perm = torch.sort(flat)
@@ -273,6 +279,8 @@ class Mixtral:
             x = x + attn @ layer["o"]
             hdn = f.rms_norm(x, (x.shape[-1],), layer["post_norm"], self.eps)
             x = x + self._experts(hdn, layer)
+            if self.trace is not None and self._route is not None:
+                self.trace.append((x.float().clone(), self._route[0], self._route[1]))
         x = f.rms_norm(x[last_rows], (x.shape[-1],), self.norm, self.eps)
         logits = (x @ self.lm_head).float()
         return logits, logits.argmax(-1)

@@ -272,8 +272,9 @@ def online_plan(quick: bool, seed: int, plan: str = "default") -> list[RunSpec]:
     other seeds) at two other rates. ``repeat``: the same shapes again with new seeds (the
     engine's run-to-run variance) and longer runs near saturation (does it keep up?);
     ``short``: four rates and one held-out run (a second engine configuration);
-    ``saturation``: 45 s of arrivals at 1.75, 2 and 2.25 /s (where does it stop keeping
-    up?)."""
+    ``saturation``: 40 s of arrivals at 2, 5.5, 3 and 4 /s (where does it stop keeping
+    up?), then the default plan's fitted shapes at 1, 3 and 6 /s with new seeds (this
+    host's own speed, in the same process)."""
     if plan == "repeat" and not quick:
         return [
             RunSpec("v2a-p600-o128", 2.0, seed * 1000 + 900, 20, (500, 700), 128, held_out=True),
@@ -283,18 +284,25 @@ def online_plan(quick: bool, seed: int, plan: str = "default") -> list[RunSpec]:
             RunSpec("k2.5-p600-o128", 2.5, seed * 1000 + 911, 90, (500, 700), 128, held_out=True),
         ]
     if plan == "saturation" and not quick:
-        return [
+        # 40 s of arrivals at 2..5.5 /s (moesim's hf-transformers-5.17 preset has the
+        # requests in flight stop growing at 2 /s and grow with most arrivals from 4 /s:
+        # the bracket straddles it), then the default plan's fitted shapes again (1, 3 and
+        # 6 /s, new seeds): the host's own speed, measured in the same process
+        sat = [
             RunSpec(
-                f"z{r:g}-p600-o128",
-                r,
-                seed * 1000 + 950 + i,
-                round(r * 45.0),
-                (500, 700),
-                128,
+                f"z{r:g}-p600-o128", r, seed * 1000 + 950 + i, round(r * 40.0), (500, 700), 128,
                 held_out=True,
             )
-            for i, r in enumerate((1.75, 2.0, 2.25))
-        ]
+            for i, r in enumerate((2.0, 5.5, 3.0, 4.0))
+        ]  # fmt: skip
+        same_host = [
+            RunSpec(
+                f"c{r:g}-p600-o128", r, seed * 1000 + 970 + i, _count(r, 10.0, 6, 40), (500, 700),
+                128,
+            )
+            for i, r in enumerate((1.0, 3.0, 6.0))
+        ]  # fmt: skip
+        return sat + same_host
     if plan == "short" and not quick:
         return [
             RunSpec(
@@ -654,6 +662,39 @@ def _smi() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def host_probe(torch: Any = None, repeats: int = 5) -> dict[str, Any]:
+    """The host's own speed at what an eager engine's loop does between kernels, median
+    of ``repeats``: a Python list of 100,000 ints built and summed (the cache-index lists
+    of a paged engine), and, given torch with a GPU, the host time of one tiny kernel
+    launch from Python (2,000 in a row, then one synchronisation); with the CPU model."""
+    py = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sum([i * 3 + 1 for i in range(100_000)])
+        py.append(time.perf_counter() - t)
+    out: dict[str, Any] = {"python_list_100k_ms": round(statistics.median(py) * 1e3, 3)}
+    if torch is not None and torch.cuda.is_available():
+        x = torch.zeros(16, device="cuda")
+        launch = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(2000):
+                x.add_(1.0)
+            torch.cuda.synchronize()
+            launch.append((time.perf_counter() - t) / 2000)
+        out["torch_launch_us"] = round(statistics.median(launch[1:]) * 1e6, 3)
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            names = (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+            cpu = next(names, cpu)
+    except OSError:
+        pass
+    out.update(cpu_model=cpu, cpu_count=os.cpu_count(), loadavg=list(os.getloadavg()))
+    return out
 
 
 def build_model(cfg: dict[str, Any]) -> Any:
@@ -1273,6 +1314,7 @@ def _start(sink: Sink, quick: bool, seed: int, budget: Budget) -> Ctx | None:
             **env_record(torch, transformers, model, cfg, quick, build_s),
             **settings,
             weights=_weight_check(model),
+            host_probe=host_probe(torch),
             online_plan=[spec.__dict__ for spec in plan],
             cb_overrides=dict(CB_OVERRIDES),
             plan=PLAN[0],
@@ -1364,8 +1406,13 @@ def main(argv: list[str] | None = None) -> int:
                 if alive:
                     alive = _section(ctx, name, fn, timings)
         finally:
+            try:
+                probe: Any = host_probe(sys.modules.get("torch"))
+            except Exception as exc:  # a dead GPU must not lose the done record
+                probe = repr(exc)
             sink.write(
                 "done",
+                host_probe=probe,
                 elapsed_s=time.perf_counter() - _T0,
                 sections=timings,
                 engine_alive=alive,
