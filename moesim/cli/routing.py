@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 from moesim.errors import EXIT_SCENARIO_ERROR
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
 
+    from moesim.config.routing import LogitsRouting
     from moesim.routing.trace import TraceInfo
 
 
@@ -39,6 +42,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="independent tokens: no token correlation (bias and noise only)",
     )
     fi.add_argument(
+        "--phases",
+        action="store_true",
+        help="fit prefill and decode tokens separately (told apart by the trace's step:"
+        " a step of at most --decode-step-tokens tokens is decode); prints routing.decode",
+    )
+    fi.add_argument(
+        "--decode-step-tokens",
+        type=int,
+        default=1,
+        help="with --phases: the most tokens a decode step holds (one per sequence)",
+    )
+    fi.add_argument(
         "--hold-out",
         choices=("halves", "blocks"),
         help="fit on part of the tokens and check the curve on the rest: halves (the first"
@@ -51,13 +66,32 @@ def routing(args: argparse.Namespace) -> int:
 
     try:
         info = trace_info(args.trace)
-        sample = TraceCursor(args.trace).take(min(max(1, args.tokens), info.tokens)).experts
+        got = TraceCursor(args.trace).take(min(max(1, args.tokens), info.tokens))
+        sample, steps = got.experts, got.step
     except TraceError as exc:
         print(f"moesim routing: {exc}", file=sys.stderr)
         return EXIT_SCENARIO_ERROR
     if args.routing_command == "stats":
         return _stats(args, info, sample)
-    return _fit(args, info, sample)
+    if not args.phases:
+        return _print_fit(args, info, [("", _fit(args, info, sample))])
+    from moesim.routing.phases import decode_mask
+
+    if steps is None:
+        print(f"moesim routing: {args.trace}: --phases needs the trace's step", file=sys.stderr)
+        return EXIT_SCENARIO_ERROR
+    decode = decode_mask(steps, args.decode_step_tokens)
+    fits = []
+    for name, part in (("prefill", sample[~decode]), ("decode", sample[decode])):
+        fit = _fit(args, info, part, name) if len(part) >= 16 else None
+        if fit is None:
+            print(
+                f"moesim routing: {args.trace}: {len(part)} {name} tokens are too few to fit",
+                file=sys.stderr,
+            )
+            return EXIT_SCENARIO_ERROR
+        fits.append((name, fit))
+    return _print_fit(args, info, fits)
 
 
 def _stats(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
@@ -77,7 +111,11 @@ def _stats(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int
     return 0
 
 
-def _fit(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
+def _fit(
+    args: argparse.Namespace, info: TraceInfo, sample: np.ndarray, phase: str = ""
+) -> LogitsRouting | None:
+    """Fit (and with --hold-out check) one logits model to ``sample``, printing its curves;
+    None when too few tokens are left to hold out."""
     import numpy as np
 
     from moesim.routing.logits import batch_sizes, distinct_curve, fit_logits, model_curve, split
@@ -92,7 +130,8 @@ def _fit(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
                 f" {args.hold_out}",
                 file=sys.stderr,
             )
-            return EXIT_SCENARIO_ERROR
+            return None
+    if check is not None or phase:
         counts = np.stack(
             [np.bincount(sample[:, j].ravel(), minlength=info.experts) for j in range(len(counts))]
         )
@@ -106,20 +145,39 @@ def _fit(args: argparse.Namespace, info: TraceInfo, sample: np.ndarray) -> int:
         correlated=not args.independent,
     )
     c = fit.config
-    rows = ",\n    ".join("[" + ", ".join(f"{v:.4f}" for v in r) + "]" for r in c.bias)
     part = f" (fitted on {len(sample)} of them: {args.hold_out})" if check is not None else ""
-    print(f"# fitted to {args.trace}: {info.tokens} tokens{part}, {info.moe_layers} MoE layers")
-    _curves("fitted", fit.batches, fit.trace_curve, fit.model_curve)
+    tokens = f"{phase} tokens: {len(sample) + (len(check) if check is not None else 0)}"
+    print(
+        f"# fitted to {args.trace}: {tokens if phase else info.tokens}{part}, "
+        f"{info.moe_layers} MoE layers"
+    )
+    label = f"{phase} " if phase else ""
+    _curves(f"{label}fitted", fit.batches, fit.trace_curve, fit.model_curve)
     if check is not None:
         batches = batch_sizes(len(check))
         trace = distinct_curve(check, batches, info.experts)
         model = model_curve(c, batches, info.experts, info.top_k, info.moe_layers, args.seed + 1)
-        _curves(f"held out ({len(check)} other tokens)", batches, trace, model)
+        _curves(f"{label}held out ({len(check)} other tokens)", batches, trace, model)
+    return c
+
+
+def _print_fit(
+    args: argparse.Namespace, info: TraceInfo, fits: Sequence[tuple[str, LogitsRouting | None]]
+) -> int:
+    """The fitted ``routing:`` section: the first fit, and the second as ``decode``."""
+    if any(c is None for _, c in fits):
+        return EXIT_SCENARIO_ERROR
     print("routing:\n  kind: logits")
-    print(f"  noise_std: {c.noise_std:.6g}")
-    print(f"  token_correlation: {c.token_correlation:.6g}")
-    print(f"  correlated_share: {c.correlated_share:.6g}")
-    print(f"  bias: [\n    {rows}\n  ]")
+    for i, (_, c) in enumerate(fits):
+        assert c is not None
+        pad = "  " * (i + 1)
+        if i:
+            print("  decode:")
+        rows = f",\n{pad}  ".join("[" + ", ".join(f"{v:.4f}" for v in r) + "]" for r in c.bias)
+        print(f"{pad}noise_std: {c.noise_std:.6g}")
+        print(f"{pad}token_correlation: {c.token_correlation:.6g}")
+        print(f"{pad}correlated_share: {c.correlated_share:.6g}")
+        print(f"{pad}bias: [\n{pad}  {rows}\n{pad}]")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moesim.config.base import Frozen
 
@@ -112,6 +112,25 @@ class TraceRouting(_Replayed):
     """The path as written, for the record (set by the loader)."""
 
 
+class LogitsPhase(Frozen):
+    """The logits model's parameters for decode tokens (``routing.decode``), where a trace
+    shows decode routing differently from the prompt's: each field left out is the
+    prompt's (the section above it)."""
+
+    bias: tuple[tuple[float, ...], ...] | None = None
+    """Per-expert bias of decode tokens (one row, or one per MoE layer)."""
+    noise_std: float | None = Field(default=None, ge=0)
+    token_correlation: float | None = Field(default=None, ge=0, lt=1)
+    correlated_share: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("bias", mode="before")
+    @classmethod
+    def _rows(cls, v: object) -> object:
+        if isinstance(v, list | tuple) and v and all(isinstance(x, int | float) for x in v):
+            return (tuple(v),)
+        return v
+
+
 class LogitsRouting(_Replayed):
     """Router logits as a per-expert bias plus Gaussian token noise; each token takes the
     top_k of ``bias + noise_std x z`` (z standard normal per token, layer and expert,
@@ -131,6 +150,17 @@ class LogitsRouting(_Replayed):
     afresh for every token (1: all of it, the plain AR(1))."""
     layer_correlation: float = Field(default=0.0, ge=0, lt=1)
     """AR(1) coefficient of a token's noise at a MoE layer on its noise at the previous one."""
+    decode: LogitsPhase | None = None
+    """Decode tokens' own parameters (serving: the one-token steps of running requests;
+    the fields above are then the prompt tokens'); None: every token alike."""
+
+    def for_decode(self) -> LogitsRouting:
+        """The model decode tokens follow (this one, with ``decode``'s fields)."""
+        d = self.decode
+        if d is None:
+            return self
+        update = {k: v for k, v in d.model_dump().items() if v is not None}
+        return self.model_copy(update={**update, "decode": None})
 
     @field_validator("bias", mode="before")
     @classmethod
@@ -145,6 +175,17 @@ class LogitsRouting(_Replayed):
         if any(len(r) != len(v[0]) for r in v):
             raise ValueError("every bias row must have one value per expert (same length)")
         return v
+
+    @model_validator(mode="after")
+    def _decode_width(self) -> LogitsRouting:
+        d = self.decode
+        if (
+            d is not None
+            and d.bias is not None
+            and any(len(r) != len(self.bias[0]) for r in d.bias)
+        ):
+            raise ValueError("decode.bias rows must have as many values as bias rows")
+        return self
 
 
 RoutingConfig = Annotated[

@@ -359,7 +359,7 @@ class _Server:
                 seqs += len(b.ids)
             if not total:  # pragma: no cover - would be a scheduler bug
                 raise RuntimeError("the scheduler chose no work while requests were waiting")
-            routed = self.feed.take(total) if self.feed is not None else None
+            routed = self.feed.take(total, decodes) if self.feed is not None else None
             if routed is not None and self.routed_cost is not None:  # priced from its tokens
                 self.cost.routed = (total, self.routed_cost.price(routed))
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)

@@ -80,6 +80,8 @@ class RoutingFeed:
         self.experts, self.layers = m.experts, len(m.moe_layer_indices)
         self.cursor: TraceCursor | None = None
         self.stream: LogitsStream | None = None
+        self.decode_stream: LogitsStream | None = None
+        """Decode tokens' own stream (``routing.decode``), else None: one stream for all."""
         if isinstance(cfg, TraceRouting):
             self.cursor = TraceCursor(cfg.path, m.experts)
             total: int | None = trace_info(cfg.path, m.experts).tokens
@@ -88,6 +90,15 @@ class RoutingFeed:
             self.stream = LogitsStream(
                 cfg, m.experts, m.top_k, self.layers, rng.stream(s.seed, purpose), model_groups(m)
             )
+            if cfg.decode is not None:
+                self.decode_stream = LogitsStream(
+                    cfg.for_decode(),
+                    m.experts,
+                    m.top_k,
+                    self.layers,
+                    rng.stream(s.seed, f"{purpose}-decode"),
+                    model_groups(m),
+                )
             total = None
         self.use = RoutingUse(
             cfg.kind,
@@ -95,14 +106,20 @@ class RoutingFeed:
             counts=np.zeros((self.layers, self.experts), dtype=np.int64),
         )
 
-    def take(self, n: int) -> np.ndarray:
-        """int64 [n, moe_layers, top_k]: the next ``n`` tokens' experts."""
+    def take(self, n: int, decodes: int = 0) -> np.ndarray:
+        """int64 [n, moe_layers, top_k]: the next ``n`` tokens' experts. ``decodes`` of them
+        are decode tokens: with a logits model's ``decode`` parameters they come first,
+        from the decode stream, the rest from the prompt's (a trace is read in order)."""
         if self.cursor is not None:
             x = self.cursor.take(n).experts
             self.use.passes = self.cursor.passes
         else:
             assert self.stream is not None
-            x = self.stream.take(n)
+            d = min(max(0, decodes), n) if self.decode_stream is not None else 0
+            x = self.stream.take(n - d)
+            if d:
+                assert self.decode_stream is not None
+                x = np.concatenate([self.decode_stream.take(d), x])
         if n:
             off = (np.arange(self.layers) * self.experts)[None, :, None]
             self.use.counts += np.bincount(
