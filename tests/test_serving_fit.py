@@ -153,3 +153,36 @@ def test_online_iterations_of_a_pipelined_engine_pair_each_step_with_the_next_st
         ([50], [102]),
         ([], [51]),
     ]
+
+
+def test_prompt_lengths_new_to_the_engine_process_are_counted_across_runs() -> None:
+    """A step's ``new_lengths``: distinct prompt lengths no earlier request of the process
+    had (runs in the file's order); ``lengths_before``: what a run's replay starts warm."""
+    from moesim.calibrate.serving_fit import lengths_before, online_iterations
+
+    def req(run: str, prompt: int, start: float, stamps: list[float]) -> dict[str, Any]:
+        return {
+            "kind": "serving_request",
+            "run": run,
+            "prompt_tokens": prompt,
+            "start_s": start,
+            "first_token_s": stamps[0],
+            "token_s": stamps,
+        }
+
+    # run a: 100 and 50 prefilled in separate steps; run b: 100 again (warm) with 70 (new)
+    records = [
+        req("a", 100, 0.0, [0.1, 0.2, 0.3]),
+        req("a", 50, 0.1, [0.2, 0.3]),
+        req("b", 100, 0.0, [0.1, 0.2, 0.3]),
+        req("b", 70, 0.1, [0.2, 0.3]),
+        req("b", 70, 0.1, [0.2, 0.3]),
+    ]
+    steps = online_iterations(records, ["a", "b"])
+    assert [(s["run"], s["prompts"], s["new_lengths"]) for s in steps] == [
+        ("a", [50], 1),
+        ("a", [], 0),
+        ("b", [70, 70], 1),
+        ("b", [], 0),
+    ]
+    assert lengths_before(records) == {"a": [], "b": [50, 100]}

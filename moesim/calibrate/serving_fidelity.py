@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from moesim.calibrate.records import Record, of_kind
-from moesim.calibrate.serving_fit import serving_scenario
+from moesim.calibrate.serving_fit import lengths_before, serving_scenario
 
 METRICS = ("ttft_p50", "tpot_p50", "e2e_p50", "ttft_p90", "tpot_p90", "throughput")
 
@@ -48,16 +48,26 @@ def runs(records: Sequence[Record]) -> dict[str, list[Record]]:
 
 
 def replay(
-    records: Sequence[Record], engine: str | dict[str, Any], seed: int = 0
+    records: Sequence[Record],
+    engine: str | dict[str, Any],
+    seed: int = 0,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per measured run: its rate, and measured vs predicted figures."""
+    """One row per measured run (or per run in ``only``): its rate, and measured vs
+    predicted figures. Each run is replayed with the prompt lengths of the file's earlier
+    runs as the engine's ``warm_prompt_lengths`` (one engine process ran them in order)."""
     from moesim.api import run as run_scenario
 
     env = next(r for r in records if r.get("kind") == "env")
     device, model = str(env["gpu"]), str(env["model"])
     meta = {str(r["run"]): r for r in of_kind(records, "serving_run")}
+    # the engine process ran the earlier runs' prompts first: their lengths are warm
+    warm = lengths_before(records)
+    base = {"preset": engine} if isinstance(engine, str) else dict(engine)
     rows = []
     for run_id, reqs in runs(records).items():
+        if only is not None and run_id not in only:
+            continue
         arrival = np.array([float(r["arrival_s"]) for r in reqs])
         t0 = float(arrival.min())
         measured = _latencies(
@@ -76,7 +86,8 @@ def replay(
                 "output_tokens": [int(r["output_tokens"]) for r in reqs],
             },
         }
-        scenario = serving_scenario(device, model, engine, workload, seed)
+        eng = {**base, "warm_prompt_lengths": warm.get(run_id, [])}
+        scenario = serving_scenario(device, model, eng, workload, seed)
         rec = run_scenario(scenario).records.requests
         predicted = _latencies(
             rec.arrival_s,

@@ -12,8 +12,10 @@ squares, relative to each measurement, as
 (``per_layer_us`` stays 0: with one model measured, a per-layer term cannot be told apart
 from the fixed one; the fixed term then holds the per-layer dispatch of that model's
 layers; except for an engine that replays decode steps as CUDA graphs, ``graph_decode``,
-where only the eager steps, those with prompt tokens, pay it). The fit's error on the same
-measurements is recorded in the preset.
+where only the eager steps, those with prompt tokens, pay it, and each prompt of such a
+step adds its own dispatch, ``per_prompt_layer_us`` x layers: that engine, the lean one,
+runs attention and cache writes per prompt, where transformers packs them into one
+kernel). The fit's error on the same measurements is recorded in the preset.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def online_iterations(
     ones it computed; with ``lag`` 1 (transformers' async batching) a step also re-runs
     the requests whose last token was stamped at its own end (scheduled again before the
     host learned they had finished), each one decode at its full length."""
+    first = first_of_length(records)
     out: list[Record] = []
     for run in run_ids:
         reqs = [r for r in of_kind(records, "serving_request") if r["run"] == run]
@@ -151,6 +154,11 @@ def online_iterations(
             if lag and computed[-1][0] - groups[g + lag - 1][-1][0] > 2 * (end - start) + IDLE_S:
                 continue
             prompts = [int(reqs[i]["prompt_tokens"]) for _, i, k in computed if k == 0]
+            new = {
+                int(reqs[i]["prompt_tokens"])
+                for _, i, k in computed
+                if k == 0 and (run, i) in first
+            }
             contexts = [int(reqs[i]["prompt_tokens"]) + k for _, i, k in computed if k > 0]
             if lag:
                 contexts += [
@@ -164,9 +172,45 @@ def online_iterations(
                     "run": run,
                     "step_ms": (end - start) * 1e3,
                     "prompts": prompts,
+                    "new_lengths": len(new),
                     "contexts": contexts,
                 }
             )
+    return out
+
+
+def first_of_length(records: Sequence[Record]) -> set[tuple[str, int]]:
+    """(run, i) of each request (the i-th of its run in the file) that was the first of
+    its prompt length in the engine process (runs in the file's order, requests by first
+    token): the engine set up its attention for that shape then. The harness's warm-up
+    prompts are not recorded and count as unseen."""
+    order: dict[str, list[tuple[int, Record]]] = {}
+    for r in of_kind(records, "serving_request"):
+        mine = order.setdefault(str(r["run"]), [])
+        mine.append((len(mine), r))
+    seen: set[int] = set()
+    first: set[tuple[str, int]] = set()
+    for run, reqs in order.items():
+        done = [(i, r) for i, r in reqs if r.get("first_token_s") is not None]
+        for i, r in sorted(done, key=lambda x: float(x[1]["first_token_s"])):
+            n = int(r["prompt_tokens"])
+            if n not in seen:
+                seen.add(n)
+                first.add((run, i))
+    return first
+
+
+def lengths_before(records: Sequence[Record]) -> dict[str, list[int]]:
+    """Per run: the prompt lengths the engine process ran in the runs before it (in the
+    file's order): the run's ``warm_prompt_lengths``."""
+    out: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for r in of_kind(records, "serving_request"):
+        run = str(r["run"])
+        if run not in out:
+            out[run] = sorted(seen)
+        if r.get("first_token_s") is not None:
+            seen.add(int(r["prompt_tokens"]))
     return out
 
 
@@ -218,7 +262,21 @@ def fit_engine(
         # the device is longer are then predicted by max(host, device))
         eager = iters if rec["kind"] == "serving_prefill" else int(bool(rec.get("prompts")))
         eager_layers = layers * eager if graph_decode else 0
-        design.append([iters / meas, seqs / meas, toks / meas, kv / meas, eager_layers / meas])
+        # one prompt per prefill chunk; a step's prompts each dispatch their own kernels
+        prompts = iters if rec["kind"] == "serving_prefill" else len(rec.get("prompts", ()))
+        prompt_layers = layers * prompts if graph_decode else 0
+        new_lengths = int(rec.get("new_lengths", 0)) if graph_decode else 0
+        design.append(
+            [
+                iters / meas,
+                seqs / meas,
+                toks / meas,
+                kv / meas,
+                eager_layers / meas,
+                prompt_layers / meas,
+                new_lengths / meas,
+            ]
+        )
         target.append(1.0 if overlap else (meas - dev) / meas)
     if not rows:
         raise ValueError("no serving_prefill or serving_decode records to fit an engine on")
@@ -228,8 +286,12 @@ def fit_engine(
         a, b = a * scale[:, None], b * scale
     elif weight != "relative":
         raise ValueError(f"fit weight must be 'relative' or 'time', got {weight!r}")
+    if not graph_decode:  # no per-prompt column: the fit as before, to the last bit
+        a = a[:, :5]
     coef, _ = nnls(a, b)
-    fixed_s, per_seq_s, per_tok_s, per_kv_s, per_layer_s = (float(x) for x in coef)
+    fixed_s, per_seq_s, per_tok_s, per_kv_s, per_layer_s = (float(x) for x in coef[:5])
+    per_prompt_s = float(coef[5]) if len(coef) > 5 else 0.0
+    first_length_s = float(coef[6]) if len(coef) > 6 else 0.0
     errors = []
     for row, d in zip(rows, design):
         meas = float(row["measured_s"])
@@ -239,6 +301,8 @@ def fit_engine(
             + d[2] * per_tok_s
             + d[3] * per_kv_s
             + d[4] * per_layer_s
+            + d[5] * per_prompt_s
+            + d[6] * first_length_s
         ) * meas
         row["host_s"] = host
         dev = float(row["device_s"])
@@ -255,6 +319,14 @@ def fit_engine(
             "per_sequence_us": round(per_seq_s * 1e6, 4),
             "per_token_us": round(per_tok_s * 1e6, 4),
             "per_kv_token_us": round(per_kv_s * 1e6, 5),
+            **(
+                {
+                    "per_prompt_layer_us": round(per_prompt_s * 1e6, 4),
+                    "first_prompt_length_us": round(first_length_s * 1e6, 3),
+                }
+                if graph_decode
+                else {}
+            ),
         },
         "fit": {
             "samples": len(errors),

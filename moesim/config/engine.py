@@ -25,7 +25,8 @@ class HostCost(Frozen):
     ``fixed_us + per_layer_us x layers + per_sequence_us x sequences + per_token_us x
     tokens + per_kv_token_us x kv tokens + per_prompt_layer_us x prompts x layers``, where
     sequences are those that sample a token this iteration, kv tokens those whose KV the
-    batch's attention reads and prompts those it prefills (a chunk of one)."""
+    batch's attention reads and prompts those it prefills (a chunk of one); plus
+    ``first_prompt_length_us`` per prompt length new to the engine process."""
 
     fixed_us: float = Field(default=0.0, ge=0)
     """Per iteration: scheduling, input preparation, output handling."""
@@ -44,6 +45,10 @@ class HostCost(Frozen):
     attention and cache writes as their own kernels (one SDPA call per prompt and layer,
     dispatched from Python: the lean engine's eager steps); 0 where prompts share one
     kernel (transformers' packed attention, varlen flash attention)."""
+    first_prompt_length_us: float = Field(default=0.0, ge=0)
+    """Once per prompt (or chunk) length the engine process has not run before (the
+    attention kernel's set-up for a new shape, e.g. a cuDNN plan; the lean engine's eager
+    steps); the lengths its warm-up ran are ``EngineConfig.warm_prompt_lengths``."""
     overlap: bool = False
     """Whether the host prepares the next iteration while the device runs this one (then
     an iteration takes max(host, device), else host + device)."""
@@ -62,6 +67,7 @@ class HostCost(Frozen):
             or self.per_token_us
             or self.per_kv_token_us
             or self.per_prompt_layer_us
+            or self.first_prompt_length_us
         )
 
 
@@ -93,6 +99,9 @@ class EngineConfig(Frozen):
     (transformers' async batching). Where no iteration follows at once (the engine idles),
     the lagged iteration is taken to last as long as the one that computed the token (the
     engine re-runs the same requests before it learns they finished)."""
+    warm_prompt_lengths: tuple[int, ...] = ()
+    """Prompt (chunk) lengths the engine process ran before the scenario starts (its
+    warm-up, earlier runs): they pay no ``host.first_prompt_length_us``."""
     fit: FitQuality | None = None
     """How well the host cost plus the device model reproduce the engine's measured
     iterations (those it was fitted on)."""

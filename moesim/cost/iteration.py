@@ -321,11 +321,12 @@ class IterationCost:
         sampled: list[int],
         kv_read: list[int],
         prompts: list[int],
+        new_lengths: list[int],
     ) -> IterationTime:
-        """``it`` with its host time recomputed for ``prompts`` prompts prefilled per rank
-        (``per_prompt_layer_us``); the device parts as they are."""
+        """``it`` with its host time recomputed for ``prompts`` prompts prefilled per rank,
+        ``new_lengths`` of their lengths new to the rank's process; device parts as they are."""
         parts = (it.attention_s, it.moe_s, it.dense_s, it.head_s)
-        host = self.host_s(tokens, sampled, kv_read, prompts)
+        host = self.host_s(tokens, sampled, kv_read, prompts, new_lengths)
         return self.with_host(parts, it.dropped_fraction, it.moe_comm_s, host)
 
     def host_s(
@@ -334,15 +335,18 @@ class IterationCost:
         sampled: list[int],
         kv_read: list[int],
         prompts: list[int] | None = None,
+        new_lengths: list[int] | None = None,
     ) -> float:
         """The engine's host-side time of the iteration: the busiest DP rank's (each rank's
         host process prepares its own batch), seconds; ``prompts``: per rank, the prompts
-        (or prompt chunks) it prefills, each dispatching its own per-layer kernels."""
+        (or prompt chunks) it prefills, each dispatching its own per-layer kernels, and
+        ``new_lengths`` of distinct lengths among them its process has not run before."""
         h = self.host
         if h.zero:
             return 0.0
         layers = h.per_layer_us * self.layers
         per_prompt = h.per_prompt_layer_us * self.layers if prompts else 0.0
+        first = h.first_prompt_length_us if new_lengths else 0.0
         # graphed decode steps: only a rank computing more tokens than it samples (prompt
         # tokens) dispatches its layers eagerly
         eager = not h.graph_decode
@@ -354,6 +358,7 @@ class IterationCost:
                 + h.per_token_us * t
                 + h.per_kv_token_us * c
                 + (per_prompt * prompts[r] if per_prompt and prompts else 0.0)
+                + (first * new_lengths[r] if first and new_lengths else 0.0)
                 for r, (t, k, c) in enumerate(zip(tokens, sampled, kv_read))
                 if t > 0
             ),
