@@ -495,11 +495,22 @@ def self_check(model: Mixtral, engine: LeanEngine, rng: Any, vocab: int) -> dict
         torch.tensor([0], device=dev),
     )
     err = float((step[0] - ref[1]).norm() / ref[1].norm())
+    # layer by layer: in bfloat16 a token's top-2 experts can flip between the cached and
+    # the recomputed path (rounding), after which the two legitimately part; judge the
+    # hidden states up to the first flip (float32: to rounding, and the tokens must agree;
+    # measured on the H200: <= 7e-6 in float32, <= 0.051 in bfloat16 over 32 layers)
+    from moesim.calibrate.torch_lean_check import layer_check
+
+    layers = layer_check(model, prompt, req.out[0])["decode"]
+    fp32 = model.dtype == torch.float32
+    before = float(layers["max_err_before_first_flip"])
     return {
         "tokens": len(fed),
         "greedy_agreement": agree,
         "decode_rel_err": err,
-        "ok": err < 2e-2 and agree >= 0.75,
+        "first_flip_layer": layers["first_flip_layer_median"],
+        "err_before_first_flip": before,
+        "ok": (before < 1e-4 and agree >= 0.75) if fp32 else before < 0.1,
     }
 
 
