@@ -219,3 +219,26 @@ def test_the_config_builds_a_transformers_mixtral_config() -> None:
     config = transformers.MixtralConfig(**ts.model_config(quick=True))
     assert config.num_local_experts == 8 and config.num_experts_per_tok == 2
     assert config.sliding_window is None
+
+
+def test_the_saturation_plan_brackets_the_rate_and_repeats_the_fitted_shapes() -> None:
+    """40 s of arrivals at four rates (held out), then the default plan's fitted shapes at
+    1, 3 and 6 /s with new seeds (the host's own speed in the same process)."""
+    plan = ts.online_plan(quick=False, seed=7, plan="saturation")
+    sat = [s for s in plan if s.held_out]
+    same_host = [s for s in plan if not s.held_out]
+    assert sorted(s.rate_per_s for s in sat) == [2.0, 3.0, 4.0, 5.5]
+    assert all(s.requests == round(40 * s.rate_per_s) for s in sat)
+    assert [s.rate_per_s for s in same_host] == [1.0, 3.0, 6.0]
+    default = {s.rate_per_s: s for s in ts.online_plan(quick=False, seed=7)}
+    for s in same_host:  # the fitted shapes, other seeds
+        d = default[s.rate_per_s]
+        assert (s.requests, s.prompt_range, s.output_tokens) == (
+            d.requests,
+            d.prompt_range,
+            d.output_tokens,
+        )
+        assert s.seed != d.seed
+    assert len({s.seed for s in plan}) == len(plan)
+    # the whole plan's time estimate fits one device command
+    assert sum(ts.estimate_run_s(s) for s in plan) < 420

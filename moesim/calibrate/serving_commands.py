@@ -119,13 +119,16 @@ def calibrate_engine(
 
 def serving_fidelity(from_file: str, engine: str, markdown: str | None, seed: int) -> int:
     """Replay the measured online runs with an engine; print (and write) the table."""
-    from moesim.calibrate.serving_fidelity import replay, table
+    from moesim.calibrate.serving_fidelity import keep_up_table, replay, table
 
     records = _records(from_file)
     if not any(r.get("kind") == "serving_request" for r in records):
         raise SystemExit(f"moesim: {from_file}: no online runs (serving_request records)")
     rows = replay(records, _engine_arg(engine), seed)
     print(table(rows))
+    print("\nlast quarter of the arrivals (output rate against the offered one):")
+    print(keep_up_table(rows))
     if markdown:
-        write_text_atomic(Path(markdown), table(rows, markdown=True) + "\n")
+        text = table(rows, markdown=True) + "\n\n" + keep_up_table(rows, markdown=True)
+        write_text_atomic(Path(markdown), text + "\n")
     return 0

@@ -29,7 +29,10 @@ def _latencies(
     tpot = (e[multi] - f[multi]) / (n[multi] - 1) if multi.any() else np.array([np.nan])
     e2e = e - a
     span = float(e.max() - arrival.min())
+    late_tok_s, late_in_flight = _late_window(arrival, f, e, n)
     return {
+        "late_tok_s": late_tok_s,
+        "late_in_flight": late_in_flight,
         "ttft_p50": float(np.percentile(ttft, 50)),
         "tpot_p50": float(np.percentile(tpot, 50)),
         "e2e_p50": float(np.percentile(e2e, 50)),
@@ -37,6 +40,30 @@ def _latencies(
         "tpot_p90": float(np.percentile(tpot, 90)),
         "throughput": float(n.sum() / span) if span > 0 else float("nan"),
     }
+
+
+LATE = 0.75
+"""The late window: the last quarter of a run's arrivals."""
+
+
+def _late_window(
+    arrival: np.ndarray, first: np.ndarray, finish: np.ndarray, out: np.ndarray
+) -> tuple[float, float]:
+    """Output tokens per second the engine emits over the last quarter of the run's
+    arrivals (each finished request's tokens spread evenly from its first to its last),
+    and the mean number of requests in flight (arrived, unfinished) then: an engine keeps
+    up where that rate reaches the offered one (arrival rate x output tokens) at a
+    concurrency it can hold."""
+    t0, t1 = float(arrival.min()), float(arrival.max())
+    w0 = t0 + LATE * (t1 - t0)
+    if t1 <= w0:
+        return float("nan"), float("nan")
+    overlap = np.clip(np.minimum(finish, t1) - np.maximum(first, w0), 0.0, None)
+    spread = np.where(finish > first, finish - first, np.inf)
+    tokens = (out - 1) * overlap / spread + ((first >= w0) & (first <= t1))
+    times = np.linspace(w0, t1, 21)
+    in_flight = [float(((arrival <= t) & ~(finish <= t)).sum()) for t in times]
+    return float(tokens.sum() / (t1 - w0)), float(np.mean(in_flight))
 
 
 def runs(records: Sequence[Record]) -> dict[str, list[Record]]:
@@ -101,6 +128,13 @@ def replay(
                 "run": run_id,
                 "rate_per_s": float(info.get("rate_per_s") or reqs[0].get("rate_per_s") or 0.0),
                 "requests": len(reqs),
+                "offered_tok_s": float(
+                    (len(reqs) - 1)
+                    / (arrival.max() - t0)
+                    * np.mean([r["output_tokens"] for r in reqs])
+                )
+                if arrival.max() > t0
+                else float("nan"),
                 "prompt_range": info.get("prompt_range"),
                 "measured": measured,
                 "predicted": predicted,
@@ -124,6 +158,32 @@ def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     for row in rows:
         cells = [" / ".join(_cell(row, k)) for k in METRICS]
         body.append([str(row["run"]), f"{row['rate_per_s']:g}", str(row["requests"]), *cells])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r) for r in [head, *body])
+
+
+def keep_up_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Per run, over the last quarter of its arrivals: requests in flight and output tokens
+    per second, measured and predicted, each against the offered rate."""
+    head = ["run", "rate/s", "offered tok/s", "in flight meas/pred", "tok/s meas/pred"]
+    body = []
+    for row in rows:
+        m, p, o = row["measured"], row["predicted"], row["offered_tok_s"]
+        body.append(
+            [
+                str(row["run"]),
+                f"{row['rate_per_s']:g}",
+                f"{o:.0f}",
+                f"{m['late_in_flight']:.0f} / {p['late_in_flight']:.0f}",
+                f"{m['late_tok_s']:.0f} ({m['late_tok_s'] / o:.2f}) / "
+                f"{p['late_tok_s']:.0f} ({p['late_tok_s'] / o:.2f})",
+            ]
+        )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]
