@@ -11,7 +11,9 @@ at their device time, so the runtime's host time per decoder layer is an engine 
 moesim's attention and head device time, per layer); every MoE run (``lru`` at each slot
 count, the largest being the all-hit case) is held out.
 
-Two record files of the same trace and harness, same H200 kind, 2026-12-03:
+Three record files of the same trace and harness, same H200 kind, 2026-12-03 (the third,
+:data:`BRACKETED`: every slot count four times, each run right after an ``attention_only``
+run of its own, a full warm-up run first; ``--host-from bracket|median``):
 :data:`FIRST` (each slot count once, in increasing order: the 16-slot run came first after
 pinning and its copies ran at about half rate) and :data:`MEASUREMENTS` (the default: each
 slot count three times in a seeded shuffle, never the 16-slot case first, a copy-rate probe
@@ -35,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 DIR = Path(__file__).resolve().parent.parent / "catalog/measurements/h200_offload_decode_2026-12-03"
 MEASUREMENTS = DIR / "offload_decode_shuffled_2026-12-03.jsonl"
 """The re-measurement: every slot count three times, shuffled, copy-rate probes."""
+BRACKETED = DIR / "offload_decode_bracketed_2026-12-03.jsonl"
+"""The drift-controlled measurement (``--bracket --warmup-run``)."""
 FIRST = DIR / "offload_decode.jsonl"
 """The first measurement (each slot count once, 16 slots first)."""
 SCENARIO = ROOT / "scenarios/mixtral-offload-decode-h200.yaml"
@@ -121,7 +125,7 @@ def by_slots(rows: list[Row]) -> list[SlotSummary]:
                 slots,
                 len(mine),
                 statistics.median(r.measured_ms for r in mine),
-                mine[0].predicted_ms,
+                statistics.median(r.predicted_ms for r in mine),
                 min(errors),
                 max(errors),
             )
@@ -161,10 +165,17 @@ def attention_device_ms(context: float, slots: int, tokens: int) -> float:
     return (it.attention_s + it.dense_s + it.head_s) * 1e3
 
 
-def fit_host_us(recs: list[dict[str, Any]]) -> float:
-    """Host time per decoder layer, us, from the ``attention_only`` run."""
+def fit_host_us(recs: list[dict[str, Any]], run_index: int | None = None) -> float:
+    """Host time per decoder layer, us, from the ``attention_only`` run: the session's
+    (after the timed runs), or with ``run_index`` the bracket run just before that timed
+    run (``--bracket`` records: the host time fitted next to each run)."""
     env = next(r for r in recs if r.get("kind") == "env")
-    (att,) = [r for r in recs if r.get("mode") == "attention_only"]
+    (att,) = [
+        r
+        for r in recs
+        if r.get("mode") == "attention_only"
+        and (r.get("run_index") == run_index if run_index is not None else not r.get("bracket"))
+    ]
     context = env["context"] + (att["tokens"] - 1) / 2
     device = attention_device_ms(context, att["slots"], att["tokens"])
     return max(0.0, (att["ms_per_token"] - device) / env["layers"] * 1e3)
@@ -181,20 +192,31 @@ def predict(slots: int, per_layer_us: float, tokens: int) -> tuple[float, float]
     return e2e_ms / tokens, float(summary["offload"]["hit_rate"]["hbm"])
 
 
-def compare(path: Path = MEASUREMENTS) -> tuple[float, list[Row]]:
+def compare(path: Path = MEASUREMENTS, host_from: str = "session") -> tuple[float, list[Row]]:
     """The fitted host time per layer and every held-out MoE run against moesim, in the
-    order measured (moesim is deterministic: one prediction per slot count)."""
+    order measured (moesim is deterministic: one prediction per slot count and host time).
+    ``host_from``: ``session`` (the attention_only run after the timed runs), ``bracket``
+    (each run with the host time fitted on its own bracket run just before it) or
+    ``median`` (the median of the bracket runs' fits)."""
     recs = records(path)
     host = fit_host_us(recs)
+    local = host_from == "bracket"
+    if host_from == "median":
+        host = statistics.median(
+            fit_host_us(recs, r["run_index"])
+            for r in recs
+            if r.get("mode") == "attention_only" and r.get("bracket")
+        )
     env = next(r for r in recs if r.get("kind") == "env")
     rows = []
-    predicted: dict[tuple[int, int], tuple[float, float]] = {}
+    predicted: dict[tuple[int, int, float], tuple[float, float]] = {}
     for r in recs:
         if r.get("kind") != "offload_decode" or r["mode"] != "lru":
             continue
-        key = (r["slots"], r["tokens"])
+        h = fit_host_us(recs, r["run_index"]) if local else host
+        key = (r["slots"], r["tokens"], h)
         if key not in predicted:
-            predicted[key] = predict(r["slots"], host, r["tokens"])
+            predicted[key] = predict(r["slots"], h, r["tokens"])
         ms, hit = predicted[key]
         misses = None
         if "misses" not in r:
@@ -226,8 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file", type=Path, default=MEASUREMENTS)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--host-from",
+        choices=("session", "bracket", "median"),
+        default="session",
+        help="the host time's fit: the session's attention_only run, each run's own bracket"
+        " run before it, or the median of the bracket runs (records made with --bracket)",
+    )
     args = ap.parse_args(argv)
-    host, rows = compare(args.file)
+    host, rows = compare(args.file, args.host_from)
     summary = by_slots(rows)
     if args.json:
         print(
@@ -240,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    print(f"host per decoder layer (fitted on attention_only): {host:.1f} us")
+    how = {
+        "session": "the session's",
+        "bracket": "the session's (each run uses its own bracket's)",
+        "median": "the median bracket",
+    }
+    print(f"host per decoder layer (fitted on {how[args.host_from]} attention_only): {host:.1f} us")
     print("\nevery run, in the order measured:")
     print(
         "| run | HBM slots | measured ms/token | moesim ms/token | error | ms per miss"

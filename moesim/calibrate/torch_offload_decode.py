@@ -474,6 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--order-seed", type=int, default=None, help="shuffle the lru runs (seeded)")
     ap.add_argument("--probe-copies", type=int, default=6, help="copies per copy-rate probe")
     ap.add_argument("--records", default="offload_decode.jsonl", help="records file in --out")
+    ap.add_argument(
+        "--bracket",
+        action="store_true",
+        help="before every timed lru run, an attention_only run (the host time's fit) of the"
+        " same tokens: the drift's own control",
+    )
+    ap.add_argument(
+        "--warmup-run",
+        action="store_true",
+        help="one untimed-for-comparison lru run of every token at the first slot count"
+        " before the timed runs (recorded as mode warmup)",
+    )
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
@@ -565,7 +577,27 @@ def main(argv: list[str] | None = None) -> int:
     emit({"kind": "expert", "tokens": 1, "median_ms": statistics.median(clock.ms())})
     every = [(j, e) for j in range(args.layers) for e in range(dec.experts)]
     emit({"kind": "copy_sweep", "when": "before", **rate(dec, copy_times(dec, every))})
+    if args.warmup_run and order:
+        emit(
+            {
+                "kind": "offload_decode",
+                "mode": "warmup",
+                "sync": True,
+                **run_lru(dec, decode, order[0], hot, tokens, args.context),
+            }
+        )
     for i, s in enumerate(order):
+        if args.bracket:
+            emit(
+                {
+                    "kind": "offload_decode",
+                    "mode": "attention_only",
+                    "sync": False,
+                    "run_index": i,
+                    "bracket": True,
+                    **run_lru(dec, decode, max(slots), hot, tokens, args.context, moe=False),
+                }
+            )
         before = probe(dec, args.probe_copies, 2 * i * args.probe_copies)
         rec = run_lru(dec, decode, s, hot, tokens, args.context)
         after = probe(dec, args.probe_copies, (2 * i + 1) * args.probe_copies)
