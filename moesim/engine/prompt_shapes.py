@@ -7,15 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from moesim.config.engine import EngineConfig, HostCost
+from moesim.cost.iteration import IterationCost, IterationTime
 from moesim.engine.batching import Batch
 
 
 class PromptShapes:
     """Per rank, the prompt lengths its engine process has run (its warm-up's first)."""
 
-    def __init__(self, ranks: int, warm: Iterable[int], prompt: Sequence[int]) -> None:
+    def __init__(
+        self, ranks: int, warm: Iterable[int], prompt: Sequence[int], on: bool = True
+    ) -> None:
         self.seen = [set(warm) for _ in range(ranks)]
         self.prompt = prompt
+        self.on = on
+        """Whether the engine's host cost counts prompts at all (else :meth:`apply` is a
+        no-op)."""
 
     def count(self, batches: Sequence[Batch]) -> tuple[list[int], list[int]]:
         """Per rank: the prompts (or prompt chunks: requests computing tokens before their
@@ -36,3 +43,29 @@ class PromptShapes:
             prompts.append(len(lengths))
             new.append(len(fresh))
         return prompts, new
+
+    def apply(
+        self,
+        cost: IterationCost,
+        it: IterationTime,
+        batches: Sequence[Batch],
+        tokens: list[int],
+        sampled: list[int],
+        kv_read: list[int],
+    ) -> IterationTime:
+        """``it`` with the host time of the prompts ``batches`` prefill (counted here);
+        ``it`` itself where the engine counts none."""
+        if not self.on:
+            return it
+        prompts, new = self.count(batches)
+        return cost.with_prompts(it, tokens, sampled, kv_read, prompts, new)
+
+
+def prompt_shapes(
+    host: HostCost, engine: EngineConfig | None, ranks: int, prompt: Sequence[int]
+) -> PromptShapes:
+    """The counter of a serving loop: on for an engine whose host cost counts prompts or
+    new prompt lengths, a no-op otherwise."""
+    on = engine is not None and bool(host.per_prompt_layer_us or host.first_prompt_length_us)
+    warm = engine.warm_prompt_lengths if engine is not None else ()
+    return PromptShapes(ranks, warm, prompt, on)

@@ -53,7 +53,7 @@ from moesim.engine.batching import RankScheduler, RequestState
 from moesim.engine.iteration_log import IterationLog
 from moesim.engine.layer_sim import simulated_layer_cost
 from moesim.engine.progress import current as current_progress
-from moesim.engine.prompt_shapes import PromptShapes
+from moesim.engine.prompt_shapes import prompt_shapes
 from moesim.engine.serving_hooks import HealthyServing, ServingHooks
 from moesim.engine.speculative import SpeculativeScheduler, draft_load, with_draft
 from moesim.routing.replay import RoutingUse, routing_feed
@@ -245,12 +245,9 @@ class _Server:
         assert isinstance(w, ServingWorkload)
         self.w = w
         self.dp = s.parallelism.dp
+        p = s.policies
         mem = serving_memory(
-            s.model,
-            s.parallelism,
-            s.cluster.accelerator,
-            s.policies.offload.experts,
-            s.policies.experts.redundant,
+            s.model, s.parallelism, s.cluster.accelerator, p.offload.experts, p.experts.redundant
         )
         self.hooks = hooks
         self.kv_blocks = hooks.kv_blocks(
@@ -271,13 +268,7 @@ class _Server:
         self.cost = IterationCost(
             system, moe_cost if moe_cost is not None else simulated_layer_cost(system)
         )
-        # each prompt's own host dispatch and new prompt shapes (engine host costs, if set)
-        h, eng = self.cost.host, w.engine
-        self.shapes = (
-            PromptShapes(self.dp, eng.warm_prompt_lengths, self.state.prompt)
-            if eng is not None and (h.per_prompt_layer_us or h.first_prompt_length_us)
-            else None
-        )
+        self.shapes = prompt_shapes(self.cost.host, w.engine, self.dp, self.state.prompt)
         self.offload = expert_offload(system)
         self.feed = routing_feed(s)  # a trace or logits routing, consumed in order
         self.routed_cost = routed_layer_cost(system, self.cost.moe_cost, self.feed)
@@ -369,9 +360,7 @@ class _Server:
             if routed is not None and self.routed_cost is not None:  # priced from its tokens
                 self.cost.routed = (total, self.routed_cost.price(routed))
             it = self.hooks.iteration_time(self.cost, tokens, keys, kv_read, samples)
-            if self.shapes is not None:
-                prompts, new = self.shapes.count(batches)
-                it = self.cost.with_prompts(it, tokens, samples, kv_read, prompts, new)
+            it = self.shapes.apply(self.cost, it, batches, tokens, samples, kv_read)
             if self.spec is not None:  # the drafter's passes (workload.speculative)
                 it = with_draft(self.cost, it, self.spec, *draft_load(batches))
             stall = self.offload.stall_for(start, total, it, routed)
