@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     # float32 means float32: no TF32 in matrix products or convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    variants = GPU_VARIANTS if use_cuda else CPU_VARIANTS
+    variants: tuple[tuple[str, str, int, str, str], ...] = (
+        GPU_VARIANTS if use_cuda else CPU_VARIANTS
+    )
     if args.only:
         wanted = set(args.only.split(","))
         variants = tuple(v for v in variants if v[0] in wanted)
